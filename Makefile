@@ -1,0 +1,41 @@
+# mtt: every target creates or updates the virtual environment first if it is missing or stale.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Where the MLflow UI and runs look by default (see tracking.uri in conf/tracking/mlflow.yaml).
+MLFLOW_URI ?= sqlite:///$(CURDIR)/mlflow.db
+UI_PORT ?= 5000
+
+.DEFAULT_GOAL := help
+.PHONY: help venv demo test test-fast test-slow bench ui clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(VENV)/.stamp: requirements.lock pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	@touch $@
+
+venv: $(VENV)/.stamp  ## create/update the virtual environment from requirements.lock
+
+demo: venv  ## sweep the head variants on the embedded dataset, then say how to open the UI
+	$(PY) -m mtt.run -m +head=gap2,gap3,autopool tracking.experiment=demo
+	@echo
+	@echo "Compare the runs:  make ui   (then open http://127.0.0.1:$(UI_PORT), experiment 'demo')"
+
+test: venv  ## run the fast test suite (a few minutes)
+	$(PY) -m pytest -m "not slow" -q
+
+test-slow: venv  ## run the slow end-to-end tests (CI runs them too)
+	$(PY) -m pytest -m slow -q
+
+bench: venv  ## print speed and memory figures (tests/benchmarks)
+	@for b in tests/benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+ui: venv  ## start the MLflow UI on 127.0.0.1 against the default store
+	$(VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_URI) --host 127.0.0.1 --port $(UI_PORT)
+
+clean:  ## remove Hydra outputs (keeps the venv, the MLflow store and the data cache)
+	rm -rf outputs multirun .pytest_cache

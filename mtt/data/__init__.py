@@ -1,0 +1,1 @@
+"""Data preparation: the clip index and splits, the embedded dataset, downloads."""

@@ -1,0 +1,149 @@
+"""Clip index: parse MTAT's annotations_final.csv, choose a tag set, split the clips.
+
+``annotations_final.csv`` is tab-separated with every field in double quotes: ``clip_id``, the
+188 tag columns (0/1), ``mp3_path`` (e.g. ``f/artist-album-01-title-30-59.mp3``).
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from mtt.data.tags import TAGS, TOP50
+
+FOLDERS = tuple("0123456789abcdef")
+STANDARD_SPLIT = {"train": tuple("0123456789ab"), "valid": ("c",), "test": ("d", "e", "f")}
+SPLITS = ("train", "valid", "test")
+
+
+class AnnotationError(ValueError):
+    """Malformed annotations: the message names the file and the line."""
+
+
+@dataclass(frozen=True)
+class ClipIndex:
+    """All clips of a dataset with their labels over the chosen tag set, and the split.
+
+    ``labels`` is a ``(n_clips, n_tags)`` uint8 array; ``splits`` maps train/valid/test to arrays
+    of row numbers into ``clip_ids`` / ``paths`` / ``labels``.
+    """
+
+    root: Path
+    tags: tuple[str, ...]
+    clip_ids: np.ndarray  # (n_clips,) int64
+    paths: tuple[str, ...]  # mp3 paths relative to root
+    labels: np.ndarray  # (n_clips, n_tags) uint8
+    splits: dict[str, np.ndarray]
+
+    def audio_path(self, row: int) -> Path:
+        return self.root / self.paths[row]
+
+    def subset(self, split: str) -> np.ndarray:
+        return self.splits[split]
+
+
+def read_annotations(path: Path) -> tuple[np.ndarray, tuple[str, ...], np.ndarray, tuple[str, ...]]:
+    """Read annotations_final.csv -> (clip_ids (n,), tag names, labels (n, n_tags) uint8, paths).
+
+    Raises ``AnnotationError`` naming the file and line for missing columns, values other than 0/1,
+    duplicate clip ids and paths that escape the audio root.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"annotations file not found: {path}")
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.reader(f, delimiter="\t", quotechar='"')
+        try:
+            header = next(reader)
+        except StopIteration:
+            raise AnnotationError(f"{path}: empty file, expected a header line") from None
+        for column in ("clip_id", "mp3_path"):
+            if column not in header:
+                raise AnnotationError(f"{path}:1: missing column {column!r} in the header")
+        if header[0] != "clip_id" or header[-1] != "mp3_path":
+            raise AnnotationError(f"{path}:1: expected clip_id first and mp3_path last")
+        tags = tuple(header[1:-1])
+        ids, rows, paths, seen = [], [], [], {}
+        for line, fields in enumerate(reader, start=2):
+            if not fields:
+                continue
+            if len(fields) != len(header):
+                raise AnnotationError(f"{path}:{line}: {len(fields)} fields, header has {len(header)}")
+            try:
+                clip_id = int(fields[0])
+            except ValueError:
+                raise AnnotationError(f"{path}:{line}: clip_id {fields[0]!r} is not an integer") from None
+            if clip_id in seen:
+                raise AnnotationError(f"{path}:{line}: duplicate clip_id {clip_id} (first on line {seen[clip_id]})")
+            seen[clip_id] = line
+            values = fields[1:-1]
+            bad = [(tags[i], v) for i, v in enumerate(values) if v not in ("0", "1")]
+            if bad:
+                raise AnnotationError(f"{path}:{line}: tag {bad[0][0]!r} has value {bad[0][1]!r}, expected 0 or 1")
+            mp3 = fields[-1]
+            rel = PurePosixPath(mp3)
+            if not mp3 or rel.is_absolute() or ".." in rel.parts:
+                raise AnnotationError(f"{path}:{line}: mp3_path {mp3!r} escapes the audio root")
+            ids.append(clip_id)
+            rows.append([v == "1" for v in values])
+            paths.append(mp3)
+    labels = np.asarray(rows, dtype=np.uint8).reshape(len(rows), len(tags))
+    return np.asarray(ids, dtype=np.int64), tags, labels, tuple(paths)
+
+
+def select_tags(tags: tuple[str, ...], labels: np.ndarray, tag_set: str) -> tuple[tuple[str, ...], np.ndarray]:
+    """Restrict labels to a tag set: ``all`` (every column) or ``top50`` (the standard subset)."""
+    if tag_set == "all":
+        return tags, labels
+    if tag_set == "top50":
+        missing = [t for t in TOP50 if t not in tags]
+        if missing:
+            raise AnnotationError(f"tag set top50: annotations lack the tags {missing[:5]}")
+        cols = [tags.index(t) for t in TOP50]
+        return TOP50, labels[:, cols]
+    raise ValueError(f"data.tags={tag_set!r}: expected 'all' or 'top50'")
+
+
+def split_rows(paths: tuple[str, ...], rule: str) -> dict[str, np.ndarray]:
+    """Row numbers per split.
+
+    ``standard``: folders 0-b train, c valid, d-f test (Dieleman & Schrauwen 2014).
+    ``report``: the source report's: the first quarter of the rows is test, the rest train, and
+    there is no validation split (validation metrics are then computed on the test rows, as the
+    report did).
+    """
+    n = len(paths)
+    if rule == "standard":
+        folder = np.array([PurePosixPath(p).parts[0] for p in paths])
+        return {name: np.flatnonzero(np.isin(folder, dirs)) for name, dirs in STANDARD_SPLIT.items()}
+    if rule == "report":
+        cut = n // 4
+        test = np.arange(cut)
+        return {"train": np.arange(cut, n), "valid": test, "test": test}
+    raise ValueError(f"data.split={rule!r}: expected 'standard' or 'report'")
+
+
+def build_index(root: str | Path, annotations: str = "annotations_final.csv", tags: str = "all",
+                split: str = "standard", drop_untagged: bool = True) -> ClipIndex:
+    """Parse ``root/annotations`` and return the clips, labels and splits (see ``ClipIndex``)."""
+    root = Path(root).expanduser()
+    clip_ids, all_tags, labels, paths = read_annotations(root / annotations)
+    tag_names, labels = select_tags(all_tags, labels, tags)
+    splits = split_rows(paths, split)
+    if drop_untagged:
+        tagged = labels.any(axis=1)
+        splits = {k: v[tagged[v]] for k, v in splits.items()}
+    return ClipIndex(root=root, tags=tag_names, clip_ids=clip_ids, paths=paths, labels=labels,
+                     splits=splits)
+
+
+def index_from_config(data_cfg) -> ClipIndex:
+    return build_index(data_cfg.root, data_cfg.annotations, data_cfg.tags, data_cfg.split,
+                       data_cfg.drop_untagged)
+
+
+__all__ = ["TAGS", "TOP50", "FOLDERS", "ClipIndex", "AnnotationError", "build_index", "index_from_config",
+           "read_annotations", "select_tags", "split_rows"]
