@@ -140,7 +140,12 @@ def build_index(root: str | Path, annotations: str = "annotations_final.csv", ta
                      splits=splits)
 
 
-def index_from_config(data_cfg) -> ClipIndex:
+def index_from_config(data_cfg, progress: bool = True) -> ClipIndex:
+    """The index of ``cfg.data``; the embedded dataset (``data.synth`` set) is generated first."""
+    if data_cfg.synth is not None:
+        from mtt.data.synth import ensure_dataset
+
+        ensure_dataset(data_cfg.root, data_cfg.synth, progress=progress)
     return build_index(data_cfg.root, data_cfg.annotations, data_cfg.tags, data_cfg.split,
                        data_cfg.drop_untagged)
 

@@ -1,0 +1,74 @@
+"""Cache of the frozen backbone's outputs: one VGGish forward per patch, ever.
+
+With a frozen backbone every epoch of every head variant recomputes the same conv maps. This
+module computes them once per (feature store, weights, backbone settings) and stores them as a
+``PatchStore`` with the same clip table as the feature store, items ``(C, T, F)`` float16.
+Building is resumable: rows are written in chunks into a memory-mapped temporary file and the
+number of finished rows is recorded after each flush, so an interrupted build continues where
+it stopped. A changed key (other weights, other features) is a different folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from mtt.store import MANIFEST, PatchStore, atomic_write_bytes, finalize, params_key
+
+
+def cache_key(store: PatchStore, weights_sha256: str | None, backbone_cfg) -> dict:
+    """Everything that determines the cached outputs."""
+    return {"features": store.fingerprint, "weights": weights_sha256 or "random-init",
+            "width": float(backbone_cfg.width), "embeddings": bool(backbone_cfg.embeddings),
+            "embedding_relu": bool(backbone_cfg.embedding_relu), "format": 1}
+
+
+@torch.no_grad()
+def build_backbone_cache(store: PatchStore, encode, key: dict, root: str | Path,
+                         device: torch.device, batch_size: int = 256, progress: bool = True,
+                         autocast_dtype: torch.dtype | None = None) -> PatchStore:
+    """Run ``encode`` (``(B, 96, 64) -> (B, C, T, F)``) over every patch of ``store`` once.
+
+    Returns the finished cache store (opened from disk if it already exists).
+    """
+    path = Path(root).expanduser() / params_key(key)
+    if (path / MANIFEST).is_file():
+        return PatchStore(path)
+    path.mkdir(parents=True, exist_ok=True)
+    total = store.patches.shape[0]
+    probe = encode(torch.from_numpy(np.asarray(store.patches[:1], dtype=np.float32)).to(device))
+    item_shape = tuple(probe.shape[1:])
+    tmp, done_file = path / ".patches.npy.tmp", path / "progress.json"
+    done = 0
+    if tmp.exists() and done_file.exists():
+        state = json.loads(done_file.read_text())
+        if state.get("shape") == [total, *item_shape]:
+            done = int(state["rows_done"])
+    if done:
+        out = np.load(tmp, mmap_mode="r+", allow_pickle=False)
+    else:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(total, *item_shape))
+    chunk = batch_size * 8  # rows between progress records
+    with tqdm(total=total, initial=done, desc="backbone cache", unit="patch", disable=not progress) as bar:
+        for start in range(done, total, chunk):
+            stop = min(start + chunk, total)
+            for s in range(start, stop, batch_size):
+                e = min(s + batch_size, stop)
+                x = torch.from_numpy(np.asarray(store.patches[s:e], dtype=np.float32)).to(device)
+                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                    y = encode(x)
+                out[s:e] = y.float().cpu().numpy().astype(np.float16)
+                bar.update(e - s)
+            out.flush()
+            atomic_write_bytes(done_file, json.dumps({"rows_done": stop, "shape": [total, *item_shape]}).encode())
+    del out
+    os.replace(tmp, path / "patches.npy")
+    table = np.stack([store.clip_ids, store.starts, store.counts], axis=1)
+    cache = finalize(path, table, key, item_shape, store.failed)
+    done_file.unlink(missing_ok=True)
+    return cache

@@ -1,0 +1,142 @@
+"""Decode every clip and store all its VGGish log-mel patches (feature store).
+
+    python -m mtt.preprocess data=mtat data.root=DIR      # or any data option
+
+The store is keyed by the front-end parameters and the dataset root, so a changed front end
+never reuses stale features. Each clip is written as its own shard first (atomically), so an
+interrupted run (Ctrl-C, kill -9) resumes where it stopped; clips that cannot be decoded (MTAT
+ships three empty mp3s) are recorded as failures, listed in the manifest and reported, and the
+run goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from mtt.audio import AudioDecodeError, load_audio
+from mtt.config import FeaturesConfig
+from mtt.data.index import ClipIndex
+from mtt.store import MANIFEST, PatchStore, atomic_write_bytes, pack, params_key, save_npy_atomic
+
+log = logging.getLogger(__name__)
+
+# Below this many missing clips, worker start-up (importing torch) costs more than it saves.
+_MIN_CLIPS_FOR_WORKERS = 64
+
+
+def frontend_params(cfg: FeaturesConfig) -> dict:
+    """The parameters that determine the patches (not where they are stored)."""
+    params = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else asdict(cfg)
+    return {k: v for k, v in params.items() if k not in ("store", "workers")}
+
+
+def store_path(index: ClipIndex, cfg: FeaturesConfig) -> Path:
+    key = params_key({"frontend": frontend_params(cfg), "root": str(index.root.resolve()),
+                      "format": 1})
+    return Path(cfg.store).expanduser() / f"{index.root.name}-{key}"
+
+
+def _extract(job: tuple[int, str, str, dict]) -> tuple[int, int | None, str | None]:
+    """Worker: decode one clip, compute its patches, write its shard. -> (clip_id, n, error)."""
+    import torch
+
+    from mtt.features import log_mel_patches
+
+    torch.set_num_threads(1)
+    clip_id, audio_path, shard, params = job
+    cfg = FeaturesConfig(**params)
+    try:
+        wave = load_audio(audio_path, cfg.sample_rate)
+    except (AudioDecodeError, FileNotFoundError) as exc:
+        atomic_write_bytes(Path(shard).with_suffix(".failed"), str(exc).encode())
+        return clip_id, None, str(exc)
+    patches = log_mel_patches(wave, cfg.sample_rate, cfg).numpy().astype(np.float16)
+    save_npy_atomic(Path(shard), patches)
+    return clip_id, len(patches), None
+
+
+def build_feature_store(index: ClipIndex, cfg: FeaturesConfig, progress: bool = True) -> PatchStore:
+    """Compute (or resume, or just open) the feature store of every clip in ``index``.
+
+    Returns the finished ``PatchStore`` whose items are ``(96, 64)`` float16 log-mel patches.
+    """
+    path = store_path(index, cfg)
+    clip_ids = [int(c) for c in index.clip_ids]
+    if (path / MANIFEST).is_file():
+        store = PatchStore(path)
+        known = set(int(c) for c in store.clip_ids) | set(int(c) for c in store.failed)
+        if known.issuperset(clip_ids):
+            return store
+    else:
+        store = None
+    shards = path / "shards"
+    shards.mkdir(parents=True, exist_ok=True)
+    params = frontend_params(cfg)
+    old = set(int(c) for c in store.clip_ids) if store is not None else set()
+    jobs = [(c, str(index.audio_path(i)), str(shards / f"{c}.npy"), params)
+            for i, c in enumerate(clip_ids)
+            if c not in old and not (shards / f"{c}.npy").exists() and not (shards / f"{c}.failed").exists()]
+    if jobs:
+        workers = cfg.workers or os.cpu_count() or 1
+        bar = tqdm(total=len(jobs), desc="log-mel features", unit="clip", disable=not progress)
+        if workers == 1 or len(jobs) < _MIN_CLIPS_FOR_WORKERS:
+            results = map(_extract, jobs)
+            for _ in results:
+                bar.update()
+        else:
+            with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+                for _ in pool.map(_extract, jobs, chunksize=8):
+                    bar.update()
+        bar.close()
+
+    counts, failed = {}, {}
+    for c in clip_ids:
+        shard = shards / f"{c}.npy"
+        if c in old:
+            counts[c] = store.count(c)
+        elif shard.exists():
+            counts[c] = np.load(shard, mmap_mode="r", allow_pickle=False).shape[0]
+        else:
+            failed[str(c)] = (shards / f"{c}.failed").read_text()
+
+    def load(c: int) -> np.ndarray:
+        return store.get(c) if c in old else np.load(shards / f"{c}.npy", allow_pickle=False)
+
+    item_shape = (cfg.patch_frames, cfg.n_mels)
+    (path / MANIFEST).unlink(missing_ok=True)
+    store = pack(path, counts, load, item_shape, params, failed, progress=progress)
+    shutil.rmtree(shards, ignore_errors=True)
+    if failed:
+        log.warning("%d clip(s) could not be decoded and were skipped (listed in %s):\n  %s",
+                    len(failed), path / MANIFEST, "\n  ".join(failed.values()))
+    return store
+
+
+def main() -> None:
+    import hydra
+
+    from mtt.config import CONF_DIR
+    from mtt.data.index import index_from_config
+
+    @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+    def _run(cfg) -> None:
+        index = index_from_config(cfg.data)
+        store = build_feature_store(index, cfg.features)
+        print(f"feature store: {store.path}\n  {len(store)} clips, {store.patches.shape[0]} patches, "
+              f"{len(store.failed)} failed, fingerprint {store.fingerprint}")
+
+    _run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""Patch stores on disk: per-clip arrays packed into one memory-mapped float16 file.
+
+A store is a folder::
+
+    shards/<clip_id>.npy   one clip's array (n_patches, *item_shape), written while building
+    patches.npy            all clips packed, (total_patches, *item_shape) float16, memory-mapped
+    clips.npy              (n_clips, 3) int64 rows: clip_id, first row in patches.npy, n_patches
+    manifest.json          parameters, failures and the fingerprint; written LAST
+
+Every file is written to a temporary name and renamed into place, and ``manifest.json`` only
+exists once ``patches.npy`` and ``clips.npy`` are complete, so a crash (Ctrl-C, kill -9, power)
+at any point leaves either a finished store or shards that a re-run picks up: nothing truncated
+is ever read as valid. The same layout holds VGGish log-mel patches (``mtt.preprocess``) and
+cached backbone outputs (``mtt.backbone_cache``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Mapping
+
+import numpy as np
+from tqdm import tqdm
+
+MANIFEST = "manifest.json"
+
+
+def params_key(params: Mapping) -> str:
+    """A short stable hash of JSON-able parameters, used to name stores."""
+    blob = json.dumps(params, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    """``np.save`` to a temporary file in the same folder, then rename: never a partial .npy."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class PatchStore:
+    """A finished store, memory-mapped: nothing but the clip table is read into RAM.
+
+    ``patches`` is ``(total_patches, *item_shape)`` float16; ``rows(clip_id)`` gives the slice of
+    one clip's patches.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        manifest = self.path / MANIFEST
+        if not manifest.is_file():
+            raise FileNotFoundError(f"{self.path}: not a finished store (no {MANIFEST})")
+        self.manifest = json.loads(manifest.read_text())
+        self.patches = np.load(self.path / "patches.npy", mmap_mode="r", allow_pickle=False)
+        table = np.load(self.path / "clips.npy", allow_pickle=False)
+        self.clip_ids = table[:, 0].copy()
+        self.starts = table[:, 1].copy()
+        self.counts = table[:, 2].copy()
+        self._row = {int(c): i for i, c in enumerate(self.clip_ids)}
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["fingerprint"]
+
+    @property
+    def failed(self) -> dict[str, str]:
+        """clip_id (as str) -> reason, for clips that could not be decoded."""
+        return self.manifest.get("failed", {})
+
+    @property
+    def item_shape(self) -> tuple[int, ...]:
+        return tuple(self.patches.shape[1:])
+
+    def __contains__(self, clip_id: int) -> bool:
+        return int(clip_id) in self._row
+
+    def __len__(self) -> int:
+        return len(self.clip_ids)
+
+    def count(self, clip_id: int) -> int:
+        return int(self.counts[self._row[int(clip_id)]])
+
+    def rows(self, clip_id: int) -> slice:
+        i = self._row[int(clip_id)]
+        return slice(int(self.starts[i]), int(self.starts[i] + self.counts[i]))
+
+    def get(self, clip_id: int) -> np.ndarray:
+        """One clip's patches ``(n_patches, *item_shape)`` (a memory-mapped view)."""
+        return self.patches[self.rows(clip_id)]
+
+
+def pack(path: Path, counts: Mapping[int, int], load: Callable[[int], np.ndarray],
+         item_shape: tuple[int, ...], params: Mapping, failed: Mapping[str, str] | None = None,
+         progress: bool = False) -> PatchStore:
+    """Pack per-clip arrays into a finished store.
+
+    ``counts`` maps clip_id -> n_patches (in store order) and ``load(clip_id)`` returns that
+    clip's ``(n_patches, *item_shape)`` array. ``patches.npy`` is written through a memory map so
+    the store is never whole in RAM; then ``clips.npy``; then the manifest with the fingerprint
+    (a hash of the clip table and the parameters).
+    """
+    path.mkdir(parents=True, exist_ok=True)
+    clip_ids = [int(c) for c in counts]
+    counts = np.array([int(counts[c]) for c in clip_ids], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    total = int(counts.sum())
+    tmp = path / ".patches.npy.tmp"
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(total, *item_shape))
+    for c, s, n in tqdm(list(zip(clip_ids, starts, counts)), desc=f"pack {path.name}", unit="clip",
+                        disable=not progress, leave=False):
+        if n:
+            out[s:s + n] = load(c)
+    out.flush()
+    del out
+    os.replace(tmp, path / "patches.npy")
+    table = np.stack([np.asarray(clip_ids, dtype=np.int64), starts, counts], axis=1) if clip_ids \
+        else np.zeros((0, 3), dtype=np.int64)
+    return finalize(path, table, params, item_shape, failed)
+
+
+def finalize(path: Path, table: np.ndarray, params: Mapping, item_shape: tuple[int, ...],
+             failed: Mapping[str, str] | None = None) -> PatchStore:
+    """Write ``clips.npy`` and then the manifest next to a complete ``patches.npy``.
+
+    The fingerprint hashes the clip table and the parameters.
+    """
+    save_npy_atomic(path / "clips.npy", table)
+    digest = hashlib.sha256(table.tobytes() + json.dumps(params, sort_keys=True, default=str).encode())
+    manifest = {"params": dict(params), "n_clips": int(table.shape[0]), "n_patches": int(table[:, 2].sum()),
+                "item_shape": list(item_shape), "failed": dict(failed or {}),
+                "fingerprint": digest.hexdigest()[:16]}
+    atomic_write_bytes(path / MANIFEST, json.dumps(manifest, indent=1, default=str).encode())
+    return PatchStore(path)

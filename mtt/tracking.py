@@ -1,0 +1,109 @@
+"""MLflow tracking: the only module that imports mlflow.
+
+``MlflowTracker`` is a context manager around one run: it creates the run in an explicitly
+resolved experiment (never the "active experiment" global), and on exit marks it FINISHED,
+FAILED (with the error recorded) or KILLED (Ctrl-C), so a run's status is always true.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Mapping
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from mtt.config import REPO_ROOT
+
+DEFAULT_URI = f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
+# MLflow rejects param values longer than this.
+_MAX_PARAM = 6000
+
+
+def resolve_uri(uri: str | None) -> str:
+    """``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else the repo's ``mlflow.db``."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def ensure_experiment(client: MlflowClient, name: str) -> str:
+    """Id of experiment ``name``, created if missing (tolerating a concurrent creator)."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name)
+    except Exception:  # another process created it first
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}} -> {"a.b": 1}``."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+class MlflowTracker:
+    """One MLflow run. Use as ``with MlflowTracker(uri, experiment, run_name, tags) as t: ...``."""
+
+    def __init__(self, uri: str | None, experiment: str, run_name: str | None = None,
+                 tags: Mapping[str, str] | None = None):
+        self.uri = resolve_uri(uri)
+        self.experiment = experiment
+        self.run_name = run_name
+        self.tags = dict(tags or {})
+        self.client: MlflowClient | None = None
+        self.run_id: str | None = None
+
+    def __enter__(self) -> "MlflowTracker":
+        self.client = MlflowClient(tracking_uri=self.uri)
+        self.experiment_id = ensure_experiment(self.client, self.experiment)
+        run = self.client.create_run(self.experiment_id, run_name=self.run_name,
+                                     tags={k: str(v) for k, v in self.tags.items()})
+        self.run_id = run.info.run_id
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            status = "FINISHED"
+        elif issubclass(exc_type, KeyboardInterrupt):
+            status = "KILLED"
+        else:
+            status = "FAILED"
+            message = "".join(traceback.format_exception(exc_type, exc, tb))
+            self.client.set_tag(self.run_id, "error", f"{exc_type.__name__}: {exc}"[:5000])
+            self.client.log_text(self.run_id, message, "error.txt")
+        self.client.set_terminated(self.run_id, status)
+        return False
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        items = [Param(k, str(v)[:_MAX_PARAM]) for k, v in flatten(params).items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i:i + 100])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if not math.isnan(v)]
+        if items:
+            self.client.log_batch(self.run_id, metrics=items)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)

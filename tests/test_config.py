@@ -1,0 +1,60 @@
+"""Every config option composes, the schema catches typos, the design card's command shapes work."""
+
+from __future__ import annotations
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError
+
+from mtt.config import CONF_DIR
+from conftest import compose_cfg, run_module
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group", ["data", "features", "backbone", "pool", "steps", "trainer", "tracking"])
+def test_every_group_option_composes(group):
+    for option in options(group):
+        overrides = [f"{group}={option}"] + (["data.root=/tmp/mtat"] if option == "mtat" else [])
+        cfg = compose_cfg(overrides)
+        assert cfg[group] is not None
+
+
+@pytest.mark.parametrize("head", ["gap2", "gap3", "autopool", "autopool3"])
+def test_head_options_set_blocks_and_pool(head):
+    cfg = compose_cfg([f"+head={head}"])
+    assert cfg.head.blocks == (3 if head.endswith("3") else 2)
+    assert cfg.pool.name == ("autopool" if head.startswith("autopool") else "gap")
+
+
+def test_default_is_report_baseline_head():
+    cfg = compose_cfg([])
+    assert (cfg.head.blocks, cfg.pool.name, cfg.head.output) == (2, "gap", "sigmoid")
+    assert (cfg.trainer.epochs, cfg.trainer.batch_size, cfg.stream.n_active) == (12, 32, 20)
+    assert cfg.data.name == "toy" and cfg.data.split == "standard"
+
+
+def test_misspelt_key_is_rejected_at_composition():
+    with pytest.raises((ConfigCompositionException, ConfigKeyError), match="blockz"):
+        compose_cfg(["head.blockz=3"])
+
+
+def test_unknown_head_option_is_rejected():
+    with pytest.raises(ConfigCompositionException, match="nope"):
+        compose_cfg(["+head=nope"])
+
+
+def test_wrong_type_is_rejected():
+    with pytest.raises(ConfigCompositionException, match="epochs"):
+        compose_cfg(["trainer.epochs=many"])
+
+
+@pytest.mark.slow
+def test_cli_typo_fails_before_any_data_work(tmp_path):
+    for bad, word in [("head.blockz=3", "blockz"), ("+head=nope", "nope")]:
+        proc = run_module(["mtt.run", bad, f"paths.cache={tmp_path}"], check=False, timeout=120)
+        assert proc.returncode != 0
+        assert word in proc.stderr
+        assert not any(tmp_path.iterdir()), "nothing may be generated before the config is valid"

@@ -1,0 +1,100 @@
+"""Pooling and heads: shapes for every combination, AutoPool's behaviour and its formula."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import compose_cfg
+from mtt.models import build_model
+from mtt.models.head import Head
+from mtt.models.pooling import AutoPool, GlobalAveragePool
+
+
+def autopool_numpy(x: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """McFee et al. 2018, eq. (4)-(5), written independently: x (B, C, T, F), alpha (C,)."""
+    x = x.mean(axis=3)
+    z = alpha[None, :, None] * x
+    w = np.exp(z - z.max(axis=2, keepdims=True))
+    w /= w.sum(axis=2, keepdims=True)
+    return (x * w).sum(axis=2)
+
+
+def test_autopool_alpha_zero_is_mean_and_large_alpha_is_max():
+    x = torch.randn(3, 5, 6, 4)
+    pool = AutoPool(5, alpha_init=0.0)
+    assert torch.allclose(pool(x), x.mean(dim=(2, 3)), atol=1e-6)
+    big = AutoPool(5, alpha_init=200.0)
+    assert torch.allclose(big(x), x.mean(dim=3).amax(dim=2), atol=1e-3)
+    small = AutoPool(5, alpha_init=-200.0)
+    assert torch.allclose(small(x), x.mean(dim=3).amin(dim=2), atol=1e-3)
+
+
+def test_autopool_matches_the_papers_formula():
+    rng = np.random.default_rng(0)
+    x, alpha = rng.normal(size=(4, 7, 6, 4)), rng.normal(scale=3, size=7)
+    pool = AutoPool(7)
+    with torch.no_grad():
+        pool.alpha.copy_(torch.from_numpy(alpha))
+    out = pool(torch.from_numpy(x)).detach().numpy()
+    np.testing.assert_allclose(out, autopool_numpy(x, alpha), rtol=1e-6, atol=1e-9)
+
+
+def test_gradients_reach_alpha_and_cap_and_l2_apply():
+    pool = AutoPool(5, alpha_init=0.5, constraint="cap", alpha_max=1.0, alpha_l2=0.1)
+    x = torch.randn(2, 5, 6, 4)
+    (pool(x).sum() + pool.regularization()).backward()
+    assert pool.alpha.grad is not None and pool.alpha.grad.abs().sum() > 0
+    with torch.no_grad():
+        pool.alpha.fill_(50.0)
+    assert torch.allclose(pool(x), AutoPool(5, alpha_init=1.0)(x))
+    assert pool.regularization().item() == pytest.approx(0.1 * 5 * 2500)
+
+
+def test_gap_shape():
+    assert GlobalAveragePool()(torch.randn(2, 8, 6, 4)).shape == (2, 8)
+
+
+def bn(n):  # BatchNorm1d: weight and bias
+    return 2 * n
+
+
+def dense(a, b):
+    return a * b + b
+
+
+@pytest.mark.parametrize("blocks, expected", [
+    (2, bn(512) + dense(512, 256) + bn(256) + dense(256, 50)),
+    (3, bn(512) + dense(512, 256) + bn(256) + dense(256, 256) + bn(256) + dense(256, 50)),
+])
+def test_head_parameter_counts(blocks, expected):
+    head = Head(512, 50, blocks=blocks, width=256)
+    assert sum(p.numel() for p in head.parameters()) == expected
+    assert sum(isinstance(m, torch.nn.BatchNorm1d) for m in head.modules()) == blocks
+    assert sum(isinstance(m, torch.nn.ReLU) for m in head.modules()) == blocks - 1
+
+
+@pytest.mark.parametrize("head", ["gap2", "gap3", "autopool", "autopool3"])
+@pytest.mark.parametrize("output", ["sigmoid", "softmax"])
+def test_every_head_pool_combination_shapes(head, output):
+    cfg = compose_cfg([f"+head={head}", f"head.output={output}", "backbone.width=0.125", "head.width=16"])
+    model = build_model(cfg, n_tags=11).eval()
+    x = torch.randn(3, 96, 64)
+    logits = model(x)
+    assert logits.shape == (3, 11)
+    probs = model.probabilities(logits)
+    assert ((probs >= 0) & (probs <= 1)).all()
+    if output == "softmax":
+        assert torch.allclose(probs.sum(dim=1), torch.ones(3), atol=1e-5)
+    fmap = model.encode(x)
+    assert fmap.shape == (3, model.backbone.out_channels, 6, 4)
+    assert torch.allclose(model(fmap, from_backbone=True), logits, atol=1e-5)
+    assert model.loss(logits, torch.zeros(3, 11)).ndim == 0
+
+
+def test_frozen_backbone_trains_only_pool_and_head():
+    cfg = compose_cfg(["+head=autopool", "backbone.width=0.125", "head.width=16"])
+    model = build_model(cfg, n_tags=5)
+    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"pool", "head"}

@@ -1,0 +1,103 @@
+"""The annotations parser on MTAT's exact format, the tag sets, the splits, and bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mtt.data.index import FOLDERS, AnnotationError, build_index, read_annotations
+from mtt.data.tags import TAGS, TOP50
+
+
+def mtat_line(fields) -> str:
+    """One line as MTAT writes it: tab-separated, every field in double quotes."""
+    return "\t".join(f'"{f}"' for f in fields) + "\n"
+
+
+def write_mtat_csv(path: Path, rows) -> None:
+    """rows: (clip_id, set of tags, mp3_path)."""
+    text = mtat_line(["clip_id", *TAGS, "mp3_path"])
+    for clip_id, tags, mp3 in rows:
+        text += mtat_line([clip_id, *("1" if t in tags else "0" for t in TAGS), mp3])
+    path.write_text(text)
+
+
+def tree_rows(per_folder: dict[str, int]):
+    rows, clip_id = [], 2
+    for folder in FOLDERS:
+        for k in range(per_folder.get(folder, 0)):
+            tags = {TOP50[(clip_id + j) % 50] for j in range(2)} if k % 5 else set()
+            rows.append((clip_id, tags, f"{folder}/artist-album-{k:02d}-title-{29 * k}-{29 * k + 29}.mp3"))
+            clip_id += 3  # ids are increasing but not contiguous, as in MTAT
+    return rows
+
+
+def test_reads_the_real_format(tmp_path):
+    path = tmp_path / "annotations_final.csv"
+    write_mtat_csv(path, [(2, {"guitar", "classical"}, "f/a-b-01-c-0-29.mp3"), (6, set(), "0/x-y-02-z-30-59.mp3")])
+    assert path.read_text().startswith('"clip_id"\t"no voice"\t"singer"')
+    ids, tags, labels, paths = read_annotations(path)
+    assert tags == TAGS and len(tags) == 188
+    assert ids.tolist() == [2, 6]
+    assert paths == ("f/a-b-01-c-0-29.mp3", "0/x-y-02-z-30-59.mp3")
+    assert labels.shape == (2, 188) and labels.dtype == np.uint8
+    assert {TAGS[j] for j in np.flatnonzero(labels[0])} == {"guitar", "classical"}
+    assert labels[1].sum() == 0
+
+
+def test_standard_split_counts_on_a_16_folder_tree(tmp_path):
+    per_folder = {f: 10 + i for i, f in enumerate(FOLDERS)}
+    rows = tree_rows(per_folder)
+    write_mtat_csv(tmp_path / "annotations_final.csv", rows)
+    index = build_index(tmp_path, split="standard", drop_untagged=False)
+    counts = {s: len(index.splits[s]) for s in ("train", "valid", "test")}
+    assert counts == {"train": sum(10 + i for i in range(12)), "valid": 10 + 12,
+                      "test": sum(10 + i for i in range(13, 16))}
+    folders = {s: {index.paths[r][0] for r in index.splits[s]} for s in counts}
+    assert folders == {"train": set("0123456789ab"), "valid": {"c"}, "test": set("def")}
+
+
+def test_drop_untagged_follows_the_tag_set(tmp_path):
+    rows = tree_rows({f: 10 for f in FOLDERS})
+    write_mtat_csv(tmp_path / "annotations_final.csv", rows)
+    kept = build_index(tmp_path, tags="top50", drop_untagged=True)
+    everything = build_index(tmp_path, tags="top50", drop_untagged=False)
+    n_untagged = sum(1 for _, t, _ in rows if not t)
+    assert sum(len(v) for v in everything.splits.values()) - sum(len(v) for v in kept.splits.values()) == n_untagged
+    assert kept.tags == TOP50 and kept.labels.shape[1] == 50
+    for rows_ in kept.splits.values():
+        assert kept.labels[rows_].any(axis=1).all()
+
+
+def test_report_split_is_first_quarter_test(tmp_path):
+    rows = tree_rows({f: 5 for f in FOLDERS})  # 80 rows
+    write_mtat_csv(tmp_path / "annotations_final.csv", rows)
+    index = build_index(tmp_path, split="report", drop_untagged=False)
+    assert index.splits["test"].tolist() == list(range(20))
+    assert index.splits["train"].tolist() == list(range(20, 80))
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda lines: [lines[0].replace('"mp3_path"', '"path"')] + lines[1:], "missing column 'mp3_path'"),
+    (lambda lines: [lines[0], lines[1].replace('"0"', '"2"', 1)] + lines[2:], "expected 0 or 1"),
+    (lambda lines: lines + [lines[1]], "duplicate clip_id"),
+    (lambda lines: [lines[0], lines[1].replace('f/a-b', '../../etc/a-b')] + lines[2:], "escapes the audio root"),
+    (lambda lines: [lines[0], lines[1].replace('f/a-b', '/etc/a-b')] + lines[2:], "escapes the audio root"),
+    (lambda lines: [lines[0], lines[1].rsplit("\t", 3)[0] + "\n"] + lines[2:], "fields, header has"),
+])
+def test_bad_input_names_file_and_line(tmp_path, mutate, message):
+    path = tmp_path / "annotations_final.csv"
+    write_mtat_csv(path, [(2, {"guitar"}, "f/a-b-01-c-0-29.mp3"), (5, {"piano"}, "0/d-e-01-f-0-29.mp3")])
+    lines = mutate(path.read_text().splitlines(keepends=True))
+    path.write_text("".join(lines))
+    with pytest.raises(AnnotationError, match=message) as err:
+        read_annotations(path)
+    assert str(path) in str(err.value)
+    assert any(f"{path}:{n}:" in str(err.value) for n in (1, 2, 4)), "the line number is named"
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="annotations_final.csv"):
+        build_index(tmp_path)
