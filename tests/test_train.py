@@ -1,0 +1,72 @@
+"""End to end on the tiny generated dataset: train, evaluate, and read the MLflow run back."""
+
+from __future__ import annotations
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import compose_cfg, run_module, TINY
+from mtt.tracking import MlflowTracker
+from mtt.train import train
+
+EPOCH_METRICS = ["train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_roc_auc", "val_pr_auc"]
+FINAL_METRICS = ["test_loss", "test_accuracy", "test_roc_auc", "test_pr_auc"]
+
+
+def test_one_epoch_run_is_recorded(tiny_cfg):
+    with MlflowTracker(tiny_cfg.tracking.uri, "unit", "tiny") as tracker:
+        metrics = train(tiny_cfg, tracker)
+    client = MlflowClient(tiny_cfg.tracking.uri)
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED"
+    for key in EPOCH_METRICS:
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [0], key
+    for key in FINAL_METRICS:
+        assert key in run.data.metrics
+    assert 0 <= metrics["test_roc_auc"] <= 1
+    assert run.data.params["head.blocks"] == "2" and run.data.params["pool.name"] == "gap"
+    assert run.data.tags["backbone_pretrained"] == "False"
+    assert int(run.data.params["derived.steps_per_epoch"]) >= 1
+    artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
+    assert "config.yaml" in artifacts
+
+
+def test_exception_marks_the_run_failed(tiny_cfg, tmp_path):
+    cfg = compose_cfg([*TINY, f"tracking.uri={tiny_cfg.tracking.uri}", "steps.policy=fixed", "steps.n=0"],
+                      cache=tiny_cfg.paths.cache)
+    with pytest.raises(ValueError, match="steps.n"):
+        with MlflowTracker(cfg.tracking.uri, "unit", "bad") as tracker:
+            train(cfg, tracker)
+    run = MlflowClient(cfg.tracking.uri).get_run(tracker.run_id)
+    assert run.info.status == "FAILED" and "steps.n" in run.data.tags["error"]
+
+
+@pytest.mark.slow
+def test_cli_autopool_two_epochs(tmp_path, cache_dir):
+    uri = f"sqlite:///{tmp_path}/x.db"
+    run_module(["mtt.run", "+head=autopool", "trainer.epochs=2", *TINY[:-2], f"paths.cache={cache_dir}"],
+               env={"MLFLOW_TRACKING_URI": uri})
+    client = MlflowClient(uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    for key in ("val_roc_auc", "train_loss"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [0, 1]
+    assert run.data.params["pool.name"] == "autopool"
+    assert run.data.tags["choice.head"] == "autopool"
+
+
+@pytest.mark.slow
+def test_cli_multirun_three_heads(tmp_path, cache_dir):
+    uri = f"sqlite:///{tmp_path}/x.db"
+    run_module(["mtt.run", "-m", "+head=gap2,gap3,autopool", "trainer.epochs=1", *TINY[:-2],
+                f"paths.cache={cache_dir}", "tracking.experiment=sweep"], env={"MLFLOW_TRACKING_URI": uri})
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("sweep")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 3 and {r.info.status for r in runs} == {"FINISHED"}
+    assert sorted(r.info.run_name.split(",")[0] for r in runs) == ["head=autopool", "head=gap2", "head=gap3"]
+    assert sorted((r.data.params["head.blocks"], r.data.params["pool.name"]) for r in runs) == \
+        [("2", "autopool"), ("2", "gap"), ("3", "gap")]
+    assert len({r.info.run_name for r in runs}) == 3
