@@ -125,7 +125,7 @@ class TrainerConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 autocast on CUDA) | fp32 | bf16
-    channels_last: bool = True  # NHWC convolutions on CUDA
+    channels_last: bool = True  # NHWC convolutions (tensor cores on CUDA)
     deterministic: bool = False
     monitor: str = "val_roc_auc"  # metric that picks the best checkpoint
     progress: bool = True
