@@ -29,16 +29,18 @@ class DownloadError(RuntimeError):
 
     ``reason`` says which: ``offline`` (no connection: refused, DNS, timeout), ``http`` (an error
     status, in ``status``), ``incomplete`` (the connection kept dropping), ``mismatch`` (size or
-    hash differ from what was expected; nothing is left on disk).
+    hash differ from what was expected; nothing is left on disk). ``detail`` is the cause alone,
+    without the URL and destination, for callers that phrase their own message.
     """
 
     def __init__(self, message: str, *, url: str, dest: Path | None = None, reason: str,
-                 status: int | None = None):
+                 status: int | None = None, detail: str | None = None):
         super().__init__(message)
         self.url = url
         self.dest = dest
         self.reason = reason
         self.status = status
+        self.detail = detail or message
 
 
 def file_digest(path: Path, algorithm: str = "sha256") -> str:
@@ -104,9 +106,9 @@ def download(url: str, dest: Path, *, sha256: str | None = None, sha256_prefix: 
 
     def reject(what: str, expected, actual) -> DownloadError:
         part.unlink(missing_ok=True)
-        return DownloadError(f"{url}: {what} mismatch, expected {expected}, got {actual}; "
-                             f"deleted the download (destination {dest})",
-                             url=url, dest=dest, reason="mismatch")
+        detail = f"{what} mismatch, expected {expected}, got {actual}"
+        return DownloadError(f"{url}: {detail}; deleted the download (destination {dest})",
+                             url=url, dest=dest, reason="mismatch", detail=detail)
 
     got = part.stat().st_size
     if total is not None and got != total:
@@ -145,22 +147,22 @@ def _fetch(url: str, dest: Path, part: Path, *, size: int | None, progress: bool
                 time.sleep(min(0.5 * 2 ** attempt, 8.0))
                 continue
             raise DownloadError(f"{url}: HTTP {e.code} {e.reason} (destination {dest})",
-                                url=url, dest=dest, reason="http", status=e.code) from None
+                                url=url, dest=dest, reason="http", status=e.code,
+                                detail=f"HTTP {e.code} {e.reason}") from None
         except urllib.error.URLError as e:
             # Failed to connect at all (refused, DNS, timeout): retrying would only make an
             # offline machine wait longer, so say so at once.
-            raise DownloadError(f"cannot reach {url} ({e.reason}); destination {dest}. "
-                                "Check the network, or put the file there yourself.",
-                                url=url, dest=dest, reason="offline") from None
+            raise DownloadError(f"cannot reach {url} ({e.reason}); destination {dest}",
+                                url=url, dest=dest, reason="offline", detail=str(e.reason)) from None
         except (OSError, http.client.HTTPException) as e:
             # Connected, then the server closed or reset before answering.
             done, total, received, error = False, None, 0, e
         if done:
             return total
         if attempt >= retries:
-            raise DownloadError(f"{url}: connection dropped {attempt + 1} times "
-                                f"(last: {error}); kept {part} to resume later",
-                                url=url, dest=dest, reason="incomplete")
+            detail = f"connection dropped {attempt + 1} times (last: {error})"
+            raise DownloadError(f"{url}: {detail}; kept {part} to resume later",
+                                url=url, dest=dest, reason="incomplete", detail=detail)
         attempt += 1
         if received == 0:  # no progress at all: back off before hammering the server again
             time.sleep(min(0.5 * 2 ** attempt, 8.0))
