@@ -49,13 +49,17 @@ def test_resumes_a_part_file_left_by_an_earlier_run(tmp_path):
     assert [r.range for r in server.requests] == ["bytes=123456-"]
 
 
-def test_complete_part_file_is_accepted_on_416(tmp_path):
-    # A run killed between the last byte and os.replace leaves a complete .part.
+@pytest.mark.parametrize("leftover, content", [
+    ("blob.bin.part", DATA),  # killed between the last byte and os.replace: the server answers 416
+    ("blob.bin", DATA[:-1] + b"x"),  # a corrupt file at dest is deleted and fetched again
+], ids=["complete-part", "corrupt-dest"])
+def test_leftovers_of_earlier_runs_cost_one_request(tmp_path, leftover, content):
     dest = tmp_path / "blob.bin"
-    (tmp_path / "blob.bin.part").write_bytes(DATA)
+    (tmp_path / leftover).write_bytes(content)
     with FileServer({"blob.bin": DATA}) as server:
         download(server.url + "blob.bin", dest, sha256=SHA, progress=False)
     assert dest.read_bytes() == DATA and server.count() == 1
+    assert _leftovers(tmp_path) == ["blob.bin"]
 
 
 def test_server_ignoring_range_restarts_from_zero(tmp_path):
@@ -106,14 +110,6 @@ def test_existing_valid_dest_makes_no_request(tmp_path):
     with FileServer({"blob.bin": DATA}) as server:
         assert download(server.url + "blob.bin", dest, sha256=SHA, size=len(DATA)) == dest
     assert server.count() == 0
-
-
-def test_existing_corrupt_dest_is_replaced(tmp_path):
-    dest = tmp_path / "blob.bin"
-    dest.write_bytes(DATA[:-1] + b"x")
-    with FileServer({"blob.bin": DATA}) as server:
-        download(server.url + "blob.bin", dest, sha256=SHA, progress=False)
-    assert dest.read_bytes() == DATA and server.count() == 1
 
 
 def test_gives_up_after_retries_and_keeps_the_part(tmp_path):

@@ -1,4 +1,4 @@
-"""Which VGGish weights a run uses, resolved from ``backbone.weights`` / ``backbone.url`` / ``backbone.hub_dir``.
+"""Which VGGish weights a run uses: ``backbone.weights`` / ``backbone.url`` / ``backbone.hub_dir``.
 
 ``backbone.weights`` is one of
 - ``none``: random initialisation;
