@@ -1,0 +1,337 @@
+"""Download and unpack MagnaTagATune into ``data.root``.
+
+    python -m mtt.data.download data=mtat data.root=/data/mtat
+
+The official distribution (MIREX / City, University of London, ``OFFICIAL_URL``) is five files:
+
+- ``mp3.zip.001``, ``mp3.zip.002``, ``mp3.zip.003``: one zip archive cut into three pieces by a
+  plain byte split (joined, they are the zip: ``cat mp3.zip.* > mp3.zip``). It holds the 25,863
+  mono 16 kHz mp3 clips (29.1 s) in 16 folders ``0``-``9``, ``a``-``f``; three clips are 0-byte
+  files (see ``/work/shared/MTAT.md`` in the project notes);
+- ``annotations_final.csv``: tab-separated, quoted: clip_id, 188 tags (0/1), mp3_path;
+- ``clip_info_final.csv``: tab-separated, quoted: clip_id, track_number, title, artist, album,
+  url, segmentStart, segmentEnd, original_url, mp3_path.
+
+Verification. No checksums of these files are published by the distributor, and we do not know
+trustworthy values, so none are built in. Instead: every file must arrive with exactly the size
+the server announces (Content-Length), the annotations must parse (checked before extracting),
+and every clip's CRC-32 in the archive is checked while it is extracted (a bad CRC is traced to
+the piece(s) holding that clip, which are fetched again once). When hashes are known they are
+used as well: pass ``checksums``, or serve a ``SHA256SUMS`` / ``MD5SUMS`` file (coreutils format)
+next to the files, e.g. from a mirror (``MTT_MTAT_URL=https://mirror.example/mtat/`` or
+``file:///shared/mtat/``).
+
+Every step can be interrupted: downloads resume (``mtt.hub.download``), extracted clips are
+written atomically and skipped when present, and a completion marker is written last, so running
+the command again after an interruption finishes the job and after success does nothing (no
+network). The zip pieces are deleted once the marker is written, unless ``keep_archives``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import zipfile
+import zlib
+from collections.abc import Mapping
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+import mtt.config  # noqa: F401  (registers the schema that conf/config.yaml extends)
+from mtt.data.index import AnnotationError, read_annotations
+from mtt.hub import DownloadError, download, file_digest
+
+OFFICIAL_URL = "https://mirg.city.ac.uk/datasets/magnatagatune/"
+PARTS = ("mp3.zip.001", "mp3.zip.002", "mp3.zip.003")
+ANNOTATIONS = "annotations_final.csv"
+CLIP_INFO = "clip_info_final.csv"
+FILES = PARTS + (ANNOTATIONS, CLIP_INFO)
+MANIFESTS = ("SHA256SUMS", "MD5SUMS")  # looked for at the base URL, in this order
+MARKER = ".mtat-complete.json"  # written last: its presence means the dataset is complete
+CHECKSUM_STATE = ".mtat-checksums.json"  # what the manifest lookup found, so it is done once
+_DIGESTS = {32: "md5", 64: "sha256"}  # hex length -> algorithm
+_MANIFEST_LINE = re.compile(r"^([0-9a-fA-F]{32}|[0-9a-fA-F]{64})\s+\*?(\S.*)$")
+
+
+class ArchiveError(RuntimeError):
+    """The archive is readable but unsafe or unusable (e.g. an entry outside ``root``)."""
+
+
+class _CorruptParts(Exception):
+    def __init__(self, parts: list[str], why: str):
+        super().__init__(why)
+        self.parts = parts
+
+
+def download_mtat(root: Path, base_url: str = OFFICIAL_URL, progress: bool = True,
+                  checksums: Mapping[str, str] | None = None, keep_archives: bool = False) -> Path:
+    """Download, verify and extract MTAT into ``root``; return ``root`` (see the module docstring).
+
+    Args:
+        base_url: folder URL holding the five files (``http(s)://`` or ``file://``).
+        checksums: file name -> hex MD5 (32 digits) or SHA-256 (64); when None, a
+            ``SHA256SUMS`` or ``MD5SUMS`` served at ``base_url`` is used if there is one.
+        keep_archives: keep the three zip pieces after a successful extraction.
+
+    Raises ``DownloadError`` (network, size, hash, or a piece still corrupt after one re-fetch)
+    and ``ArchiveError`` (an archive entry that would land outside ``root``).
+    """
+    root = Path(root).expanduser().resolve()
+    if (root / MARKER).is_file():
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    base_url = base_url if base_url.endswith("/") else base_url + "/"
+    sums = _checked_sums(dict(checksums)) if checksums is not None else _served_sums(root, base_url)
+
+    for attempt in range(2):
+        for name in FILES:
+            try:
+                _fetch(base_url + name, root / name, sums.get(name), progress)
+            except DownloadError as e:
+                if e.reason != "offline":
+                    raise
+                raise DownloadError(
+                    f"cannot reach {base_url} ({e.detail}) to fetch {name}. Either run again with "
+                    f"network access (finished files are kept, partial ones resume), set "
+                    f"MTT_MTAT_URL to a reachable mirror, or copy {', '.join(FILES)} into {root} "
+                    "yourself and run again to verify and extract them.",
+                    url=e.url, dest=e.dest, reason="offline", detail=e.detail) from None
+        _check_annotations(root / ANNOTATIONS, base_url + ANNOTATIONS)  # before the long part
+        try:
+            members = _extract(root, [root / p for p in PARTS], progress)
+            break
+        except _CorruptParts as e:
+            for name in e.parts:
+                (root / name).unlink(missing_ok=True)
+            if attempt:
+                raise DownloadError(
+                    f"{', '.join(e.parts)} from {base_url} still corrupt after downloading again "
+                    f"({e}); deleted, run again later or use another mirror (MTT_MTAT_URL)",
+                    url=base_url + e.parts[0], dest=root / e.parts[0], reason="mismatch",
+                    detail=str(e)) from None
+
+    files = {name: {"size": (root / name).stat().st_size} for name in FILES}
+    for name, digest in sums.items():
+        files[name]["digest"] = digest
+    record = {"base_url": base_url, "files": files, "clips": members}
+    _write_atomic(root / MARKER, json.dumps(record, indent=1))
+    if not keep_archives:
+        for name in PARTS:
+            (root / name).unlink(missing_ok=True)
+    return root
+
+
+def _fetch(url: str, dest: Path, expected: str | None, progress: bool) -> None:
+    """Download one file, checked against ``expected`` (hex MD5 or SHA-256) when given."""
+    if expected is None or _DIGESTS[len(expected)] == "sha256":
+        download(url, dest, sha256=expected, progress=progress)
+        return
+    download(url, dest, progress=progress)  # MD5: hub verifies SHA-256 only, so check here
+    actual = file_digest(dest, "md5")
+    if actual != expected.lower():
+        dest.unlink()
+        detail = f"md5 mismatch, expected {expected}, got {actual}"
+        raise DownloadError(f"{url}: {detail}; deleted {dest}", url=url, dest=dest,
+                            reason="mismatch", detail=detail)
+
+
+def _check_annotations(path: Path, url: str) -> None:
+    """Parse the annotations; a file that is not in MTAT's format is deleted and refused."""
+    try:
+        read_annotations(path)
+    except AnnotationError as e:
+        path.unlink()
+        raise AnnotationError(f"{e} (downloaded from {url}; deleted, so that the next run fetches "
+                              "it again)") from None
+
+
+def _checked_sums(sums: dict[str, str]) -> dict[str, str]:
+    for name, digest in sums.items():
+        if name not in FILES:
+            raise ValueError(f"checksums: unknown file {name!r}; expected one of {FILES}")
+        if len(digest) not in _DIGESTS or not re.fullmatch(r"[0-9a-fA-F]+", digest):
+            raise ValueError(f"checksums[{name!r}]={digest!r}: expected a hex MD5 or SHA-256")
+    return sums
+
+
+def _served_sums(root: Path, base_url: str) -> dict[str, str]:
+    """Checksums from a manifest served at ``base_url``, looked up once and remembered in root."""
+    state = root / CHECKSUM_STATE
+    if state.is_file():
+        return json.loads(state.read_text())["checksums"]
+    found: dict[str, str] = {}
+    source = None
+    for manifest in MANIFESTS:
+        tmp = root / f".{manifest}.download"
+        try:
+            download(base_url + manifest, tmp, progress=False)
+        except DownloadError as e:
+            if e.status == 404:
+                continue
+            if e.reason == "offline":  # files copied in by hand can still be extracted offline;
+                return {}  # not remembered, so that a run with network looks again
+            raise
+        text = tmp.read_text(encoding="utf-8", errors="replace")
+        tmp.unlink()
+        for line in text.splitlines():
+            m = _MANIFEST_LINE.match(line.strip())
+            if m and m.group(2) in FILES:
+                found[m.group(2)] = m.group(1).lower()
+        source = base_url + manifest
+        break
+    _write_atomic(state, json.dumps({"source": source, "checksums": found}, indent=1))
+    return found
+
+
+def _extract(root: Path, parts: list[Path], progress: bool) -> int:
+    """Extract the archive formed by joining ``parts`` into ``root``; return the number of files.
+
+    Clips already present with the right size are skipped (they were written atomically).
+    Raises ``_CorruptParts`` naming the piece(s) that hold a clip whose data fails its CRC.
+    """
+    with _JoinedFile(parts) as joined:
+        try:
+            zf = zipfile.ZipFile(io.BufferedReader(joined, buffer_size=1 << 20))
+        except zipfile.BadZipFile as e:  # the central directory sits at the end of the last piece
+            raise _CorruptParts([parts[-1].name], f"unreadable zip directory: {e}") from None
+        with zf:
+            infos = zf.infolist()
+            targets = [_safe_target(root, info.filename) for info in infos]
+            spans = _member_spans(infos, zf.start_dir)
+            files = 0
+            with tqdm(total=sum(i.file_size for i in infos), unit="B", unit_scale=True,
+                      unit_divisor=1024, desc="extract", disable=not progress) as bar:
+                for info, target in zip(infos, targets):
+                    if info.is_dir():
+                        target.mkdir(parents=True, exist_ok=True)
+                        continue
+                    files += 1
+                    if not (target.is_file() and target.stat().st_size == info.file_size):
+                        try:
+                            _extract_one(zf, info, target, bar)
+                        except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+                            start, end = spans[info.filename]
+                            raise _CorruptParts(joined.parts_between(start, end),
+                                                f"{info.filename}: {e}") from None
+                    else:
+                        bar.update(info.file_size)
+    return files
+
+
+def _extract_one(zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, bar: tqdm) -> None:
+    """Write one member through a temporary file; zipfile checks the CRC as the data is read."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".part")
+    try:
+        with zf.open(info) as src, open(tmp, "wb") as dst:
+            while block := src.read(1 << 20):
+                dst.write(block)
+                bar.update(len(block))
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _safe_target(root: Path, name: str) -> Path:
+    """Where an entry goes; refuses absolute names and ``..`` that would leave ``root``."""
+    target = (root / name).resolve()
+    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or not target.is_relative_to(root):
+        raise ArchiveError(f"refusing archive entry {name!r}: it would be written outside {root}")
+    return target
+
+
+def _member_spans(infos: list[zipfile.ZipInfo], directory_start: int) -> dict[str, tuple[int, int]]:
+    """Byte range [start, end) of each member (header + data) in the joined archive."""
+    ordered = sorted(infos, key=lambda i: i.header_offset)
+    ends = [i.header_offset for i in ordered[1:]] + [directory_start]
+    return {i.filename: (i.header_offset, end) for i, end in zip(ordered, ends)}
+
+
+class _JoinedFile(io.RawIOBase):
+    """Read-only, seekable view of files laid end to end: the pieces of a byte-split archive.
+
+    Reading the pieces in place avoids writing a second copy of the whole archive (gigabytes for
+    MTAT) just to hand zipfile one file.
+    """
+
+    def __init__(self, paths: list[Path]):
+        super().__init__()
+        self.paths = list(paths)
+        self.sizes = [p.stat().st_size for p in self.paths]
+        self.starts = [sum(self.sizes[:i]) for i in range(len(self.paths))]
+        self.size = sum(self.sizes)
+        self.handles = [open(p, "rb") for p in self.paths]
+        self.pos = 0
+
+    def parts_between(self, start: int, end: int) -> list[str]:
+        """Names of the pieces overlapping the byte range [start, end)."""
+        return [p.name for p, s, n in zip(self.paths, self.starts, self.sizes)
+                if s < end and start < s + n]
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
+        if base + offset < 0:
+            raise ValueError(f"negative seek position {base + offset}")
+        self.pos = base + offset
+        return self.pos
+
+    def readinto(self, buffer) -> int:
+        view = memoryview(buffer).cast("B")
+        done = 0
+        while done < len(view) and self.pos < self.size:
+            i = max(k for k, s in enumerate(self.starts) if s <= self.pos)
+            handle = self.handles[i]
+            handle.seek(self.pos - self.starts[i])
+            want = min(len(view) - done, self.starts[i] + self.sizes[i] - self.pos)
+            n = handle.readinto(view[done:done + want])
+            if not n:  # the piece shrank under us; report what we have
+                break
+            done += n
+            self.pos += n
+        return done
+
+    def close(self) -> None:
+        for h in getattr(self, "handles", []):
+            h.close()
+        super().close()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+@hydra.main(config_path="../../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry: compose the project config and download into ``data.root`` (``data=mtat``)."""
+    if cfg.data.name != "mtat":
+        raise SystemExit(f"data={cfg.data.name}: this command downloads MagnaTagATune; run it "
+                         "with data=mtat data.root=DIR")
+    if OmegaConf.is_missing(cfg.data, "root"):
+        raise SystemExit("data.root is not set: run with data=mtat data.root=DIR (the folder that "
+                         "will hold annotations_final.csv and the audio folders 0-f)")
+    base_url = os.environ.get("MTT_MTAT_URL", OFFICIAL_URL)
+    try:
+        root = download_mtat(Path(cfg.data.root), base_url, progress=True)
+    except (DownloadError, ArchiveError) as e:
+        raise SystemExit(f"error: {e}") from None  # the message says it all; no traceback
+    print(f"MagnaTagATune is ready in {root} (use data=mtat data.root={root})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,243 @@
+"""mtt.data.download: a fake MTAT (split zip + CSVs) served locally, downloaded, verified, extracted."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mtt.config import REPO_ROOT
+from mtt.data.download import (ANNOTATIONS, CLIP_INFO, FILES, MARKER, PARTS, ArchiveError,
+                               download_mtat)
+from mtt.data.index import AnnotationError, build_index
+from mtt.data.tags import TAGS, TOP50
+from mtt.hub import DownloadError
+from tests.http_server import FileServer, closed_port_url
+
+FOLDERS = ("0", "1", "f")
+
+
+def _csv(rows: list[list[str]]) -> bytes:
+    buf = io.StringIO()
+    csv.writer(buf, delimiter="\t", quotechar='"', quoting=csv.QUOTE_ALL, lineterminator="\n").writerows(rows)
+    return buf.getvalue().encode()
+
+
+def _fake_mtat(entries: dict[str, bytes] | None = None) -> tuple[dict[str, bytes], dict[str, bytes]]:
+    """-> (served files: 3 zip pieces + 2 CSVs, the clips by path).
+
+    Clips are random bytes stored uncompressed, so any flipped byte in their data fails the CRC.
+    """
+    rng = np.random.default_rng(0)
+    clips = entries if entries is not None else {
+        f"{folder}/artist_{folder}-album-0{i}-title-{30 * i}-{30 * i + 29}.mp3":
+            rng.integers(0, 256, int(rng.integers(4000, 9000)), dtype=np.uint8).tobytes()
+        for folder in FOLDERS for i in range(4)
+    }
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
+        for folder in sorted({p.split("/")[0] for p in clips} & set("0123456789abcdef")):
+            zf.writestr(f"{folder}/", b"")  # the real archive lists its folders too
+        for path, data in clips.items():
+            zf.writestr(path, data)
+    archive = buf.getvalue()
+    cut = [0, len(archive) // 3, 2 * len(archive) // 3, len(archive)]
+    served = {name: archive[cut[i]:cut[i + 1]] for i, name in enumerate(PARTS)}
+    rows = [["clip_id", *TAGS, "mp3_path"]]
+    info = [["clip_id", "track_number", "title", "artist", "album", "url", "segmentStart",
+             "segmentEnd", "original_url", "mp3_path"]]
+    for clip_id, path in enumerate(clips, start=2):
+        labels = ["0"] * len(TAGS)
+        labels[TAGS.index(TOP50[clip_id % len(TOP50)])] = "1"
+        rows.append([str(clip_id), *labels, path])
+        info.append([str(clip_id), "1", "title", "artist", "album", "http://x", "30", "59", "http://y", path])
+    served[ANNOTATIONS] = _csv(rows)
+    served[CLIP_INFO] = _csv(info)
+    return served, clips
+
+
+@pytest.fixture(scope="module")
+def mtat():
+    return _fake_mtat()
+
+
+def _assert_extracted(root: Path, served: dict[str, bytes], clips: dict[str, bytes]) -> None:
+    for path, data in clips.items():
+        assert (root / path).read_bytes() == data, path
+    assert (root / ANNOTATIONS).read_bytes() == served[ANNOTATIONS]
+    assert (root / CLIP_INFO).read_bytes() == served[CLIP_INFO]
+    assert (root / MARKER).is_file()
+    assert not list(root.rglob("*.part"))
+    index = build_index(root, tags="top50")
+    assert len(index.paths) == len(clips)
+    assert all(index.audio_path(i).is_file() for i in range(len(index.paths)))
+
+
+def test_downloads_verifies_and_extracts_the_tree(tmp_path, mtat):
+    served, clips = mtat
+    with FileServer(served) as server:
+        assert download_mtat(tmp_path / "mtat", server.url, progress=False) == tmp_path / "mtat"
+    root = tmp_path / "mtat"
+    _assert_extracted(root, served, clips)
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == list(FOLDERS)
+    assert not any((root / p).exists() for p in PARTS)  # pieces removed after success
+    assert all(server.count(name) == 1 for name in FILES)
+    # No manifest on this server: both were looked for once (404), the data files once each.
+    assert server.count("SHA256SUMS") == server.count("MD5SUMS") == 1
+
+
+def test_rerun_after_success_makes_no_request(tmp_path, mtat):
+    served, _ = mtat
+    with FileServer(served) as server:
+        download_mtat(tmp_path, server.url, progress=False)
+        before = server.count()
+        download_mtat(tmp_path, server.url, progress=False)
+        assert server.count() == before
+
+
+def test_resumes_a_piece_after_a_dropped_connection(tmp_path, mtat):
+    served, clips = mtat
+    with FileServer(served) as server:
+        server.drop_once("mp3.zip.002", after=5000)
+        download_mtat(tmp_path, server.url, progress=False)
+    _assert_extracted(tmp_path, served, clips)
+    assert [r.range for r in server.requests if r.path == "mp3.zip.002"] == [None, "bytes=5000-"]
+
+
+def test_corrupted_piece_is_caught_by_crc_and_fetched_again(tmp_path, mtat):
+    served, clips = mtat
+    with FileServer(served) as server:
+        server.corrupt("mp3.zip.002", times=1)
+        download_mtat(tmp_path, server.url, progress=False)
+    _assert_extracted(tmp_path, served, clips)
+    assert server.count("mp3.zip.002") == 2
+    assert server.count("mp3.zip.001") == server.count("mp3.zip.003") == 1
+
+
+def test_piece_that_stays_corrupt_is_refused(tmp_path, mtat):
+    served, _ = mtat
+    with FileServer(served) as server:
+        server.corrupt("mp3.zip.002", times=-1)
+        with pytest.raises(DownloadError, match=r"mp3\.zip\.002 .*still corrupt.*CRC") as info:
+            download_mtat(tmp_path, server.url, progress=False)
+    assert info.value.url == server.url + "mp3.zip.002"
+    assert not (tmp_path / MARKER).exists() and not (tmp_path / "mp3.zip.002").exists()
+
+
+def test_rerun_after_interrupted_download_fetches_only_what_is_missing(tmp_path, mtat):
+    served, clips = mtat
+    partial = {k: v for k, v in served.items() if k != CLIP_INFO}
+    with FileServer(partial) as server:
+        with pytest.raises(DownloadError, match="404"):
+            download_mtat(tmp_path, server.url, progress=False)
+    assert not (tmp_path / MARKER).exists()
+    with FileServer(served) as server:
+        download_mtat(tmp_path, server.url, progress=False)
+    _assert_extracted(tmp_path, served, clips)
+    assert [r.path for r in server.requests] == [CLIP_INFO]  # manifest lookup was remembered too
+
+
+def test_rerun_after_interrupted_extraction_finishes_it(tmp_path, mtat):
+    served, clips = mtat
+    with FileServer(served) as server:
+        download_mtat(tmp_path, server.url, progress=False, keep_archives=True)
+        # Simulate a crash mid-extraction: no marker, some clips missing, one half-written temp.
+        (tmp_path / MARKER).unlink()
+        victims = list(clips)[::3]
+        for path in victims:
+            (tmp_path / path).unlink()
+        (tmp_path / (victims[0] + ".part")).write_bytes(b"half")
+        before = server.count()
+        download_mtat(tmp_path, server.url, progress=False)
+        assert server.count() == before  # everything needed was on disk
+    _assert_extracted(tmp_path, served, clips)
+
+
+def test_files_copied_in_by_hand_are_extracted_offline(tmp_path, mtat):
+    served, clips = mtat
+    for name, data in served.items():
+        (tmp_path / name).write_bytes(data)
+    download_mtat(tmp_path, closed_port_url(), progress=False)
+    _assert_extracted(tmp_path, served, clips)
+
+
+def test_offline_with_files_missing_says_what_to_do(tmp_path):
+    url = closed_port_url()
+    with pytest.raises(DownloadError) as info:
+        download_mtat(tmp_path / "mtat", url, progress=False)
+    message = str(info.value)
+    assert url in message and "MTT_MTAT_URL" in message and str(tmp_path / "mtat") in message
+    assert info.value.reason == "offline"
+
+
+def test_served_sha256sums_reject_a_corrupt_piece_before_extraction(tmp_path, mtat):
+    served, _ = mtat
+    manifest = "".join(f"{hashlib.sha256(served[n]).hexdigest()}  {n}\n" for n in FILES)
+    with FileServer({**served, "SHA256SUMS": manifest.encode()}) as server:
+        server.corrupt("mp3.zip.001", times=-1)
+        with pytest.raises(DownloadError, match="sha256 mismatch") as info:
+            download_mtat(tmp_path, server.url, progress=False)
+    assert info.value.url == server.url + "mp3.zip.001"
+    assert not (tmp_path / "mp3.zip.001").exists() and not (tmp_path / "0").exists()
+    assert server.count("MD5SUMS") == 0
+
+
+def test_md5_checksums_argument_is_checked(tmp_path, mtat):
+    served, clips = mtat
+    good = {n: hashlib.md5(served[n]).hexdigest() for n in FILES}
+    with FileServer(served) as server:
+        bad = {**good, ANNOTATIONS: "0" * 32}
+        with pytest.raises(DownloadError, match="md5 mismatch"):
+            download_mtat(tmp_path, server.url, progress=False, checksums=bad)
+        assert not (tmp_path / ANNOTATIONS).exists()
+        download_mtat(tmp_path, server.url, progress=False, checksums=good)
+        assert server.count("SHA256SUMS") == 0  # explicit checksums: no manifest lookup
+    _assert_extracted(tmp_path, served, clips)
+
+
+def test_annotations_not_in_mtat_format_are_refused_before_extraction(tmp_path, mtat):
+    served, _ = mtat
+    with FileServer({**served, ANNOTATIONS: b"<html>moved</html>"}) as server:
+        with pytest.raises(AnnotationError, match=ANNOTATIONS):
+            download_mtat(tmp_path, server.url, progress=False)
+    assert not (tmp_path / ANNOTATIONS).exists() and not (tmp_path / "0").exists()
+
+
+def test_archive_entry_escaping_root_is_refused(tmp_path):
+    served, _ = _fake_mtat({"0/ok.mp3": b"fine", "../evil.mp3": b"owned"})
+    # Annotations that only list the good clip, so that the archive itself is what is refused.
+    served[ANNOTATIONS] = _fake_mtat({"0/ok.mp3": b"fine"})[0][ANNOTATIONS]
+    root = tmp_path / "root"
+    with FileServer(served) as server:
+        with pytest.raises(ArchiveError, match=r"\.\./evil\.mp3"):
+            download_mtat(root, server.url, progress=False)
+    assert not (tmp_path / "evil.mp3").exists() and not (root / "0" / "ok.mp3").exists()
+
+
+@pytest.mark.slow
+def test_command_line_downloads_into_data_root(tmp_path, mtat):
+    served, clips = mtat
+    cache, root = tmp_path / "cache", tmp_path / "mtat"
+    with FileServer(served) as server:
+        env = {**os.environ, "MTT_MTAT_URL": server.url, "MTT_CACHE": str(cache)}
+        cmd = [sys.executable, "-m", "mtt.data.download", "data=mtat"]
+        done = subprocess.run(cmd + [f"data.root={root}"], cwd=REPO_ROOT, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert str(root) in done.stdout
+        _assert_extracted(root, served, clips)
+        # data.root is mandatory for data=mtat, and data=toy is refused rather than generated.
+        missing = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+        toy = subprocess.run(cmd[:-1] + ["data=toy"], cwd=REPO_ROOT, env=env, capture_output=True,
+                             text=True, timeout=120)
+    assert missing.returncode != 0 and "data.root" in missing.stderr
+    assert toy.returncode != 0 and "data=mtat" in toy.stderr
+    assert not list(cache.glob("toy*"))
