@@ -17,7 +17,7 @@ from omegaconf import MISSING
 @dataclass
 class PathsConfig:
     # Root of everything mtt generates or downloads (toy dataset, feature stores, weights).
-    cache: str = "${oc.env:MTT_CACHE,~/.cache/mtt}"
+    cache: str = "${oc.env:MTT_CACHE,'~/.cache/mtt'}"
 
 
 @dataclass
