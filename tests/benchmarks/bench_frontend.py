@@ -104,10 +104,11 @@ def main() -> None:
     print(f"{len(clips)} clips of {clips.shape[1] / SR:.1f} s at {SR} Hz, {ROUNDS} rounds, "
           f"{os.cpu_count()} CPUs, load average before/after: {load_before} / {load()}")
     ref = statistics.median(times["reference waveform_to_examples"])
+    print(f"  {'':<55} {'median':>13} {'':>14}  {'':>16}  best of {ROUNDS}")
     for name, ts in times.items():
         t = statistics.median(ts)
         print(f"  {name:<55} {t * 1e3:7.2f} ms/clip {1 / t:8.1f} clips/s  "
-              f"{ref / t:5.2f}x the reference")
+              f"{ref / t:5.2f}x the reference  {min(ts) * 1e3:7.2f} ms/clip")
     for label in (f"{threads} threads", "1 thread"):
         slowest = max(statistics.median(ts) for n, ts in times.items() if n.endswith(label))
         print(f"  ours on CPU with {label}: {'not slower' if slowest <= ref else 'SLOWER'} "
