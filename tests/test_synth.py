@@ -66,6 +66,16 @@ def test_render_clip_length_dtype_range(tags):
     assert render_clip(complete_tags(tags), 0.5, 22050, np.random.default_rng(0)).shape == (11025,)
 
 
+@pytest.mark.parametrize("tempo", [set(), {"slow"}, {"fast"}])
+def test_every_part_renders_at_every_tempo_even_when_very_short(tempo):
+    parts = [{"guitar"}, {"piano"}, {"violin"}, {"flute"}, {"harpsichord"}, {"sitar"}, {"synth"},
+             {"drums"}, {"techno"}, {"female"}, {"male"}] + ([{"ambient"}] if "fast" not in tempo else [])
+    for part in parts:
+        for seed, seconds in enumerate((0.1, 0.1, 0.1, 0.1, 1.0)):
+            wave = render_clip(complete_tags(part | tempo), seconds, SR, np.random.default_rng(seed))
+            assert wave.shape == (int(seconds * SR),) and np.all(np.isfinite(wave)), part
+
+
 def test_render_clip_is_a_function_of_the_rng():
     tags = complete_tags({"guitar", "drums", "female"})
     a = render_clip(tags, 1.0, SR, np.random.default_rng(7))

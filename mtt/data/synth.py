@@ -258,6 +258,7 @@ def _melody(rng: np.random.Generator, seconds: float, period: float, lo: int, hi
     n = int(seconds / period) + 2
     onsets = rng.uniform(0.0, min(0.15, period / 3)) + np.arange(n) * period
     onsets = np.maximum(onsets + rng.normal(0.0, 0.01 * period, n), 0.0)  # a human, not a sequencer
+    onsets[0] = min(onsets[0], seconds / 2)  # at least one note, however short the clip
     steps = rng.choice([-2, -1, -1, 1, 1, 2, 3, -3, 0], size=n)
     idx = np.clip(int(rng.integers(0, pitches.size)) + np.cumsum(steps), 0, pitches.size - 1)
     keep = onsets < seconds
@@ -811,13 +812,13 @@ class _Clip:
 
 
 # Share of clips with each factor. Counts per folder are n * p stochastically rounded, so that the
-# default 20 clips per folder give every tag at least 3 positives (and negatives) in every folder,
-# hence in the valid folder c alone.
+# default 20 clips per folder give every factor's tag at least 3 positives in every folder (and
+# every instrument at least 2), hence both classes of every tag in the valid folder c alone.
 _P = {"techno": 0.15, "drums": 0.15, "female": 0.15, "male": 0.15, "fast": 0.15, "slow": 0.15,
       "loud": 0.15, "quiet": 0.15}
 
 _WORDS_A = ("amber", "silver", "northern", "hollow", "velvet", "crimson", "little", "distant", "paper",
-            "golden", "winter", "quiet_harbour", "open", "burning", "lantern", "iron", "blue", "early")
+            "golden", "winter", "evening", "open", "burning", "lantern", "iron", "blue", "early")
 _WORDS_B = ("lake", "field", "garden", "river", "orchard", "harbour", "mirror", "station", "forest",
             "bridge", "lantern", "meadow", "tower", "valley", "island", "window", "shore", "road")
 _SUFFIX = ("", "", "ensemble", "trio", "quartet", "collective", "band", "consort")
