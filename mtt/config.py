@@ -88,7 +88,7 @@ class PoolConfig:
 class HeadConfig:
     blocks: int = 2  # BatchNorm + Dropout + Dense blocks; all but the last Dense have a ReLU
     width: int = 256  # hidden width of every block but the last
-    dropout: float = 0.5
+    dropout: float = 0.2
     output: str = "sigmoid"  # sigmoid (independent tags) | softmax (the report's, wrong here)
 
 
