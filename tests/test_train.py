@@ -70,3 +70,13 @@ def test_cli_multirun_three_heads(tmp_path, cache_dir):
     assert sorted((r.data.params["head.blocks"], r.data.params["pool.name"]) for r in runs) == \
         [("2", "autopool"), ("2", "gap"), ("3", "gap")]
     assert len({r.info.run_name for r in runs}) == 3
+
+
+def test_finetuning_the_last_conv_trains_through_the_backbone(tiny_cfg):
+    cfg = compose_cfg([*TINY, f"tracking.uri={tiny_cfg.tracking.uri}", "backbone.finetune_last=1"],
+                      cache=tiny_cfg.paths.cache)
+    with MlflowTracker(cfg.tracking.uri, "unit", "finetune") as tracker:
+        train(cfg, tracker)
+    run = MlflowClient(cfg.tracking.uri).get_run(tracker.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["derived.backbone_cached"] == "False"  # conv maps change while training

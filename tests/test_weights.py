@@ -116,3 +116,21 @@ def test_load_state_dict_reads_safetensors_and_refuses_other_objects(tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="junk.pth"):
         load_state_dict(tmp_path / "junk.pth")
+
+
+@pytest.mark.slow
+def test_cli_with_audioset_offline_fails_fast_before_data_work(tmp_path):
+    import time
+
+    from conftest import run_module
+
+    url = closed_port_url() + "vggish-10086976.pth"
+    start = time.monotonic()
+    proc = run_module(["mtt.run", "backbone.weights=audioset", f"backbone.url={url}",
+                       f"backbone.hub_dir={tmp_path / 'hub'}", f"paths.cache={tmp_path / 'cache'}",
+                       f"tracking.uri=sqlite:///{tmp_path}/m.db"], check=False, timeout=120)
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0 and elapsed < 30
+    for needle in (url, str(tmp_path / "hub" / "checkpoints" / "vggish-10086976.pth"), "backbone.weights="):
+        assert needle in proc.stderr
+    assert not (tmp_path / "cache" / "toy-v1").exists(), "no data work before the weights are resolved"
