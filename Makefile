@@ -5,9 +5,14 @@ PY := $(VENV)/bin/python
 # Where the MLflow UI and runs look by default (see tracking.uri in conf/tracking/mlflow.yaml).
 MLFLOW_URI ?= sqlite:///$(CURDIR)/mlflow.db
 UI_PORT ?= 5000
+# `make mlflow-server`: a tracking server for a team (use a PostgreSQL/MySQL URI for SERVER_DB).
+SERVER_PORT ?= 5001
+SERVER_HOST ?= 127.0.0.1
+SERVER_DB ?= sqlite:///$(CURDIR)/mlflow-server/mlflow.db
+SERVER_ARTIFACTS ?= $(CURDIR)/mlflow-server/artifacts
 
 .DEFAULT_GOAL := help
-.PHONY: help venv demo test test-fast test-slow bench ui clean
+.PHONY: help venv demo test test-slow bench ui mlflow-server clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -36,6 +41,11 @@ bench: venv  ## print speed and memory figures (tests/benchmarks)
 
 ui: venv  ## start the MLflow UI on 127.0.0.1 against the default store
 	$(VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_URI) --host 127.0.0.1 --port $(UI_PORT)
+
+mlflow-server: venv  ## start a shared tracking server (database + artifact store) on $(SERVER_HOST):$(SERVER_PORT)
+	@mkdir -p $(CURDIR)/mlflow-server
+	$(VENV)/bin/mlflow server --backend-store-uri $(SERVER_DB) --artifacts-destination $(SERVER_ARTIFACTS) \
+		--host $(SERVER_HOST) --port $(SERVER_PORT)
 
 clean:  ## remove Hydra outputs (keeps the venv, the MLflow store and the data cache)
 	rm -rf outputs multirun .pytest_cache

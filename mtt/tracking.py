@@ -29,6 +29,26 @@ def resolve_uri(uri: str | None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
 
+def check_reachable(uri: str, timeout: float = 10.0) -> None:
+    """Fail fast, naming the URI, when an HTTP tracking server does not answer.
+
+    MLflow's own client retries for minutes before giving up; a run should not start its data
+    and model work against a server it will never reach.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
+            resp.read()
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ConnectionError(f"MLflow tracking server {uri} is not reachable ({reason}); start it "
+                              f"(make mlflow-server) or set tracking.uri / MLFLOW_TRACKING_URI") from exc
+
+
 def ensure_experiment(client: MlflowClient, name: str) -> str:
     """Id of experiment ``name``, created if missing (tolerating a concurrent creator)."""
     exp = client.get_experiment_by_name(name)
@@ -68,6 +88,7 @@ class MlflowTracker:
         self.run_id: str | None = None
 
     def __enter__(self) -> "MlflowTracker":
+        check_reachable(self.uri)
         self.client = MlflowClient(tracking_uri=self.uri)
         self.experiment_id = ensure_experiment(self.client, self.experiment)
         run = self.client.create_run(self.experiment_id, run_name=self.run_name,
