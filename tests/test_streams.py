@@ -44,7 +44,7 @@ def test_store_roundtrip_and_manifest(tmp_path):
 
 def first_batches(store, labels, seed, n=5, **kw):
     ids = store.clip_ids
-    it = batches(patch_mux(store, ids, labels, stream_cfg(n_active=4, **kw), seed), 8)
+    it = batches(patch_mux(store, ids, stream_cfg(n_active=4, **kw), seed), store, labels, 8)
     return [next(it) for _ in range(n)]
 
 
