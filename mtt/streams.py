@@ -73,8 +73,29 @@ def mux_weights(kind: str, sizes: np.ndarray) -> np.ndarray | None:
     raise ValueError(f"stream.weights={kind!r}: expected one of {', '.join(WEIGHTS)}")
 
 
+class WeightedMux(pescador.StochasticMux):
+    """``StochasticMux`` whose ``weights`` decide how often each streamer is drawn overall.
+
+    pescador 3.0 picks the streamer to activate uniformly and uses ``weights`` only to mix the
+    active set; since every activation yields about ``rate`` samples whatever its weight, over a
+    long stream every clip is drawn equally often. Here activations are drawn by weight, so a
+    clip's share of the stream is its weight.
+    """
+
+    def _activate(self):
+        self._weighted = False
+        super()._activate()
+
+    def _new_stream(self, idx):
+        if not self._weighted:  # the first activation since _activate reset distribution_
+            self.distribution_ = self.distribution_ * self.weights
+            self.distribution_ /= self.distribution_.sum()
+            self._weighted = True
+        super()._new_stream(idx)
+
+
 def patch_mux(store: PatchStore, clip_ids: np.ndarray, cfg, seed: int,
-              mux_seed: np.random.SeedSequence | None = None) -> pescador.StochasticMux:
+              mux_seed: np.random.SeedSequence | None = None) -> WeightedMux:
     """The training mux over ``clip_ids``: it yields ``(store row, index into clip_ids)``.
 
     ``cfg`` is the ``stream`` config. Each clip's generator is seeded by (seed, clip id), so a
@@ -93,7 +114,7 @@ def patch_mux(store: PatchStore, clip_ids: np.ndarray, cfg, seed: int,
         streamers.append(pescador.Streamer(_rows_of_clip, rows, pos, _SharedRng([seed, int(clip_id), 1])))
         sizes.append(len(rows))
     mux_seed = mux_seed if mux_seed is not None else worker_seed(seed, 0, 1)
-    return pescador.StochasticMux(streamers, n_active=min(cfg.n_active, len(streamers)), rate=cfg.rate,
+    return WeightedMux(streamers, n_active=min(cfg.n_active, len(streamers)), rate=cfg.rate,
                                   mode=cfg.mode, weights=mux_weights(cfg.weights, np.array(sizes)),
                                   random_state=int(mux_seed.generate_state(1)[0]))
 
