@@ -11,10 +11,15 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from mtt.config import StreamConfig
+from conftest import compose_cfg
+from mtt.config import FeaturesConfig, StreamConfig
+from mtt.data.index import build_index
+from mtt.data.synth import SAMPLE_RATE, complete_tags, render_clip, write_annotations, write_mp3
+from mtt.preprocess import build_feature_store
 from mtt.store import MANIFEST, PatchStore, pack
-from mtt.streams import (RowReader, batches, clip_rows, eval_batches, mux_weights, patch_mux, steps_per_epoch,
-                         train_loader)
+from mtt.streams import (RowReader, batches, clip_rows, epoch_counts, eval_batches, mux_weights, patch_mux,
+                         steps_per_epoch, train_loader)
+from mtt.train import split_of
 
 
 def make_store(path: Path, n_clips: int = 12, item=(4, 3)) -> tuple[PatchStore, np.ndarray]:
@@ -216,3 +221,53 @@ def test_steps_policies():
         steps_per_epoch("fixed", **kw)
     with pytest.raises(ValueError, match="'epochal'"):
         steps_per_epoch("epochal", **kw)
+
+
+def generated_tree(root: Path) -> None:
+    """An MTAT-format tree: 10 train clips (folders 0-b), 2 valid (c), 2 test (d). Train clips
+    last 1, 2 or 3 s (1, 2 or 3 patches of 0.96 s); three train clips have no mp3 and one an empty
+    mp3, so preprocessing records 4 failures."""
+    rng = np.random.default_rng(0)
+    rows = []
+    layout = [(f, s) for f, s in zip("0123456789", (1, 2, 3, 1, 2, 3, 1, 2, 3, 3))] + [("c", 1), ("c", 1),
+                                                                                     ("d", 1), ("d", 1)]
+    for i, (folder, seconds) in enumerate(layout):
+        tags = complete_tags({"guitar"} if i % 2 else {"techno"})
+        path = f"{folder}/artist-album-{i:02d}-song-{i}-0-30.mp3"
+        rows.append((1000 + i, tags, path))
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        if i in (1, 4, 7):  # annotated, but its mp3 is missing
+            continue
+        if i == 2:  # annotated, but its mp3 is empty (as three of MTAT's are)
+            (root / path).write_bytes(b"")
+            continue
+        write_mp3(root / path, render_clip(sorted(tags), seconds, SAMPLE_RATE, rng), SAMPLE_RATE)
+    write_annotations(root / "annotations_final.csv", rows)
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tree")
+    generated_tree(root / "mtat")
+    index = build_index(root / "mtat")
+    store = build_feature_store(index, FeaturesConfig(store=str(root / "features")), progress=False)
+    return index, store
+
+
+@pytest.mark.parametrize("policy, expected", [("declared", 5), ("cached", 3), ("patches", 6), ("fixed", 4)])
+def test_steps_policies_on_a_store_with_missing_features(generated, policy, expected):
+    """Acceptance 2, through train()'s path: split_of -> epoch_counts -> steps_per_epoch.
+
+    Train clips 0-9 last 1,2,3,1,2,3,1,2,3,3 s; 1, 2, 4, 7 have no features. Declared: 10 rows;
+    cached: 6 clips (0, 3, 5, 6, 8, 9); their patches: 1+1+3+1+3+3 = 12. Batch 2.
+    """
+    index, store = generated
+    assert sorted(int(c) for c in store.failed) == [1001, 1002, 1004, 1007]
+    cfg = compose_cfg([f"steps={policy}", "steps.n=4", "trainer.batch_size=2"])
+    split = split_of(index, store, "train")
+    counts = epoch_counts(split.declared, split.clip_ids, store)
+    assert (counts.declared, counts.cached, counts.patches) == (10, 6, 12)
+    assert counts.declared > counts.cached
+    assert cfg.steps.policy == policy
+    assert steps_per_epoch(cfg.steps.policy, cfg.trainer.batch_size, counts.declared, counts.cached,
+                           counts.patches, cfg.steps.n) == expected
