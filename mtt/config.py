@@ -107,6 +107,9 @@ class StreamConfig:
     mode: str = "with_replacement"  # pescador StochasticMux mode
     patches_per_clip: Optional[int] = None  # None = all; 1 = the report's single random patch
     num_workers: int = 0  # DataLoader workers (each streams a disjoint shard of clips)
+    # The mux's sampling distribution over clips: uniform | length (proportional to a clip's
+    # patches, so every patch is about equally likely)
+    weights: str = "uniform"
 
 
 @dataclass

@@ -12,6 +12,8 @@ repeatable.
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -20,6 +22,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mtt.store import PatchStore
+
+WEIGHTS = ("uniform", "length")
 
 
 def clip_rows(store: PatchStore, clip_id: int, limit: int | None, seed: int) -> np.ndarray:
@@ -32,61 +36,188 @@ def clip_rows(store: PatchStore, clip_id: int, limit: int | None, seed: int) -> 
     return rows
 
 
-def _patches(store: PatchStore, rows: np.ndarray, label: np.ndarray, rng: np.random.Generator):
-    """Endless random patches of one clip: ``{"x": item (float16), "y": label}``."""
-    while True:
-        yield {"x": store.patches[rows[rng.integers(len(rows))]], "y": label}
+class _SharedRng:
+    """A per-clip generator that survives pescador's copies.
 
-
-def patch_mux(store: PatchStore, clip_ids: np.ndarray, labels: np.ndarray, cfg, seed: int) -> pescador.StochasticMux:
-    """The training mux over ``clip_ids`` (labels ``(n_clips, n_tags)`` aligned with them).
-
-    ``cfg`` is the ``stream`` config. Each streamer owns a generator seeded by (seed, clip id),
-    and the mux draws from ``seed``, so the stream is a pure function of the seed.
+    pescador deep-copies a ``Streamer``'s arguments every time the mux activates it (and the whole
+    mux when it is iterated), so a plain ``np.random.Generator`` argument would restart from the
+    same state on every activation: each activation would replay the same few patches of the clip.
+    Deep copies of this object are the object itself, so the draws continue across activations.
     """
-    streamers = []
-    for clip_id, label in zip(clip_ids, labels):
+
+    def __init__(self, seed):
+        self.rng = np.random.default_rng(seed)
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+def _rows_of_clip(rows: np.ndarray, pos: int, rng: _SharedRng) -> Iterator[tuple[int, int]]:
+    """Endless random patches of one clip as ``(store row, clip position)``: only integers travel
+    through the mux; the batch reads the patches and labels in one go (see ``batches``)."""
+    while True:
+        for r in rows[rng.rng.integers(len(rows), size=16)]:
+            yield int(r), pos
+
+
+def mux_weights(kind: str, sizes: np.ndarray) -> np.ndarray | None:
+    """The mux's sampling distribution over clips (``stream.weights``).
+
+    ``uniform``: every clip equally often (None, pescador's default); ``length``: proportional to
+    the clip's number of patches, so that every patch is about equally likely.
+    """
+    if kind == "uniform":
+        return None
+    if kind == "length":
+        return np.asarray(sizes, dtype=np.float64) / float(np.sum(sizes))
+    raise ValueError(f"stream.weights={kind!r}: expected one of {', '.join(WEIGHTS)}")
+
+
+class WeightedMux(pescador.StochasticMux):
+    """``StochasticMux`` whose ``weights`` decide how often each streamer is drawn overall.
+
+    pescador 3.0 picks the streamer to activate uniformly and uses ``weights`` only to mix the
+    active set; since every activation yields about ``rate`` samples whatever its weight, over a
+    long stream every clip is drawn equally often. Here activations are drawn by weight, so a
+    clip's share of the stream is its weight.
+    """
+
+    def _activate(self):
+        self._weighted = False
+        super()._activate()
+
+    def _new_stream(self, idx):
+        if not self._weighted:  # the first activation since _activate reset distribution_
+            self.distribution_ = self.distribution_ * self.weights
+            self.distribution_ /= self.distribution_.sum()
+            self._weighted = True
+        super()._new_stream(idx)
+
+
+def patch_mux(store: PatchStore, clip_ids: np.ndarray, cfg, seed: int,
+              mux_seed: np.random.SeedSequence | None = None) -> WeightedMux:
+    """The training mux over ``clip_ids``: it yields ``(store row, index into clip_ids)``.
+
+    ``cfg`` is the ``stream`` config. Each clip's generator is seeded by (seed, clip id), so a
+    clip's patch sequence does not depend on how clips are sharded over workers; the mux draws
+    from ``mux_seed`` (default: ``worker_seed(seed, 0, 1)``). A fresh mux is a pure function of
+    its seeds. Streamers hold only their row numbers, never the store: pescador deep-copies a
+    streamer's arguments on every activation (a memory map would be copied into RAM).
+    """
+    if len(clip_ids) == 0:
+        raise ValueError("patch_mux: no clips to stream")
+    streamers, sizes = [], []
+    for pos, clip_id in enumerate(clip_ids):
         rows = clip_rows(store, clip_id, cfg.patches_per_clip, seed)
-        rng = np.random.default_rng([seed, int(clip_id), 1])
-        streamers.append(pescador.Streamer(_patches, store, rows, label, rng))
-    return pescador.StochasticMux(streamers, n_active=min(cfg.n_active, len(streamers)),
-                                  rate=cfg.rate, mode=cfg.mode, random_state=seed)
+        if len(rows) == 0:
+            raise ValueError(f"clip {int(clip_id)} has no patches in {store.path}")
+        streamers.append(pescador.Streamer(_rows_of_clip, rows, pos, _SharedRng([seed, int(clip_id), 1])))
+        sizes.append(len(rows))
+    mux_seed = mux_seed if mux_seed is not None else worker_seed(seed, 0, 1)
+    return WeightedMux(streamers, n_active=min(cfg.n_active, len(streamers)), rate=cfg.rate,
+                                  mode=cfg.mode, weights=mux_weights(cfg.weights, np.array(sizes)),
+                                  random_state=int(mux_seed.generate_state(1)[0]))
 
 
-def batches(mux: pescador.StochasticMux, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless ``(x (B, *item) float32, y (B, n_tags) float32)`` batches from a mux."""
+class RowReader:
+    """Reads rows of a store's ``patches.npy`` with ``pread`` into a fresh array.
+
+    The store stays memory-mapped for everything else, but the training sampler reads its random
+    rows with one ``preadv`` each instead of faulting them into this process's mapping: mapped
+    pages count towards the process's RSS, which would grow with every patch ever drawn (MTAT's
+    store is 9.5 GB), whereas the page cache is the kernel's to evict. Opened lazily, so each
+    DataLoader worker opens its own file descriptor.
+    """
+
+    def __init__(self, patches: np.ndarray):
+        self.patches = patches
+        mapped = isinstance(patches, np.memmap) and patches.flags.c_contiguous and hasattr(os, "preadv")
+        self.filename = patches.filename if mapped else None
+        self.offset = int(patches.offset) if mapped else 0
+        self.row_bytes = int(np.prod(patches.shape[1:], dtype=np.int64)) * patches.dtype.itemsize
+        self._fd: int | None = None
+        self._pid = None
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        """``(len(rows), *item)`` in the store's dtype."""
+        if self.filename is None:
+            return np.asarray(self.patches[rows])
+        if self._fd is None or self._pid != os.getpid():
+            self._fd, self._pid = os.open(self.filename, os.O_RDONLY), os.getpid()
+        out = np.empty((len(rows), *self.patches.shape[1:]), dtype=self.patches.dtype)
+        flat = out.reshape(len(rows), -1).view(np.uint8)
+        for i, r in enumerate(rows):
+            got = os.preadv(self._fd, [flat[i]], self.offset + int(r) * self.row_bytes)
+            if got != self.row_bytes:
+                raise OSError(f"{self.filename}: short read of row {int(r)} ({got} of {self.row_bytes} bytes)")
+        return out
+
+    def __getstate__(self):  # a file descriptor does not cross into a worker process
+        return {**self.__dict__, "_fd": None, "_pid": None}
+
+    def __del__(self):
+        if self._fd is not None and self._pid == os.getpid():
+            os.close(self._fd)
+
+
+def batches(mux: pescador.StochasticMux, store: PatchStore, labels: np.ndarray,
+            batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless ``(x (B, *item) float32, y (B, n_tags) float32)`` batches from a ``patch_mux``.
+
+    ``labels`` ``(n_clips, n_tags)`` is aligned with the mux's ``clip_ids``. The mux yields only
+    integers; the patches of a batch are read at once and the labels gathered by clip position,
+    so a label can only ever belong to its patch's clip.
+    """
+    reader = RowReader(store.patches)
+    labels = np.asarray(labels, dtype=np.float32)
     items = mux.iterate()
     while True:
-        chunk = [next(items) for _ in range(batch_size)]
-        x = torch.from_numpy(np.stack([c["x"] for c in chunk]).astype(np.float32))
-        y = torch.from_numpy(np.stack([c["y"] for c in chunk]).astype(np.float32))
-        yield x, y
+        picked = np.fromiter((v for _, item in zip(range(batch_size), items) for v in item), dtype=np.int64,
+                             count=2 * batch_size).reshape(batch_size, 2)
+        x = reader.read(picked[:, 0]).astype(np.float32)
+        yield torch.from_numpy(x), torch.from_numpy(labels[picked[:, 1]])
+
+
+def worker_seed(seed: int, worker: int, n_workers: int) -> np.random.SeedSequence:
+    """The mux seed of one DataLoader worker; without workers (0 of 1) the same stream as one."""
+    return np.random.SeedSequence([seed, worker, n_workers])
 
 
 class PatchStream(IterableDataset):
-    """Endless training batches; each DataLoader worker streams its own shard of the clips."""
+    """Endless training batches; each DataLoader worker streams its own shard of the clips.
+
+    Worker ``w`` of ``n`` takes clips ``w, w + n, ...`` and its own seed (``worker_seed``), so
+    no clip is served by two workers and the batch sequence (the DataLoader takes one batch from
+    each worker in turn) is a pure function of the seed and the number of workers.
+    """
 
     def __init__(self, store: PatchStore, clip_ids: np.ndarray, labels: np.ndarray, cfg,
                  batch_size: int, seed: int):
-        self.store, self.clip_ids, self.labels = store, clip_ids, labels
+        self.store, self.clip_ids, self.labels = store, np.asarray(clip_ids), np.asarray(labels)
         self.cfg, self.batch_size, self.seed = cfg, batch_size, seed
 
     def __iter__(self):
         info = get_worker_info()
         wid, n = (info.id, info.num_workers) if info is not None else (0, 1)
         shard = slice(wid, None, n)
-        mux = patch_mux(self.store, self.clip_ids[shard], self.labels[shard], self.cfg, self.seed + wid)
-        return batches(mux, self.batch_size)
+        mux = patch_mux(self.store, self.clip_ids[shard], self.cfg, self.seed, worker_seed(self.seed, wid, n))
+        return batches(mux, self.store, self.labels[shard], self.batch_size)
 
 
 def train_loader(store: PatchStore, clip_ids: np.ndarray, labels: np.ndarray, cfg, batch_size: int,
                  seed: int, pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """An endless iterator of training batches (take ``steps_per_epoch`` of them per epoch)."""
+    """An endless iterator of training batches (take ``steps_per_epoch`` of them per epoch).
+
+    ``cfg.num_workers`` DataLoader workers (at most one per clip) each stream a disjoint shard;
+    ``pin_memory`` (set when training on CUDA) makes the DataLoader copy each batch into
+    page-locked memory, so ``.to(device, non_blocking=True)`` overlaps with compute.
+    """
     dataset = PatchStream(store, clip_ids, labels, cfg, batch_size, seed)
-    if cfg.num_workers == 0 and not pin_memory:
+    workers = min(cfg.num_workers, len(clip_ids))
+    if workers == 0 and not pin_memory:
         return iter(dataset)
-    loader = DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers, pin_memory=pin_memory,
-                        persistent_workers=cfg.num_workers > 0)
+    loader = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
+                        persistent_workers=workers > 0)
     return iter(loader)
 
 
@@ -115,3 +246,17 @@ def steps_per_epoch(policy: str, batch_size: int, declared: int, cached: int, pa
     if policy not in counts:
         raise ValueError(f"steps.policy={policy!r}: expected one of declared, cached, patches, fixed")
     return max(1, counts[policy] // batch_size)
+
+
+@dataclass(frozen=True)
+class EpochCounts:
+    """What the steps policies count, for the training split."""
+
+    declared: int  # train rows of the annotations, with or without features
+    cached: int  # train clips present in the feature store
+    patches: int  # all stored patches of those clips
+
+
+def epoch_counts(declared: int, clip_ids: np.ndarray, store: PatchStore) -> EpochCounts:
+    """Counts for ``steps_per_epoch``: ``clip_ids`` are the train clips that have features."""
+    return EpochCounts(int(declared), len(clip_ids), int(sum(store.count(c) for c in clip_ids)))

@@ -23,7 +23,7 @@ from mtt.models import Tagger, build_model
 from mtt.models.weights import load_state_dict, resolve_weights
 from mtt.preprocess import build_feature_store
 from mtt.store import PatchStore
-from mtt.streams import eval_batches, steps_per_epoch, train_loader
+from mtt.streams import epoch_counts, eval_batches, steps_per_epoch, train_loader
 
 log = logging.getLogger(__name__)
 
@@ -125,9 +125,10 @@ def train(cfg, tracker) -> dict[str, float]:
     train_split, val_split, test_split = (split_of(index, store, s) for s in ("train", "valid", "test"))
     if len(train_split.clip_ids) == 0:
         raise RuntimeError(f"no training clips with features under {cfg.data.root}")
-    n_patches = int(sum(store.count(c) for c in train_split.clip_ids))
-    steps = steps_per_epoch(cfg.steps.policy, t.batch_size, train_split.declared,
-                            len(train_split.clip_ids), n_patches, cfg.steps.n)
+    counts = epoch_counts(train_split.declared, train_split.clip_ids, store)
+    n_patches = counts.patches
+    steps = steps_per_epoch(cfg.steps.policy, t.batch_size, counts.declared, counts.cached, counts.patches,
+                            cfg.steps.n)
 
     tracker.log_params(OmegaConf.to_container(cfg, resolve=True))
     tracker.log_params({"derived.steps_per_epoch": steps, "derived.train_clips": len(train_split.clip_ids),
