@@ -16,9 +16,10 @@ from mtt.tracking import MlflowTracker
 HISTORY = {"a": [0.6, 0.7, 0.8], "b": [0.5, 0.55]}
 
 
-@pytest.fixture
-def store(tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One store for the module: creating MLflow's sqlite schema takes seconds."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('store')}/mlflow.db"
     for name, values in HISTORY.items():
         with MlflowTracker(uri, "exp", name) as t:
             t.log_params({"head": {"blocks": 2 if name == "a" else 3, "output": "softmax"}, "pool": {"name": "gap"},
