@@ -27,6 +27,7 @@ venv: $(VENV)/.stamp  ## create/update the virtual environment from requirements
 
 demo: venv  ## sweep the head variants on the embedded dataset, then say how to open the UI
 	$(PY) -m mtt.run -m +head=gap2,gap3,autopool steps=patches tracking.experiment=demo
+	$(PY) -m mtt.compare demo
 	@echo
 	@echo "Compare the runs:  make ui   (then open http://127.0.0.1:$(UI_PORT), experiment 'demo')"
 

@@ -164,6 +164,9 @@ def register_configs() -> None:
     """Register the schema so that conf/config.yaml can extend it (idempotent)."""
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
+    from mtt.presets import register_presets  # the `experiment` group (experiments/)
+
+    register_presets()
 
 
 register_configs()

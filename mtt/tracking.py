@@ -128,3 +128,26 @@ class MlflowTracker:
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+
+def read_runs(uri: str | None, experiment: str) -> list[dict[str, Any]]:
+    """The runs of MLflow experiment ``experiment``, oldest first, as plain dicts:
+    ``run_id, name, status, start_time, params, metrics`` (latest value of each), ``tags``.
+
+    Raises ``LookupError`` naming the experiment, the store and the experiments it does hold.
+    """
+    client = MlflowClient(tracking_uri=resolve_uri(uri))
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        known = sorted(e.name for e in client.search_experiments())
+        raise LookupError(f"no MLflow experiment {experiment!r} in {resolve_uri(uri)}; it has: {known}")
+    runs = client.search_runs([exp.experiment_id], max_results=50000, order_by=["attributes.start_time ASC"])
+    return [{"run_id": r.info.run_id, "name": r.info.run_name, "status": r.info.status,
+             "start_time": r.info.start_time, "params": dict(r.data.params), "metrics": dict(r.data.metrics),
+             "tags": dict(r.data.tags)} for r in runs]
+
+
+def metric_history(uri: str | None, run_id: str, key: str) -> list[tuple[int, float]]:
+    """``(step, value)`` of every logged value of metric ``key`` in run ``run_id``, by step."""
+    client = MlflowClient(tracking_uri=resolve_uri(uri))
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))

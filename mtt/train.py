@@ -20,6 +20,7 @@ from mtt.backbone_cache import build_backbone_cache, cache_key
 from mtt.data.index import ClipIndex, index_from_config
 from mtt.metrics import tagging_metrics
 from mtt.models import Tagger, build_model
+from mtt.models.pooling import log_alphas
 from mtt.models.weights import load_state_dict, resolve_weights
 from mtt.preprocess import build_feature_store
 from mtt.store import PatchStore
@@ -183,5 +184,6 @@ def train(cfg, tracker) -> dict[str, float]:
     test = evaluate(model, inputs, test_split, cfg, device, from_backbone, amp)
     final = {f"test_{k}": v for k, v in test.items()}
     tracker.log_metrics(final, step=t.epochs)
+    log_alphas(model.pool, tracker, step=t.epochs)  # AutoPool's learned alphas (no-op for GAP)
     log.info("test: %s", " ".join(f"{k}={v:.4f}" for k, v in final.items()))
     return {**metrics, **final}

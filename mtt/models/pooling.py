@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 from torch import nn
 
@@ -59,3 +61,31 @@ def build_pool(cfg, channels: int) -> nn.Module:
     if cfg.name not in builders:
         raise ValueError(f"pool.name={cfg.name!r}: expected one of {sorted(builders)}")
     return builders[cfg.name]()
+
+
+def alpha_summary(pool: nn.Module) -> dict | None:
+    """AutoPool's learned alphas as plain data (None for a pool without alphas).
+
+    ``{"alpha": [...C effective values], "alpha_raw": [...], "constraint", "alpha_max",
+    "metrics": {"alpha_mean", "alpha_std", "alpha_min", "alpha_max"}}``; the effective alphas are
+    the ones the model uses (clipped under ``cap``).
+    """
+    if not isinstance(pool, AutoPool):
+        return None
+    alpha = pool.effective_alpha().detach().double().cpu()
+    return {"alpha": alpha.tolist(), "alpha_raw": pool.alpha.detach().double().cpu().tolist(),
+            "constraint": pool.constraint, "cap": pool.alpha_max,
+            "metrics": {"alpha_mean": alpha.mean().item(), "alpha_std": alpha.std(unbiased=False).item(),
+                        "alpha_min": alpha.min().item(), "alpha_max": alpha.max().item()}}
+
+
+def log_alphas(pool: nn.Module, tracker, step: int) -> None:
+    """Log AutoPool's alphas to ``tracker``: ``autopool_alpha.json`` and ``alpha_*`` metrics.
+
+    A no-op for pools without alphas, so the training loop can call it unconditionally.
+    """
+    summary = alpha_summary(pool)
+    if summary is None:
+        return
+    tracker.log_text(json.dumps(summary, indent=1), "autopool_alpha.json")
+    tracker.log_metrics(summary["metrics"], step=step)

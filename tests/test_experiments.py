@@ -1,0 +1,141 @@
+"""The `experiment` group: every preset composes to the report's settings, works from any
+working directory, and the report sweep yields four finished runs that mtt.compare reads."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+from hydra.errors import MissingConfigException
+from mlflow.tracking import MlflowClient
+
+from conftest import TINY, compose_cfg, run_module
+from mtt.compare import DEFAULT_METRICS, FIGURE_INCHES, DPI, compare
+from mtt.config import REPO_ROOT
+
+EXPERIMENTS = REPO_ROOT / "experiments"
+REPORT = ["report/autopool", "report/prelim", "report/revised_steps", "report/three_blocks"]
+# What the report did, per experiment (seed-report.txt); the same keys are checked in MLflow.
+COMMON = {"head.output": "softmax", "data.split": "report", "data.tags": "all", "data.drop_untagged": False,
+          "stream.patches_per_clip": 1, "eval.patches_per_clip": 1, "trainer.batch_size": 32,
+          "tracking.experiment": "report", "backbone.freeze": True}
+EXPECTED = {
+    "report/prelim": {**COMMON, "steps.policy": "declared", "head.blocks": 2, "pool.name": "gap", "trainer.epochs": 12},
+    "report/revised_steps": {**COMMON, "steps.policy": "cached", "head.blocks": 2, "pool.name": "gap",
+                             "trainer.epochs": 12},
+    "report/three_blocks": {**COMMON, "steps.policy": "cached", "head.blocks": 3, "pool.name": "gap",
+                            "trainer.epochs": 5},
+    "report/autopool": {**COMMON, "steps.policy": "cached", "head.blocks": 2, "pool.name": "autopool",
+                        "trainer.epochs": 12},
+    "modern": {"head.output": "sigmoid", "data.tags": "top50", "data.split": "standard", "eval.patches_per_clip": None,
+               "eval.aggregate": "mean", "tracking.experiment": "modern", "backbone.weights": "none"},
+}
+
+
+def select(cfg, key):
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def test_every_preset_file_is_an_option_and_checked():
+    files = sorted(p.relative_to(EXPERIMENTS).with_suffix("").as_posix() for p in EXPERIMENTS.rglob("*.yaml"))
+    assert files == sorted(EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_preset_composes_to_its_settings(name):
+    cfg = compose_cfg([f"+experiment={name}"])
+    for key, value in EXPECTED[name].items():
+        assert select(cfg, key) == value, (name, key)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_preset_opens_with_its_experiment_and_command(name):
+    text = (EXPERIMENTS / f"{name}.yaml").read_text()
+    assert text.startswith("# @package _global_\n")
+    header = text.split("\n\n")[0]
+    assert f"python -m mtt.run +experiment={name} " in header
+    assert "backbone.weights=audioset" in header  # the real run needs the pretrained stack
+
+
+def test_report_presets_state_valid_is_test():
+    assert "valid == test" in (EXPERIMENTS / "report/prelim.yaml").read_text()
+    cfg = compose_cfg(["+experiment=report/prelim"])
+    assert cfg.data.split == "report"
+
+
+def test_command_line_overrides_a_preset():
+    cfg = compose_cfg(["+experiment=report/three_blocks", "trainer.epochs=2", "data=mtat", "data.root=/x"])
+    assert cfg.trainer.epochs == 2 and cfg.head.blocks == 3
+    assert cfg.data.tags == "all"  # the preset beats data=mtat's top50
+
+
+def test_missing_preset_fails_naming_it():
+    with pytest.raises(MissingConfigException, match="report/nope"):
+        compose_cfg(["+experiment=report/nope"])
+
+
+def test_presets_from_another_working_directory(tmp_path):
+    """The group is found through the repository, not the cwd; a typo fails loudly."""
+    ok = run_module(["mtt.run", "+experiment=report/three_blocks", "--cfg", "job"], cwd=tmp_path)
+    assert re.search(r"^  blocks: 3$", ok.stdout, re.M) and re.search(r"^  epochs: 5$", ok.stdout, re.M)
+    bad = run_module(["mtt.run", "+experiment=report/nope", "--cfg", "job"], cwd=tmp_path, check=False)
+    assert bad.returncode != 0 and "report/nope" in bad.stderr
+    assert "report/prelim" in bad.stderr  # and lists what exists
+
+
+@pytest.fixture(scope="module")
+def report_sweep(tmp_path_factory, cache_dir):
+    """The report sweep, run as a user would from a foreign cwd, on the tiny embedded data with
+    every preset's own epochs (each epoch is one step here)."""
+    work = tmp_path_factory.mktemp("sweep")
+    uri = f"sqlite:///{work}/mlflow.db"
+    tiny = [o for o in TINY if not o.startswith("trainer.epochs")]
+    run_module(["mtt.run", "-m", "+experiment=glob(report/*)", *tiny, f"paths.cache={cache_dir}"],
+               env={"MLFLOW_TRACKING_URI": uri}, cwd=work)
+    return work, uri
+
+
+@pytest.mark.slow
+def test_report_sweep_gives_four_finished_runs_with_the_reports_settings(report_sweep):
+    _, uri = report_sweep
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("report").experiment_id])
+    by_name = {r.data.tags["choice.experiment"]: r for r in runs}
+    assert sorted(by_name) == REPORT and {r.info.status for r in runs} == {"FINISHED"}
+    for name, run in by_name.items():
+        for key, value in EXPECTED[name].items():
+            assert run.data.params[key] == str(value), (name, key)
+        epochs = EXPECTED[name]["trainer.epochs"]
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_roc_auc")]
+        assert steps == list(range(epochs)), name
+    alpha = by_name["report/autopool"]
+    assert "autopool_alpha.json" in [a.path for a in client.list_artifacts(alpha.info.run_id)]
+    assert {"alpha_mean", "alpha_max"} <= set(alpha.data.metrics)
+    assert "alpha_mean" not in by_name["report/prelim"].data.metrics
+
+
+@pytest.mark.slow
+def test_compare_reads_the_report_sweep(report_sweep):
+    work, uri = report_sweep
+    out = work / "curves.png"
+    proc = run_module(["mtt.compare", "report", "--tracking-uri", uri, "--out", str(out)], cwd=work)
+    lines = proc.stdout.splitlines()
+    rule = next(i for i, line in enumerate(lines) if line.startswith("---"))
+    rows = [line for line in lines[rule + 1:] if line.startswith("experiment=")]
+    assert len(rows) == 4 and str(out) in proc.stdout
+    assert all("FINISHED" in row and "softmax" in row for row in rows)
+    assert sum("3 blocks" in row for row in rows) == 1 and sum("autopool" in row for row in rows) == 1
+    assert matplotlib.image.imread(out).shape[:2] == (FIGURE_INCHES[1] * DPI, FIGURE_INCHES[0] * DPI * 2)
+    # The data the plot is built from: each run's logged history, one series per run.
+    result = compare("report", DEFAULT_METRICS, work / "again.png", uri)
+    client = MlflowClient(uri)
+    for metric, by_run in result.series.items():
+        assert len(by_run) == 4
+        for run in result.runs:
+            logged = sorted((m.step, m.value) for m in client.get_metric_history(run["run_id"], metric))
+            assert by_run[run["label"]] == ([s for s, _ in logged], [v for _, v in logged])
