@@ -35,6 +35,20 @@ INSTALL_HINT = ("run `.ci/run` (it provisions the browser) or "
                 "`apt-get update && apt-get install -y --no-install-recommends chromium`")
 
 
+def stop_process_group(proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    """Stop a process started with ``start_new_session=True`` and its children (its own group,
+    nothing else): SIGTERM, then SIGKILL after ``timeout`` seconds."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=timeout)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
 def find_chromium() -> str:
     """Path of Debian's ``chromium``; raises with the install command when it is missing."""
     path = shutil.which("chromium")
@@ -215,13 +229,4 @@ def chromium_page(profile_dir: Path, width: int = 1600, height: int = 1000, time
     finally:
         if ws is not None:
             ws.close()
-        # Our own process group (start_new_session): the browser and its renderers, nothing else.
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=10)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
+        stop_process_group(proc)  # the browser and its renderers

@@ -7,7 +7,6 @@ Provisioned by `.ci/run` (Debian's chromium); the test installs nothing and FAIL
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -21,7 +20,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from cdp import INSTALL_HINT, chromium_page
+from cdp import INSTALL_HINT, chromium_page, stop_process_group
 from conftest import TINY, run_module
 
 METRIC = "test_roc_auc"
@@ -60,17 +59,7 @@ def mlflow_ui(uri: str, workdir: Path, timeout: float = 180.0):
             time.sleep(0.5)
         yield base
     finally:
-        # Our own process group (start_new_session): the server and its workers, nothing else.
-        import signal
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
+        stop_process_group(proc)  # the server and its workers
         log.close()
 
 
