@@ -1,0 +1,127 @@
+"""The MLflow UI comparison, checked like a user would: a real 3-run sweep, `mlflow ui` on
+127.0.0.1, headless Chromium opening the experiment's runs table, sorting by test_roc_auc.
+
+Provisioned by `.ci/run` (Debian's chromium); the test installs nothing and FAILS without it.
+``MTT_UI_SCREENSHOT=docs/mlflow-ui.png`` also writes the README's screenshot there.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from cdp import INSTALL_HINT, chromium_page, stop_process_group
+from conftest import TINY, run_module
+
+METRIC = "test_roc_auc"
+HEADS = ["gap2", "gap3", "autopool"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def mlflow_ui(uri: str, workdir: Path, timeout: float = 180.0):
+    """``mlflow ui`` (as `make ui` runs it) on a free 127.0.0.1 port; yields its base URL."""
+    port = free_port()
+    log = open(workdir / "mlflow-ui.log", "wb")
+    # Telemetry off: nothing but 127.0.0.1 traffic.
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                            cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"mlflow ui did not answer on {base} (exit code {proc.poll()}):\n"
+                                     f"{(workdir / 'mlflow-ui.log').read_text(errors='replace')[-3000:]}")
+            time.sleep(0.5)
+        yield base
+    finally:
+        stop_process_group(proc)  # the server and its workers
+        log.close()
+
+
+# Rows of the runs table (ag-grid splits each row into a pinned and a scrolling part that share
+# a row-index): the visible order, each row's text and its METRIC cell.
+ROWS_JS = """(() => {
+  const rows = {};
+  for (const r of document.querySelectorAll('[role=row][row-index]')) {
+    const i = Number(r.getAttribute('row-index'));
+    rows[i] = rows[i] || {text: '', metric: null};
+    rows[i].text += ' ' + r.innerText;
+    const c = r.querySelector('[col-id="metrics.`%s`"]');
+    if (c) rows[i].metric = c.innerText.trim();
+  }
+  return Object.keys(rows).sort((a, b) => a - b).map(k => rows[k]);
+})()""" % METRIC
+
+
+@pytest.mark.slow
+def test_mlflow_ui_shows_the_sweep_sorted_by_a_metric(tmp_path, cache_dir):
+    if shutil.which("chromium") is None:
+        pytest.fail(f"chromium is not installed: {INSTALL_HINT}")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    # cwd=tmp_path: the sqlite store's default artifact root is ./mlruns.
+    # The run name comes from the head choice so that the table reads head-gap2, ... (the tiny
+    # overrides would otherwise all be in it).
+    run_module(["mtt.run", "-m", f"+head={','.join(HEADS)}", *TINY, f"paths.cache={cache_dir}",
+                "tracking.experiment=ui-sweep", "tracking.run_name=head-${hydra:runtime.choices.head}"],
+               env={"MLFLOW_TRACKING_URI": uri}, cwd=tmp_path)
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("ui-sweep")
+    runs = client.search_runs([exp.experiment_id])
+    logged = {r.info.run_name: r.data.metrics[METRIC] for r in runs}
+    assert sorted(logged) == sorted(f"head-{h}" for h in HEADS)
+
+    with mlflow_ui(uri, tmp_path) as base, chromium_page(tmp_path / "chromium-profile") as page:
+        page.navigate(f"{base}/#/experiments/{exp.experiment_id}/runs")
+        page.wait_for("document.body.innerText.includes('3 matching runs')", 90, "the runs table")
+        # As a user: close the assistant panel (it hides half the table), then Sort -> test_roc_auc,
+        # which sorts descending and adds the metric as a column.
+        if page.eval("!!document.querySelector('[data-component-id=\"mlflow.assistant.chat_panel.close\"]')"):
+            page.click('[data-component-id="mlflow.assistant.chat_panel.close"]')
+        page.click('[data-testid="sort-select-dropdown"]')
+        page.click(f'[data-testid="sort-select-{METRIC}"]')
+        page.wait_for(f"!!document.querySelector('[data-testid=\"sort-header-{METRIC}\"]')", 30,
+                      f"a {METRIC} column")
+        rows = page.wait_for(f"(r => r.length === 3 && r.every(x => x.metric) ? r : null)({ROWS_JS})", 30,
+                             f"three rows with a {METRIC} value")
+        png = page.screenshot()
+
+    (tmp_path / "mlflow-ui.png").write_bytes(png)
+    if os.environ.get("MTT_UI_SCREENSHOT"):
+        Path(os.environ["MTT_UI_SCREENSHOT"]).write_bytes(png)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+    shown = []
+    for row in rows:
+        names = [n for n in logged if n in row["text"]]
+        assert len(names) == 1, f"row {row['text']!r} should name exactly one run of {sorted(logged)}"
+        shown.append((names[0], float(row["metric"].rstrip(".…"))))
+    assert sorted(n for n, _ in shown) == sorted(logged)  # each run once
+    for name, value in shown:  # the table shows what the runs logged (the UI may round)
+        assert value == pytest.approx(logged[name], abs=1e-3), (name, value, logged[name])
+    values = [v for _, v in shown]
+    assert values == sorted(values, reverse=True), f"not sorted by {METRIC} descending: {shown}"
