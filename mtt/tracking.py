@@ -49,13 +49,23 @@ def check_reachable(uri: str, timeout: float = 10.0) -> None:
                               f"(make mlflow-server) or set tracking.uri / MLFLOW_TRACKING_URI") from exc
 
 
+def artifact_root(uri: str) -> str | None:
+    """Where a local store keeps artifacts: beside the sqlite file, never in the working directory
+    (MLflow's default for a database store is ``./mlruns``). Servers decide for themselves."""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        return (db.parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
 def ensure_experiment(client: MlflowClient, name: str) -> str:
     """Id of experiment ``name``, created if missing (tolerating a concurrent creator)."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
+    root = artifact_root(client.tracking_uri)
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, artifact_location=f"{root}/{name}" if root else None)
     except Exception:  # another process created it first
         exp = client.get_experiment_by_name(name)
         if exp is None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -80,3 +82,12 @@ def test_finetuning_the_last_conv_trains_through_the_backbone(tiny_cfg):
     run = MlflowClient(cfg.tracking.uri).get_run(tracker.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["derived.backbone_cached"] == "False"  # conv maps change while training
+
+
+def test_artifacts_live_beside_the_sqlite_store_not_in_the_working_directory(tiny_cfg, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with MlflowTracker(tiny_cfg.tracking.uri, "where", "a") as tracker:
+        tracker.log_text("hello", "note.txt")
+    assert not (tmp_path / "mlruns").exists()
+    db_dir = tiny_cfg.tracking.uri[len("sqlite:///"):].rsplit("/", 1)[0]
+    assert list((Path(db_dir) / "mlartifacts" / "where").rglob("note.txt"))
