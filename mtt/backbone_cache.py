@@ -10,6 +10,7 @@ it stopped. A changed key (other weights, other features) is a different folder.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -18,12 +19,35 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mtt.store import MANIFEST, PatchStore, atomic_write_bytes, finalize, params_key
+from mtt.store import MANIFEST, PatchStore, atomic_write_bytes, finalize, locked, params_key
 
 
-def cache_key(store: PatchStore, weights_sha256: str | None, backbone_cfg) -> dict:
-    """Everything that determines the cached outputs."""
-    return {"features": store.fingerprint, "weights": weights_sha256 or "random-init",
+def parameters_sha256(module: torch.nn.Module) -> str:
+    """SHA-256 of a module's parameters and buffers (names, shapes, dtypes, values)."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{tuple(tensor.shape)}:{t.dtype};".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def cache_key(store: PatchStore, weights_sha256: str | None, backbone_cfg,
+              backbone: torch.nn.Module | None = None) -> dict:
+    """Everything that determines the cached outputs.
+
+    With a weights file its SHA-256 identifies the backbone. A randomly initialised backbone has
+    no file, and its values depend on the seed (and on whatever drew from the RNG before it), so
+    pass ``backbone``: its parameters are hashed instead. Without either the key cannot tell two
+    random backbones apart, which is an error rather than a silent reuse.
+    """
+    if weights_sha256 is None:
+        if backbone is None:
+            raise ValueError("cache_key: a randomly initialised backbone needs `backbone` to be hashed")
+        weights = f"random-init:{parameters_sha256(backbone)}"
+    else:
+        weights = weights_sha256
+    return {"features": store.fingerprint, "weights": weights,
             "width": float(backbone_cfg.width), "embeddings": bool(backbone_cfg.embeddings),
             "embedding_relu": bool(backbone_cfg.embedding_relu), "format": 1}
 
@@ -34,11 +58,21 @@ def build_backbone_cache(store: PatchStore, encode, key: dict, root: str | Path,
                          autocast_dtype: torch.dtype | None = None) -> PatchStore:
     """Run ``encode`` (``(B, 96, 64) -> (B, C, T, F)``) over every patch of ``store`` once.
 
-    Returns the finished cache store (opened from disk if it already exists).
+    Returns the finished cache store (opened from disk if it already exists). Concurrent callers
+    with the same key (parallel sweep jobs) serialise on a lock: one builds, the others open it.
     """
     path = Path(root).expanduser() / params_key(key)
     if (path / MANIFEST).is_file():
         return PatchStore(path)
+    with locked(path.parent / f".{path.name}.lock"):
+        if (path / MANIFEST).is_file():  # finished by another process while we waited
+            return PatchStore(path)
+        return _build(store, encode, key, path, device, batch_size, progress, autocast_dtype)
+
+
+def _build(store: PatchStore, encode, key: dict, path: Path, device: torch.device, batch_size: int,
+           progress: bool, autocast_dtype: torch.dtype | None) -> PatchStore:
+    """``build_backbone_cache`` under its lock: resume from ``progress.json`` or start."""
     path.mkdir(parents=True, exist_ok=True)
     total = store.patches.shape[0]
     probe = encode(torch.from_numpy(np.asarray(store.patches[:1], dtype=np.float32)).to(device))

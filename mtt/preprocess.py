@@ -26,7 +26,7 @@ from tqdm import tqdm
 from mtt.audio import AudioDecodeError, load_audio
 from mtt.config import FeaturesConfig
 from mtt.data.index import ClipIndex
-from mtt.store import MANIFEST, PatchStore, atomic_write_bytes, pack, params_key, save_npy_atomic
+from mtt.store import MANIFEST, PatchStore, atomic_write_bytes, locked, pack, params_key, save_npy_atomic
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +71,30 @@ def build_feature_store(index: ClipIndex, cfg: FeaturesConfig, progress: bool = 
     Returns the finished ``PatchStore`` whose items are ``(96, 64)`` float16 log-mel patches.
     """
     path = store_path(index, cfg)
+    store = _finished_store(path, index)
+    if store is not None:
+        return store
+    # Concurrent builders (parallel sweep jobs): one builds, the others wait, then open it.
+    with locked(path.parent / f".{path.name}.lock"):
+        return _build_feature_store(path, index, cfg, progress)
+
+
+def _finished_store(path: Path, index: ClipIndex) -> PatchStore | None:
+    """The store at ``path`` if it is finished and knows every clip of ``index``."""
+    if not (path / MANIFEST).is_file():
+        return None
+    store = PatchStore(path)
+    known = set(int(c) for c in store.clip_ids) | set(int(c) for c in store.failed)
+    return store if known.issuperset(int(c) for c in index.clip_ids) else None
+
+
+def _build_feature_store(path: Path, index: ClipIndex, cfg: FeaturesConfig, progress: bool) -> PatchStore:
+    """``build_feature_store`` under its lock."""
+    finished = _finished_store(path, index)  # built by another process while we waited
+    if finished is not None:
+        return finished
     clip_ids = [int(c) for c in index.clip_ids]
-    if (path / MANIFEST).is_file():
-        store = PatchStore(path)
-        known = set(int(c) for c in store.clip_ids) | set(int(c) for c in store.failed)
-        if known.issuperset(clip_ids):
-            return store
-    else:
-        store = None
+    store = PatchStore(path) if (path / MANIFEST).is_file() else None  # clips added since: extend
     shards = path / "shards"
     shards.mkdir(parents=True, exist_ok=True)
     params = frontend_params(cfg)

@@ -16,12 +16,18 @@ cached backbone outputs (``mtt.backbone_cache``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no advisory locks, builders must not race
+    fcntl = None
 
 import numpy as np
 from tqdm import tqdm
@@ -33,6 +39,26 @@ def params_key(params: Mapping) -> str:
     """A short stable hash of JSON-able parameters, used to name stores."""
     blob = json.dumps(params, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``path`` (created if missing) for the ``with`` block.
+
+    Builders of the same store (parallel sweep jobs starting together) take it, then re-check
+    whether the store is finished: one process builds, the others wait and open the result.
+    The lock is released by the kernel if the holder dies, so a killed build never blocks.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:  # pragma: no cover
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -83,6 +109,12 @@ class PatchStore:
         self.starts = table[:, 1].copy()
         self.counts = table[:, 2].copy()
         self._row = {int(c): i for i, c in enumerate(self.clip_ids)}
+
+    def __deepcopy__(self, memo) -> "PatchStore":
+        # Read-only, so sharing is a correct copy. pescador deep-copies a streamer's arguments
+        # every time the mux activates it; a deep copy of the memory map would read the whole
+        # store into RAM (9.5 GB on MTAT) per activation.
+        return self
 
     @property
     def fingerprint(self) -> str:

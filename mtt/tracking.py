@@ -14,8 +14,10 @@ import traceback
 from pathlib import Path
 from typing import Any, Mapping
 
+from hydra.experimental.callback import Callback
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig
 
 from mtt.config import REPO_ROOT
 
@@ -71,6 +73,48 @@ def ensure_experiment(client: MlflowClient, name: str) -> str:
         if exp is None:
             raise
         return exp.experiment_id
+
+
+def prepare_store(uri: str | None, experiment: str) -> str:
+    """Create the store (schema) and the experiment if missing; returns the experiment id.
+
+    Call it ONCE, in the launching process, before parallel jobs start: with mlflow 3.17.2 and
+    four processes starting together on a sqlite file that does not exist yet, the concurrent
+    schema creation fails in three of them and can leave the file unusable, and a racing
+    experiment creation files runs under ``Default``. Once both exist, concurrent writers are
+    safe (mlflow sets a 20 s sqlite busy timeout).
+    """
+    client = MlflowClient(tracking_uri=resolve_uri(uri))
+    client.search_experiments(max_results=1)  # opening the store creates/migrates its schema
+    return ensure_experiment(client, experiment)
+
+
+def sweep_targets(tracking_cfg, task_overrides: list[str]) -> list[tuple[str | None, str]]:
+    """Every (uri, experiment) a launch will write to: the config's, or each swept value."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    values = {"uri": [tracking_cfg.uri], "experiment": [tracking_cfg.experiment]}
+    for o in OverridesParser.create().parse_overrides(list(task_overrides)):
+        field = o.key_or_group.removeprefix("tracking.")
+        if field in values and o.key_or_group.startswith("tracking.") and o.is_sweep_override():
+            values[field] = list(o.sweep_string_iterator())
+    return [(u, e) for u in values["uri"] for e in values["experiment"]]
+
+
+class PrepareTracking(Callback):
+    """Hydra callback (conf/config.yaml ``hydra.callbacks``): runs ``prepare_store`` in the
+    launching process before any job starts, for single runs and sweeps with any launcher."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._prepare(config)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._prepare(config)
+
+    @staticmethod
+    def _prepare(config: DictConfig) -> None:
+        for uri, experiment in sweep_targets(config.tracking, config.hydra.overrides.task):
+            prepare_store(uri, experiment)
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

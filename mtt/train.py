@@ -119,7 +119,7 @@ def train(cfg, tracker) -> dict[str, float]:
     from_backbone = frozen and cfg.backbone.cache
     inputs = store
     if from_backbone:
-        key = cache_key(store, weights.sha256, cfg.backbone)
+        key = cache_key(store, weights.sha256, cfg.backbone, model.backbone)
         inputs = build_backbone_cache(store, model.encode, key, f"{cfg.paths.cache}/backbone", device,
                                       progress=t.progress, autocast_dtype=amp)
 

@@ -1,0 +1,189 @@
+"""The frozen-backbone cache: built once, reused, keyed by the weights, equal to the live backbone,
+resumable after an interruption, optional, and invisible in the metrics.
+
+Backbone work is counted with a real global forward hook on every VGGish module, not by mocking.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from conftest import TINY, compose_cfg
+from mtt.backbone_cache import build_backbone_cache, cache_key
+from mtt.data.index import index_from_config
+from mtt.models import build_model
+from mtt.models.vggish import VGGish
+from mtt.models.weights import load_state_dict, resolve_weights
+from mtt.preprocess import build_feature_store
+from mtt.store import MANIFEST, PatchStore, params_key
+from mtt.tracking import MlflowTracker
+from mtt.train import train
+
+
+class BackboneForwards:
+    """Counts VGGish forward calls and the patches they saw (a global module forward hook)."""
+
+    def __init__(self, stop_after: int | None = None):
+        self.calls = self.patches = 0
+        self.stop_after = stop_after
+
+    def _hook(self, module, args, output):
+        if isinstance(module, VGGish):
+            self.calls += 1
+            self.patches += args[0].shape[0]
+            if self.stop_after is not None and self.calls >= self.stop_after:
+                raise Interrupted(f"stopped after {self.calls} backbone forwards")
+
+    def __enter__(self) -> "BackboneForwards":
+        self._handle = torch.nn.modules.module.register_module_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
+
+
+class Interrupted(Exception):
+    pass
+
+
+def save_weights(path, seed: int):
+    """A width-1/8 VGGish state dict with seeded random values, saved like a real .pth."""
+    torch.manual_seed(seed)
+    torch.save(VGGish(width=0.125).state_dict(), path)
+    return path
+
+
+def cfg_for(tmp_path, cache_dir, *extra):
+    return compose_cfg([*TINY, f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", *extra], cache=cache_dir)
+
+
+def store_of(cfg) -> PatchStore:
+    return build_feature_store(index_from_config(cfg.data, progress=False), cfg.features, progress=False)
+
+
+def model_of(cfg):
+    w = resolve_weights(cfg.backbone.weights, cfg.backbone.url, progress=False)
+    torch.manual_seed(cfg.trainer.seed)
+    model = build_model(cfg, 50, load_state_dict(w.path) if w.path else None).eval()
+    return model, w
+
+
+def cache_dir_of(cfg, store, model, weights):
+    return cfg.paths.cache + "/backbone/" + params_key(cache_key(store, weights.sha256, cfg.backbone,
+                                                                 model.backbone))
+
+
+def run(cfg, name: str):
+    with MlflowTracker(cfg.tracking.uri, "cache", name) as tracker:
+        metrics = train(cfg, tracker)
+    return metrics, MlflowClient(cfg.tracking.uri).get_run(tracker.run_id)
+
+
+def test_cache_is_built_once_then_reused_without_backbone_work(tmp_path, cache_dir):
+    # A weights file unique to this test: its cache cannot exist yet.
+    cfg = cfg_for(tmp_path, cache_dir, f"backbone.weights={save_weights(tmp_path / 'w.pth', 1)}")
+    store = store_of(cfg)
+    with BackboneForwards() as first:
+        m1, r1 = run(cfg, "first")
+    model, weights = model_of(cfg)
+    cached = PatchStore(cache_dir_of(cfg, store, model, weights))
+    # One forward per stored patch (+ a one-patch probe for the output shape), none in training.
+    assert first.patches == store.patches.shape[0] + 1
+    assert r1.data.params["derived.backbone_cached"] == "True"
+    mtime = (cached.path / "patches.npy").stat().st_mtime_ns
+    with BackboneForwards() as second:
+        m2, r2 = run(cfg, "second")
+    assert second.calls == 0
+    assert (cached.path / "patches.npy").stat().st_mtime_ns == mtime
+    assert m1 == m2  # same seed, same cache: the same run
+
+
+def test_other_weights_other_cache_and_cache_equals_live_backbone(tmp_path, cache_dir):
+    caches = []
+    for seed in (1, 2):
+        cfg = cfg_for(tmp_path, cache_dir, f"backbone.weights={save_weights(tmp_path / f'w{seed}.pth', seed)}")
+        store = store_of(cfg)
+        model, weights = model_of(cfg)
+        key = cache_key(store, weights.sha256, cfg.backbone, model.backbone)
+        cache = build_backbone_cache(store, model.encode, key, tmp_path / "bb", torch.device("cpu"),
+                                     progress=False)
+        with torch.no_grad():
+            live = model.encode(torch.from_numpy(np.asarray(store.patches, dtype=np.float32))).numpy()
+        got = np.asarray(cache.patches, dtype=np.float32)
+        assert got.shape == live.shape and cache.item_shape == live.shape[1:]
+        np.testing.assert_allclose(got, live, rtol=2e-3, atol=1e-3 * np.abs(live).max())
+        np.testing.assert_array_equal(cache.clip_ids, store.clip_ids)
+        np.testing.assert_array_equal(cache.counts, store.counts)
+        assert cache.manifest["params"]["weights"] == weights.sha256
+        caches.append((cache, live))
+    (a, live_a), (b, live_b) = caches
+    assert a.path != b.path and a.fingerprint != b.fingerprint
+    assert sorted(p.name for p in (tmp_path / "bb").iterdir() if not p.name.startswith(".")) == \
+        sorted([a.path.name, b.path.name])
+    assert not np.allclose(live_a, live_b, atol=1e-3 * np.abs(live_a).max())  # really other outputs
+
+
+def test_random_init_key_follows_the_backbone_values(tmp_path, cache_dir):
+    cfg = cfg_for(tmp_path, cache_dir)
+    store = store_of(cfg)
+    keys = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        keys.append(cache_key(store, None, cfg.backbone, build_model(cfg, 50).backbone))
+    assert keys[0] == keys[1] != keys[2]
+    with pytest.raises(ValueError, match="random"):
+        cache_key(store, None, cfg.backbone)
+
+
+def test_interrupted_build_resumes_to_the_same_cache(tmp_path, cache_dir):
+    cfg = cfg_for(tmp_path, cache_dir)
+    store = store_of(cfg)
+    total = store.patches.shape[0]
+    model, _ = model_of(cfg)
+    key = cache_key(store, None, cfg.backbone, model.backbone)
+    cpu, batch = torch.device("cpu"), 2  # chunks of 8 batches = 16 rows
+    assert total >= 48, "the tiny store must span several chunks"
+    with BackboneForwards(stop_after=20), pytest.raises(Interrupted):  # probe + 19 batches
+        build_backbone_cache(store, model.encode, key, tmp_path / "a", cpu, batch_size=batch, progress=False)
+    path = tmp_path / "a" / params_key(key)
+    assert not (path / MANIFEST).exists()
+    with pytest.raises(FileNotFoundError):
+        PatchStore(path)  # an unfinished build is never read as a cache
+    assert json.loads((path / "progress.json").read_text())["rows_done"] == 32
+    with BackboneForwards() as resumed:
+        a = build_backbone_cache(store, model.encode, key, tmp_path / "a", cpu, batch_size=batch, progress=False)
+    assert resumed.patches == total - 32 + 1  # only the rows not yet done (+ the probe)
+    assert not (path / "progress.json").exists()
+    b = build_backbone_cache(store, model.encode, key, tmp_path / "b", cpu, batch_size=batch, progress=False)
+    np.testing.assert_array_equal(np.asarray(a.patches), np.asarray(b.patches))
+    assert a.fingerprint == b.fingerprint and a.manifest == b.manifest
+
+
+def test_disabled_cache_trains_live_with_the_same_metrics(tmp_path, cache_dir):
+    w = save_weights(tmp_path / "w.pth", 3)
+    live_cfg = cfg_for(tmp_path, cache_dir, f"backbone.weights={w}", "backbone.cache=false", "trainer.epochs=2")
+    store = store_of(live_cfg)
+    model, weights = model_of(live_cfg)
+    with BackboneForwards() as live_fw:
+        live, live_run = run(live_cfg, "live")
+    assert live_run.data.params["derived.backbone_cached"] == "False"
+    assert live_fw.calls > 0
+    assert not Path(cache_dir_of(live_cfg, store, model, weights)).exists()  # nothing was cached
+    cached_cfg = cfg_for(tmp_path, cache_dir, f"backbone.weights={w}", "trainer.epochs=2")
+    with BackboneForwards() as cached_fw:
+        cached, cached_run = run(cached_cfg, "cached")
+    assert cached_run.data.params["derived.backbone_cached"] == "True"
+    assert cached_fw.patches == store.patches.shape[0] + 1  # the build only
+    assert live.keys() == cached.keys()
+    for k, v in live.items():
+        if math.isnan(v):
+            assert math.isnan(cached[k]), k
+        else:  # the cache stores float16 conv maps; the live path keeps float32
+            assert cached[k] == pytest.approx(v, abs=5e-3), k
