@@ -47,8 +47,9 @@ def time_steps(model, store, n: int, from_backbone: bool) -> float:
     """Seconds per training step (the loop of mtt.train: forward, loss, backward, step)."""
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.create({"n_active": 20, "rate": 8.0, "mode": "with_replacement",
-                            "patches_per_clip": None, "num_workers": 0})
+    from mtt.config import StreamConfig
+
+    cfg = OmegaConf.structured(StreamConfig())  # the defaults a run uses
     labels = (np.random.default_rng(0).random((TRAIN, 50)) < 0.05).astype(np.float32)
     stream = train_loader(store, store.clip_ids[:TRAIN], labels, cfg, BATCH, seed=0)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
