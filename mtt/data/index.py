@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Iterator
 
 import numpy as np
 
@@ -48,6 +49,44 @@ class ClipIndex:
         return self.splits[split]
 
 
+def _tsv_lines(path: Path, what: str) -> Iterator[tuple[int, list[str]]]:
+    """Yield ``(line number, fields)`` of an MTAT TSV file (tab-separated, quoted): the header as
+    line 1, then every non-empty line, checked to have as many fields as the header."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file not found: {path}")
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.reader(f, delimiter="\t", quotechar='"')
+        try:
+            header = next(reader)
+        except StopIteration:
+            raise AnnotationError(f"{path}: empty file, expected a header line") from None
+        yield 1, header
+        for line, fields in enumerate(reader, start=2):
+            if not fields:
+                continue
+            if len(fields) != len(header):
+                raise AnnotationError(f"{path}:{line}: {len(fields)} fields, header has {len(header)}")
+            yield line, fields
+
+
+def _clip_id(value: str, first_line: dict[int, int], path: Path, line: int) -> int:
+    """Parse a clip id, rejecting non-integers and ids already seen (``first_line`` records them)."""
+    try:
+        clip_id = int(value)
+    except ValueError:
+        raise AnnotationError(f"{path}:{line}: clip_id {value!r} is not an integer") from None
+    if clip_id in first_line:
+        raise AnnotationError(f"{path}:{line}: duplicate clip_id {clip_id} (first on line {first_line[clip_id]})")
+    first_line[clip_id] = line
+    return clip_id
+
+
+def _check_mp3_path(mp3: str, path: Path, line: int) -> None:
+    rel = PurePosixPath(mp3)
+    if not mp3 or rel.is_absolute() or ".." in rel.parts:
+        raise AnnotationError(f"{path}:{line}: mp3_path {mp3!r} escapes the audio root")
+
+
 def read_annotations(path: Path) -> tuple[np.ndarray, tuple[str, ...], np.ndarray, tuple[str, ...]]:
     """Read annotations_final.csv -> (clip_ids (n,), tag names, labels (n, n_tags) uint8, paths).
 
@@ -55,50 +94,28 @@ def read_annotations(path: Path) -> tuple[np.ndarray, tuple[str, ...], np.ndarra
     duplicate clip ids and paths that escape the audio root.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"annotations file not found: {path}")
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.reader(f, delimiter="\t", quotechar='"')
-        try:
-            header = next(reader)
-        except StopIteration:
-            raise AnnotationError(f"{path}: empty file, expected a header line") from None
-        for column in ("clip_id", "mp3_path"):
-            if column not in header:
-                raise AnnotationError(f"{path}:1: missing column {column!r} in the header")
-        if header[0] != "clip_id" or header[-1] != "mp3_path":
-            raise AnnotationError(f"{path}:1: expected clip_id first and mp3_path last")
-        tags = tuple(header[1:-1])
-        ids, rows, paths, seen = [], [], [], {}
-        for line, fields in enumerate(reader, start=2):
-            if not fields:
-                continue
-            if len(fields) != len(header):
-                raise AnnotationError(f"{path}:{line}: {len(fields)} fields, header has {len(header)}")
-            try:
-                clip_id = int(fields[0])
-            except ValueError:
-                raise AnnotationError(f"{path}:{line}: clip_id {fields[0]!r} is not an integer") from None
-            if clip_id in seen:
-                raise AnnotationError(f"{path}:{line}: duplicate clip_id {clip_id} (first on line {seen[clip_id]})")
-            seen[clip_id] = line
-            values = fields[1:-1]
-            bad = [(tags[i], v) for i, v in enumerate(values) if v not in ("0", "1")]
-            if bad:
-                raise AnnotationError(f"{path}:{line}: tag {bad[0][0]!r} has value {bad[0][1]!r}, expected 0 or 1")
-            mp3 = fields[-1]
-            _check_mp3_path(mp3, path, line)
-            ids.append(clip_id)
-            rows.append([v == "1" for v in values])
-            paths.append(mp3)
+    lines = _tsv_lines(path, "annotations")
+    _, header = next(lines)
+    for column in ("clip_id", "mp3_path"):
+        if column not in header:
+            raise AnnotationError(f"{path}:1: missing column {column!r} in the header")
+    if header[0] != "clip_id" or header[-1] != "mp3_path":
+        raise AnnotationError(f"{path}:1: expected clip_id first and mp3_path last")
+    tags = tuple(header[1:-1])
+    ids, rows, paths, seen = [], [], [], {}
+    for line, fields in lines:
+        clip_id = _clip_id(fields[0], seen, path, line)
+        values = fields[1:-1]
+        bad = [(tags[i], v) for i, v in enumerate(values) if v not in ("0", "1")]
+        if bad:
+            raise AnnotationError(f"{path}:{line}: tag {bad[0][0]!r} has value {bad[0][1]!r}, expected 0 or 1")
+        mp3 = fields[-1]
+        _check_mp3_path(mp3, path, line)
+        ids.append(clip_id)
+        rows.append([v == "1" for v in values])
+        paths.append(mp3)
     labels = np.asarray(rows, dtype=np.uint8).reshape(len(rows), len(tags))
     return np.asarray(ids, dtype=np.int64), tags, labels, tuple(paths)
-
-
-def _check_mp3_path(mp3: str, path: Path, line: int) -> None:
-    rel = PurePosixPath(mp3)
-    if not mp3 or rel.is_absolute() or ".." in rel.parts:
-        raise AnnotationError(f"{path}:{line}: mp3_path {mp3!r} escapes the audio root")
 
 
 def read_clip_info(path: str | Path) -> dict[int, dict[str, str]]:
@@ -109,34 +126,18 @@ def read_clip_info(path: str | Path) -> dict[int, dict[str, str]]:
     a non-integer or duplicate clip id and an ``mp3_path`` that escapes the audio root.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"clip info file not found: {path}")
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.reader(f, delimiter="\t", quotechar='"')
-        try:
-            header = next(reader)
-        except StopIteration:
-            raise AnnotationError(f"{path}: empty file, expected a header line") from None
-        missing = [c for c in CLIP_INFO_COLUMNS if c not in header]
-        if missing:
-            raise AnnotationError(f"{path}:1: missing column(s) {missing} in the header")
-        info: dict[int, dict[str, str]] = {}
-        first: dict[int, int] = {}
-        for line, fields in enumerate(reader, start=2):
-            if not fields:
-                continue
-            if len(fields) != len(header):
-                raise AnnotationError(f"{path}:{line}: {len(fields)} fields, header has {len(header)}")
-            row = dict(zip(header, fields))
-            try:
-                clip_id = int(row["clip_id"])
-            except ValueError:
-                raise AnnotationError(f"{path}:{line}: clip_id {row['clip_id']!r} is not an integer") from None
-            if clip_id in first:
-                raise AnnotationError(f"{path}:{line}: duplicate clip_id {clip_id} (first on line {first[clip_id]})")
-            first[clip_id] = line
-            _check_mp3_path(row["mp3_path"], path, line)
-            info[clip_id] = {c: row[c] for c in CLIP_INFO_COLUMNS if c != "clip_id"}
+    lines = _tsv_lines(path, "clip info")
+    _, header = next(lines)
+    missing = [c for c in CLIP_INFO_COLUMNS if c not in header]
+    if missing:
+        raise AnnotationError(f"{path}:1: missing column(s) {missing} in the header")
+    info: dict[int, dict[str, str]] = {}
+    seen: dict[int, int] = {}
+    for line, fields in lines:
+        row = dict(zip(header, fields))
+        clip_id = _clip_id(row["clip_id"], seen, path, line)
+        _check_mp3_path(row["mp3_path"], path, line)
+        info[clip_id] = {c: row[c] for c in CLIP_INFO_COLUMNS if c != "clip_id"}
     return info
 
 
