@@ -19,8 +19,9 @@ class AudioDecodeError(RuntimeError):
 def load_audio(path: str | Path, sample_rate: int = 16000) -> np.ndarray:
     """Decode ``path`` to a mono float32 waveform ``(samples,)`` at ``sample_rate``.
 
-    Channels are averaged (as VGGish's reference does). Raises ``AudioDecodeError`` for an empty,
-    truncated or non-audio file.
+    Channels are averaged (as VGGish's reference does). Raises ``AudioDecodeError`` for an empty or
+    non-audio file and for an mp3 cut before its first complete frame; an mp3 cut later decodes to
+    the frames it still holds (a shorter clip), as every mp3 decoder does.
     """
     path = Path(path)
     try:
@@ -30,7 +31,10 @@ def load_audio(path: str | Path, sample_rate: int = 16000) -> np.ndarray:
     except AudioDecodeError:
         raise
     except (sf.LibsndfileError, RuntimeError, OSError, ValueError) as exc:
-        raise AudioDecodeError(f"{path}: cannot decode audio ({exc})") from exc
+        # libsndfile says "File does not exist or is not a regular file" for any file it cannot
+        # parse, so the message says what it usually means here before quoting it.
+        raise AudioDecodeError(f"{path}: cannot decode audio: not an audio file, or truncated before "
+                               f"its first complete frame (libsndfile: {exc})") from exc
     if data.shape[0] == 0:
         raise AudioDecodeError(f"{path}: no audio samples")
     wave = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]

@@ -36,7 +36,7 @@ class DataConfig:
     root: str = MISSING
     annotations: str = "annotations_final.csv"
     clip_info: Optional[str] = "clip_info_final.csv"
-    tags: str = "all"  # all | top50
+    tags: str = "all"  # all | top50 (published list) | freqN (N most frequent here, e.g. freq50)
     split: str = "standard"  # standard (folders 0-b / c / d-f) | report (first quarter test)
     drop_untagged: bool = True  # drop clips with no tag of the chosen set (published protocol)
     # When set, the dataset is generated at `root` on first use (the embedded default).

@@ -7,6 +7,15 @@ never reuses stale features. Each clip is written as its own shard first (atomic
 interrupted run (Ctrl-C, kill -9) resumes where it stopped; clips that cannot be decoded (MTAT
 ships three empty mp3s) are recorded as failures, listed in the manifest and reported, and the
 run goes on.
+
+Short clips: a clip shorter than one patch (0.96 s) has no complete patch. It is KEPT in the
+store with 0 patches (the reference front end, too, drops incomplete windows and patches, and
+padding would feed the model silence that no real clip has); training and evaluation leave such
+clips out and log how many (``mtt.train.split_of``), and the end-of-run summary counts them.
+Clips longer than one patch but shorter than 29.1 s simply have fewer patches.
+
+Resuming: shards are written to a temporary name and renamed, so a shard either exists whole or
+not at all; temporary leftovers of a killed run (``.*.tmp``) are deleted when a run starts.
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from multiprocessing import get_context
@@ -46,23 +56,65 @@ def store_path(index: ClipIndex, cfg: FeaturesConfig) -> Path:
     return Path(cfg.store).expanduser() / f"{index.root.name}-{key}"
 
 
-def _extract(job: tuple[int, str, str, dict]) -> tuple[int, int | None, str | None]:
-    """Worker: decode one clip, compute its patches, write its shard. -> (clip_id, n, error)."""
+_FRONT_ENDS: dict[str, object] = {}  # per process: params key -> LogMelFrontEnd (built once)
+
+
+def _front_end(params: dict):
+    key = params_key(params)
+    if key not in _FRONT_ENDS:
+        from mtt.features import LogMelFrontEnd
+
+        _FRONT_ENDS[key] = LogMelFrontEnd(FeaturesConfig(**params))
+    return _FRONT_ENDS[key]
+
+
+def _init_worker() -> None:
+    """One torch thread per worker process: the pool already uses every core, and torch's OpenMP
+    threads stall badly when processes compete for cores (see ``LogMelFrontEnd``)."""
     import torch
 
-    from mtt.features import log_mel_patches
-
     torch.set_num_threads(1)
+
+
+def _worker_context():
+    """forkserver, preloading torch and the front end: the server imports them once (~2 s of
+    CPU) and every worker is a cheap fork of it, instead of each spawned worker importing torch
+    again. Not plain fork: the parent may already run torch threads, which a fork would copy
+    mid-flight."""
+    ctx = get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "mtt.features", "mtt.preprocess"])
+    return ctx
+
+
+def _extract(job: tuple[int, str, str, dict]) -> tuple[int, int | None, str | None]:
+    """Worker: decode one clip, compute its patches, write its shard. -> (clip_id, n, error).
+
+    The shard is ``(n_patches, patch_frames, n_mels)`` float16; a clip that cannot be decoded
+    gets a ``<id>.failed`` file holding the reason instead.
+    """
+    import torch
+
     clip_id, audio_path, shard, params = job
-    cfg = FeaturesConfig(**params)
+    front = _front_end(params)
     try:
-        wave = load_audio(audio_path, cfg.sample_rate)
+        wave = load_audio(audio_path, params["sample_rate"])
     except (AudioDecodeError, FileNotFoundError) as exc:
         atomic_write_bytes(Path(shard).with_suffix(".failed"), str(exc).encode())
         return clip_id, None, str(exc)
-    patches = log_mel_patches(wave, cfg.sample_rate, cfg).numpy().astype(np.float16)
+    with torch.inference_mode():
+        patches = front(torch.from_numpy(wave)[None])[0].numpy().astype(np.float16)
     save_npy_atomic(Path(shard), patches)
     return clip_id, len(patches), None
+
+
+def _remove_temporaries(folder: Path) -> int:
+    """Delete ``.*.tmp`` files a killed run left in ``folder``: never read, never reused."""
+    n = 0
+    if folder.is_dir():
+        for tmp in folder.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+            n += 1
+    return n
 
 
 def build_feature_store(index: ClipIndex, cfg: FeaturesConfig, progress: bool = True) -> PatchStore:
@@ -97,20 +149,33 @@ def _build_feature_store(path: Path, index: ClipIndex, cfg: FeaturesConfig, prog
     store = PatchStore(path) if (path / MANIFEST).is_file() else None  # clips added since: extend
     shards = path / "shards"
     shards.mkdir(parents=True, exist_ok=True)
+    stale = _remove_temporaries(shards) + _remove_temporaries(path)
+    if stale:
+        log.info("removed %d temporary file(s) left by an interrupted run in %s", stale, path)
     params = frontend_params(cfg)
     old = set(int(c) for c in store.clip_ids) if store is not None else set()
     jobs = [(c, str(index.audio_path(i)), str(shards / f"{c}.npy"), params)
             for i, c in enumerate(clip_ids)
             if c not in old and not (shards / f"{c}.npy").exists() and not (shards / f"{c}.failed").exists()]
+    log.info("computing %d of %d clips (%d done before) into %s", len(jobs), len(clip_ids),
+             len(clip_ids) - len(jobs), path)
     if jobs:
         workers = cfg.workers or os.cpu_count() or 1
         bar = tqdm(total=len(jobs), desc="log-mel features", unit="clip", disable=not progress)
         if workers == 1 or len(jobs) < _MIN_CLIPS_FOR_WORKERS:
-            results = map(_extract, jobs)
-            for _ in results:
-                bar.update()
+            import torch
+
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # as a worker: one clip is too small to share out
+            try:
+                for _ in map(_extract, jobs):
+                    bar.update()
+            finally:
+                torch.set_num_threads(threads)
         else:
-            with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            # Chunks of 8 clips keep the inter-process traffic small while the bar still moves.
+            with ProcessPoolExecutor(workers, mp_context=_worker_context(),
+                                     initializer=_init_worker) as pool:
                 for _ in pool.map(_extract, jobs, chunksize=8):
                     bar.update()
         bar.close()
@@ -138,6 +203,20 @@ def _build_feature_store(path: Path, index: ClipIndex, cfg: FeaturesConfig, prog
     return store
 
 
+def summary(store: PatchStore, seconds: float | None = None) -> str:
+    """The end-of-run report: counts, failures with their reasons, short clips, fingerprint."""
+    short = int((store.counts == 0).sum())
+    lines = [f"feature store: {store.path}",
+             f"  {len(store)} clips, {store.patches.shape[0]} patches of {store.item_shape}, "
+             f"{short} shorter than one patch (kept with 0 patches, not trained on), "
+             f"{len(store.failed)} failed, fingerprint {store.fingerprint}"
+             + (f", {seconds:.1f} s" if seconds is not None else "")]
+    if store.failed:
+        lines.append(f"  {len(store.failed)} clip(s) could not be decoded (skipped, listed in the manifest):")
+        lines += [f"    {clip_id}: {reason}" for clip_id, reason in sorted(store.failed.items(), key=lambda kv: int(kv[0]))]
+    return "\n".join(lines)
+
+
 def main() -> None:
     import hydra
 
@@ -146,10 +225,10 @@ def main() -> None:
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
     def _run(cfg) -> None:
+        start = time.perf_counter()
         index = index_from_config(cfg.data)
         store = build_feature_store(index, cfg.features)
-        print(f"feature store: {store.path}\n  {len(store)} clips, {store.patches.shape[0]} patches, "
-              f"{len(store.failed)} failed, fingerprint {store.fingerprint}")
+        print(summary(store, time.perf_counter() - start), flush=True)
 
     _run()
 

@@ -66,8 +66,14 @@ class Split:
 
 
 def split_of(index: ClipIndex, store: PatchStore, name: str) -> Split:
+    """The clips of split ``name`` that have at least one patch; clips shorter than one patch are
+    kept in the store with 0 patches (see ``mtt.preprocess``) and left out here, with a count."""
     rows = index.subset(name)
-    present = np.array([int(index.clip_ids[r]) in store for r in rows], dtype=bool)
+    stored = np.array([int(index.clip_ids[r]) in store for r in rows], dtype=bool)
+    present = np.array([ok and store.count(index.clip_ids[r]) > 0 for ok, r in zip(stored, rows)], dtype=bool)
+    short = int(stored.sum() - present.sum())
+    if short:
+        log.warning("%s: %d clip(s) shorter than one patch (0 patches) left out", name, short)
     rows_ok = rows[present]
     return Split(index.clip_ids[rows_ok], index.labels[rows_ok], declared=len(rows))
 

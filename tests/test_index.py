@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mtt.data.index import FOLDERS, AnnotationError, build_index, read_annotations
-from mtt.data.tags import TAGS, TOP50
+from mtt.data.index import CLIP_INFO_COLUMNS, FOLDERS, AnnotationError, build_index, read_annotations, read_clip_info
+from mtt.data.tags import TAGS, TOP50, top_by_frequency
 
 
 def mtat_line(fields) -> str:
@@ -101,3 +101,88 @@ def test_bad_input_names_file_and_line(tmp_path, mutate, message):
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="annotations_final.csv"):
         build_index(tmp_path)
+
+
+CLIP_INFO_LINES = [
+    ["clip_id", "track_number", "title", "artist", "album", "url", "segmentStart", "segmentEnd",
+     "original_url", "mp3_path"],
+    ["2", "1", "BWV54 - I Aria", "American Bach Soloists", "J.S. Bach Solo Cantatas",
+     "http://www.magnatune.com/artists/albums/abs-bachsolo/", "30", "59",
+     "http://he3.magnatune.com/all/01--BWV54%20-%20I%20Aria--ABS.mp3",
+     "f/american_bach_soloists-j_s__bach_solo_cantatas-01-bwv54__i_aria-30-59.mp3"],
+    ["6", "1", "BWV54 - I Aria", "American Bach Soloists", "J.S. Bach Solo Cantatas",
+     "http://www.magnatune.com/artists/albums/abs-bachsolo/", "88", "117",
+     "http://he3.magnatune.com/all/01--BWV54%20-%20I%20Aria--ABS.mp3",
+     "f/american_bach_soloists-j_s__bach_solo_cantatas-01-bwv54__i_aria-88-117.mp3"],
+]
+
+
+def write_clip_info_csv(path: Path, lines=CLIP_INFO_LINES) -> None:
+    path.write_text("".join(mtat_line(fields) for fields in lines))
+
+
+def test_reads_the_real_clip_info_format(tmp_path):
+    path = tmp_path / "clip_info_final.csv"
+    write_clip_info_csv(path)
+    assert path.read_text().startswith('"clip_id"\t"track_number"\t"title"\t"artist"')
+    info = read_clip_info(path)
+    assert sorted(info) == [2, 6]
+    assert info[6]["artist"] == "American Bach Soloists" and info[6]["segmentStart"] == "88"
+    assert info[2]["mp3_path"].endswith("-30-59.mp3")
+    assert set(info[2]) == set(CLIP_INFO_COLUMNS) - {"clip_id"}
+
+
+def test_reads_generated_clip_info(tmp_path):
+    from mtt.data.synth import write_clip_info
+
+    row = dict(zip(CLIP_INFO_LINES[0], CLIP_INFO_LINES[1]))
+    write_clip_info(tmp_path / "c.csv", [row, {**row, "clip_id": "9", "title": 'say "hi"\tthere'}])
+    info = read_clip_info(tmp_path / "c.csv")
+    assert info[9]["title"] == 'say "hi"\tthere', "quotes and tabs inside a quoted field survive"
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda ls: [[c for c in ls[0] if c != "artist"], *[r[:3] + r[4:] for r in ls[1:]]], r"missing column.*artist"),
+    (lambda ls: [ls[0], ["x", *ls[1][1:]], ls[2]], "is not an integer"),
+    (lambda ls: [ls[0], ls[1], ls[1]], "duplicate clip_id 2"),
+    (lambda ls: [ls[0], ls[1][:-1] + ["../x.mp3"], ls[2]], "escapes the audio root"),
+    (lambda ls: [ls[0], ls[1][:-2], ls[2]], "fields, header has"),
+])
+def test_bad_clip_info_names_file_and_line(tmp_path, mutate, message):
+    path = tmp_path / "clip_info_final.csv"
+    write_clip_info_csv(path, mutate(CLIP_INFO_LINES))
+    with pytest.raises(AnnotationError, match=message) as err:
+        read_clip_info(path)
+    assert any(f"{path}:{n}:" in str(err.value) for n in (1, 2, 3))
+
+
+def test_frequency_tag_set_counts_the_annotations(tmp_path):
+    # guitar on 3 clips, piano and flute on 2 each (a tie: header order decides), sitar on 1.
+    rows = [(2, {"guitar", "piano"}, "0/a.mp3"), (3, {"guitar", "flute"}, "1/b.mp3"),
+            (4, {"guitar", "piano", "flute", "sitar"}, "2/c.mp3"), (5, set(), "3/d.mp3")]
+    write_mtat_csv(tmp_path / "annotations_final.csv", rows)
+    index = build_index(tmp_path, tags="freq3", drop_untagged=False)
+    ties = sorted(["piano", "flute"], key=TAGS.index)
+    assert index.tags == ("guitar", *ties)
+    assert index.labels.sum(axis=0).tolist() == [3, 2, 2]
+    assert index.labels[3].sum() == 0
+    with pytest.raises(ValueError, match="freq999"):
+        build_index(tmp_path, tags="freq999")
+    with pytest.raises(ValueError, match="top50' or 'freqN"):
+        build_index(tmp_path, tags="top5x")
+
+
+def test_top50_stays_the_published_list(tmp_path):
+    # A tree where the most frequent tags are NOT the published top 50: top50 ignores that.
+    rows = [(i, {"lol", "rap"}, f"{FOLDERS[i % 16]}/x{i}.mp3") for i in range(2, 10)]
+    write_mtat_csv(tmp_path / "annotations_final.csv", rows)
+    index = build_index(tmp_path, tags="top50", drop_untagged=False)
+    assert index.tags == TOP50 and index.labels.sum() == 0
+    assert build_index(tmp_path, tags="freq2", drop_untagged=False).tags == tuple(sorted(["lol", "rap"], key=TAGS.index))
+
+
+def test_top_by_frequency_with_uint8_labels():
+    labels = np.zeros((300, 3), dtype=np.uint8)
+    labels[:, 2] = 1
+    labels[:10, 0] = 1
+    assert top_by_frequency(("a", "b", "c"), labels, 3) == ("c", "a", "b")

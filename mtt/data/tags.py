@@ -1,6 +1,10 @@
 """MagnaTagATune's tag vocabulary: the 188 columns of annotations_final.csv, in header order, and
 the standard top-50 subset (Dieleman & Schrauwen 2014 and later work), in frequency order."""
 
+from __future__ import annotations
+
+import numpy as np
+
 TAGS = (
     'no voice', 'singer', 'duet', 'plucking', 'hard rock', 'world', 'bongos', 'harpsichord',
     'female singing', 'clasical', 'sitar', 'chorus', 'female opera', 'male vocal', 'vocals',
@@ -35,3 +39,11 @@ TOP50 = (
     'new age', 'dance', 'male voice', 'female vocal', 'beats', 'harp', 'cello', 'no voice',
     'weird', 'country', 'metal', 'female voice', 'choral',
 )
+
+
+def top_by_frequency(tags: tuple[str, ...], labels: np.ndarray, n: int) -> tuple[str, ...]:
+    """The ``n`` most frequent tags of ``labels`` ``(n_clips, len(tags))``, most frequent first;
+    ties keep header order (a stable sort), so the result is a pure function of the annotations."""
+    counts = np.asarray(labels).sum(axis=0, dtype=np.int64)  # signed: uint8 labels sum to uint64, whose negation wraps
+    order = np.argsort(-counts, kind="stable")[:n]
+    return tuple(tags[i] for i in order)

@@ -1,0 +1,187 @@
+"""Preprocessing real-format trees: kill -9 and resume, undecodable clips, short clips."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import compose_cfg, run_module
+from mtt.config import REPO_ROOT
+from mtt.data.index import FOLDERS, build_index
+from mtt.data.synth import complete_tags, render_clip, write_annotations, write_mp3
+from mtt.preprocess import build_feature_store, store_path, summary
+from mtt.store import MANIFEST, PatchStore
+
+SR = 16000
+# Tag sets the synthesiser renders, all within the published top 50 (data=mtat uses top50).
+RECIPES = [{"guitar", "slow"}, {"piano"}, {"drums", "fast"}, {"violin", "female"}, {"techno"},
+           {"flute", "quiet"}, {"harpsichord"}, {"sitar", "male"}]
+
+
+def make_tree(root: Path, n_clips: int, seconds: float, extra: dict[str, bytes] | None = None,
+              short: dict[str, float] | None = None) -> list[tuple[int, frozenset, str]]:
+    """An MTAT-format tree: ``n_clips`` distinct rendered clips spread over the 16 folders, plus
+    ``extra`` files written verbatim (bad mp3s) and ``short`` clips of the given lengths."""
+    rows = []
+    clip_id = 2
+    for k in range(n_clips):
+        tags = complete_tags(RECIPES[k % len(RECIPES)])
+        rel = f"{FOLDERS[k % 16]}/artist{k}-album-01-song-{k}-0-29.mp3"
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        write_mp3(root / rel, render_clip(tags, seconds, SR, np.random.default_rng(k)))
+        rows.append((clip_id, tags, rel))
+        clip_id += 3  # increasing, not contiguous, as in MTAT
+    for rel, data in (extra or {}).items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+        rows.append((clip_id, complete_tags({"guitar"}), rel))
+        clip_id += 3
+    for rel, secs in (short or {}).items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        write_mp3(root / rel, render_clip(complete_tags({"piano"}), secs, SR, np.random.default_rng(clip_id)))
+        rows.append((clip_id, complete_tags({"piano"}), rel))
+        clip_id += 3
+    write_annotations(root / "annotations_final.csv", rows)
+    return rows
+
+
+def mtat_overrides(root: Path, store: Path) -> list[str]:
+    return ["data=mtat", f"data.root={root}", f"features.store={store}"]
+
+
+def assert_same_store(a: PatchStore, b: PatchStore) -> None:
+    """Entry by entry: the clip table, every clip's patches, failures and fingerprint."""
+    np.testing.assert_array_equal(np.load(a.path / "clips.npy"), np.load(b.path / "clips.npy"))
+    assert a.patches.shape == b.patches.shape and a.patches.dtype == b.patches.dtype == np.float16
+    for clip_id in a.clip_ids:
+        np.testing.assert_array_equal(a.get(clip_id), b.get(clip_id), err_msg=f"clip {clip_id}")
+    np.testing.assert_array_equal(np.asarray(a.patches), np.asarray(b.patches))
+    assert a.failed == b.failed and a.fingerprint == b.fingerprint
+
+
+@pytest.mark.slow
+def test_sigkill_midway_then_rerun_equals_an_uninterrupted_run(tmp_path):
+    root = tmp_path / "mtat"
+    n = 160  # enough that both workers are busy for a while after the first shard lands
+    make_tree(root, n, seconds=4.0)
+    cache = tmp_path / "cache"
+    args = [*mtat_overrides(root, tmp_path / "killed"), f"paths.cache={cache}"]
+    killed_path = store_path(build_index(root, tags="top50"), compose_cfg(args).features)
+    shards = killed_path / "shards"
+
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "mtt.preprocess", *args], cwd=REPO_ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            if shards.is_dir() and any(e.name.endswith(".npy") and not e.name.startswith(".")
+                                       for e in os.scandir(shards)):
+                break  # a first clip is stored (temporaries start with a dot)
+            time.sleep(0.002)
+        assert proc.poll() is None, "preprocessing finished before it could be killed: make the tree bigger"
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole job: main process and its workers, as kill -9
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    time.sleep(0.2)  # let the killed workers' exits settle before we look
+    assert not (killed_path / MANIFEST).exists(), "killed before the store was finished"
+    done = sorted(shards.glob("*.npy"))
+    assert 0 < len(done) < n
+    # A killed writer leaves at most a temporary file: make one by hand, truncated, and check
+    # that the re-run neither reads it as a shard nor keeps it.
+    (shards / f".{done[0].name}.abcdefgh.tmp").write_bytes(done[0].read_bytes()[:100])
+
+    rerun = run_module(["mtt.preprocess", *args])
+    computed = re.search(r"computing (\d+) of (\d+) clips", rerun.stderr + rerun.stdout)
+    assert computed, rerun.stderr[-2000:]
+    assert int(computed.group(2)) == n and int(computed.group(1)) <= n - len(done), "done shards are reused"
+    assert "feature store:" in rerun.stdout and f"{n} clips" in rerun.stdout
+    assert not any(killed_path.rglob("*.tmp")) and not shards.exists()
+
+    reference = compose_cfg(mtat_overrides(root, tmp_path / "reference"), cache=cache)
+    ref_store = build_feature_store(build_index(root, tags="top50"), reference.features, progress=False)
+    assert ref_store.path != killed_path
+    assert_same_store(PatchStore(killed_path), ref_store)
+    assert len(ref_store) == n and (ref_store.counts == 4).all()
+
+
+def test_temporaries_and_partial_shards_are_never_read(tmp_path):
+    """A shard exists whole or not at all: leftovers of a killed run are deleted, not read."""
+    root = tmp_path / "mtat"
+    make_tree(root, 6, seconds=2.0)
+    cfg = compose_cfg(mtat_overrides(root, tmp_path / "store"))
+    index = build_index(root, tags="top50")
+    reference = build_feature_store(index, compose_cfg(mtat_overrides(root, tmp_path / "ref")).features,
+                                    progress=False)
+    path = store_path(index, cfg.features)
+    (path / "shards").mkdir(parents=True)
+    first = int(index.clip_ids[0])
+    # What a kill in the middle of np.save / pack leaves behind: temporaries, never final names.
+    (path / "shards" / f".{first}.npy.x1y2z3.tmp").write_bytes(b"\x93NUMPY truncated")
+    (path / ".patches.npy.tmp").write_bytes(b"\x93NUMPY")
+    store = build_feature_store(index, cfg.features, progress=False)
+    assert_same_store(store, reference)
+    assert not list(path.rglob("*.tmp"))
+
+
+def test_undecodable_and_short_clips_are_reported_and_training_runs_on_the_rest(tmp_path, capsys):
+    from mtt.tracking import MlflowTracker
+    from mtt.train import train
+
+    root = tmp_path / "mtat"
+    root.mkdir()
+    good = root / "good.mp3"
+    write_mp3(good, render_clip(complete_tags({"guitar"}), 3.0, SR, np.random.default_rng(99)))
+    bad = {"6/norine_braun-now_and_zen-08-gently-117-146.mp3": b"",  # MTAT's own empty files
+           "8/cut-before-the-first-frame-0-29.mp3": good.read_bytes()[:200],
+           "9/not-audio-0-29.mp3": b"<html><body>404 Not Found</body></html>\n" * 20}
+    rows = make_tree(root, 16, seconds=2.0, extra=bad, short={"2/very-short-0-1.mp3": 0.5})
+    good.unlink()
+    bad_ids = {str(c) for c, _, rel in rows if rel in bad}
+    short_id = next(c for c, _, rel in rows if rel.startswith("2/very-short"))
+
+    cfg = compose_cfg([*mtat_overrides(root, tmp_path / "store"), "data.synth=null", "backbone.width=0.125",
+                       "head.width=16", "trainer.epochs=1", "trainer.progress=false", "trainer.device=cpu",
+                       f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"], cache=tmp_path / "cache")
+    store = build_feature_store(build_index(root, tags="top50"), cfg.features, progress=False)
+    assert set(store.failed) == bad_ids
+    assert "empty file" in store.failed[next(c for c in bad_ids if int(c) == rows[16][0])]
+    for reason in store.failed.values():
+        assert str(root) in reason, "the reason names the file"
+    assert len(store) == 17 and store.count(short_id) == 0 and store.get(short_id).shape == (0, 96, 64)
+
+    report = summary(store)
+    assert "3 failed" in report and "1 shorter than one patch" in report
+    for rel in bad:
+        assert rel in report
+
+    with MlflowTracker(cfg.tracking.uri, "unit", "bad-files") as tracker:
+        metrics = train(cfg, tracker)
+    assert 0 <= metrics["test_roc_auc"] <= 1
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(cfg.tracking.uri).get_run(tracker.run_id)
+    assert run.data.tags["feature_store"] == store.fingerprint
+    # 16 good clips over 16 folders: 12 train (0-b), and the 0.5 s clip in folder 2 is left out.
+    assert run.data.params["derived.train_clips"] == "12"
+    assert run.data.params["derived.train_clips_declared"] == "16"  # + the short one and the 3 failed
+
+
+def test_cli_prints_the_report(tmp_path):
+    root = tmp_path / "mtat"
+    make_tree(root, 4, seconds=1.5, extra={"3/empty-0-29.mp3": b""})
+    out = run_module(["mtt.preprocess", *mtat_overrides(root, tmp_path / "store"), f"paths.cache={tmp_path}"])
+    assert re.search(r"5 clips?, \d+ patches", out.stdout) is None  # the failed one is not a stored clip
+    assert "4 clips" in out.stdout and "1 failed" in out.stdout and "3/empty-0-29.mp3: empty file" in out.stdout
+    again = run_module(["mtt.preprocess", *mtat_overrides(root, tmp_path / "store"), f"paths.cache={tmp_path}"])
+    assert "4 clips" in again.stdout and "computing" not in again.stderr, "a finished store is just opened"
