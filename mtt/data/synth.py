@@ -18,7 +18,6 @@ are nearly so.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
@@ -29,23 +28,19 @@ import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Collection, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Collection, Iterable, Sequence
 
 import numpy as np
 import soundfile as sf
 from scipy.signal import butter, fftconvolve, lfilter
 from tqdm.auto import tqdm
 
-from mtt.data.index import FOLDERS
+from mtt.data.index import CLIP_INFO_COLUMNS, FOLDERS
 from mtt.data.tags import TAGS
+from mtt.store import atomic_write_bytes, locked
 
 if TYPE_CHECKING:  # the generator itself needs no Hydra
     from mtt.config import SynthConfig
-
-try:  # POSIX only; elsewhere concurrent generators fall back to tolerating the rename race
-    import fcntl
-except ImportError:  # pragma: no cover - not reached on Linux/macOS
-    fcntl = None
 
 SAMPLE_RATE = 16000  # MTAT's
 # Bump when the generator changes what it writes, so that an old cache is regenerated.
@@ -53,8 +48,6 @@ SYNTH_VERSION = 1
 MARKER = ".mtt-synth.json"
 ANNOTATIONS = "annotations_final.csv"
 CLIP_INFO = "clip_info_final.csv"
-CLIP_INFO_COLUMNS = ("clip_id", "track_number", "title", "artist", "album", "url", "segmentStart",
-                     "segmentEnd", "original_url", "mp3_path")
 
 # ---------------------------------------------------------------------------------------------
 # Label grammar: the components a clip is built from and the tags each one implies.
@@ -722,17 +715,7 @@ def _tmp_sibling(path: Path) -> Path:
 
 
 def _atomic_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    tmp = _tmp_sibling(path)
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(Path(path), text.encode("utf-8"))
 
 
 def _tsv(rows: Iterable[Sequence[str]]) -> str:
@@ -948,19 +931,6 @@ def _is_complete(root: Path, params: dict) -> bool:
     return marker == params and (root / ANNOTATIONS).is_file()
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    if fcntl is None:  # pragma: no cover
-        yield
-        return
-    with open(path, "a") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
 _OURS = {*FOLDERS, ANNOTATIONS, CLIP_INFO, MARKER}
 
 
@@ -1007,7 +977,7 @@ def ensure_dataset(root: str | Path, cfg: SynthConfig, progress: bool = True) ->
     if _is_complete(root, params):
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(root.parent / f".{root.name}.lock"):
+    with locked(root.parent / f".{root.name}.lock"):
         if _is_complete(root, params):  # another process made it while we waited for the lock
             return root
         _check_replaceable(root)
