@@ -18,7 +18,8 @@ def run_name(overrides: list[str]) -> str:
     parts = []
     for o in overrides:
         key, _, value = o.lstrip("+~").partition("=")
-        if key.startswith("tracking.") or key.startswith("hydra"):
+        # Where things are stored and how they are shown say nothing about the experiment.
+        if key.startswith(("tracking.", "hydra", "paths.", "trainer.progress")):
             continue
         parts.append(f"{key.split('.')[-1]}={value}")
     return ",".join(parts) or "default"
