@@ -149,3 +149,11 @@ class MlflowTracker:
 
     def log_artifacts(self, folder: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifacts(self.run_id, str(folder), artifact_path)
+
+
+def download_artifacts(uri: str | None, run_id: str, artifact_path: str, dst: str | Path) -> str:
+    """Download one artifact (file or folder) of ``run_id`` under ``dst``; returns its local path."""
+    from mlflow.artifacts import download_artifacts as _download
+
+    return _download(run_id=run_id, artifact_path=artifact_path, dst_path=str(dst),
+                     tracking_uri=resolve_uri(uri))
