@@ -80,7 +80,8 @@ def plot_curves(history: Mapping[str, Sequence[float]], folder: Path) -> list[Pa
                 ax.plot(range(len(values)), values, style, marker="o", label=key)
         ax.set(title=title, xlabel="epoch", ylabel=ylabel)
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.lines:
+            ax.legend()
         fig.tight_layout()
         fig.savefig(folder / name, dpi=100)
         plt.close(fig)

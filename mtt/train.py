@@ -58,6 +58,9 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     torch.manual_seed(seed)
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
+        # A CPU reduction's order follows the thread count, which BLAS may change with the
+        # machine's load: one thread makes two runs (or a run and its resume) bit-identical.
+        torch.set_num_threads(1)
 
 
 @dataclass
