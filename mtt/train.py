@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from mtt.backbone_cache import build_backbone_cache, cache_key
 from mtt.data.index import ClipIndex, index_from_config
-from mtt.checkpoint import BEST_META, BEST_WEIGHTS, TrainState, load_best, load_last, run_dir, save_best, save_last
+from mtt.checkpoint import BEST_META, BEST_WEIGHTS, TrainState, drop_last, load_best, load_last, run_dir, save_best, save_last
 from mtt.metrics import per_tag_table, tagging_metrics
 from mtt.models import Tagger, build_model
 from mtt.models.weights import load_state_dict, resolve_weights
@@ -264,4 +264,5 @@ def train(cfg, tracker) -> dict[str, float]:
     tracker.log_metrics(final, step=t.epochs)
     log.info("test: %s", " ".join(f"{k}={v:.4f}" for k, v in final.items()))
     log_reports(tracker, state, index.tags, test_split, probs)
+    drop_last(folder)
     return {**metrics, **final}
