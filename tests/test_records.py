@@ -48,7 +48,7 @@ def test_plots_are_pngs(tmp_path):
 @pytest.mark.slow
 def test_two_epoch_run_has_every_record(tmp_path, cache_dir):
     uri = f"sqlite:///{tmp_path}/m.db"
-    run_module(["mtt.run", "trainer.epochs=2", *TINY[:-2], "trainer.device=cpu", f"paths.cache={cache_dir}",
+    run_module(["mtt.run", *TINY[:-2], "trainer.epochs=2", "trainer.device=cpu", f"paths.cache={cache_dir}",
                 "tracking.experiment=records"], env={"MLFLOW_TRACKING_URI": uri})
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("records").experiment_id])

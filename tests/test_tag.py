@@ -43,8 +43,11 @@ def test_tag_prints_the_rendered_tag_first(tmp_path, cache_dir):
     proc = run_module(["mtt.tag", *clips.values(), "--run", run.info.run_id, "--top-k", "3"], env=env)
     printed = top_tags(proc.stdout)
     assert list(printed) == list(clips.values()) and all(len(t) == 3 for t in printed.values())
+    # A clip with one strong tag (flute implies only "no vocals") is tagged with it first.
     assert printed[clips["flute"]][0] == "flute", printed
-    assert printed[clips["female"]][0] == "female", printed
+    # "female" always comes with "vocal" (so the data can never make it the likelier of the two):
+    # the top tag is one of the clip's own and "female" is among the top 3.
+    assert printed[clips["female"]][0] in complete_tags({"female"}) and "female" in printed[clips["female"]], printed
 
     # Clear one-line errors, exit code 1.
     bad = tmp_path / "broken.mp3"
