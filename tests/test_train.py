@@ -44,7 +44,7 @@ def test_exception_marks_the_run_failed(tiny_cfg, tmp_path):
 @pytest.mark.slow
 def test_cli_autopool_two_epochs(tmp_path, cache_dir):
     uri = f"sqlite:///{tmp_path}/x.db"
-    run_module(["mtt.run", "+head=autopool", "trainer.epochs=2", *TINY[:-2], f"paths.cache={cache_dir}"],
+    run_module(["mtt.run", "+head=autopool", *TINY[:-2], "trainer.epochs=2", f"paths.cache={cache_dir}"],
                env={"MLFLOW_TRACKING_URI": uri})
     client = MlflowClient(uri)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
