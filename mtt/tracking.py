@@ -30,13 +30,21 @@ def resolve_uri(uri: str | None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
 
+def artifact_root(uri: str) -> str | None:
+    """Artifacts of a sqlite store go beside its file (``<dir>/mlartifacts``), not into the working
+    directory's ``./mlruns`` (MLflow's default); other stores choose their own (None)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+
+
 def ensure_experiment(client: MlflowClient, name: str) -> str:
     """Id of experiment ``name``, created if missing (tolerating a concurrent creator)."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, artifact_location=artifact_root(client.tracking_uri))
     except Exception:  # another process created it first
         exp = client.get_experiment_by_name(name)
         if exp is None:
