@@ -132,6 +132,9 @@ class TrainerConfig:
     deterministic: bool = False
     monitor: str = "val_roc_auc"  # metric that picks the best checkpoint
     progress: bool = True
+    # Continue an interrupted run from its last checkpoint, into the same MLflow run:
+    # true = the newest unfinished run with this config; a run id = that run; null/false = new run.
+    resume: Optional[str] = None
 
 
 @dataclass

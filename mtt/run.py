@@ -6,11 +6,16 @@ Thin on purpose: compose the config, open the MLflow run, train, return the moni
 
 from __future__ import annotations
 
+import logging
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from mtt.config import CONF_DIR
+
+log = logging.getLogger(__name__)
 
 
 def run_name(overrides: list[str]) -> str:
@@ -18,15 +23,42 @@ def run_name(overrides: list[str]) -> str:
     parts = []
     for o in overrides:
         key, _, value = o.lstrip("+~").partition("=")
-        # Where things are stored and how they are shown say nothing about the experiment.
-        if key.startswith(("tracking.", "hydra", "paths.", "trainer.progress")):
+        # Where things are stored, how they are shown and resuming say nothing about the experiment.
+        if key.startswith(("tracking.", "hydra", "paths.", "trainer.progress", "trainer.resume")):
             continue
         parts.append(f"{key.split('.')[-1]}={value}")
     return ",".join(parts) or "default"
 
 
+def sweep_id(hc) -> str:
+    """The multirun sweep folder (shared by every job of one ``-m`` call), else the run's folder."""
+    return str(hc.sweep.dir if hc.mode == RunMode.MULTIRUN else hc.run.dir)
+
+
+def resume_target(cfg, config_hash: str) -> str | None:
+    """The run id that ``trainer.resume`` asks to continue, or None for a new run."""
+    from mtt.checkpoint import has_last, resume_choice, run_dir
+    from mtt.tracking import resumable_runs, run_exists
+
+    choice = resume_choice(cfg.trainer.resume)
+    if choice is None:
+        return None
+    if choice != "latest":
+        if not run_exists(cfg.tracking.uri, choice):
+            raise SystemExit(f"trainer.resume={choice}: no such MLflow run")
+        if not has_last(run_dir(cfg.paths.cache, choice)):
+            raise SystemExit(f"trainer.resume={choice}: no checkpoint under {run_dir(cfg.paths.cache, choice)}")
+        return choice
+    for run_id in resumable_runs(cfg.tracking.uri, cfg.tracking.experiment, config_hash):
+        if has_last(run_dir(cfg.paths.cache, run_id)):
+            return run_id
+    log.warning("trainer.resume=true: no unfinished run with this config and a checkpoint; starting a new run")
+    return None
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
+    from mtt.checkpoint import config_hash
     from mtt.tracking import MlflowTracker
     from mtt.train import train
 
@@ -34,8 +66,11 @@ def main(cfg: DictConfig) -> float:
     tags = {f"choice.{k}": v for k, v in hc.runtime.choices.items()
             if v is not None and not k.startswith("hydra/")}
     tags["overrides"] = " ".join(hc.overrides.task)
+    tags["sweep_id"] = sweep_id(hc)
+    tags["config_hash"] = config_hash(cfg)
     name = cfg.tracking.run_name or run_name(list(hc.overrides.task))
-    with MlflowTracker(cfg.tracking.uri, cfg.tracking.experiment, name, tags) as tracker:
+    resume = resume_target(cfg, tags["config_hash"])
+    with MlflowTracker(cfg.tracking.uri, cfg.tracking.experiment, name, tags, resume_run_id=resume) as tracker:
         metrics = train(cfg, tracker)
     return metrics.get(cfg.trainer.monitor, float("nan"))
 

@@ -16,6 +16,7 @@ from typing import Any, Mapping
 
 from hydra.experimental.callback import Callback
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
@@ -129,22 +130,59 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def resumable_runs(uri: str | None, experiment: str, config_hash: str) -> list[str]:
+    """Ids of the unfinished runs (RUNNING: killed hard; KILLED; FAILED) of ``experiment`` whose
+    ``config_hash`` tag equals ``config_hash``, newest first."""
+    client = MlflowClient(tracking_uri=resolve_uri(uri))
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    runs = client.search_runs([exp.experiment_id], f"tags.config_hash = '{config_hash}'",
+                              order_by=["attributes.start_time DESC"])
+    return [r.info.run_id for r in runs if r.info.status in ("RUNNING", "KILLED", "FAILED")]
+
+
+def run_exists(uri: str | None, run_id: str) -> bool:
+    try:
+        MlflowClient(tracking_uri=resolve_uri(uri)).get_run(run_id)
+    except MlflowException:
+        return False
+    return True
+
+
 class MlflowTracker:
     """One MLflow run. Use as ``with MlflowTracker(uri, experiment, run_name, tags) as t: ...``."""
 
     def __init__(self, uri: str | None, experiment: str, run_name: str | None = None,
-                 tags: Mapping[str, str] | None = None):
+                 tags: Mapping[str, str] | None = None, resume_run_id: str | None = None):
         self.uri = resolve_uri(uri)
         self.experiment = experiment
         self.run_name = run_name
         self.tags = dict(tags or {})
         self.client: MlflowClient | None = None
         self.run_id: str | None = None
+        # Reopen this existing run (resume) instead of creating one.
+        self.resumed = resume_run_id is not None
+        self._resume_run_id = resume_run_id
 
     def __enter__(self) -> "MlflowTracker":
         check_reachable(self.uri)
         self.client = MlflowClient(tracking_uri=self.uri)
         self.experiment_id = ensure_experiment(self.client, self.experiment)
+        if self.resumed:
+            run = self.client.get_run(self._resume_run_id)
+            if run.info.experiment_id != self.experiment_id:
+                raise ValueError(f"run {self._resume_run_id} belongs to experiment {run.info.experiment_id}, "
+                                 f"not {self.experiment!r}")
+            self.run_id = run.info.run_id
+            self.client.update_run(self.run_id, status="RUNNING")
+            # The run keeps its original tags (overrides, sweep id); only count the resumes.
+            self.set_tags({"resumes": int(run.data.tags.get("resumes", 0)) + 1})
+            return self
         run = self.client.create_run(self.experiment_id, run_name=self.run_name,
                                      tags={k: str(v) for k, v in self.tags.items()})
         self.run_id = run.info.run_id
@@ -171,8 +209,9 @@ class MlflowTracker:
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        now = int(time.time() * 1000)
+    def log_metrics(self, metrics: Mapping[str, float], step: int, timestamp: int | None = None) -> None:
+        """Log one step. With the same ``timestamp`` a repeated call adds no second point (resume)."""
+        now = timestamp if timestamp is not None else now_ms()
         items = [Metric(k, float(v), now, step) for k, v in metrics.items() if not math.isnan(v)]
         if items:
             self.client.log_batch(self.run_id, metrics=items)
@@ -183,6 +222,16 @@ class MlflowTracker:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def log_artifacts(self, folder: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(self.run_id, str(folder), artifact_path)
+
+
+def download_artifacts(uri: str | None, run_id: str, artifact_path: str, dst: str | Path) -> str:
+    """Download one artifact (file or folder) of ``run_id`` under ``dst``; returns its local path."""
+    from mlflow.artifacts import download_artifacts as _download
+
+    return _download(run_id=run_id, artifact_path=artifact_path, dst_path=str(dst),
+                     tracking_uri=resolve_uri(uri))
 
 def read_runs(uri: str | None, experiment: str) -> list[dict[str, Any]]:
     """The runs of MLflow experiment ``experiment``, oldest first, as plain dicts:

@@ -9,7 +9,10 @@ from __future__ import annotations
 import logging
 import math
 import random
+import tempfile
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,11 +21,13 @@ from tqdm import tqdm
 
 from mtt.backbone_cache import build_backbone_cache, cache_key
 from mtt.data.index import ClipIndex, index_from_config
-from mtt.metrics import tagging_metrics
+from mtt.checkpoint import BEST_META, BEST_WEIGHTS, TrainState, drop_last, load_best, load_last, run_dir, save_best, save_last
+from mtt.metrics import per_tag_table, tagging_metrics
 from mtt.models import Tagger, build_model
 from mtt.models.pooling import log_alphas
 from mtt.models.weights import load_state_dict, resolve_weights
 from mtt.preprocess import build_feature_store
+from mtt.records import per_tag_csv, plot_curves, provenance
 from mtt.store import PatchStore
 from mtt.streams import epoch_counts, eval_batches, steps_per_epoch, train_loader
 
@@ -54,6 +59,9 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     torch.manual_seed(seed)
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
+        # A CPU reduction's order follows the thread count, which BLAS may change with the
+        # machine's load: one thread makes two runs (or a run and its resume) bit-identical.
+        torch.set_num_threads(1)
 
 
 @dataclass
@@ -79,9 +87,9 @@ def split_of(index: ClipIndex, store: PatchStore, name: str) -> Split:
 
 
 @torch.no_grad()
-def evaluate(model: Tagger, inputs: PatchStore, split: Split, cfg, device: torch.device,
-             from_backbone: bool, amp: torch.dtype | None) -> dict[str, float]:
-    """Clip-level metrics: every patch's probabilities, aggregated per clip (mean or max)."""
+def clip_probabilities(model: Tagger, inputs: PatchStore, split: Split, cfg, device: torch.device,
+                       from_backbone: bool, amp: torch.dtype | None) -> np.ndarray:
+    """Clip-level probabilities ``(clips, n_tags)``: every patch's, aggregated per clip (mean or max)."""
     model.eval()
     n, n_tags = len(split.clip_ids), split.labels.shape[1]
     agg = np.zeros((n, n_tags))
@@ -98,15 +106,96 @@ def evaluate(model: Tagger, inputs: PatchStore, split: Split, cfg, device: torch
         np.add.at(counts, owner, 1)
     if cfg.eval.aggregate == "mean":
         agg /= np.maximum(counts, 1)[:, None]
-    p = np.clip(agg, 1e-7, 1 - 1e-7)
-    y = split.labels.astype(np.float64)
-    out = tagging_metrics(split.labels, agg)
+    return agg
+
+
+def clip_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """``tagging_metrics`` plus the clip-level binary cross-entropy ``loss``."""
+    p = np.clip(probs, 1e-7, 1 - 1e-7)
+    y = labels.astype(np.float64)
+    out = tagging_metrics(labels, probs)
     out["loss"] = float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean())
     return out
 
 
+def evaluate(model: Tagger, inputs: PatchStore, split: Split, cfg, device: torch.device,
+             from_backbone: bool, amp: torch.dtype | None) -> dict[str, float]:
+    """Clip-level metrics of ``split`` (see ``clip_probabilities``)."""
+    return clip_metrics(split.labels, clip_probabilities(model, inputs, split, cfg, device, from_backbone, amp))
+
+
+def train_epoch(model: Tagger, stream, optimizer: torch.optim.Optimizer, steps: int, epoch: int, cfg,
+                device: torch.device, from_backbone: bool, frozen: bool, amp: torch.dtype | None) -> dict[str, float]:
+    """``steps`` optimiser steps on batches of ``stream``; returns train loss and binary accuracy.
+
+    Raises ``FloatingPointError`` as soon as the loss is NaN or infinite.
+    """
+    t = cfg.trainer
+    model.train()
+    if frozen:
+        model.backbone.eval()
+    loss_sum = correct = cells = 0.0
+    bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{t.epochs}", unit="step", disable=not t.progress,
+               leave=False)
+    for _ in bar:
+        x, y = next(stream)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            logits = model(x, from_backbone=from_backbone)
+        loss = model.loss(logits, y)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch} step {bar.n}; stopping "
+                                     f"(trainer.lr={t.lr} too high?)")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.item()
+        with torch.no_grad():
+            correct += ((model.probabilities(logits) >= 0.5) == (y >= 0.5)).sum().item()
+            cells += y.numel()
+        bar.set_postfix(loss=f"{loss_sum / (bar.n + 1):.4f}")
+    return {"train_loss": loss_sum / steps, "train_accuracy": correct / cells}
+
+
+def monitor_score(metrics: dict[str, float], monitor: str) -> float:
+    """The monitored metric, oriented so that higher is better (losses are negated); NaN -> -inf."""
+    if monitor not in metrics:
+        raise KeyError(f"trainer.monitor={monitor!r} is not an epoch metric; have {sorted(metrics)}")
+    score = metrics[monitor] * (-1 if monitor.endswith("loss") else 1)
+    return -math.inf if math.isnan(score) else score
+
+
+def skip_batches(stream, n: int) -> None:
+    """Draw and drop ``n`` batches: a resumed run's stream continues where the killed one was."""
+    for _ in range(n):
+        next(stream)
+
+
+def log_records(cfg, tracker, derived: dict, weights, store: PatchStore) -> None:
+    """Everything a reader needs to trust the run later (params, provenance, config.yaml)."""
+    tracker.log_params(OmegaConf.to_container(cfg, resolve=True))
+    tracker.log_params({f"derived.{k}": v for k, v in derived.items()})
+    tracker.set_tags({"backbone_pretrained": weights.path is not None, "weights_source": weights.source,
+                      "weights_sha256": weights.sha256 or "", "feature_store": store.fingerprint,
+                      "seed": cfg.trainer.seed, "device": derived["device"],
+                      "steps_policy": cfg.steps.policy, "steps_per_epoch": derived["steps_per_epoch"],
+                      **provenance()})
+    tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+
+
+def log_reports(tracker, state: TrainState, tags, split: Split, probs: np.ndarray) -> None:
+    """End-of-run artifacts: the per-tag test table (CSV) and the curve plots (PNG)."""
+    tracker.log_text(per_tag_csv(per_tag_table(tags, split.labels, probs)), "per_tag_test.csv")
+    with tempfile.TemporaryDirectory() as tmp:
+        plot_curves(state.history, Path(tmp))
+        tracker.log_artifacts(tmp, "plots")
+
+
 def train(cfg, tracker) -> dict[str, float]:
-    """Train the tagger of ``cfg`` and log everything to ``tracker``; returns the final metrics."""
+    """Train the tagger of ``cfg`` and log everything to ``tracker``; returns the final metrics.
+
+    With ``tracker.resumed`` the training continues from the last checkpoint of that run.
+    """
     t = cfg.trainer
     seed_everything(t.seed, t.deterministic)
     device = resolve_device(t.device)
@@ -116,8 +205,8 @@ def train(cfg, tracker) -> dict[str, float]:
 
     index = index_from_config(cfg.data, progress=t.progress)
     store = build_feature_store(index, cfg.features, progress=t.progress)
-    state = load_state_dict(weights.path) if weights.path is not None else None
-    model = build_model(cfg, len(index.tags), state).to(device)
+    state_dict = load_state_dict(weights.path) if weights.path is not None else None
+    model = build_model(cfg, len(index.tags), state_dict).to(device)
     if t.channels_last:  # NHWC convolutions: faster on CUDA tensor cores, no slower on CPU
         model.backbone.to(memory_format=torch.channels_last)
 
@@ -136,60 +225,53 @@ def train(cfg, tracker) -> dict[str, float]:
     n_patches = counts.patches
     steps = steps_per_epoch(cfg.steps.policy, t.batch_size, counts.declared, counts.cached, counts.patches,
                             cfg.steps.n)
-
-    tracker.log_params(OmegaConf.to_container(cfg, resolve=True))
-    tracker.log_params({"derived.steps_per_epoch": steps, "derived.train_clips": len(train_split.clip_ids),
-                        "derived.train_clips_declared": train_split.declared,
-                        "derived.train_patches": n_patches, "derived.val_clips": len(val_split.clip_ids),
-                        "derived.test_clips": len(test_split.clip_ids), "derived.n_tags": len(index.tags),
-                        "derived.device": str(device), "derived.backbone_cached": from_backbone})
-    tracker.set_tags({"backbone_pretrained": weights.path is not None, "weights_source": weights.source,
-                      "weights_sha256": weights.sha256 or "", "feature_store": store.fingerprint})
-    tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+    derived = {"steps_per_epoch": steps, "train_clips": len(train_split.clip_ids),
+               "train_clips_declared": train_split.declared, "train_patches": n_patches,
+               "val_clips": len(val_split.clip_ids), "test_clips": len(test_split.clip_ids),
+               "n_tags": len(index.tags), "device": str(device), "backbone_cached": from_backbone}
+    if not tracker.resumed:  # a resumed run has its records already (MLflow params are write-once)
+        log_records(cfg, tracker, derived, weights, store)
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+    folder = run_dir(cfg.paths.cache, tracker.run_id)
+    state = TrainState()
+    if tracker.resumed:
+        state = load_last(folder, model, optimizer)
+        # The killed process may have died between its checkpoint and its metrics: log them again
+        # with their original timestamp, which MLflow stores once.
+        tracker.log_metrics(state.last_metrics, step=state.epoch, timestamp=state.last_timestamp)
+        log.info("resuming run %s after epoch %d", tracker.run_id, state.epoch)
     stream = train_loader(inputs, train_split.clip_ids, train_split.labels, cfg.stream, t.batch_size,
                           t.seed, pin_memory=device.type == "cuda")
-    best, best_state = -math.inf, None
-    for epoch in range(t.epochs):
-        model.train()
-        if frozen:
-            model.backbone.eval()
-        loss_sum = correct = cells = 0.0
-        bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{t.epochs}", unit="step", disable=not t.progress,
-                   leave=False)
-        for _ in bar:
-            x, y = next(stream)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                logits = model(x, from_backbone=from_backbone)
-            loss = model.loss(logits, y)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}; stopping (lower trainer.lr?)")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.item()
-            with torch.no_grad():
-                correct += ((model.probabilities(logits) >= 0.5) == (y >= 0.5)).sum().item()
-                cells += y.numel()
-            bar.set_postfix(loss=f"{loss_sum / (bar.n + 1):.4f}")
+    skip_batches(stream, steps * (state.epoch + 1))
+    meta = {"monitor": t.monitor, "tags": list(index.tags), "config": OmegaConf.to_container(cfg, resolve=True)}
+    metrics: dict[str, float] = dict(state.last_metrics)
+    for epoch in range(state.epoch + 1, t.epochs):
+        metrics = train_epoch(model, stream, optimizer, steps, epoch, cfg, device, from_backbone, frozen, amp)
         val = evaluate(model, inputs, val_split, cfg, device, from_backbone, amp)
-        metrics = {"train_loss": loss_sum / steps, "train_accuracy": correct / cells,
-                   **{f"val_{k}": v for k, v in val.items()}}
-        tracker.log_metrics(metrics, step=epoch)
+        metrics.update({f"val_{k}": v for k, v in val.items()})
         log.info("epoch %d: %s", epoch, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-        # Higher is better, except for losses.
-        score = metrics.get(t.monitor, float("nan")) * (-1 if t.monitor.endswith("loss") else 1)
-        if best_state is None or score > best:
-            best = score if not math.isnan(score) else best
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        score = monitor_score(metrics, t.monitor)
+        if state.best_epoch < 0 or score > state.best_score:
+            state.best_score, state.best_epoch = score, epoch
+            save_best(folder, model, {**meta, "epoch": epoch, "value": metrics[t.monitor]})
+        state.epoch, state.last_metrics, state.last_timestamp = epoch, metrics, int(time.time() * 1000)
+        for k, v in metrics.items():
+            state.history.setdefault(k, []).append(v)
+        # Checkpoint first, then the metrics: a kill in between is healed by the resume above.
+        save_last(folder, model, optimizer, state)
+        tracker.log_metrics(metrics, step=epoch, timestamp=state.last_timestamp)
 
-    model.load_state_dict(best_state)
-    test = evaluate(model, inputs, test_split, cfg, device, from_backbone, amp)
-    final = {f"test_{k}": v for k, v in test.items()}
+    best, _ = load_best(folder)
+    model.load_state_dict(best)
+    for name in (BEST_WEIGHTS, BEST_META):
+        tracker.log_artifact(folder / name, "checkpoint")
+    probs = clip_probabilities(model, inputs, test_split, cfg, device, from_backbone, amp)
+    final = {f"test_{k}": v for k, v in clip_metrics(test_split.labels, probs).items()}
     tracker.log_metrics(final, step=t.epochs)
     log_alphas(model.pool, tracker, step=t.epochs)  # AutoPool's learned alphas (no-op for GAP)
     log.info("test: %s", " ".join(f"{k}={v:.4f}" for k, v in final.items()))
+    log_reports(tracker, state, index.tags, test_split, probs)
+    drop_last(folder)
     return {**metrics, **final}

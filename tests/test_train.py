@@ -72,6 +72,9 @@ def test_cli_multirun_three_heads(tmp_path, cache_dir):
     assert sorted((r.data.params["head.blocks"], r.data.params["pool.name"]) for r in runs) == \
         [("2", "autopool"), ("2", "gap"), ("3", "gap")]
     assert len({r.info.run_name for r in runs}) == 3
+    # One `-m` call, one sweep id: the runs of this sweep can be filtered together.
+    (sweep,) = {r.data.tags["sweep_id"] for r in runs}
+    assert "multirun" in sweep and len(client.search_runs([exp.experiment_id], f"tags.sweep_id = '{sweep}'")) == 3
 
 
 def test_finetuning_the_last_conv_trains_through_the_backbone(tiny_cfg):

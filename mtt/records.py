@@ -1,0 +1,89 @@
+"""What a run records beside its metrics: provenance (code version, library versions) and the
+end-of-run reports (per-tag CSV, curve plots). No mlflow here: these build values and files that
+``train`` hands to the tracker."""
+
+from __future__ import annotations
+
+import csv
+import io
+import platform
+import subprocess
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from mtt.config import REPO_ROOT
+
+PACKAGES = ("torch", "mlflow", "hydra-core", "pescador", "numpy", "librosa")
+
+
+def git_state(repo: Path = REPO_ROOT) -> dict[str, str]:
+    """``git_commit`` and ``git_dirty`` of the code that runs; ``unknown`` outside a git checkout."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
+                              check=True, timeout=30).stdout.strip()
+    try:
+        commit = git("rev-parse", "HEAD")
+        # Untracked files count: a new module the run imports changes what ran.
+        dirty = bool(git("status", "--porcelain"))
+    except (OSError, subprocess.SubprocessError):
+        return {"git_commit": "unknown", "git_dirty": "unknown"}
+    return {"git_commit": commit, "git_dirty": str(dirty).lower()}
+
+
+def versions() -> dict[str, str]:
+    """``version.<package>`` of python and the libraries that decide a run's numbers."""
+    out = {"version.python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[f"version.{name}"] = version(name)
+        except PackageNotFoundError:
+            out[f"version.{name}"] = "not installed"
+    return out
+
+
+def provenance() -> dict[str, str]:
+    return {**git_state(), **versions()}
+
+
+def per_tag_csv(rows: Sequence[Mapping]) -> str:
+    """``mtt.metrics.per_tag_table`` rows as CSV text (tag, positives, roc_auc, pr_auc)."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=["tag", "positives", "roc_auc", "pr_auc"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+# One PNG per curve family: (file, title, metric names, y label).
+PLOTS = [("loss.png", "Loss", ["train_loss", "val_loss"], "binary cross-entropy"),
+         ("accuracy.png", "Binary accuracy", ["train_accuracy", "val_accuracy", "val_accuracy_all_negative"],
+          "accuracy over (clip, tag) cells"),
+         ("auc.png", "Macro AUC (validation)", ["val_roc_auc", "val_pr_auc"], "AUC")]
+
+
+def plot_curves(history: Mapping[str, Sequence[float]], folder: Path) -> list[Path]:
+    """Write the loss, accuracy and AUC curves (x = epoch) as PNGs into ``folder``."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: files only
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, title, keys, ylabel in PLOTS:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for key in keys:
+            values = history.get(key, [])
+            if values:
+                style = "--" if key.endswith("all_negative") else "-"
+                ax.plot(range(len(values)), values, style, marker="o", label=key)
+        ax.set(title=title, xlabel="epoch", ylabel=ylabel)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(folder / name, dpi=100)
+        plt.close(fig)
+        paths.append(folder / name)
+    return paths

@@ -1,0 +1,119 @@
+"""A run's MLflow status is true: FAILED (with the error) for an exception in training, FAILED
+with a clear message when the loss blows up, KILLED for Ctrl-C (also during data preparation)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from conftest import REPO_ROOT, TINY, compose_cfg
+from mtt.tracking import MlflowTracker
+from mtt.train import train
+
+
+def _error_txt(client: MlflowClient, run_id: str, tmp_path) -> str:
+    return open(client.download_artifacts(run_id, "error.txt", str(tmp_path))).read()
+
+
+def test_exception_in_training_marks_the_run_failed(tiny_cfg, tmp_path, monkeypatch):
+    cfg = compose_cfg([*TINY, f"tracking.uri={tiny_cfg.tracking.uri}", "steps=fixed", "steps.n=3"],
+                      cache=tiny_cfg.paths.cache)
+    calls = []
+    real_step = torch.optim.Adam.step
+
+    def failing_step(self, *args, **kwargs):  # the optimiser breaks at its second step
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected optimiser failure")
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", failing_step)
+    with pytest.raises(RuntimeError, match="injected"):
+        with MlflowTracker(cfg.tracking.uri, "unit", "fails") as tracker:
+            train(cfg, tracker)
+    client = MlflowClient(cfg.tracking.uri)
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["error"] == "RuntimeError: injected optimiser failure"
+    assert "failing_step" in _error_txt(client, tracker.run_id, tmp_path)  # the full traceback
+
+
+def test_exploding_loss_stops_the_run(tiny_cfg, tmp_path):
+    # Adam moves every weight by ~lr per step: with lr=1e30 the logits overflow within steps.
+    cfg = compose_cfg([*TINY, f"tracking.uri={tiny_cfg.tracking.uri}", "trainer.lr=1e30", "trainer.epochs=3",
+                       "steps=fixed", "steps.n=10"], cache=tiny_cfg.paths.cache)
+    with pytest.raises(FloatingPointError, match=r"loss is (nan|inf) at epoch 0"):
+        with MlflowTracker(cfg.tracking.uri, "unit", "explodes") as tracker:
+            train(cfg, tracker)
+    run = MlflowClient(cfg.tracking.uri).get_run(tracker.run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["error"].startswith("FloatingPointError: loss is")
+    assert "trainer.lr=1e+30 too high" in run.data.tags["error"]
+    assert "val_loss" not in run.data.metrics  # it stopped before a single epoch was logged
+
+
+def start_run(args: list[str], uri: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "MLFLOW_TRACKING_URI": uri}
+    return subprocess.Popen([sys.executable, "-m", "mtt.run", *args], cwd=REPO_ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_run(proc: subprocess.Popen, uri: str, experiment: str, points: int | None,
+                 timeout: float = 120) -> str:
+    """Poll the store until the experiment has a run (with ``points`` val_loss points); its id."""
+    client = MlflowClient(uri)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"training ended early ({proc.returncode}): {proc.stderr.read()[-3000:]}"
+        try:
+            exp = client.get_experiment_by_name(experiment)
+            runs = client.search_runs([exp.experiment_id]) if exp else []
+        except Exception:  # the store is still being created by the subprocess
+            runs = []
+        if runs and (points is None or len(client.get_metric_history(runs[0].info.run_id, "val_loss")) >= points):
+            return runs[0].info.run_id
+        time.sleep(0.1)
+    proc.kill()
+    raise AssertionError(f"no run in {experiment!r} with {points} val_loss points after {timeout} s")
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_training_marks_the_run_killed(tmp_path, cache_dir):
+    uri = f"sqlite:///{tmp_path}/m.db"
+    proc = start_run([*TINY[:-1], "trainer.device=cpu", "trainer.epochs=200", "steps=fixed", "steps.n=5",
+                      f"paths.cache={cache_dir}", "tracking.experiment=sigint"], uri)
+    run_id = wait_for_run(proc, uri, "sigint", points=1)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) != 0
+    run = MlflowClient(uri).get_run(run_id)
+    assert run.info.status == "KILLED"
+    assert 1 <= len(MlflowClient(uri).get_metric_history(run_id, "val_loss")) < 200
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_data_preparation_is_killed_and_leaves_nothing_corrupt(tmp_path):
+    # A fresh cache: the dataset and its features are generated inside the run, for seconds.
+    cache = tmp_path / "cache"
+    data = ["data.synth.clips_per_folder=6", "data.synth.seconds=4.0", *TINY[2:-1], "trainer.device=cpu",
+            f"paths.cache={cache}", "tracking.experiment=prep"]
+    uri = f"sqlite:///{tmp_path}/m.db"
+    proc = start_run(data, uri)
+    run_id = wait_for_run(proc, uri, "prep", points=None)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) != 0
+    client = MlflowClient(uri)
+    assert client.get_run(run_id).info.status == "KILLED"
+    assert "train_loss" not in client.get_run(run_id).data.metrics, "SIGINT came after data preparation"
+    # The same command again completes on what the interrupted one left behind.
+    proc = start_run(data, uri)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
+    runs = client.search_runs([client.get_experiment_by_name("prep").experiment_id])
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "KILLED"]
