@@ -24,7 +24,10 @@ from hydra.core.config_search_path import ConfigSearchPath
 from hydra.plugins.config_source import ConfigLoadError, ConfigResult, ConfigSource
 from hydra.plugins.search_path_plugin import SearchPathPlugin
 
-from mtt.config import REPO_ROOT
+# The repository root (this file is mtt/presets.py). Not imported from mtt.config: that module
+# imports this one while it registers the configs, and a worker process that unpickles one of
+# these plugins first would then meet a half-initialised mtt.config.
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 GROUP = "experiment"
 _EXT = ".yaml"

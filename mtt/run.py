@@ -58,6 +58,7 @@ def resume_target(cfg, config_hash: str) -> str | None:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
+    from mtt import distributed
     from mtt.checkpoint import config_hash
     from mtt.tracking import MlflowTracker
     from mtt.train import train
@@ -69,9 +70,20 @@ def main(cfg: DictConfig) -> float:
     tags["sweep_id"] = sweep_id(hc)
     tags["config_hash"] = config_hash(cfg)
     name = cfg.tracking.run_name or run_name(list(hc.overrides.task))
-    resume = resume_target(cfg, tags["config_hash"])
-    with MlflowTracker(cfg.tracking.uri, cfg.tracking.experiment, name, tags, resume_run_id=resume) as tracker:
-        metrics = train(cfg, tracker)
+    d = distributed.init(cfg.trainer.device)  # a no-op unless started by torchrun
+    if not d.main:  # one copy of the epoch lines, from rank 0
+        logging.getLogger("mtt").setLevel(logging.WARNING)
+    try:
+        if d.main:  # only rank 0 talks to MLflow; the others learn its run id
+            resume = resume_target(cfg, tags["config_hash"])
+            with MlflowTracker(cfg.tracking.uri, cfg.tracking.experiment, name, tags, resume_run_id=resume) as tracker:
+                distributed.broadcast(d, (tracker.run_id, tracker.resumed))
+                metrics = train(cfg, tracker, d)
+        else:
+            run_id, resumed = distributed.broadcast(d, None)
+            metrics = train(cfg, distributed.RankTracker(run_id, resumed), d)
+    finally:
+        distributed.shutdown(d)
     return metrics.get(cfg.trainer.monitor, float("nan"))
 
 

@@ -85,6 +85,7 @@ def prepare_store(uri: str | None, experiment: str) -> str:
     experiment creation files runs under ``Default``. Once both exist, concurrent writers are
     safe (mlflow sets a 20 s sqlite busy timeout).
     """
+    check_reachable(resolve_uri(uri))
     client = MlflowClient(tracking_uri=resolve_uri(uri))
     client.search_experiments(max_results=1)  # opening the store creates/migrates its schema
     return ensure_experiment(client, experiment)
@@ -114,6 +115,8 @@ class PrepareTracking(Callback):
 
     @staticmethod
     def _prepare(config: DictConfig) -> None:
+        if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 touches the store
+            return
         for uri, experiment in sweep_targets(config.tracking, config.hydra.overrides.task):
             prepare_store(uri, experiment)
 

@@ -6,6 +6,8 @@ model -> clip-level evaluation -> tracker.
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import math
 import random
@@ -19,6 +21,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from mtt import distributed
 from mtt.backbone_cache import build_backbone_cache, cache_key
 from mtt.data.index import ClipIndex, index_from_config
 from mtt.checkpoint import BEST_META, BEST_WEIGHTS, TrainState, drop_last, load_best, load_last, run_dir, save_best, save_last
@@ -118,15 +121,13 @@ def clip_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
     return out
 
 
-def evaluate(model: Tagger, inputs: PatchStore, split: Split, cfg, device: torch.device,
-             from_backbone: bool, amp: torch.dtype | None) -> dict[str, float]:
-    """Clip-level metrics of ``split`` (see ``clip_probabilities``)."""
-    return clip_metrics(split.labels, clip_probabilities(model, inputs, split, cfg, device, from_backbone, amp))
-
-
 def train_epoch(model: Tagger, stream, optimizer: torch.optim.Optimizer, steps: int, epoch: int, cfg,
-                device: torch.device, from_backbone: bool, frozen: bool, amp: torch.dtype | None) -> dict[str, float]:
+                device: torch.device, from_backbone: bool, frozen: bool, amp: torch.dtype | None,
+                forward: torch.nn.Module | None = None) -> dict[str, float]:
     """``steps`` optimiser steps on batches of ``stream``; returns train loss and binary accuracy.
+
+    ``forward`` is the module that runs the model (its DistributedDataParallel wrapper under
+    torchrun, which averages the gradients across ranks); by default the model itself.
 
     Raises ``FloatingPointError`` as soon as the loss is NaN or infinite.
     """
@@ -141,7 +142,7 @@ def train_epoch(model: Tagger, stream, optimizer: torch.optim.Optimizer, steps: 
         x, y = next(stream)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            logits = model(x, from_backbone=from_backbone)
+            logits = (forward or model)(x, from_backbone=from_backbone)
         loss = model.loss(logits, y)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch} step {bar.n}; stopping "
@@ -155,6 +156,17 @@ def train_epoch(model: Tagger, stream, optimizer: torch.optim.Optimizer, steps: 
             cells += y.numel()
         bar.set_postfix(loss=f"{loss_sum / (bar.n + 1):.4f}")
     return {"train_loss": loss_sum / steps, "train_accuracy": correct / cells}
+
+
+def split_probabilities(d: distributed.Dist, model: Tagger, inputs: PatchStore, split: Split, cfg,
+                        device: torch.device, from_backbone: bool, amp: torch.dtype | None) -> np.ndarray:
+    """``clip_probabilities`` of a whole split; under torchrun each rank computes every
+    world-th clip and the ranks exchange results, so each clip is evaluated exactly once."""
+    def part(rows: np.ndarray) -> np.ndarray:
+        sub = Split(split.clip_ids[rows], split.labels[rows], split.declared)
+        return clip_probabilities(model, inputs, sub, cfg, device, from_backbone, amp)
+
+    return distributed.gather_rows(d, len(split.clip_ids), part)
 
 
 def monitor_score(metrics: dict[str, float], monitor: str) -> float:
@@ -191,46 +203,51 @@ def log_reports(tracker, state: TrainState, tags, split: Split, probs: np.ndarra
         tracker.log_artifacts(tmp, "plots")
 
 
-def train(cfg, tracker) -> dict[str, float]:
+def train(cfg, tracker, d: distributed.Dist = distributed.Dist()) -> dict[str, float]:
     """Train the tagger of ``cfg`` and log everything to ``tracker``; returns the final metrics.
 
-    With ``tracker.resumed`` the training continues from the last checkpoint of that run.
+    With ``tracker.resumed`` the training continues from the last checkpoint of that run. ``d``
+    is this process's place in a torchrun job (see ``mtt.distributed``); by default one process.
     """
     t = cfg.trainer
     seed_everything(t.seed, t.deterministic)
-    device = resolve_device(t.device)
+    device = distributed.device_for(d, resolve_device(t.device))
     amp = autocast_dtype(t.precision, device)
     # Resolve the weights first: an offline `audioset` run fails here, before any data work.
     weights = resolve_weights(cfg.backbone.weights, cfg.backbone.url, cfg.backbone.hub_dir)
 
-    index = index_from_config(cfg.data, progress=t.progress)
-    store = build_feature_store(index, cfg.features, progress=t.progress)
-    state_dict = load_state_dict(weights.path) if weights.path is not None else None
-    model = build_model(cfg, len(index.tags), state_dict).to(device)
-    if t.channels_last:  # NHWC convolutions: faster on CUDA tensor cores, no slower on CPU
-        model.backbone.to(memory_format=torch.channels_last)
-
     frozen = cfg.backbone.freeze and cfg.backbone.finetune_last == 0
     from_backbone = frozen and cfg.backbone.cache
-    inputs = store
-    if from_backbone:
-        key = cache_key(store, weights.sha256, cfg.backbone, model.backbone)
-        inputs = build_backbone_cache(store, model.encode, key, f"{cfg.paths.cache}/backbone", device,
-                                      progress=t.progress, autocast_dtype=amp)
+    with distributed.main_first(d):  # rank 0 builds the stores, the others then open them
+        index = index_from_config(cfg.data, progress=t.progress)
+        store = build_feature_store(index, cfg.features, progress=t.progress)
+        state_dict = load_state_dict(weights.path) if weights.path is not None else None
+        model = build_model(cfg, len(index.tags), state_dict).to(device)
+        if t.channels_last:  # NHWC convolutions: faster on CUDA tensor cores, no slower on CPU
+            model.backbone.to(memory_format=torch.channels_last)
+        inputs = store
+        if from_backbone:
+            key = cache_key(store, weights.sha256, cfg.backbone, model.backbone)
+            inputs = build_backbone_cache(store, model.encode, key, f"{cfg.paths.cache}/backbone", device,
+                                          progress=t.progress, autocast_dtype=amp)
 
     train_split, val_split, test_split = (split_of(index, store, s) for s in ("train", "valid", "test"))
     if len(train_split.clip_ids) == 0:
         raise RuntimeError(f"no training clips with features under {cfg.data.root}")
     counts = epoch_counts(train_split.declared, train_split.clip_ids, store)
-    n_patches = counts.patches
     steps = steps_per_epoch(cfg.steps.policy, t.batch_size, counts.declared, counts.cached, counts.patches,
                             cfg.steps.n)
+    mine = distributed.shard(d, len(train_split.clip_ids))  # this rank's training clips
+    shards = distributed.gather(d, train_split.clip_ids[mine].tolist())
     derived = {"steps_per_epoch": steps, "train_clips": len(train_split.clip_ids),
-               "train_clips_declared": train_split.declared, "train_patches": n_patches,
+               "train_clips_declared": train_split.declared, "train_patches": counts.patches,
                "val_clips": len(val_split.clip_ids), "test_clips": len(test_split.clip_ids),
-               "n_tags": len(index.tags), "device": str(device), "backbone_cached": from_backbone}
+               "n_tags": len(index.tags), "device": str(device), "backbone_cached": from_backbone,
+               "world_size": d.world}
     if not tracker.resumed:  # a resumed run has its records already (MLflow params are write-once)
         log_records(cfg, tracker, derived, weights, store)
+        if d.active:
+            tracker.log_text(json.dumps({str(r): ids for r, ids in enumerate(shards)}), "ddp_shards.json")
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
@@ -242,36 +259,46 @@ def train(cfg, tracker) -> dict[str, float]:
         # with their original timestamp, which MLflow stores once.
         tracker.log_metrics(state.last_metrics, step=state.epoch, timestamp=state.last_timestamp)
         log.info("resuming run %s after epoch %d", tracker.run_id, state.epoch)
-    stream = train_loader(inputs, train_split.clip_ids, train_split.labels, cfg.stream, t.batch_size,
-                          t.seed, pin_memory=device.type == "cuda")
+    stream = train_loader(inputs, train_split.clip_ids[mine], train_split.labels[mine], cfg.stream,
+                          distributed.local_batch(d, t.batch_size), t.seed, pin_memory=device.type == "cuda")
     skip_batches(stream, steps * (state.epoch + 1))
+    forward = distributed.wrap(d, model, device)
+    evaluate_split = functools.partial(split_probabilities, d, model, inputs, cfg=cfg, device=device,
+                                       from_backbone=from_backbone, amp=amp)
     meta = {"monitor": t.monitor, "tags": list(index.tags), "config": OmegaConf.to_container(cfg, resolve=True)}
     metrics: dict[str, float] = dict(state.last_metrics)
     for epoch in range(state.epoch + 1, t.epochs):
-        metrics = train_epoch(model, stream, optimizer, steps, epoch, cfg, device, from_backbone, frozen, amp)
-        val = evaluate(model, inputs, val_split, cfg, device, from_backbone, amp)
+        local = train_epoch(model, stream, optimizer, steps, epoch, cfg, device, from_backbone, frozen, amp, forward)
+        # Every rank ran the same number of equal-sized steps: the mean of means is the mean.
+        metrics = {k: float(np.mean([m[k] for m in distributed.gather(d, local)])) for k in local}
+        val = clip_metrics(val_split.labels, evaluate_split(val_split))
         metrics.update({f"val_{k}": v for k, v in val.items()})
         log.info("epoch %d: %s", epoch, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         score = monitor_score(metrics, t.monitor)
-        if state.best_epoch < 0 or score > state.best_score:
+        improved = state.best_epoch < 0 or score > state.best_score
+        if improved:
             state.best_score, state.best_epoch = score, epoch
-            save_best(folder, model, {**meta, "epoch": epoch, "value": metrics[t.monitor]})
         state.epoch, state.last_metrics, state.last_timestamp = epoch, metrics, int(time.time() * 1000)
         for k, v in metrics.items():
             state.history.setdefault(k, []).append(v)
-        # Checkpoint first, then the metrics: a kill in between is healed by the resume above.
-        save_last(folder, model, optimizer, state)
+        if d.main:  # one writer; checkpoint first, then the metrics: a kill in between is healed on resume
+            if improved:
+                save_best(folder, model, {**meta, "epoch": epoch, "value": metrics[t.monitor]})
+            save_last(folder, model, optimizer, state)
         tracker.log_metrics(metrics, step=epoch, timestamp=state.last_timestamp)
 
+    distributed.barrier(d)  # rank 0's best checkpoint is on disk for every rank
     best, _ = load_best(folder)
     model.load_state_dict(best)
     for name in (BEST_WEIGHTS, BEST_META):
         tracker.log_artifact(folder / name, "checkpoint")
-    probs = clip_probabilities(model, inputs, test_split, cfg, device, from_backbone, amp)
+    probs = evaluate_split(test_split)
     final = {f"test_{k}": v for k, v in clip_metrics(test_split.labels, probs).items()}
     tracker.log_metrics(final, step=t.epochs)
     log_alphas(model.pool, tracker, step=t.epochs)  # AutoPool's learned alphas (no-op for GAP)
     log.info("test: %s", " ".join(f"{k}={v:.4f}" for k, v in final.items()))
     log_reports(tracker, state, index.tags, test_split, probs)
-    drop_last(folder)
+    distributed.barrier(d)
+    if d.main:
+        drop_last(folder)
     return {**metrics, **final}

@@ -1,0 +1,73 @@
+"""torchrun with two CPU processes (Gloo): one MLflow run, disjoint shards, exact evaluation."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+
+from conftest import TINY, compose_cfg
+from mtt.backbone_cache import build_backbone_cache, cache_key
+from mtt.config import REPO_ROOT
+from mtt.data.index import index_from_config
+from mtt.models import build_model
+from mtt.preprocess import build_feature_store
+from mtt.tracking import download_artifacts
+from mtt.train import clip_metrics, clip_probabilities, split_of
+
+EPOCH_METRICS = ["train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_roc_auc", "val_pr_auc"]
+
+
+def free_port() -> int:
+    """A free loopback port for torchrun's rendezvous (port 0 makes its static rendezvous hang)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes(tmp_path, cache_dir):
+    uri = f"sqlite:///{tmp_path}/ddp.db"
+    overrides = [*TINY, "trainer.epochs=3", f"paths.cache={cache_dir}", "tracking.experiment=ddp"]
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    proc = subprocess.run([torchrun, "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "mtt.run", *overrides],
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "MLFLOW_TRACKING_URI": uri},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1, "only rank 0 may create a run"
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.data.params["derived.world_size"] == "2"
+    for key in EPOCH_METRICS:
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [0, 1, 2], key
+
+    # The ranks' training clips are disjoint and together are the training split.
+    cfg = compose_cfg([*TINY, "trainer.epochs=3"], cache=cache_dir)
+    index = index_from_config(cfg.data, progress=False)
+    store = build_feature_store(index, cfg.features, progress=False)
+    shards = json.loads((tmp_path / download_artifacts(uri, run.info.run_id, "ddp_shards.json", tmp_path)).read_text())
+    a, b = set(shards["0"]), set(shards["1"])
+    assert a and b and not a & b
+    assert a | b == set(split_of(index, store, "train").clip_ids.tolist())
+
+    # The logged test metrics equal a single-process evaluation of the saved checkpoint.
+    best = download_artifacts(uri, run.info.run_id, "checkpoint/best.safetensors", tmp_path)
+    model = build_model(cfg, len(index.tags))
+    model.load_state_dict(load_file(best))
+    cache = build_backbone_cache(store, model.encode, cache_key(store, None, cfg.backbone, model.backbone),
+                                 f"{cache_dir}/backbone", torch.device("cpu"), progress=False)
+    test = split_of(index, store, "test")
+    single = clip_metrics(test.labels, clip_probabilities(model, cache, test, cfg, torch.device("cpu"), True, None))
+    for key, value in single.items():
+        if not np.isnan(value):
+            assert run.data.metrics[f"test_{key}"] == pytest.approx(value, abs=1e-5), key
