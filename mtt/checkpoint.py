@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,8 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from mtt.store import atomic_replace
 
 BEST_WEIGHTS = "best.safetensors"
 BEST_META = "best.json"
@@ -40,25 +41,13 @@ def run_dir(cache: str | Path, run_id: str) -> Path:
     return Path(cache) / "checkpoints" / run_id
 
 
-def _atomic(path: Path, write) -> None:
-    """``write(tmp_path)`` then ``os.replace`` onto ``path``; the temp file never survives an error."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def save_best(folder: Path, model: torch.nn.Module, meta: Mapping[str, Any]) -> tuple[Path, Path]:
     """Write the model weights (safetensors) and ``meta`` (JSON); returns both paths."""
     # safetensors refuses shared or non-contiguous storage: save contiguous copies.
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     weights, meta_path = folder / BEST_WEIGHTS, folder / BEST_META
-    _atomic(weights, lambda p: save_file(state, str(p)))
-    _atomic(meta_path, lambda p: p.write_text(json.dumps(dict(meta), indent=2, default=str)))
+    atomic_replace(weights, lambda p: save_file(state, str(p)))
+    atomic_replace(meta_path, lambda p: p.write_text(json.dumps(dict(meta), indent=2, default=str)))
     return weights, meta_path
 
 
@@ -113,7 +102,7 @@ def save_last(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optim
                "history": state.history, "last_metrics": state.last_metrics,
                "last_timestamp": state.last_timestamp}
     path = folder / LAST
-    _atomic(path, lambda p: torch.save(payload, p))
+    atomic_replace(path, lambda p: torch.save(payload, p))
     return path
 
 
