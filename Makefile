@@ -20,7 +20,7 @@ help:  ## list the targets
 $(VENV)/.stamp: requirements.lock pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --quiet --disable-pip-version-check -r requirements.lock
-	$(PY) -m pip install --quiet --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(PY) -m pip install --quiet --quiet --disable-pip-version-check --no-deps -e .
 	@touch $@
 
 venv: $(VENV)/.stamp  ## create/update the virtual environment from requirements.lock

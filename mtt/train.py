@@ -138,14 +138,14 @@ def train_epoch(model: Tagger, stream, optimizer: torch.optim.Optimizer, steps: 
     loss_sum = correct = cells = 0.0
     bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{t.epochs}", unit="step", disable=not t.progress,
                leave=False)
-    for _ in bar:
+    for step in bar:
         x, y = next(stream)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             logits = (forward or model)(x, from_backbone=from_backbone)
         loss = model.loss(logits, y)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch} step {bar.n}; stopping "
+            raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch} step {step}; stopping "
                                      f"(trainer.lr={t.lr} too high?)")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -154,7 +154,7 @@ def train_epoch(model: Tagger, stream, optimizer: torch.optim.Optimizer, steps: 
         with torch.no_grad():
             correct += ((model.probabilities(logits) >= 0.5) == (y >= 0.5)).sum().item()
             cells += y.numel()
-        bar.set_postfix(loss=f"{loss_sum / (bar.n + 1):.4f}")
+        bar.set_postfix(loss=f"{loss_sum / (step + 1):.4f}")  # tqdm syncs bar.n lazily
     return {"train_loss": loss_sum / steps, "train_accuracy": correct / cells}
 
 
