@@ -32,7 +32,7 @@ def free_port() -> int:
 def samples_per_second(nproc: int, cache: Path, workdir: Path, device: str = "cpu") -> float:
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{workdir}/ddp{nproc}-{device}.db"
+    uri = f"sqlite:///{tempfile.mkdtemp(dir=workdir)}/ddp{nproc}-{device}.db"  # one store per measurement
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [str(torchrun), f"--nproc_per_node={nproc}", f"--master_port={free_port()}", "-m", "mtt.run",
            "data.synth.clips_per_folder=4", "data.synth.seconds=3.0", "backbone.width=0.25", "backbone.cache=false",
