@@ -70,6 +70,8 @@ def test_two_jobs_log_to_a_shared_server(mlflow_server, cache_dir):
             assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [0, 1]
         assert "test_roc_auc" in run.data.metrics
         assert "config.yaml" in [a.path for a in client.list_artifacts(run.info.run_id)]
+        assert {"checkpoint/best.safetensors", "checkpoint/best.json"} <= \
+            {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")}
 
 
 @pytest.mark.slow
