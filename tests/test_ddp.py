@@ -71,3 +71,48 @@ def test_torchrun_two_processes(tmp_path, cache_dir):
     for key, value in single.items():
         if not np.isnan(value):
             assert run.data.metrics[f"test_{key}"] == pytest.approx(value, abs=1e-5), key
+
+
+@pytest.mark.slow
+def test_torchrun_run_resumes_after_sigkill(tmp_path, cache_dir):
+    """A torchrun job killed after two epochs continues into the same run under torchrun."""
+    import time
+
+    uri = f"sqlite:///{tmp_path}/resume.db"
+    args = [*TINY, "trainer.epochs=4", "trainer.deterministic=true", "steps=fixed", "steps.n=40",
+            f"paths.cache={cache_dir}", "tracking.experiment=ddp-resume"]
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "MLFLOW_TRACKING_URI": uri}
+
+    def launch(*extra):
+        return subprocess.Popen([torchrun, "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "mtt.run",
+                                 *args, *extra], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+    client = MlflowClient(uri)
+    proc, run_id, deadline = launch(), None, time.monotonic() + 300
+    while run_id is None:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:] if proc.poll() else ""
+        exp = None
+        try:
+            exp = client.get_experiment_by_name("ddp-resume")
+            runs = client.search_runs([exp.experiment_id]) if exp else []
+        except Exception:  # the store is still being created
+            runs = []
+        if runs and len(client.get_metric_history(runs[0].info.run_id, "val_loss")) >= 2:
+            run_id = runs[0].info.run_id
+        time.sleep(0.1)
+    # torchrun starts its ranks in sessions of their own: kill every process of this job by its
+    # unique experiment name, as a node failure or `scancel --signal=KILL` would.
+    subprocess.run(["pkill", "-KILL", "-f", "tracking.experiment=ddp-resume"], check=False)
+    proc.wait(timeout=30)
+    assert client.get_run(run_id).info.status == "RUNNING"
+
+    again = launch("trainer.resume=true")
+    _, err = again.communicate(timeout=600)
+    assert again.returncode == 0, err[-3000:]
+    runs = client.search_runs([client.get_experiment_by_name("ddp-resume").experiment_id])
+    assert [r.info.run_id for r in runs] == [run_id]
+    assert runs[0].info.status == "FINISHED" and runs[0].data.tags["resumes"] == "1"
+    for key in EPOCH_METRICS:
+        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == [0, 1, 2, 3], key
