@@ -169,12 +169,16 @@ def _flip_middle(data: bytes, n: int = 16) -> bytes:
     return bytes(out)
 
 
-def closed_port_url() -> str:
-    """A URL on 127.0.0.1 at a port nothing listens on (connections are refused)."""
+def free_port() -> int:
+    """A loopback port nothing listens on right now (for a server a test starts, or to refuse)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}/"
+        return s.getsockname()[1]
 
 
-__all__ = ["FileServer", "Request", "closed_port_url"]
+def closed_port_url() -> str:
+    """A URL on 127.0.0.1 at a port nothing listens on (connections are refused)."""
+    return f"http://127.0.0.1:{free_port()}/"
+
+
+__all__ = ["FileServer", "Request", "closed_port_url", "free_port"]

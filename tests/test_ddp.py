@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -15,6 +14,7 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from conftest import TINY, compose_cfg
+from tests.http_server import free_port
 from mtt.backbone_cache import build_backbone_cache, cache_key
 from mtt.config import REPO_ROOT
 from mtt.data.index import index_from_config
@@ -25,12 +25,6 @@ from mtt.train import clip_metrics, clip_probabilities, split_of
 
 EPOCH_METRICS = ["train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_roc_auc", "val_pr_auc"]
 
-
-def free_port() -> int:
-    """A free loopback port for torchrun's rendezvous (port 0 makes its static rendezvous hang)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

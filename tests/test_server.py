@@ -4,7 +4,6 @@ early error for a server that is not there."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,13 +13,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import TINY, run_module
+from tests.http_server import free_port
 from mtt.config import REPO_ROOT
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -22,15 +21,11 @@ from mlflow import MlflowClient
 
 from cdp import INSTALL_HINT, chromium_page, stop_process_group
 from conftest import TINY, run_module
+from tests.http_server import free_port
 
 METRIC = "test_roc_auc"
 HEADS = ["gap2", "gap3", "autopool"]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager

@@ -10,7 +10,6 @@ On a GPU machine it also prints the single-GPU figure with the card's name.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,14 +18,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from tests.http_server import free_port  # noqa: E402
+
 STEPS, BATCH, EPOCHS = 12, 32, 3
-
-
-def free_port() -> int:
-    """A free loopback port for torchrun's rendezvous (port 0 makes its static rendezvous hang)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def samples_per_second(nproc: int, cache: Path, workdir: Path, device: str = "cpu") -> float:
