@@ -25,8 +25,9 @@ $(VENV)/.stamp: requirements.lock pyproject.toml
 
 venv: $(VENV)/.stamp  ## create/update the virtual environment from requirements.lock
 
-demo: venv  ## sweep the head variants on the embedded dataset, then say how to open the UI
-	$(PY) -m mtt.run -m +head=gap2,gap3,autopool steps=patches tracking.experiment=demo
+demo: venv  ## sweep the head variants and the linear probe on the embedded dataset, compare them
+	$(PY) -m mtt.run -m +head=gap2,gap3,autopool tracking.experiment=demo
+	$(PY) -m mtt.probe tracking.experiment=demo
 	$(PY) -m mtt.compare demo
 	@echo
 	@echo "Compare the runs:  make ui   (then open http://127.0.0.1:$(UI_PORT), experiment 'demo')"

@@ -97,9 +97,12 @@ class TrainState:
     last_timestamp: int = 0
 
 
-def save_last(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainState) -> Path:
-    """Write the full training state after ``state.epoch`` to ``folder/last.pt``."""
+def save_last(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainState,
+              scheduler=None) -> Path:
+    """Write the full training state after ``state.epoch`` to ``folder/last.pt`` (with the
+    learning-rate scheduler's state when there is one)."""
     payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state(),
+               "scheduler": scheduler.state_dict() if scheduler is not None else {},
                "epoch": state.epoch, "best_score": state.best_score, "best_epoch": state.best_epoch,
                "history": state.history, "last_metrics": state.last_metrics,
                "last_timestamp": state.last_timestamp}
@@ -117,11 +120,15 @@ def has_last(folder: str | Path) -> bool:
     return (Path(folder) / LAST).is_file()
 
 
-def load_last(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> TrainState:
-    """Restore model, optimiser and RNG states from ``folder/last.pt``; returns the train state."""
+def load_last(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+              scheduler=None) -> TrainState:
+    """Restore model, optimiser, scheduler and RNG states from ``folder/last.pt``; returns the
+    train state."""
     payload = torch.load(folder / LAST, map_location="cpu", weights_only=True)
     model.load_state_dict(payload["model"])
     optimizer.load_state_dict(payload["optimizer"])
+    if scheduler is not None and payload.get("scheduler"):
+        scheduler.load_state_dict(payload["scheduler"])
     set_rng_state(payload["rng"])
     return TrainState(epoch=payload["epoch"], best_score=payload["best_score"], best_epoch=payload["best_epoch"],
                       history={k: list(v) for k, v in payload["history"].items()},

@@ -18,7 +18,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 from urllib.parse import urlparse
 
 from mtt.tracking import metric_history, read_runs, resolve_uri
@@ -27,15 +27,24 @@ DEFAULT_METRICS = ("val_roc_auc", "val_loss")
 FIGURE_INCHES = (6.0, 4.0)  # per metric panel
 DPI = 100
 
+REFERENCE_TAG = "mtt.reference"  # set on reference runs (mtt.probe: linear_probe)
+
+
+def _trained(get):
+    """A column that only trained runs have; reference runs (the linear probe) show ``-``."""
+    return lambda r: "-" if r["reference"] else get(r)
+
+
 # (header, how to read it from a run) in table order.
-COLUMNS: list[tuple[str, callable]] = [
+COLUMNS: list[tuple[str, Callable[[dict], str]]] = [
     ("run", lambda r: r["label"]),
     ("status", lambda r: r["status"]),
-    ("head", lambda r: f"{r['params'].get('head.blocks', '?')} blocks"),
-    ("pool", lambda r: r["params"].get("pool.name", "?")),
-    ("output", lambda r: r["params"].get("head.output", "?")),
-    ("steps", lambda r: f"{r['params'].get('steps.policy', '?')} ({r['params'].get('derived.steps_per_epoch', '?')}/ep)"),
-    ("epochs", lambda r: r["params"].get("trainer.epochs", "?")),
+    ("head", _trained(lambda r: f"{r['params'].get('head.blocks', '?')} blocks")),
+    ("pool", _trained(lambda r: r["params"].get("pool.name", "?"))),
+    ("output", _trained(lambda r: r["params"].get("head.output", "?"))),
+    ("steps", _trained(lambda r: f"{r['params'].get('steps.policy', '?')} "
+                                 f"({r['params'].get('derived.steps_per_epoch', '?')}/ep)")),
+    ("epochs", _trained(lambda r: _epochs(r))),
     ("val_loss", lambda r: _num(r, "val_loss")),
     ("test_loss", lambda r: _num(r, "test_loss")),
     ("test_acc", lambda r: _num(r, "test_accuracy")),
@@ -43,6 +52,14 @@ COLUMNS: list[tuple[str, callable]] = [
     ("test_roc_auc", lambda r: _num(r, "test_roc_auc")),
     ("test_pr_auc", lambda r: _num(r, "test_pr_auc")),
 ]
+
+
+def _epochs(run: dict) -> str:
+    """Epochs trained (of the maximum), and the best epoch the test metrics come from."""
+    trained, best = run["metrics"].get("epochs_trained"), run["metrics"].get("best_epoch")
+    if trained is None or best is None:
+        return run["params"].get("trainer.epochs", "?")
+    return f"{int(trained)}/{run['params'].get('trainer.epochs', '?')} (best {int(best)})"
 
 
 def _num(run: dict, key: str) -> str:
@@ -59,8 +76,12 @@ class Comparison:
 
 
 def load_runs(experiment: str, uri: str | None = None) -> list[dict]:
-    """The experiment's runs (oldest first), each labelled by its run name, made unique."""
+    """The experiment's runs, trained runs oldest first and reference runs after them, each
+    labelled by its run name (made unique); a reference run's label says what it is."""
     runs = read_runs(uri, experiment)
+    for r in runs:
+        r["reference"] = r["tags"].get(REFERENCE_TAG)
+    runs.sort(key=lambda r: r["reference"] is not None)  # stable: keeps the time order within
     seen: dict[str, int] = {}
     for r in runs:
         name = r["name"] or r["run_id"][:8]
@@ -68,6 +89,8 @@ def load_runs(experiment: str, uri: str | None = None) -> list[dict]:
     for r in runs:
         name = r["name"] or r["run_id"][:8]
         r["label"] = name if seen[name] == 1 else f"{name} ({r['run_id'][:6]})"
+        if r["reference"]:
+            r["label"] = f"{r['label']} [reference]"
     return runs
 
 

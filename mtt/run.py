@@ -56,12 +56,16 @@ def resume_target(cfg, config_hash: str) -> str | None:
     return None
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> float:
+def tracked(cfg, job, name_prefix: str | None = None, resumable: bool = False) -> dict[str, float]:
+    """Run ``job(cfg, tracker, dist)`` inside one MLflow run of ``cfg.tracking`` (under torchrun:
+    rank 0 tracks, the other ranks get a tracker that logs nothing) and return its metrics.
+
+    The run is tagged with the Hydra choices, overrides, sweep id and config hash, and named
+    after the overrides (``name_prefix`` first). ``resumable`` honours ``trainer.resume``.
+    """
     from mtt import distributed
     from mtt.checkpoint import config_hash
     from mtt.tracking import MlflowTracker
-    from mtt.train import train
 
     hc = HydraConfig.get()
     tags = {f"choice.{k}": v for k, v in hc.runtime.choices.items()
@@ -70,21 +74,29 @@ def main(cfg: DictConfig) -> float:
     tags["sweep_id"] = sweep_id(hc)
     tags["config_hash"] = config_hash(cfg)
     name = cfg.tracking.run_name or run_name(list(hc.overrides.task))
+    if name_prefix:
+        name = name_prefix if name == "default" else f"{name_prefix},{name}"
     d = distributed.init(cfg.trainer.device)  # a no-op unless started by torchrun
     if not d.main:  # one copy of the epoch lines, from rank 0
         logging.getLogger("mtt").setLevel(logging.WARNING)
     try:
         if d.main:  # only rank 0 talks to MLflow; the others learn its run id
-            resume = resume_target(cfg, tags["config_hash"])
+            resume = resume_target(cfg, tags["config_hash"]) if resumable else None
             with MlflowTracker(cfg.tracking.uri, cfg.tracking.experiment, name, tags, resume_run_id=resume,
                                cache=cfg.paths.cache, flush_timeout_s=cfg.tracking.flush_timeout_s) as tracker:
                 distributed.broadcast(d, (tracker.run_id, tracker.resumed))
-                metrics = train(cfg, tracker, d)
-        else:
-            run_id, resumed = distributed.broadcast(d, None)
-            metrics = train(cfg, distributed.RankTracker(run_id, resumed), d)
+                return job(cfg, tracker, d)
+        run_id, resumed = distributed.broadcast(d, None)
+        return job(cfg, distributed.RankTracker(run_id, resumed), d)
     finally:
         distributed.shutdown(d)
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    from mtt.train import train
+
+    metrics = tracked(cfg, train, resumable=True)
     return metrics.get(cfg.trainer.monitor, float("nan"))
 
 

@@ -28,7 +28,7 @@ from mtt.checkpoint import BEST_META, BEST_WEIGHTS, TrainState, drop_last, load_
 from mtt.metrics import per_tag_table, tagging_metrics
 from mtt.models import Tagger, build_model
 from mtt.models.pooling import log_alphas
-from mtt.models.weights import load_state_dict, resolve_weights
+from mtt.models.weights import WeightsInfo, load_state_dict, resolve_weights
 from mtt.preprocess import build_feature_store
 from mtt.records import per_tag_csv, plot_curves, provenance
 from mtt.store import PatchStore
@@ -177,6 +177,11 @@ def monitor_score(metrics: dict[str, float], monitor: str) -> float:
     return -math.inf if math.isnan(score) else score
 
 
+def patience_spent(state: TrainState, patience: int | None) -> bool:
+    """Early stopping: ``patience`` epochs have passed since the best one (never with None)."""
+    return patience is not None and state.best_epoch >= 0 and state.epoch - state.best_epoch >= patience
+
+
 def skip_batches(stream, n: int) -> None:
     """Draw and drop ``n`` batches: a resumed run's stream continues where the killed one was."""
     for _ in range(n):
@@ -203,11 +208,30 @@ def log_reports(tracker, state: TrainState, tags, split: Split, probs: np.ndarra
         tracker.log_artifacts(tmp, "plots")
 
 
-def train(cfg, tracker, d: distributed.Dist = distributed.Dist()) -> dict[str, float]:
-    """Train the tagger of ``cfg`` and log everything to ``tracker``; returns the final metrics.
+@dataclass
+class Prepared:
+    """Everything a run needs before its first step: data, features, model and where they live."""
 
-    With ``tracker.resumed`` the training continues from the last checkpoint of that run. ``d``
-    is this process's place in a torchrun job (see ``mtt.distributed``); by default one process.
+    device: torch.device
+    amp: torch.dtype | None  # autocast dtype, None = fp32
+    weights: WeightsInfo
+    index: ClipIndex
+    store: PatchStore  # the log-mel feature store
+    model: Tagger
+    inputs: PatchStore  # what the model reads: the feature store, or the frozen backbone's cache
+    from_backbone: bool  # inputs are backbone outputs (the cache), not log-mel patches
+    frozen: bool  # the whole backbone is frozen
+    train: Split
+    valid: Split
+    test: Split
+
+
+def prepare(cfg, d: distributed.Dist = distributed.Dist(), cache: bool | None = None) -> Prepared:
+    """Seed, resolve the weights, build (or open) the dataset, the feature store, the model and,
+    for a frozen backbone, the cache of its outputs; split the clips.
+
+    ``cache`` forces the backbone cache on (the linear probe reads frozen outputs even when the
+    config fine-tunes) or off; by default it follows ``backbone.freeze``/``finetune_last``/``cache``.
     """
     t = cfg.trainer
     seed_everything(t.seed, t.deterministic)
@@ -217,7 +241,7 @@ def train(cfg, tracker, d: distributed.Dist = distributed.Dist()) -> dict[str, f
     weights = resolve_weights(cfg.backbone.weights, cfg.backbone.url, cfg.backbone.hub_dir)
 
     frozen = cfg.backbone.freeze and cfg.backbone.finetune_last == 0
-    from_backbone = frozen and cfg.backbone.cache
+    from_backbone = (frozen and cfg.backbone.cache) if cache is None else cache
     with distributed.main_first(d):  # rank 0 builds the stores, the others then open them
         index = index_from_config(cfg.data, progress=t.progress)
         store = build_feature_store(index, cfg.features, progress=t.progress)
@@ -230,10 +254,23 @@ def train(cfg, tracker, d: distributed.Dist = distributed.Dist()) -> dict[str, f
             key = cache_key(store, weights.sha256, cfg.backbone, model.backbone)
             inputs = build_backbone_cache(store, model.encode, key, f"{cfg.paths.cache}/backbone", device,
                                           progress=t.progress, autocast_dtype=amp)
-
-    train_split, val_split, test_split = (split_of(index, store, s) for s in ("train", "valid", "test"))
-    if len(train_split.clip_ids) == 0:
+    splits = [split_of(index, store, s) for s in ("train", "valid", "test")]
+    if len(splits[0].clip_ids) == 0:
         raise RuntimeError(f"no training clips with features under {cfg.data.root}")
+    return Prepared(device, amp, weights, index, store, model, inputs, from_backbone, frozen, *splits)
+
+
+def train(cfg, tracker, d: distributed.Dist = distributed.Dist()) -> dict[str, float]:
+    """Train the tagger of ``cfg`` and log everything to ``tracker``; returns the final metrics.
+
+    With ``tracker.resumed`` the training continues from the last checkpoint of that run. ``d``
+    is this process's place in a torchrun job (see ``mtt.distributed``); by default one process.
+    """
+    t = cfg.trainer
+    p = prepare(cfg, d)
+    device, amp, weights, index, store, model, inputs = p.device, p.amp, p.weights, p.index, p.store, p.model, p.inputs
+    from_backbone, frozen = p.from_backbone, p.frozen
+    train_split, val_split, test_split = p.train, p.valid, p.test
     counts = epoch_counts(train_split.declared, train_split.clip_ids, store)
     steps = steps_per_epoch(cfg.steps.policy, t.batch_size, counts.declared, counts.cached, counts.patches,
                             cfg.steps.n)
@@ -249,12 +286,19 @@ def train(cfg, tracker, d: distributed.Dist = distributed.Dist()) -> dict[str, f
         if d.active:
             tracker.log_text(json.dumps({str(r): ids for r, ids in enumerate(shards)}), "ddp_shards.json")
 
+    if cfg.head.bias_init == "prior":  # from the training labels, before any step
+        model.init_output_bias(train_split.labels)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+    scheduler = None
+    if t.lr_schedule == "plateau":
+        # threshold 0: "better" means what it means for early stopping and the best checkpoint
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=t.lr_factor,
+                                                               patience=t.lr_patience, threshold=0.0)
     folder = run_dir(cfg.paths.cache, tracker.run_id)
     state = TrainState()
     if tracker.resumed:
-        state = load_last(folder, model, optimizer)
+        state = load_last(folder, model, optimizer, scheduler)
         # The killed process may have died between its checkpoint and its metrics: log them again
         # with their original timestamp, which MLflow stores once.
         tracker.log_metrics(state.last_metrics, step=state.epoch, timestamp=state.last_timestamp)
@@ -266,16 +310,19 @@ def train(cfg, tracker, d: distributed.Dist = distributed.Dist()) -> dict[str, f
     evaluate_split = functools.partial(split_probabilities, d, model, inputs, cfg=cfg, device=device,
                                        from_backbone=from_backbone, amp=amp)
     meta = {"monitor": t.monitor, "tags": list(index.tags), "config": OmegaConf.to_container(cfg, resolve=True)}
-    metrics: dict[str, float] = dict(state.last_metrics)
-    for epoch in range(state.epoch + 1, t.epochs):
+    epoch = state.epoch + 1
+    while epoch < t.epochs and not patience_spent(state, t.patience):
         local = train_epoch(model, stream, optimizer, steps, epoch, cfg, device, from_backbone, frozen, amp, forward)
         # Every rank ran the same number of equal-sized steps: the mean of means is the mean.
         metrics = {k: float(np.mean([m[k] for m in distributed.gather(d, local)])) for k in local}
         val = clip_metrics(val_split.labels, evaluate_split(val_split))
         metrics.update({f"val_{k}": v for k, v in val.items()})
+        metrics["lr"] = optimizer.param_groups[0]["lr"]  # the rate this epoch trained with
         log.info("epoch %d: %s", epoch, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         score = monitor_score(metrics, t.monitor)
         improved = state.best_epoch < 0 or score > state.best_score
+        if scheduler is not None:
+            scheduler.step(score)
         if improved:
             state.best_score, state.best_epoch = score, epoch
         state.epoch, state.last_metrics, state.last_timestamp = epoch, metrics, int(time.time() * 1000)
@@ -284,8 +331,12 @@ def train(cfg, tracker, d: distributed.Dist = distributed.Dist()) -> dict[str, f
         if d.main:  # one writer; checkpoint first, then the metrics: a kill in between is healed on resume
             if improved:
                 save_best(folder, model, {**meta, "epoch": epoch, "value": metrics[t.monitor]})
-            save_last(folder, model, optimizer, state)
+            save_last(folder, model, optimizer, state, scheduler)
         tracker.log_metrics(metrics, step=epoch, timestamp=state.last_timestamp)
+        epoch += 1
+    if patience_spent(state, t.patience):
+        log.info("early stop after epoch %d: %s has not improved for %d epochs (best epoch %d)",
+                 state.epoch, t.monitor, t.patience, state.best_epoch)
 
     distributed.barrier(d)  # rank 0's best checkpoint is on disk for every rank
     best, _ = load_best(folder)
@@ -293,12 +344,15 @@ def train(cfg, tracker, d: distributed.Dist = distributed.Dist()) -> dict[str, f
     for name in (BEST_WEIGHTS, BEST_META):
         tracker.log_artifact(folder / name, "checkpoint")
     probs = evaluate_split(test_split)
+    # The test metrics are those of the best validation epoch's model, logged after the last epoch.
     final = {f"test_{k}": v for k, v in clip_metrics(test_split.labels, probs).items()}
-    tracker.log_metrics(final, step=t.epochs)
-    log_alphas(model.pool, tracker, step=t.epochs)  # AutoPool's learned alphas (no-op for GAP)
-    log.info("test: %s", " ".join(f"{k}={v:.4f}" for k, v in final.items()))
+    end = state.epoch + 1
+    tracker.log_metrics({**final, "best_epoch": state.best_epoch, "epochs_trained": end}, step=end)
+    log_alphas(model.pool, tracker, step=end)  # AutoPool's learned alphas (no-op for GAP)
+    log.info("test (best epoch %d): %s", state.best_epoch, " ".join(f"{k}={v:.4f}" for k, v in final.items()))
     log_reports(tracker, state, index.tags, test_split, probs)
     distributed.barrier(d)
     if d.main:
         drop_last(folder)
-    return {**metrics, **final}
+    best_metrics = {k: v[state.best_epoch] for k, v in state.history.items()}
+    return {**best_metrics, **final, "best_epoch": state.best_epoch, "epochs_trained": end}

@@ -24,6 +24,11 @@ TINY = [
     "trainer.device=cpu",
 ]
 
+# The smallest setup on which learning is measurable: 16 folders x 6 clips x 2 s (72 train, 6
+# valid, 18 test clips), the tiny VGGish, the default head width. A run takes a few seconds.
+LEARNABLE = [*(o for o in TINY if not o.startswith(("data.synth.clips_per_folder", "head.width", "trainer.epochs"))),
+             "data.synth.clips_per_folder=6"]
+
 
 def compose_cfg(overrides: list[str] = (), cache: Path | None = None):
     """Compose conf/config.yaml with overrides (``cache`` sets paths.cache)."""

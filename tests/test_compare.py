@@ -29,6 +29,8 @@ def store(tmp_path_factory):
                 t.log_metrics({"val_roc_auc": v, "val_loss": 1 - v}, step=step)
             t.log_metrics({"test_accuracy": 0.98, "test_accuracy_all_negative": 0.981, "test_roc_auc": values[-1]},
                           step=len(values))
+    with MlflowTracker(uri, "exp", "linear_probe", tags={"mtt.reference": "linear_probe"}) as t:
+        t.log_metrics({"test_roc_auc": 0.9, "test_accuracy_all_negative": 0.981}, step=0)
     return uri
 
 
@@ -40,6 +42,9 @@ def test_compare_table_png_and_series(store, tmp_path, capsys):
     rows = [line for line in lines if line.startswith(("a ", "b "))]
     assert [r.split()[0] for r in rows] == ["a", "b"]
     assert "3 blocks" in rows[1] and "cached (7/ep)" in rows[0] and "0.9810" in rows[0]
+    # The reference comes after the trained runs, labelled, without the columns it has no use for.
+    assert lines[-3].split()[:7] == ["linear_probe", "[reference]", "FINISHED", "-", "-", "-", "-"]
+    assert "0.9000" in lines[-3]
     assert matplotlib.image.imread(out).shape[:2] == (FIGURE_INCHES[1] * DPI, FIGURE_INCHES[0] * DPI)
     result = compare("exp", ["val_roc_auc", "val_loss"], tmp_path / "two.png", store)
     assert result.series["val_roc_auc"] == {"a": ([0, 1, 2], HISTORY["a"]), "b": ([0, 1], HISTORY["b"])}

@@ -32,8 +32,15 @@ def test_head_options_set_blocks_and_pool(head):
 def test_default_is_report_baseline_head():
     cfg = compose_cfg([])
     assert (cfg.head.blocks, cfg.pool.name, cfg.head.output) == (2, "gap", "sigmoid")
-    assert (cfg.trainer.epochs, cfg.trainer.batch_size, cfg.stream.n_active) == (12, 32, 20)
+    assert (cfg.trainer.batch_size, cfg.stream.n_active) == (32, 20)
     assert cfg.data.name == "toy" and cfg.data.split == "standard"
+
+
+def test_default_recipe_converges_rather_than_stopping_at_a_fixed_count():
+    cfg = compose_cfg([])
+    assert cfg.steps.policy == "patches"  # an epoch sees every stored patch
+    assert (cfg.trainer.epochs, cfg.trainer.patience, cfg.trainer.lr_schedule) == (60, 10, "plateau")
+    assert cfg.head.bias_init == "prior" and cfg.trainer.monitor == "val_roc_auc"
 
 
 def test_misspelt_key_is_rejected_at_composition():

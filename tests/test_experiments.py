@@ -20,7 +20,8 @@ REPORT = ["report/autopool", "report/prelim", "report/revised_steps", "report/th
 # What the report did, per experiment (seed-report.txt); the same keys are checked in MLflow.
 COMMON = {"head.output": "softmax", "data.split": "report", "data.tags": "all", "data.drop_untagged": False,
           "stream.patches_per_clip": 1, "eval.patches_per_clip": 1, "trainer.batch_size": 32,
-          "tracking.experiment": "report", "backbone.freeze": True}
+          "tracking.experiment": "report", "backbone.freeze": True, "head.bias_init": "zero",
+          "trainer.patience": None, "trainer.lr_schedule": "none", "trainer.lr": 0.001}
 EXPECTED = {
     "report/prelim": {**COMMON, "steps.policy": "declared", "head.blocks": 2, "pool.name": "gap", "trainer.epochs": 12},
     "report/revised_steps": {**COMMON, "steps.policy": "cached", "head.blocks": 2, "pool.name": "gap",

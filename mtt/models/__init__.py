@@ -41,6 +41,20 @@ class Tagger(nn.Module):
         fmap = x if from_backbone else self.encode(x)
         return self.head(self.pool(fmap.float()))
 
+    @torch.no_grad()
+    def init_output_bias(self, labels) -> None:
+        """Set the last layer's bias to the training prior of each tag, ``labels`` ``(clips, tags)``.
+
+        Sigmoid: the log-odds of each tag's frequency, so that before any step every tag is
+        predicted at its base rate and BCE starts near its floor (about 0.1 on MTAT) instead of
+        at log 2 = 0.69; frequencies are smoothed (``(k + 0.5) / (n + 1)``) so that a tag absent
+        from training gets a small finite bias. Softmax: the log of the normalised frequencies.
+        """
+        y = torch.as_tensor(labels, dtype=torch.float64)
+        prior = (y.sum(dim=0) + 0.5) / (y.shape[0] + 1)
+        bias = torch.log(prior / (1 - prior)) if self.output == "sigmoid" else torch.log(prior / prior.sum())
+        self.head.output_layer.bias.copy_(bias.to(self.head.output_layer.bias.dtype))
+
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return OUTPUTS[self.output](logits.float())
 

@@ -30,5 +30,10 @@ class Head(nn.Module):
             size = out
         self.net = nn.Sequential(*layers)
 
+    @property
+    def output_layer(self) -> nn.Linear:
+        """The last Dense layer (over the tags)."""
+        return self.net[-1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

@@ -1,0 +1,153 @@
+"""The linear-probe reference: what a logistic regression gets from the same frozen features.
+
+    python -m mtt.probe [overrides]          # same config, data, feature store and cache as mtt.run
+
+Protocol (the one MARBLE and HEAR use for frozen embeddings):
+
+1. every patch of a clip goes through the frozen backbone (read from the backbone cache that
+   ``mtt.run`` builds and shares), and its conv map ``(C, T, F)`` is averaged over time and
+   frequency into a ``C``-vector (global average pooling);
+2. a clip's embedding is the mean and the standard deviation of those vectors over all of the
+   clip's patches, ``2C`` values (1,024 for VGGish);
+3. embeddings are standardised with the training clips' mean and standard deviation;
+4. one L2-regularised logistic regression per tag (scikit-learn, lbfgs) is fitted on the
+   training clips for each strength in ``probe.C``; the strength with the best macro ROC-AUC on
+   the validation split is kept (a tag without both classes in training gets its training
+   frequency as a constant);
+5. validation and test clips are scored with the same clip-level metric code as every trained
+   run (``mtt.train.clip_metrics``) and logged under the same names (``val_roc_auc``,
+   ``test_roc_auc``, ``test_pr_auc``, ``test_accuracy``, ``test_accuracy_all_negative``, ...),
+   in the same MLflow experiment, tagged ``mtt.reference=linear_probe``.
+
+A trained head that ends well below this number has not converged (or overfits); one above it
+has learned something a linear read-out of pooled features cannot.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+
+import numpy as np
+from mtt import distributed
+from mtt.store import PatchStore
+from mtt.train import Split, clip_metrics, log_records, prepare
+
+log = logging.getLogger(__name__)
+
+REFERENCE_TAG = "mtt.reference"
+REFERENCE = "linear_probe"
+
+
+def clip_embeddings(inputs: PatchStore, clip_ids: np.ndarray) -> np.ndarray:
+    """``(n_clips, 2C)``: mean and std over each clip's patches of the time/frequency-averaged
+    backbone output. ``inputs`` is a backbone cache (items ``(C, T, F)``)."""
+    if len(inputs.item_shape) != 3:
+        raise ValueError(f"{inputs.path}: expected backbone outputs (C, T, F), got items {inputs.item_shape}")
+    out = np.empty((len(clip_ids), 2 * inputs.item_shape[0]), dtype=np.float64)
+    for i, clip_id in enumerate(clip_ids):
+        pooled = np.asarray(inputs.get(clip_id), dtype=np.float64).mean(axis=(2, 3))  # (patches, C)
+        out[i] = np.concatenate([pooled.mean(axis=0), pooled.std(axis=0)])
+    return out
+
+
+class LinearProbe:
+    """One logistic regression per tag over standardised embeddings."""
+
+    def __init__(self, C: float, max_iter: int = 2000):
+        self.C, self.max_iter = C, max_iter
+
+    def fit(self, x: np.ndarray, y: np.ndarray) -> "LinearProbe":
+        from sklearn.linear_model import LogisticRegression
+
+        self.mean = x.mean(axis=0)
+        self.scale = x.std(axis=0)
+        self.scale[self.scale < 1e-12] = 1.0  # a constant feature carries nothing; leave it at 0
+        z = (x - self.mean) / self.scale
+        self.models: list = []
+        self.prior = y.mean(axis=0)
+        with warnings.catch_warnings():
+            # lbfgs may stop a few iterations short on separable tags; the fit is still usable
+            warnings.filterwarnings("ignore", message=".*(converge|max_iter).*")
+            for j in range(y.shape[1]):
+                if 0 < y[:, j].sum() < len(y):
+                    self.models.append(LogisticRegression(C=self.C, max_iter=self.max_iter).fit(z, y[:, j]))
+                else:
+                    self.models.append(None)
+        return self
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """``(n, n_tags)`` probabilities."""
+        z = (x - self.mean) / self.scale
+        out = np.empty((len(x), len(self.models)))
+        for j, m in enumerate(self.models):
+            out[:, j] = m.predict_proba(z)[:, 1] if m is not None else self.prior[j]
+        return out
+
+
+def fit_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
+              strengths) -> tuple[LinearProbe, list[dict[str, float]]]:
+    """Fit a probe per regularisation strength, keep the best by validation macro ROC-AUC.
+
+    Returns the chosen probe and one ``{"C", "val_roc_auc", ...}`` record per strength.
+    """
+    if not strengths:
+        raise ValueError("probe.C: need at least one regularisation strength")
+    scores, best, best_score = [], None, -np.inf
+    for c in strengths:
+        probe = LinearProbe(float(c)).fit(x_train, y_train)
+        val = clip_metrics(y_val, probe.predict(x_val))
+        scores.append({"C": float(c), **{f"val_{k}": v for k, v in val.items()}})
+        score = val["roc_auc"] if not np.isnan(val["roc_auc"]) else -val["loss"]
+        if score > best_score:
+            best, best_score = probe, score
+    return best, scores
+
+
+def run_probe(cfg, tracker, d: distributed.Dist = distributed.Dist()) -> dict[str, float]:
+    """Fit and evaluate the linear probe of ``cfg``; log it to ``tracker``; return its metrics."""
+    start = time.perf_counter()
+    p = prepare(cfg, d, cache=True)
+    tracker.set_tags({REFERENCE_TAG: REFERENCE})
+    derived = {"train_clips": len(p.train.clip_ids), "val_clips": len(p.valid.clip_ids),
+               "test_clips": len(p.test.clip_ids), "n_tags": len(p.index.tags), "device": str(p.device),
+               "embedding_dim": 2 * p.inputs.item_shape[0], "steps_per_epoch": 0}
+    log_records(cfg, tracker, derived, p.weights, p.store)
+    emb = {name: clip_embeddings(p.inputs, s.clip_ids) for name, s in
+           (("train", p.train), ("valid", p.valid), ("test", p.test))}
+    probe, scores = fit_probe(emb["train"], p.train.labels, emb["valid"], p.valid.labels, list(cfg.probe.C))
+    for i, rec in enumerate(scores):  # the validation curve over strengths, for the record
+        tracker.log_metrics({"probe_C": rec["C"], "probe_val_roc_auc": rec["val_roc_auc"]}, step=i)
+    tracker.log_params({"probe.selected_C": probe.C})
+    metrics = _evaluate(probe, emb, p.valid, p.test)
+    tracker.log_metrics(metrics, step=0)
+    metrics["probe_seconds"] = time.perf_counter() - start
+    tracker.log_metrics({"probe_seconds": metrics["probe_seconds"]}, step=0)
+    log.info("linear probe (C=%g): %s", probe.C,
+             " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith(("val_roc", "test_"))))
+    return metrics
+
+
+def _evaluate(probe: LinearProbe, emb: dict[str, np.ndarray], valid: Split, test: Split) -> dict[str, float]:
+    out = {f"val_{k}": v for k, v in clip_metrics(valid.labels, probe.predict(emb["valid"])).items()}
+    out.update({f"test_{k}": v for k, v in clip_metrics(test.labels, probe.predict(emb["test"])).items()})
+    return out
+
+
+def main() -> None:
+    import hydra
+
+    from mtt.config import CONF_DIR
+    from mtt.run import tracked
+
+    @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+    def _probe(cfg) -> float:
+        metrics = tracked(cfg, run_probe, name_prefix=REFERENCE)
+        return metrics.get("val_roc_auc", float("nan"))
+
+    _probe()
+
+
+if __name__ == "__main__":
+    main()
