@@ -14,6 +14,8 @@ file that a later resume would read as valid:
   deleted when the run finishes (a full-width model makes it ~0.3 GB).
   Written with ``torch.save`` of plain tensors, numbers and strings, read back with
   ``torch.load(weights_only=True)`` (no pickle of arbitrary objects).
+
+The run's tracking journal (``journal.*``, see ``mtt.journal``) lives in the same folder.
 """
 
 from __future__ import annotations

@@ -161,6 +161,9 @@ class TrackingConfig:
     uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<repo>/mlflow.db
     experiment: str = "mtt"
     run_name: Optional[str] = None  # None: built from the command-line overrides
+    # Seconds a finished run keeps trying to ship its journal to an unreachable store before it
+    # exits anyway (0, naming the journal and the `python -m mtt.sync` command that ships it).
+    flush_timeout_s: float = 120.0
 
 
 @dataclass

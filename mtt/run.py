@@ -94,7 +94,8 @@ def tracked(cfg, job, name_prefix: str | None = None, resumable: bool = False) -
     try:
         if d.main:  # only rank 0 talks to MLflow; the others learn its run id
             resume = resume_target(cfg, tags["config_hash"]) if resumable else None
-            with MlflowTracker(cfg.tracking.uri, cfg.tracking.experiment, name, tags, resume_run_id=resume) as tracker:
+            with MlflowTracker(cfg.tracking.uri, cfg.tracking.experiment, name, tags, resume_run_id=resume,
+                               cache=cfg.paths.cache, flush_timeout_s=cfg.tracking.flush_timeout_s) as tracker:
                 distributed.broadcast(d, (tracker.run_id, tracker.resumed))
                 return job(cfg, tracker, d)
         run_id, resumed = distributed.broadcast(d, None)

@@ -42,19 +42,20 @@ def params_key(params: Mapping) -> str:
 
 
 @contextlib.contextmanager
-def locked(path: Path) -> Iterator[None]:
+def locked(path: Path, blocking: bool = True) -> Iterator[None]:
     """Hold an exclusive advisory lock on ``path`` (created if missing) for the ``with`` block.
 
     Builders of the same store (parallel sweep jobs starting together) take it, then re-check
     whether the store is finished: one process builds, the others wait and open the result.
     The lock is released by the kernel if the holder dies, so a killed build never blocks.
+    With ``blocking=False`` a lock held elsewhere raises ``BlockingIOError`` instead of waiting.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     if fcntl is None:  # pragma: no cover
         yield
         return
     with open(path, "a") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
         try:
             yield
         finally:

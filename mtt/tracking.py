@@ -3,6 +3,9 @@
 ``MlflowTracker`` is a context manager around one run: it creates the run in an explicitly
 resolved experiment (never the "active experiment" global), and on exit marks it FINISHED,
 FAILED (with the error recorded) or KILLED (Ctrl-C), so a run's status is always true.
+What it logs goes to the run's journal (``mtt.journal``) first and is shipped to the store by
+a background thread (``Shipper``, ``ship``), so an unreachable store never stops a training;
+``python -m mtt.sync`` ships what a run could not.
 """
 
 from __future__ import annotations
@@ -10,14 +13,19 @@ from __future__ import annotations
 import atexit
 import hashlib
 import json
+import logging
 import math
 import os
 import re
+import shlex
+import shutil
 import sys
+import tempfile
+import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from hydra.experimental.callback import Callback
 from mlflow.entities import Metric, Param, RunTag
@@ -26,7 +34,10 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from mtt.config import REPO_ROOT
+from mtt.journal import Journal, JournalError
 from mtt.store import atomic_write_bytes, locked
+
+log = logging.getLogger(__name__)
 
 DEFAULT_URI = f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
 # MLflow rejects param values longer than this.
@@ -287,11 +298,214 @@ def run_exists(uri: str | None, run_id: str) -> bool:
     return True
 
 
+# MLflow's log_batch limits per request (mlflow.utils.validation).
+_BATCH_METRICS = 1000
+_BATCH_PARAMS_TAGS = 100
+# The background shipper's retry delays: doubling from the first, capped (seconds); once the
+# run has ended and waits for the store (tracking.flush_timeout_s), capped lower: the process
+# has nothing else to do, and the sooner it sees the store back, the sooner it exits.
+_RETRY_FIRST_S, _RETRY_MAX_S, _RETRY_MAX_ENDING_S = 1.0, 30.0, 5.0
+
+
+def sync_command(uri: str, journal: Journal) -> str:
+    """The command that ships ``journal`` later: ``python -m mtt.sync --tracking-uri URI PATH``."""
+    return f"python -m mtt.sync --tracking-uri {shlex.quote(uri)} {shlex.quote(str(journal.folder))}"
+
+
+def rejected(exc: BaseException) -> bool:
+    """The store refused the request (bad value, unknown run, no permission): retrying the same
+    entry cannot help, unlike an unreachable or overloaded store (5xx, 429, 409, no answer)."""
+    if isinstance(exc, JournalError):
+        return True
+    return isinstance(exc, MlflowException) and exc.get_http_status_code() in (400, 401, 403, 404)
+
+
+def _batches(entries: list[dict]) -> Iterator[list[dict]]:
+    """Consecutive params/tags/metrics entries merged into groups one ``log_batch`` can carry
+    (an oversized entry alone: ``_send`` splits it); artifacts and status one by one."""
+    group: list[dict] = []
+    n_metrics = n_keys = 0
+    params: dict[str, str] = {}
+    for e in entries:
+        data = e["kind"] in ("params", "tags", "metrics")
+        m = len(e.get("metrics", ()))
+        k = len(e.get("params", ())) + len(e.get("tags", ()))
+        # A param logged twice with different values must reach the store as two requests, so
+        # that its write-once rule rejects the second, as a direct call would.
+        clash = any(params.get(key, v) != v for key, v in e.get("params", {}).items())
+        if group and (not data or clash or n_metrics + m > _BATCH_METRICS or n_keys + k > _BATCH_PARAMS_TAGS
+                      or group[-1]["kind"] not in ("params", "tags", "metrics")):
+            yield group
+            group, n_metrics, n_keys, params = [], 0, 0, {}
+        group.append(e)
+        n_metrics, n_keys = n_metrics + m, n_keys + k
+        params.update(e.get("params", {}))
+    if group:
+        yield group
+
+
+def _send(client: MlflowClient, run_id: str, folder: Path, group: list[dict]) -> None:
+    """One group of ``_batches`` to the store (several requests for an oversized entry)."""
+    e = group[0]
+    if e["kind"] == "artifacts":
+        if not (folder / e["dir"]).is_dir():
+            raise JournalError(f"{folder / e['dir']}: the files of journal entry {e['seq']} are missing")
+        client.log_artifacts(run_id, str(folder / e["dir"]), e["artifact_path"])
+        return
+    if e["kind"] == "status":
+        if e["status"] == "RUNNING":
+            client.update_run(run_id, status="RUNNING")
+        else:
+            client.set_terminated(run_id, e["status"], end_time=e["end_time"])
+        return
+    params: dict[str, str] = {}
+    tags: dict[str, str] = {}
+    metrics: list[Metric] = []
+    for x in group:
+        for k, v in x.get("params", {}).items():
+            params.setdefault(k, v)
+        tags.update(x.get("tags", {}))  # a tag set twice keeps its later value, as in order
+        metrics += [Metric(m["key"], m["value"], m["timestamp"], m["step"]) for m in x.get("metrics", ())]
+    keys = [Param(k, v) for k, v in params.items()] + [RunTag(k, v) for k, v in tags.items()]
+    while keys or metrics:
+        part, keys = keys[:_BATCH_PARAMS_TAGS], keys[_BATCH_PARAMS_TAGS:]
+        chunk, metrics = metrics[:_BATCH_METRICS - len(part)], metrics[_BATCH_METRICS - len(part):]
+        client.log_batch(run_id, metrics=chunk, params=[p for p in part if isinstance(p, Param)],
+                         tags=[t for t in part if isinstance(t, RunTag)])
+
+
+def ship(client: MlflowClient, journal: Journal, on_ack: Callable[[int], None] | None = None) -> int:
+    """Ship ``journal``'s unacknowledged entries to ``client``'s store, in order, recording each
+    acknowledged group (``journal.ack``); returns how many entries were shipped.
+
+    Idempotent: an entry shipped again (its acknowledgement lost to a kill) changes nothing, as
+    MLflow stores an identical metric point (key, value, step, timestamp) once, accepts a param
+    logged again with its value, and overwrites tags and artifacts with the same content.
+    Raises whatever the store raises; the entries from the failed group on stay pending.
+    """
+    pending = journal.pending()
+    run_id = journal.header["run_id"]
+    for group in _batches(pending):
+        _send(client, run_id, journal.folder, group)
+        journal.ack(group[-1]["seq"])
+        if on_ack is not None:
+            on_ack(group[-1]["seq"])
+    return len(pending)
+
+
+def ship_to(uri: str | None, journal: Journal, on_ack: Callable[[int], None] | None = None) -> int:
+    """``ship`` to the store at ``uri`` (``resolve_uri``)."""
+    return ship(MlflowClient(tracking_uri=resolve_uri(uri)), journal, on_ack)
+
+
+class Shipper(threading.Thread):
+    """Ships a journal in the background while the process lives: wakes on every entry, retries
+    a failure after 1, 2, 4 ... (at most 30; 5 once the run ended) seconds, and never raises
+    into training.
+
+    A store that rejects an entry (``rejected``) stops it: the entry and the ones after it stay
+    in the journal for ``mtt.sync`` once the cause is fixed; ``error`` says why.
+    """
+
+    def __init__(self, client: MlflowClient, journal: Journal, last_seq: int):
+        super().__init__(name=f"mtt-shipper-{journal.folder.name}", daemon=True)
+        self.client, self.journal = client, journal
+        self.error: BaseException | None = None  # what stopped it for good
+        self.failing: BaseException | None = None  # the last failure of an ongoing outage
+        self._cond = threading.Condition()
+        self._written, self._acked = last_seq, -1
+        self._ending = False  # the run ended: stop once everything is shipped
+        self._nudge = False  # cut the current retry delay short, once (the run just ended)
+        self._abandon = False  # the wait for the store timed out: stop now
+        self._done = False
+
+    def wrote(self, seq: int) -> None:
+        """The tracker appended entry ``seq``: ship it."""
+        with self._cond:
+            self._written = max(self._written, seq)
+            self._cond.notify_all()
+
+    def _on_ack(self, seq: int) -> None:
+        with self._cond:
+            self._acked = seq
+            self._cond.notify_all()
+
+    def run(self) -> None:
+        try:
+            with self.journal.shipping_lock():  # a running `mtt.sync` of this journal finishes first
+                self._on_ack(max(self.journal.acked(), 0))  # 0: the header, nothing to ship
+                self._loop()
+        except BaseException as exc:  # noqa: BLE001 - nothing may reach the training loop
+            self.error = exc
+            log.error("shipping %s stopped: %s", self.journal.path, _short(exc))
+        finally:
+            with self._cond:
+                self._done = True
+                self._cond.notify_all()
+
+    def _loop(self) -> None:
+        delay = _RETRY_FIRST_S
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._written > self._acked or self._ending or self._abandon)
+                if self._abandon or self._written <= self._acked:
+                    return
+            try:
+                ship(self.client, self.journal, self._on_ack)
+            except Exception as exc:
+                if rejected(exc):
+                    raise
+                if self.failing is None:
+                    log.warning("tracking store %s unreachable (%s); journaling to %s and retrying in the "
+                                "background", self.client.tracking_uri, _short(exc), self.journal.path)
+                self.failing = exc
+                with self._cond:
+                    nudged = self._cond.wait_for(lambda: self._nudge or self._abandon, timeout=delay)
+                    self._nudge = False
+                delay = _RETRY_FIRST_S if nudged else min(delay * 2, _RETRY_MAX_ENDING_S if self._ending
+                                                          else _RETRY_MAX_S)
+                continue
+            if self.failing is not None:
+                log.info("tracking store %s reachable again; journal shipped", self.client.tracking_uri)
+            self.failing, delay = None, _RETRY_FIRST_S
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for every written entry to be acknowledged (retrying at once
+        if it is waiting out a delay); True when the store has everything. Either way the thread
+        then ends, releasing the journal to ``mtt.sync``."""
+        with self._cond:
+            self._ending = self._nudge = True
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: self._acked >= self._written or self._done, timeout=timeout_s)
+            shipped = self._acked >= self._written
+            if not shipped:
+                self._abandon = True
+                self._cond.notify_all()
+            return shipped
+
+
+def _short(exc: BaseException) -> str:
+    """An error on part of a line: MLflow's connection errors nest the real cause deep inside."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    cause = re.search(r"\[Errno -?\d+\][^'\")]*", text)
+    return cause.group(0).strip() if cause else text[:300]
+
+
 class MlflowTracker:
-    """One MLflow run. Use as ``with MlflowTracker(uri, experiment, run_name, tags) as t: ...``."""
+    """One MLflow run. Use as ``with MlflowTracker(uri, experiment, run_name, tags) as t: ...``.
+
+    The run is created (or, with ``resume_run_id``, reopened) on the store at the start, which
+    fails within seconds when the store does not answer. Everything logged afterwards goes to
+    the run's journal (``mtt.journal``) in ``run_dir(cache, run_id)`` first (a temporary folder
+    without ``cache``, removed once shipped) and is shipped by a background ``Shipper``, so a
+    store that goes away during training never stops it. On exit the tracker waits up to
+    ``flush_timeout_s`` for the store; if it is still away, one warning line names the journal
+    and the ``mtt.sync`` command that ships it.
+    """
 
     def __init__(self, uri: str | None, experiment: str, run_name: str | None = None,
-                 tags: Mapping[str, str] | None = None, resume_run_id: str | None = None):
+                 tags: Mapping[str, str] | None = None, resume_run_id: str | None = None,
+                 cache: str | Path | None = None, flush_timeout_s: float = 120.0):
         self.uri = resolve_uri(uri)
         self.experiment = experiment
         self.run_name = run_name
@@ -301,6 +515,11 @@ class MlflowTracker:
         # Reopen this existing run (resume) instead of creating one.
         self.resumed = resume_run_id is not None
         self._resume_run_id = resume_run_id
+        self.cache = cache
+        self.flush_timeout_s = flush_timeout_s
+        self.journal: Journal | None = None
+        self._shipper: Shipper | None = None
+        self._temporary: Path | None = None
 
     def __enter__(self) -> "MlflowTracker":
         check_reachable(self.uri)
@@ -312,14 +531,39 @@ class MlflowTracker:
                 raise ValueError(f"run {self._resume_run_id} belongs to experiment {run.info.experiment_id}, "
                                  f"not {self.experiment!r}")
             self.run_id = run.info.run_id
-            self.client.update_run(self.run_id, status="RUNNING")
+            resumes = int(run.data.tags.get("resumes", 0))
+        else:
+            run = self.client.create_run(self.experiment_id, run_name=self.run_name,
+                                         tags={k: str(v) for k, v in self.tags.items()})
+            self.run_id = run.info.run_id
+        self._open_journal()
+        if self.resumed:
+            # A journaled status, not a direct call: the killed process's pending entries (its
+            # own status among them) reach the store first. Count the resumes the journal holds
+            # too, in case the store has not seen the last one yet.
+            resumes = max([resumes, *(int(e["tags"]["resumes"]) for e in self.journal.entries()
+                                      if e["kind"] == "tags" and "resumes" in e["tags"])])
+            self._write(self.journal.append("status", status="RUNNING", end_time=None))
             # The run keeps its original tags (overrides, sweep id); only count the resumes.
-            self.set_tags({"resumes": int(run.data.tags.get("resumes", 0)) + 1})
-            return self
-        run = self.client.create_run(self.experiment_id, run_name=self.run_name,
-                                     tags={k: str(v) for k, v in self.tags.items()})
-        self.run_id = run.info.run_id
+            self.set_tags({"resumes": resumes + 1})
         return self
+
+    def _open_journal(self) -> None:
+        from mtt.checkpoint import run_dir  # torch: only where a run trains
+
+        if self.cache is not None:
+            folder = run_dir(self.cache, self.run_id)
+        else:
+            self._temporary = Path(tempfile.mkdtemp(prefix="mtt-journal-"))
+            folder = self._temporary / self.run_id
+        self.journal = Journal(folder)
+        self.journal.open({"uri": self.uri, "run_id": self.run_id, "experiment_id": self.experiment_id,
+                           "experiment": self.experiment})
+        self._shipper = Shipper(self.client, self.journal, self.journal.entries()[-1]["seq"])
+        self._shipper.start()
+
+    def _write(self, seq: int) -> None:
+        self._shipper.wrote(seq)
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is None:
@@ -329,34 +573,55 @@ class MlflowTracker:
         else:
             status = "FAILED"
             message = "".join(traceback.format_exception(exc_type, exc, tb))
-            self.client.set_tag(self.run_id, "error", f"{exc_type.__name__}: {exc}"[:5000])
-            self.client.log_text(self.run_id, message, "error.txt")
-        self.client.set_terminated(self.run_id, status)
+            self.set_tags({"error": f"{exc_type.__name__}: {exc}"[:5000]})
+            self.log_text(message, "error.txt")
+        # The status is the journal's last entry, shipped after everything it concludes.
+        self._write(self.journal.append("status", status=status, end_time=now_ms()))
+        self.flush()
+        return False
+
+    def flush(self) -> bool:
+        """Wait (up to ``flush_timeout_s``) for the store to have the journal; True if it does.
+        Otherwise say, on one line, where the journal is and how to ship it."""
+        try:
+            shipped = self._shipper.flush(self.flush_timeout_s)
+        except KeyboardInterrupt:  # a second Ctrl-C: stop waiting, the journal keeps everything
+            shipped = False
+        if shipped:
+            if self._temporary is not None:
+                shutil.rmtree(self._temporary, ignore_errors=True)
+            return True
+        error = self._shipper.error  # else unreachable: the cause was logged when the outage began
+        reason = f"did not take the journal ({_short(error)})" if error else \
+            f"unreachable for {self.flush_timeout_s:g} s after the run"
+        log.warning("tracking store %s %s; run %s is journaled in %s; ship it with: %s", self.uri, reason,
+                    self.run_id, self.journal.path, sync_command(self.uri, self.journal))
         return False
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        items = [Param(k, str(v)[:_MAX_PARAM]) for k, v in flatten(params).items()]
-        for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i:i + 100])
+        items = {k: str(v)[:_MAX_PARAM] for k, v in flatten(params).items()}
+        self._write(self.journal.append("params", params=items))
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self._write(self.journal.append("tags", tags={k: str(v) for k, v in tags.items()}))
 
     def log_metrics(self, metrics: Mapping[str, float], step: int, timestamp: int | None = None) -> None:
         """Log one step. With the same ``timestamp`` a repeated call adds no second point (resume)."""
         now = timestamp if timestamp is not None else now_ms()
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if not math.isnan(v)]
+        items = [{"key": k, "value": float(v), "step": int(step), "timestamp": now}
+                 for k, v in metrics.items() if not math.isnan(v)]
         if items:
-            self.client.log_batch(self.run_id, metrics=items)
+            self._write(self.journal.append("metrics", metrics=items))
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self.client.log_text(self.run_id, text, artifact_file)
+        folder, _, name = artifact_file.rpartition("/")
+        self._write(self.journal.append_files(None, folder or None, name=name, text=text))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        self._write(self.journal.append_files(path, artifact_path))
 
     def log_artifacts(self, folder: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifacts(self.run_id, str(folder), artifact_path)
+        self._write(self.journal.append_files(folder, artifact_path))
 
 
 def download_artifacts(uri: str | None, run_id: str, artifact_path: str, dst: str | Path) -> str:

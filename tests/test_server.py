@@ -7,41 +7,21 @@ import os
 import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import TINY, run_module
 from tests.http_server import free_port
+from tests.mlflow_server import MlflowServer
 from mtt.config import REPO_ROOT
-
 
 
 @pytest.fixture
 def mlflow_server(tmp_path):
     """`mlflow server` on a free loopback port, sqlite backend, served artifacts; stopped after."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
-         "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(uri + "/health", timeout=2).read()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"mlflow server did not start: {proc.stderr.read().decode()[-2000:]}")
-                time.sleep(0.5)
-        yield uri
-    finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=30)
+    with MlflowServer(tmp_path) as server:
+        yield server.uri
 
 
 @pytest.mark.slow

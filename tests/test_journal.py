@@ -1,0 +1,207 @@
+"""The run journal (mtt/journal.py) and its shipping (mtt/tracking.py ``ship``/``Shipper``,
+``python -m mtt.sync``) against real local sqlite stores: torn lines, idempotent replay,
+order with the status last, a store that is away, sync's outcomes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from mtt import sync
+from mtt.journal import JOURNAL, Journal, JournalError
+from mtt.tracking import MlflowTracker, Shipper, ship_to
+from tests.http_server import closed_port_url
+
+
+def new_run(uri: str, experiment: str = "j") -> str:
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    return client.create_run(exp_id).info.run_id
+
+
+def journal_for(folder, uri: str, run_id: str) -> Journal:
+    journal = Journal(folder)
+    journal.open({"uri": uri, "run_id": run_id, "experiment_id": "1", "experiment": "j"})
+    return journal
+
+
+def write_run(journal: Journal, tmp_path) -> None:
+    """What a short training logs: params, tags, two epochs, a tag changed, artifacts, status."""
+    journal.append("params", params={"trainer.lr": "0.001", "trainer.epochs": "2"})
+    journal.append("tags", tags={"phase": "training"})
+    for epoch in range(2):
+        journal.append("metrics", metrics=[{"key": "val_loss", "value": 1.0 / (epoch + 1), "step": epoch,
+                                            "timestamp": 1000 + epoch}])
+    journal.append("tags", tags={"phase": "done"})
+    plots = tmp_path / "plots"
+    plots.mkdir()
+    (plots / "loss.png").write_bytes(b"png")
+    journal.append_files(plots, "plots")
+    journal.append_files(None, None, name="config.yaml", text="trainer: {epochs: 2}\n")
+    journal.append("status", status="FINISHED", end_time=5000)
+
+
+def snapshot(uri: str, run_id: str) -> dict:
+    """Everything of a run a replay could change: status, params, tags, every metric point, files."""
+    client = MlflowClient(uri)
+    run = client.get_run(run_id)
+    tags = {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")}
+    points = {k: sorted((m.step, m.value, m.timestamp) for m in client.get_metric_history(run_id, k))
+              for k in run.data.metrics}
+    files = sorted(a.path for a in client.list_artifacts(run_id)) + \
+        sorted(a.path for a in client.list_artifacts(run_id, "plots"))
+    return {"status": run.info.status, "end": run.info.end_time, "params": dict(run.data.params), "tags": tags,
+            "points": points, "files": files}
+
+
+def test_torn_last_line_is_ignored_then_cut_off_when_reopened(tmp_path):
+    journal = journal_for(tmp_path, "sqlite:///x.db", "r1")
+    journal.append("metrics", metrics=[{"key": "a", "value": 1.0, "step": 0, "timestamp": 1}])
+    with open(tmp_path / JOURNAL, "ab") as f:  # a kill -9 in the middle of the third line
+        f.write(b'{"seq":2,"kind":"metrics","metr')
+    assert [e["seq"] for e in Journal(tmp_path).entries()] == [0, 1]
+
+    again = Journal(tmp_path)
+    assert again.open({"uri": "sqlite:///x.db", "run_id": "r1"}) is True  # resumed, not restarted
+    assert again.append("status", status="FINISHED", end_time=2) == 2
+    lines = (tmp_path / JOURNAL).read_text().splitlines()
+    assert [json.loads(x)["seq"] for x in lines] == [0, 1, 2]  # the torn bytes are gone
+
+    with pytest.raises(JournalError, match="not the journal of run r2"):
+        Journal(tmp_path).open({"run_id": "r2"})
+
+    (tmp_path / JOURNAL).write_bytes(b'{"seq":0,"kind":"ru')  # killed while writing the header
+    assert Journal(tmp_path).open({"run_id": "r3"}) is False
+    assert [e["run_id"] for e in Journal(tmp_path).entries()] == ["r3"]
+
+
+def test_damaged_middle_line_is_an_error_naming_the_file(tmp_path):
+    journal = journal_for(tmp_path, "sqlite:///x.db", "r1")
+    journal.append("tags", tags={"a": "1"})
+    text = (tmp_path / JOURNAL).read_text().splitlines()
+    (tmp_path / JOURNAL).write_text("\n".join([text[0], "{oops", text[1]]) + "\n")
+    with pytest.raises(JournalError, match=rf"{JOURNAL}: line 2 is not JSON"):
+        journal.entries()
+
+
+def test_replay_is_idempotent_ordered_and_ends_with_the_status(tmp_path):
+    uri = f"sqlite:///{tmp_path}/m.db"
+    run_id = new_run(uri)
+    folder = tmp_path / "run"
+    journal = journal_for(folder, uri, run_id)
+    write_run(journal, tmp_path)
+    before = tmp_path / "before"
+    shutil.copytree(folder, before)  # the journal as a process killed before any ack left it
+
+    seen = []  # the run's status each time the store acknowledged a group
+    client = MlflowClient(uri)
+    shipped = ship_to(uri, journal, lambda seq: seen.append((seq, client.get_run(run_id).info.status)))
+    assert shipped == 8 and journal.pending() == []
+    assert [seq for seq, _ in seen] == [5, 6, 7, 8]  # params..tags in one batch, then one by one
+    assert seen[-1] == (8, "FINISHED") and all(s == "RUNNING" for _, s in seen[:-1])  # status last
+    first = snapshot(uri, run_id)
+    assert first["status"] == "FINISHED" and first["end"] == 5000
+    assert first["params"] == {"trainer.lr": "0.001", "trainer.epochs": "2"}
+    assert first["tags"]["phase"] == "done"  # the later value of a tag set twice
+    assert first["points"] == {"val_loss": [(0, 1.0, 1000), (1, 0.5, 1001)]}  # steps, timestamps kept
+    assert first["files"] == ["config.yaml", "plots", "plots/loss.png"]
+    assert not (folder / "journal.files" / "6").exists()  # copies go once the store has them
+
+    shutil.rmtree(folder)
+    shutil.copytree(before, folder)  # every acknowledgement lost: the whole journal again
+    assert ship_to(uri, Journal(folder), None) == 8
+    assert snapshot(uri, run_id) == first
+    assert ship_to(uri, Journal(folder), None) == 0  # and a third time: nothing to ship
+
+
+def test_a_kill_between_groups_resumes_from_the_last_ack(tmp_path):
+    uri = f"sqlite:///{tmp_path}/m.db"
+    run_id = new_run(uri)
+    journal = journal_for(tmp_path / "run", uri, run_id)
+    write_run(journal, tmp_path)
+
+    def killed(seq):
+        if seq >= 3:
+            raise KeyboardInterrupt  # stands for kill -9 right after the store took a group
+
+    with pytest.raises(KeyboardInterrupt):
+        ship_to(uri, journal, killed)
+    assert 3 <= journal.acked() < 8 and MlflowClient(uri).get_run(run_id).info.status == "RUNNING"
+    ship_to(uri, journal)
+    assert snapshot(uri, run_id)["points"] == {"val_loss": [(0, 1.0, 1000), (1, 0.5, 1001)]}
+
+
+def test_artifact_is_the_file_as_it_was_when_logged(tmp_path):
+    uri = f"sqlite:///{tmp_path}/m.db"
+    run_id = new_run(uri)
+    journal = journal_for(tmp_path / "run", uri, run_id)
+    best = tmp_path / "best.json"
+    best.write_text('{"epoch": 0}')
+    journal.append_files(best, "checkpoint")
+    best.write_text('{"epoch": 5}')  # a later epoch rewrites it before the store is back
+    ship_to(uri, journal)
+    got = MlflowClient(uri).download_artifacts(run_id, "checkpoint/best.json", str(tmp_path / "dl"))
+    assert open(got).read() == '{"epoch": 0}'
+
+
+def test_tracker_without_a_cache_journals_in_a_temporary_folder_gone_once_shipped(tmp_path):
+    uri = f"sqlite:///{tmp_path}/m.db"
+    with MlflowTracker(uri, "j", "tmp") as tracker:
+        tracker.log_metrics({"a": 1.0, "skipped": float("nan")}, step=0)
+        folder = tracker.journal.folder
+        assert folder.is_dir() and not str(folder).startswith(str(tmp_path))
+    run = MlflowClient(uri).get_run(tracker.run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics == {"a": 1.0}
+    assert not folder.exists()
+
+
+def test_store_away_never_raises_and_sync_ships_later(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail at once, not after minutes
+    away = closed_port_url()
+    uri = f"sqlite:///{tmp_path}/m.db"
+    run_id = new_run(uri)
+    folder = tmp_path / "checkpoints" / run_id
+    journal = journal_for(folder, away, run_id)
+    shipper = Shipper(MlflowClient(away), journal, 0)
+    shipper.start()
+    write_run(journal, tmp_path)
+    shipper.wrote(journal.entries()[-1]["seq"])
+    assert shipper.flush(1.0) is False  # gave up waiting, raised nothing
+    shipper.join(timeout=10)
+    assert not shipper.is_alive() and shipper.error is None and "Connection refused" in str(shipper.failing)
+    assert journal.acked() == -1
+
+    # The journal's own store is still away: a clear failure, nothing lost.
+    assert sync.main([str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert f"FAILED run {run_id}" in out and "not reachable" in out and "1 failed" in out
+    # The store the run lives in: everything arrives, once.
+    assert sync.main(["--tracking-uri", uri, str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"shipped run {run_id}" in out and "8 entries" in out and "status FINISHED" in out
+    assert snapshot(uri, run_id)["points"] == {"val_loss": [(0, 1.0, 1000), (1, 0.5, 1001)]}
+    assert sync.main(["--tracking-uri", uri, str(folder)]) == 0
+    assert "0 shipped, 1 already shipped" in capsys.readouterr().out
+
+
+def test_sync_names_a_missing_run_a_busy_journal_and_a_missing_path(tmp_path, capsys):
+    written_for = f"sqlite:///{tmp_path}/a.db"
+    other = f"sqlite:///{tmp_path}/b.db"
+    new_run(other)  # a store without the journal's run
+    journal = journal_for(tmp_path / "run", written_for, "0123456789abcdef0123456789abcdef")
+    journal.append("tags", tags={"a": "1"})
+    assert sync.main(["--tracking-uri", other, str(tmp_path / "run")]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED run 0123456789abcdef" in out and f"the journal was written for {written_for}" in out
+    assert len(journal.pending()) == 1
+
+    with journal.shipping_lock():  # a training still running holds it
+        assert sync.main([str(tmp_path / "run")]) == 0
+    assert "a running process is shipping it" in capsys.readouterr().out
+
+    assert sync.main([str(tmp_path / "nowhere")]) == 2
+    assert "nowhere does not exist" in capsys.readouterr().err
