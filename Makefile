@@ -48,5 +48,7 @@ mlflow-server: venv  ## start a shared tracking server (database + artifact stor
 	$(VENV)/bin/mlflow server --backend-store-uri $(SERVER_DB) --artifacts-destination $(SERVER_ARTIFACTS) \
 		--host $(SERVER_HOST) --port $(SERVER_PORT)
 
-clean:  ## remove Hydra outputs (keeps the venv, the MLflow store and the data cache)
-	rm -rf outputs multirun .pytest_cache
+# Hydra writes its run folders under paths.cache (conf/config.yaml): $MTT_CACHE, else ~/.cache/mtt.
+HYDRA_OUT := $(or $(MTT_CACHE),$(HOME)/.cache/mtt)
+clean:  ## remove Hydra's run folders and pytest's cache (keeps the venv, the MLflow store and the data cache)
+	rm -rf $(HYDRA_OUT)/outputs $(HYDRA_OUT)/multirun .pytest_cache

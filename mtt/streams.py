@@ -254,9 +254,15 @@ class EpochCounts:
 
     declared: int  # train rows of the annotations, with or without features
     cached: int  # train clips present in the feature store
-    patches: int  # all stored patches of those clips
+    patches: int  # the patches of those clips the stream draws from (at most patches_per_clip each)
 
 
-def epoch_counts(declared: int, clip_ids: np.ndarray, store: PatchStore) -> EpochCounts:
-    """Counts for ``steps_per_epoch``: ``clip_ids`` are the train clips that have features."""
-    return EpochCounts(int(declared), len(clip_ids), int(sum(store.count(c) for c in clip_ids)))
+def epoch_counts(declared: int, clip_ids: np.ndarray, store: PatchStore,
+                 patches_per_clip: int | None = None) -> EpochCounts:
+    """Counts for ``steps_per_epoch``: ``clip_ids`` are the train clips that have features.
+
+    ``patches_per_clip`` is ``stream.patches_per_clip``: with 1 (the report's single random
+    patch) a clip contributes one patch, as many as the stream can ever draw from it.
+    """
+    drawable = sum(min(store.count(c), patches_per_clip or store.count(c)) for c in clip_ids)
+    return EpochCounts(int(declared), len(clip_ids), int(drawable))

@@ -271,7 +271,7 @@ def train(cfg, tracker, d: distributed.Dist = distributed.Dist()) -> dict[str, f
     device, amp, weights, index, store, model, inputs = p.device, p.amp, p.weights, p.index, p.store, p.model, p.inputs
     from_backbone, frozen = p.from_backbone, p.frozen
     train_split, val_split, test_split = p.train, p.valid, p.test
-    counts = epoch_counts(train_split.declared, train_split.clip_ids, store)
+    counts = epoch_counts(train_split.declared, train_split.clip_ids, store, cfg.stream.patches_per_clip)
     steps = steps_per_epoch(cfg.steps.policy, t.batch_size, counts.declared, counts.cached, counts.patches,
                             cfg.steps.n)
     mine = distributed.shard(d, len(train_split.clip_ids))  # this rank's training clips

@@ -75,6 +75,14 @@ def test_head_parameter_counts(blocks, expected):
     assert sum(isinstance(m, torch.nn.ReLU) for m in head.modules()) == blocks - 1
 
 
+def test_head_defaults_are_the_configs():
+    """Building a Head without arguments gives the head a default run builds (dropout 0.2...)."""
+    cfg = compose_cfg([]).head
+    head = Head(32, 5)
+    assert [m.p for m in head.modules() if isinstance(m, torch.nn.Dropout)] == [cfg.dropout] * cfg.blocks
+    assert head.net[2].out_features == cfg.width
+
+
 @pytest.mark.parametrize("head", ["gap2", "gap3", "autopool", "autopool3"])
 @pytest.mark.parametrize("output", ["sigmoid", "softmax"])
 def test_every_head_pool_combination_shapes(head, output):

@@ -271,3 +271,13 @@ def test_steps_policies_on_a_store_with_missing_features(generated, policy, expe
     assert cfg.steps.policy == policy
     assert steps_per_epoch(cfg.steps.policy, cfg.trainer.batch_size, counts.declared, counts.cached,
                            counts.patches, cfg.steps.n) == expected
+
+
+def test_patches_policy_counts_only_the_patches_the_stream_can_draw(generated):
+    """With stream.patches_per_clip=1 an epoch of steps=patches is one patch per clip, not every
+    stored patch: the six cached clips hold 12 patches, but the stream draws from six."""
+    index, store = generated
+    split = split_of(index, store, "train")
+    assert epoch_counts(split.declared, split.clip_ids, store, patches_per_clip=1).patches == 6
+    assert epoch_counts(split.declared, split.clip_ids, store, patches_per_clip=2).patches == 1 + 1 + 2 + 1 + 2 + 2
+    assert epoch_counts(split.declared, split.clip_ids, store, patches_per_clip=None).patches == 12

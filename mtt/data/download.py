@@ -7,7 +7,7 @@ The official distribution (MIREX / City, University of London, ``OFFICIAL_URL``)
 - ``mp3.zip.001``, ``mp3.zip.002``, ``mp3.zip.003``: one zip archive cut into three pieces by a
   plain byte split (joined, they are the zip: ``cat mp3.zip.* > mp3.zip``). It holds the 25,863
   mono 16 kHz mp3 clips (29.1 s) in 16 folders ``0``-``9``, ``a``-``f``; three clips are 0-byte
-  files (see ``/work/shared/MTAT.md`` in the project notes);
+  files (clip ids 35644, 55753 and 57881; ``mtt.preprocess`` lists them as failures);
 - ``annotations_final.csv``: tab-separated, quoted: clip_id, 188 tags (0/1), mp3_path;
 - ``clip_info_final.csv``: tab-separated, quoted: clip_id, track_number, title, artist, album,
   url, segmentStart, segmentEnd, original_url, mp3_path.
