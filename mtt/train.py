@@ -251,7 +251,7 @@ def prepare(cfg, d: distributed.Dist = distributed.Dist(), cache: bool | None = 
             model.backbone.to(memory_format=torch.channels_last)
         inputs = store
         if from_backbone:
-            key = cache_key(store, weights.sha256, cfg.backbone, model.backbone)
+            key = cache_key(store, weights.sha256, cfg.backbone, model.backbone, device=device, autocast_dtype=amp)
             inputs = build_backbone_cache(store, model.encode, key, f"{cfg.paths.cache}/backbone", device,
                                           progress=t.progress, autocast_dtype=amp)
     splits = [split_of(index, store, s) for s in ("train", "valid", "test")]

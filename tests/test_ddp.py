@@ -58,6 +58,7 @@ def test_torchrun_two_processes(tmp_path, cache_dir):
     best = download_artifacts(uri, run.info.run_id, "checkpoint/best.safetensors", tmp_path)
     model = build_model(cfg, len(index.tags))
     model.load_state_dict(load_file(best))
+    model.backbone.to(memory_format=torch.channels_last)  # as the run laid it out: the same cache key
     cache = build_backbone_cache(store, model.encode, cache_key(store, None, cfg.backbone, model.backbone),
                                  f"{cache_dir}/backbone", torch.device("cpu"), progress=False)
     test = split_of(index, store, "test")
