@@ -79,7 +79,7 @@ class BackboneConfig:
 class PoolConfig:
     name: str = "gap"  # gap | autopool
     alpha_init: float = 0.0  # autopool: 0 = mean pooling
-    constraint: str = "none"  # autopool: none | cap (alpha clipped to [-alpha_max, alpha_max])
+    constraint: str = "none"  # autopool: none | cap (alpha projected into [-alpha_max, alpha_max] after each step)
     alpha_max: float = 10.0
     alpha_l2: float = 0.0  # autopool: L2 penalty on alpha (RAP)
 

@@ -27,7 +27,7 @@ from mtt.data.index import ClipIndex, index_from_config
 from mtt.checkpoint import BEST_META, BEST_WEIGHTS, TrainState, drop_last, load_best, load_last, run_dir, save_best, save_last
 from mtt.metrics import per_tag_table, tagging_metrics
 from mtt.models import Tagger, build_model
-from mtt.models.pooling import log_alphas
+from mtt.models.pooling import log_alphas, project_constraints
 from mtt.models.weights import WeightsInfo, load_state_dict, resolve_weights
 from mtt.preprocess import build_feature_store
 from mtt.records import per_tag_csv, plot_curves, provenance
@@ -150,6 +150,7 @@ def train_epoch(model: Tagger, stream, optimizer: torch.optim.Optimizer, steps: 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        project_constraints(model)  # AutoPool's cap: back into the interval after the step
         loss_sum += loss.item()
         with torch.no_grad():
             correct += ((model.probabilities(logits) >= 0.5) == (y >= 0.5)).sum().item()
