@@ -216,8 +216,11 @@ def train_loader(store: PatchStore, clip_ids: np.ndarray, labels: np.ndarray, cf
     workers = min(cfg.num_workers, len(clip_ids))
     if workers == 0 and not pin_memory:
         return iter(dataset)
+    # The loader's own generator: without one, iter(loader) draws its base seed from torch's
+    # global RNG, which shifts every later dropout mask, so a run resumed from a checkpoint's
+    # RNG state would no longer train like the uninterrupted run.
     loader = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                        persistent_workers=workers > 0)
+                        persistent_workers=workers > 0, generator=torch.Generator().manual_seed(seed))
     return iter(loader)
 
 

@@ -184,6 +184,19 @@ def test_two_workers_serve_no_pair_more_often_than_the_mux_does(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:.*pin_memory.*:UserWarning")  # CPU-only torch: pins nothing
+@pytest.mark.parametrize("workers, pin_memory", [(2, False), (0, True)])
+def test_starting_the_loader_leaves_the_global_rng_alone(tmp_path, workers, pin_memory):
+    """Exact resume restores torch's RNG, then starts the stream: starting it must not draw from
+    that RNG (a DataLoader without its own generator draws its base seed there, which shifted
+    every later dropout mask of a resumed run)."""
+    store, labels = make_store(tmp_path / "s", n_clips=8)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    loader_batches(store, labels, workers, 3, pin_memory=pin_memory)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+@pytest.mark.filterwarnings("ignore:.*pin_memory.*:UserWarning")  # CPU-only torch: pins nothing
 def test_pinned_memory_loader_yields_the_same_batches(tmp_path):
     store, labels = make_store(tmp_path / "s", n_clips=8)
     plain = loader_batches(store, labels, 0, 5)
