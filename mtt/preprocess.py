@@ -220,11 +220,12 @@ def summary(store: PatchStore, seconds: float | None = None) -> str:
 def main() -> None:
     import hydra
 
-    from mtt.config import CONF_DIR
+    from mtt.config import CONF_DIR, exit_if_invalid
     from mtt.data.index import index_from_config
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
     def _run(cfg) -> None:
+        exit_if_invalid(cfg)
         start = time.perf_counter()
         index = index_from_config(cfg.data)
         store = build_feature_store(index, cfg.features)

@@ -138,11 +138,12 @@ def _evaluate(probe: LinearProbe, emb: dict[str, np.ndarray], valid: Split, test
 def main() -> None:
     import hydra
 
-    from mtt.config import CONF_DIR
+    from mtt.config import CONF_DIR, exit_if_invalid
     from mtt.run import tracked
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
     def _probe(cfg) -> float:
+        exit_if_invalid(cfg)
         metrics = tracked(cfg, run_probe, name_prefix=REFERENCE)
         return metrics.get("val_roc_auc", float("nan"))
 

@@ -20,7 +20,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
-from mtt.config import REPO_ROOT
+from mtt.config import REPO_ROOT, check_value, exit_if_invalid
 
 DEFAULT_URI = f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
 # MLflow rejects param values longer than this.
@@ -103,18 +103,32 @@ def sweep_targets(tracking_cfg, task_overrides: list[str]) -> list[tuple[str | N
     return [(u, e) for u in values["uri"] for e in values["experiment"]]
 
 
+def swept_value_errors(task_overrides: list[str]) -> list[str]:
+    """``mtt.config.check_value`` of every value of every sweep override (``trainer.lr=0.1,-1``):
+    the launching process sees a bad value before the first job starts."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    errors = []
+    for o in OverridesParser.create().parse_overrides(list(task_overrides)):
+        if o.is_sweep_override():
+            errors += [e for v in o.sweep_iterator() if (e := check_value(o.key_or_group, v))]
+    return errors
+
+
 class PrepareTracking(Callback):
-    """Hydra callback (conf/config.yaml ``hydra.callbacks``): runs ``prepare_store`` in the
-    launching process before any job starts, for single runs and sweeps with any launcher."""
+    """Hydra callback (conf/config.yaml ``hydra.callbacks``): in the launching process, before any
+    job starts (single runs and sweeps, any launcher), checks the config's values (a bad one ends
+    the launch with exit status 2, see ``mtt.config.exit_if_invalid``) and runs ``prepare_store``."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._prepare(config)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._prepare(config)
+        self._prepare(config, swept_value_errors(config.hydra.overrides.task))
 
     @staticmethod
-    def _prepare(config: DictConfig) -> None:
+    def _prepare(config: DictConfig, swept_errors: list[str] = ()) -> None:
+        exit_if_invalid(config, swept_errors)  # before the store exists: a bad value leaves nothing
         if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 touches the store
             return
         for uri, experiment in sweep_targets(config.tracking, config.hydra.overrides.task):

@@ -25,6 +25,7 @@ from mtt import distributed
 from mtt.backbone_cache import build_backbone_cache, cache_key
 from mtt.data.index import ClipIndex, index_from_config
 from mtt.checkpoint import BEST_META, BEST_WEIGHTS, TrainState, drop_last, load_best, load_last, run_dir, save_best, save_last
+from mtt.config import validate
 from mtt.metrics import per_tag_table, tagging_metrics
 from mtt.models import Tagger, build_model
 from mtt.models.pooling import log_alphas, project_constraints
@@ -234,6 +235,7 @@ def prepare(cfg, d: distributed.Dist = distributed.Dist(), cache: bool | None = 
     ``cache`` forces the backbone cache on (the linear probe reads frozen outputs even when the
     config fine-tunes) or off; by default it follows ``backbone.freeze``/``finetune_last``/``cache``.
     """
+    validate(cfg)  # library callers too: a bad value fails here, not deep in the loop
     t = cfg.trainer
     seed_everything(t.seed, t.deterministic)
     device = distributed.device_for(d, resolve_device(t.device))

@@ -319,6 +319,7 @@ def _write_atomic(path: Path, text: str) -> None:
 @hydra.main(config_path="../../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     """Hydra entry: compose the project config and download into ``data.root`` (``data=mtat``)."""
+    mtt.config.exit_if_invalid(cfg)
     if cfg.data.name != "mtat":
         raise SystemExit(f"data={cfg.data.name}: this command downloads MagnaTagATune; run it "
                          "with data=mtat data.root=DIR")
