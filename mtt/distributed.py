@@ -73,12 +73,16 @@ def barrier(d: Dist) -> None:
 
 @contextlib.contextmanager
 def main_first(d: Dist) -> Iterator[None]:
-    """Rank 0 runs the block first (building stores); the others run it after, finding them built."""
+    """Rank 0 runs the block first (downloads, building stores); the others run it after, finding
+    them done. Rank 0 releases the others even when the block fails (they then run it and most
+    likely fail the same way, instead of waiting at the barrier until the process group times out)."""
     if not d.main:
         barrier(d)
-    yield
-    if d.main:
-        barrier(d)
+    try:
+        yield
+    finally:
+        if d.main:
+            barrier(d)
 
 
 def broadcast(d: Dist, value: Any) -> Any:

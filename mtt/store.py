@@ -43,22 +43,37 @@ def params_key(params: Mapping) -> str:
 
 @contextlib.contextmanager
 def locked(path: Path) -> Iterator[None]:
-    """Hold an exclusive advisory lock on ``path`` (created if missing) for the ``with`` block.
+    """Hold an exclusive advisory lock on ``path`` for the ``with`` block; the lock file exists
+    only while someone holds or waits for it.
 
     Builders of the same store (parallel sweep jobs starting together) take it, then re-check
     whether the store is finished: one process builds, the others wait and open the result.
     The lock is released by the kernel if the holder dies, so a killed build never blocks.
+    The holder deletes the file before releasing it, so a waiter may wake holding a file that is
+    no longer at ``path``: it then starts over on the file now there (or a new one), which keeps
+    one holder at a time and leaves no lock files behind.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     if fcntl is None:  # pragma: no cover
         yield
         return
-    with open(path, "a") as f:
+    while True:
+        f = open(path, "a")
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)
         try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            current = os.stat(path)
+        except FileNotFoundError:
+            current = None
+        held = os.fstat(f.fileno())
+        if current is not None and (current.st_dev, current.st_ino) == (held.st_dev, held.st_ino):
+            break
+        f.close()  # the holder before us removed it: lock the one at path now
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        f.close()
 
 
 def atomic_replace(path: Path, write: Callable[[Path], None]) -> None:

@@ -240,12 +240,11 @@ def prepare(cfg, d: distributed.Dist = distributed.Dist(), cache: bool | None = 
     seed_everything(t.seed, t.deterministic)
     device = distributed.device_for(d, resolve_device(t.device))
     amp = autocast_dtype(t.precision, device)
-    # Resolve the weights first: an offline `audioset` run fails here, before any data work.
-    weights = resolve_weights(cfg.backbone.weights, cfg.backbone.url, cfg.backbone.hub_dir)
-
     frozen = cfg.backbone.freeze and cfg.backbone.finetune_last == 0
     from_backbone = (frozen and cfg.backbone.cache) if cache is None else cache
-    with distributed.main_first(d):  # rank 0 builds the stores, the others then open them
+    with distributed.main_first(d):  # rank 0 downloads and builds, the others then find it all
+        # The weights first: an offline `audioset` run fails here, before any data work.
+        weights = resolve_weights(cfg.backbone.weights, cfg.backbone.url, cfg.backbone.hub_dir)
         index = index_from_config(cfg.data, progress=t.progress)
         store = build_feature_store(index, cfg.features, progress=t.progress)
         state_dict = load_state_dict(weights.path) if weights.path is not None else None

@@ -30,6 +30,34 @@ def test_plain_download_verifies_and_leaves_only_the_file(tmp_path):
     assert file_digest(dest) == SHA
 
 
+def test_concurrent_downloads_of_one_file_fetch_it_once(tmp_path):
+    """Four callers at once (threads here; tests/test_weights.py does it with processes): one
+    downloads while the others wait on the lock, then find the verified file. Without the lock
+    all four wrote into the same .part."""
+    import threading
+
+    dest = tmp_path / "blob.bin"
+    start, errors = threading.Barrier(4), []
+
+    def fetch():
+        start.wait()
+        try:
+            download(server.url + "blob.bin", dest, sha256=SHA, progress=False)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    with FileServer({"blob.bin": DATA}) as server:
+        server.slow("blob.bin", seconds=1.0)  # the callers overlap the whole download
+        threads = [threading.Thread(target=fetch) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+    assert errors == [] and dest.read_bytes() == DATA
+    assert [(r.method, r.range) for r in server.requests] == [("GET", None)]
+    assert _leftovers(tmp_path) == ["blob.bin"]  # neither a .part nor the lock file
+
+
 def test_resumes_with_range_after_the_connection_drops(tmp_path):
     dest = tmp_path / "blob.bin"
     with FileServer({"blob.bin": DATA}) as server:

@@ -50,6 +50,32 @@ def test_store_roundtrip_and_manifest(tmp_path):
         PatchStore(tmp_path / "s")
 
 
+def test_lock_admits_one_holder_at_a_time_and_leaves_no_file(tmp_path):
+    """store.locked: eight threads (each its own open file, as separate processes have) never
+    overlap inside the lock, although every holder deletes the lock file as it leaves."""
+    import threading
+    import time
+
+    from mtt.store import locked
+
+    inside, most, lock = [0], [0], tmp_path / ".x.lock"
+
+    def work():
+        for _ in range(5):
+            with locked(lock):
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+                time.sleep(0.002)
+                inside[0] -= 1
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert most[0] == 1 and not lock.exists()
+
+
 def first_batches(store, labels, seed, n=5, **kw):
     ids = store.clip_ids
     it = batches(patch_mux(store, ids, stream_cfg(n_active=4, **kw), seed), store, labels, 8)
