@@ -41,6 +41,9 @@ class DataConfig:
     root: str = MISSING
     annotations: str = "annotations_final.csv"
     clip_info: Optional[str] = "clip_info_final.csv"
+    # How long a clip should be where clip_info has no segmentStart/End for it (MTAT: 29.1 s);
+    # preprocessing reports clips shorter than that by more than one patch. null = no check.
+    clip_seconds: Optional[float] = None
     tags: str = "all"  # all | top50 (published list) | freqN (N most frequent here, e.g. freq50)
     split: str = "standard"  # standard (folders 0-b / c / d-f) | report (first quarter test)
     drop_untagged: bool = True  # drop clips with no tag of the chosen set (published protocol)
@@ -247,6 +250,7 @@ MONITORS = ("val_roc_auc", "val_pr_auc", "val_loss", "val_accuracy", "train_loss
 RULES: dict[str, Rule] = {
     "data.tags": pattern(r"all|top50|freq[1-9][0-9]*", "all, top50 or freqN with N >= 1 (e.g. freq50)"),
     "data.split": one_of("standard", "report"),
+    "data.clip_seconds": or_null(number(0, lo_open=True)),
     "data.synth.clips_per_folder": integer(1),
     "data.synth.seconds": number(0.1, 600),
     "data.synth.seed": integer(0),

@@ -282,7 +282,7 @@ def train(cfg, tracker, d: distributed.Dist = distributed.Dist()) -> dict[str, f
                "train_clips_declared": train_split.declared, "train_patches": counts.patches,
                "val_clips": len(val_split.clip_ids), "test_clips": len(test_split.clip_ids),
                "n_tags": len(index.tags), "device": str(device), "backbone_cached": from_backbone,
-               "world_size": d.world}
+               "world_size": d.world, "truncated_clips": len(store.truncated)}
     if not tracker.resumed:  # a resumed run has its records already (MLflow params are write-once)
         log_records(cfg, tracker, derived, weights, store)
         if d.active:

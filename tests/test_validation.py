@@ -16,6 +16,7 @@ PRESETS = sorted(p.relative_to(REPO_ROOT / "experiments").with_suffix("").as_pos
 BAD = {
     "data.tags": ("data.tags=freq0", "freq0", "freqN with N >= 1"),
     "data.split": ("data.split=random", "random", "one of standard, report"),
+    "data.clip_seconds": ("data.clip_seconds=0", "0.0", "a number > 0, or null"),
     "data.synth.clips_per_folder": ("data.synth.clips_per_folder=0", "0", "an integer >= 1"),
     "data.synth.seconds": ("data.synth.seconds=0.01", "0.01", "a number in [0.1, 600]"),
     "data.synth.seed": ("data.synth.seed=-1", "-1", "an integer >= 0"),
