@@ -315,6 +315,7 @@ def train(cfg, tracker, d: distributed.Dist = distributed.Dist()) -> dict[str, f
     epoch = state.epoch + 1
     while epoch < t.epochs and not patience_spent(state, t.patience):
         local = train_epoch(model, stream, optimizer, steps, epoch, cfg, device, from_backbone, frozen, amp, forward)
+        distributed.sync_buffers(d, model)  # every rank evaluates (and rank 0 saves) one model
         # Every rank ran the same number of equal-sized steps: the mean of means is the mean.
         metrics = {k: float(np.mean([m[k] for m in distributed.gather(d, local)])) for k in local}
         val = clip_metrics(val_split.labels, evaluate_split(val_split))

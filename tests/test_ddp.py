@@ -61,11 +61,20 @@ def test_torchrun_two_processes(tmp_path, cache_dir):
     model.backbone.to(memory_format=torch.channels_last)  # as the run laid it out: the same cache key
     cache = build_backbone_cache(store, model.encode, cache_key(store, None, cfg.backbone, model.backbone),
                                  f"{cache_dir}/backbone", torch.device("cpu"), progress=False)
-    test = split_of(index, store, "test")
-    single = clip_metrics(test.labels, clip_probabilities(model, cache, test, cfg, torch.device("cpu"), True, None))
-    for key, value in single.items():
-        if not np.isnan(value):
-            assert run.data.metrics[f"test_{key}"] == pytest.approx(value, abs=1e-5), key
+    cpu = torch.device("cpu")
+    for split, step in (("test", None), ("valid", int(run.data.metrics["best_epoch"]))):
+        # test_*: of the best checkpoint; val_* at the best epoch: of the same weights. Both were
+        # computed by two ranks, each on half the clips: with BatchNorm statistics that differ
+        # between ranks they would not equal one process's evaluation of rank 0's checkpoint.
+        clips = split_of(index, store, split)
+        single = clip_metrics(clips.labels, clip_probabilities(model, cache, clips, cfg, cpu, True, None))
+        prefix = "test" if split == "test" else "val"
+        for key, value in single.items():
+            if np.isnan(value):
+                continue
+            logged = run.data.metrics[f"test_{key}"] if step is None else \
+                {m.step: m.value for m in client.get_metric_history(run.info.run_id, f"val_{key}")}[step]
+            assert logged == pytest.approx(value, abs=1e-5), f"{prefix}_{key}"
 
 
 @pytest.mark.slow
