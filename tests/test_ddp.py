@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,6 +27,21 @@ from mtt.tracking import download_artifacts
 from mtt.train import clip_metrics, clip_probabilities, split_of
 
 EPOCH_METRICS = ["train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_roc_auc", "val_pr_auc"]
+
+
+def descendants(pid: int) -> list[int]:
+    """The ids of every living process below ``pid`` (children, their children, ...), from /proc."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # the name may hold spaces
+            parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        out += children
+        todo += children
+    return out
 
 
 
@@ -106,9 +124,14 @@ def test_torchrun_run_resumes_after_sigkill(tmp_path, cache_dir):
         if runs and len(client.get_metric_history(runs[0].info.run_id, "val_loss")) >= 2:
             run_id = runs[0].info.run_id
         time.sleep(0.1)
-    # torchrun starts its ranks in sessions of their own: kill every process of this job by its
-    # unique experiment name, as a node failure or `scancel --signal=KILL` would.
-    subprocess.run(["pkill", "-KILL", "-f", "tracking.experiment=ddp-resume"], check=False)
+    # torchrun starts its ranks in sessions of their own, so its process group does not hold
+    # them: kill torchrun and every process it started, by id, at once, as a node failure or
+    # `scancel --signal=KILL` would. Nothing else on the machine is touched.
+    job = [proc.pid, *descendants(proc.pid)]
+    assert len(job) >= 3, "torchrun and its two ranks"
+    for pid in job:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     proc.wait(timeout=30)
     assert client.get_run(run_id).info.status == "RUNNING"
 
