@@ -87,7 +87,15 @@ def prepare_store(uri: str | None, experiment: str) -> str:
     """
     check_reachable(resolve_uri(uri))
     client = MlflowClient(tracking_uri=resolve_uri(uri))
-    client.search_experiments(max_results=1)  # opening the store creates/migrates its schema
+    try:
+        client.search_experiments(max_results=1)  # opening the store creates/migrates its schema
+    except MlflowException as e:
+        status = e.get_http_status_code()
+        if status in (401, 403):  # a server with MLflow's login (make mlflow-server SERVER_AUTH=basic)
+            raise PermissionError(f"MLflow tracking server {resolve_uri(uri)} refused the request (HTTP {status}): "
+                                  "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a user "
+                                  "allowed to log runs") from None
+        raise
     return ensure_experiment(client, experiment)
 
 

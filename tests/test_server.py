@@ -3,11 +3,15 @@ early error for a server that is not there."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -16,6 +20,19 @@ from conftest import TINY, run_module
 from tests.http_server import free_port
 from mtt.config import REPO_ROOT
 
+
+
+def wait_until_healthy(uri: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Poll the server's /health until it answers; fail with its stderr if it exits or hangs."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(uri + "/health", timeout=2).read()
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the server at {uri} did not start: {proc.stderr.read().decode()[-3000:]}")
+            time.sleep(0.5)
 
 
 @pytest.fixture
@@ -29,19 +46,77 @@ def mlflow_server(tmp_path):
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(uri + "/health", timeout=2).read()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"mlflow server did not start: {proc.stderr.read().decode()[-2000:]}")
-                time.sleep(0.5)
+        wait_until_healthy(uri, proc)
         yield uri
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def make_server(state: Path, **variables: str):
+    """``make mlflow-server`` as the README runs it (a free loopback port, its files under
+    ``state``), in a process group of its own; yields its URI; stopped by that group's id."""
+    port = free_port()
+    args = [f"{k}={v}" for k, v in {"SERVER_PORT": port, "SERVER_STATE": state, **variables}.items()]
+    proc = subprocess.Popen(["make", "-C", str(REPO_ROOT), "mlflow-server", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_healthy(uri, proc)
+        yield uri
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def test_a_server_anyone_can_reach_without_login_is_warned_about():
+    from mtt.server import exposure_warning
+
+    for host in ("0.0.0.0", "10.1.2.3", "mlflow.lab", "::"):
+        warning = exposure_warning(host, None)
+        assert "without authentication" in warning and "SERVER_AUTH=basic" in warning
+        assert exposure_warning(host, "basic") is None
+    assert all(exposure_warning(h, None) is None for h in ("127.0.0.1", "127.0.1.1", "localhost", "::1"))
+
+
+def test_basic_auth_config_and_secret_are_written_once(tmp_path, monkeypatch):
+    from mtt.server import parse_args, server_command
+
+    monkeypatch.delenv("MLFLOW_FLASK_SERVER_SECRET_KEY", raising=False)
+    args = parse_args(["--db", "sqlite:///x.db", "--artifacts", "a", "--auth", "basic", "--state", str(tmp_path)])
+    cmd, env = server_command(args)
+    assert cmd[-2:] == ["--app-name", "basic-auth"]
+    config = Path(env["MLFLOW_AUTH_CONFIG_PATH"]).read_text()
+    assert "default_permission = EDIT" in config and f"sqlite:///{tmp_path.resolve()}/basic_auth.db" in config
+    assert (tmp_path / "flask_secret_key").stat().st_mode & 0o077 == 0  # the owner's alone
+    assert server_command(args)[1]["MLFLOW_FLASK_SERVER_SECRET_KEY"] == env["MLFLOW_FLASK_SERVER_SECRET_KEY"]
+    plain, _ = server_command(parse_args(["--db", "sqlite:///x.db", "--artifacts", "a"]))
+    assert "--app-name" not in plain
+
+
+@pytest.mark.slow
+def test_basic_auth_server_refuses_anonymous_runs_and_records_signed_in_ones(tmp_path, cache_dir, monkeypatch):
+    """make mlflow-server SERVER_AUTH=basic: a run without a login fails before any work, naming
+    the variables to set; with the admin's login it is recorded."""
+    password = "a-long-admin-password"
+    run = [*TINY, f"paths.cache={cache_dir}", "tracking.experiment=locked"]
+    monkeypatch.setenv("MLFLOW_AUTH_ADMIN_PASSWORD", password)  # the admin's, on the first start
+    with make_server(tmp_path / "state", SERVER_AUTH="basic") as uri:
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(uri + "/api/2.0/mlflow/experiments/search?max_results=5", timeout=10)
+        assert refused.value.code == 401
+        anonymous = run_module(["mtt.run", *run], env={"MLFLOW_TRACKING_URI": uri}, check=False)
+        assert anonymous.returncode != 0
+        assert "MLFLOW_TRACKING_USERNAME" in anonymous.stderr and uri in anonymous.stderr, anonymous.stderr[-3000:]
+        login = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": password}
+        run_module(["mtt.run", *run], env={"MLFLOW_TRACKING_URI": uri, **login})
+        for key, value in login.items():
+            monkeypatch.setenv(key, value)
+        client = MlflowClient(uri)
+        (found,) = client.search_runs([client.get_experiment_by_name("locked").experiment_id])
+    assert found.info.status == "FINISHED" and "test_roc_auc" in found.data.metrics
 
 
 @pytest.mark.slow

@@ -88,8 +88,9 @@ def test_four_processes_resolving_at_once_download_once(tmp_path, served_weights
     go = tmp_path / "go"
     with FileServer({name: data}) as server:
         server.slow(name, seconds=2.0)  # the download spans the other processes' start
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
         procs = [subprocess.Popen([sys.executable, "-c", _RESOLVE, server.url + name, str(tmp_path / "hub"),
-                                   str(tmp_path / f"ready{i}"), str(go)], env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+                                   str(tmp_path / f"ready{i}"), str(go)], env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(4)]
         try:
             deadline = time.monotonic() + 120
