@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 # Where the MLflow UI and runs look by default (see tracking.uri in conf/tracking/mlflow.yaml).
 MLFLOW_URI ?= sqlite:///$(CURDIR)/mlflow.db
 UI_PORT ?= 5000
+# `make demo`: parallel jobs, one per core, each with one torch thread (the small head's steps
+# run faster on one thread than on two that compete with the other job's).
+DEMO_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 # `make mlflow-server`: a tracking server for a team (mtt/server.py; README "Scaling out").
 # SERVER_DB: postgresql+psycopg://user@host/db for a lab (the driver is in the lock).
 SERVER_PORT ?= 5001
@@ -32,8 +35,10 @@ $(VENV)/.stamp: requirements.lock pyproject.toml
 
 venv: $(VENV)/.stamp  ## create/update the virtual environment from requirements.lock
 
-demo: venv  ## sweep the head variants on the embedded dataset, then say how to open the UI
-	$(PY) -m mtt.run -m +head=gap2,gap3,autopool steps=patches tracking.experiment=demo
+demo: venv  ## 3 seeds of each head and of the linear probe on the embedded dataset, compared with intervals
+	OMP_NUM_THREADS=1 $(PY) -m mtt.run -m hydra/launcher=joblib hydra.launcher.n_jobs=$(DEMO_JOBS) \
+		+head=gap2,gap3,autopool trainer.seed=0,1,2 trainer.progress=false tracking.experiment=demo
+	$(PY) -m mtt.probe -m trainer.seed=0,1,2 trainer.progress=false tracking.experiment=demo
 	$(PY) -m mtt.compare demo
 	@echo
 	@echo "Compare the runs:  make ui   (then open http://127.0.0.1:$(UI_PORT), experiment 'demo')"

@@ -137,15 +137,26 @@ def load_last(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optim
 _NOT_HASHED = ("trainer.resume", "trainer.progress")
 
 
-def config_hash(cfg) -> str:
-    """Short SHA-256 of the resolved config minus ``_NOT_HASHED``: which runs a resume may continue."""
+# Keys that seeds of one variant differ in, or that say nothing about what is computed: runs that
+# differ only in these form one group for ``mtt.compare`` (``mtt.group``).
+NOT_GROUPED = (*_NOT_HASHED, "trainer.seed", "tracking", "paths")
+
+
+def config_hash(cfg, ignore: tuple[str, ...] = _NOT_HASHED, salt: str = "") -> str:
+    """Short SHA-256 of the resolved config minus ``ignore`` (``section`` or ``section.key``):
+    with the default, which runs a resume may continue; ``salt`` adds what the config does not
+    say (the kind of job)."""
     from omegaconf import OmegaConf
 
     flat = OmegaConf.to_container(cfg, resolve=True)
-    for key in _NOT_HASHED:
+    for key in ignore:
         section, _, name = key.partition(".")
-        flat.get(section, {}).pop(name, None)
-    return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        if name:
+            flat.get(section, {}).pop(name, None)
+        else:
+            flat.pop(section, None)
+    blob = json.dumps(flat, sort_keys=True, default=str) + salt
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def resume_choice(spec) -> str | None:

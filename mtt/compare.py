@@ -1,84 +1,128 @@
-"""Compare the runs of one MLflow experiment: a table of settings and final scores, and a PNG of
-per-epoch curves with one line per run.
+"""Compare the variants of one MLflow experiment: groups of seeds, intervals, paired verdicts.
 
-    python -m mtt.compare report
-    python -m mtt.compare report --metrics val_roc_auc val_loss --out /tmp/report.png
+    python -m mtt.compare demo
+    python -m mtt.compare demo --pair head=gap2 head=autopool --format markdown
+    python -m mtt.compare report --allow-mixed --metrics val_roc_auc val_loss --out /tmp/report.png
 
-A reading tool (argparse, no Hydra): it never changes the store. MLflow is reached only
-through ``mtt.tracking``.
+Runs that differ only in their seed form one group (tag ``mtt.group``; named by ``mtt.group_name``).
+Per group: n, mean ± std over seeds and a 95% interval of each metric. For test ROC-AUC and
+PR-AUC the interval is a bootstrap over the test clips AND the seeds (each resample draws the
+clips with replacement, and the group's seeds with replacement, from the logged
+``test_predictions.npz``); for other metrics it is Student's t over seeds (none for n = 1).
+Pairs of groups (``--pair A B``, by default each group against the best one, chosen by its
+mean validation metric of the selected epochs, never by a test metric) get a paired bootstrap of
+the difference on the shared test clips and a verdict: "A better" / "B better" when the interval
+excludes 0, else "not distinguishable at 95%".
+
+Runs are only ranked when they share the evaluation protocol (split, tag set, evaluation
+aggregation, feature store, test clips); otherwise the command refuses, naming the key that
+differs (``--allow-mixed`` prints them anyway, marked). Reference runs (``mtt.probe``) are
+labelled rows. A reading tool (argparse, no Hydra): it never changes the store; MLflow is
+reached only through ``mtt.tracking``.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import math
 import os
 import re
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 from urllib.parse import urlparse
 
-from mtt.tracking import metric_history, read_runs, resolve_uri
+import numpy as np
+
+from mtt.records import PREDICTIONS, Predictions, load_predictions
+from mtt.stats import LEVEL, RESAMPLES, Difference, bootstrap_weights, difference, interval, \
+    macro_auc_under_weights, seed_resampled_means
+from mtt.tracking import SWEEP_TAG, child_runs, metric_history, read_runs, resolve_uri, try_download_artifact
 
 DEFAULT_METRICS = ("val_roc_auc", "val_loss")
 FIGURE_INCHES = (6.0, 4.0)  # per metric panel
 DPI = 100
-
 REFERENCE_TAG = "mtt.reference"  # set on reference runs (mtt.probe: linear_probe)
+BOOTSTRAPPED = ("test_roc_auc", "test_pr_auc")  # intervals over clips and seeds, from predictions
+# The table's metrics: the validation score of the selected epoch, then the test scores.
+TABLE_METRICS = ("selected_val_roc_auc", "test_roc_auc", "test_pr_auc", "test_accuracy", "test_accuracy_all_negative")
+# What must be equal for two runs' test scores to be comparable: (where, key).
+PROTOCOL = (("params", "data.split"), ("params", "data.tags"), ("params", "data.drop_untagged"),
+            ("params", "eval.aggregate"), ("params", "eval.patches_per_clip"),
+            ("tags", "feature_store"), ("tags", "test_clips_sha256"))
 
 
-def _trained(get):
-    """A column that only trained runs have; reference runs (the linear probe) show ``-``."""
-    return lambda r: "-" if r["reference"] else get(r)
+class ProtocolError(LookupError):
+    """Runs evaluated differently: the message names the key and its values."""
 
 
-# (header, how to read it from a run) in table order.
-COLUMNS: list[tuple[str, Callable[[dict], str]]] = [
-    ("run", lambda r: r["label"]),
-    ("status", lambda r: r["status"]),
-    ("head", _trained(lambda r: f"{r['params'].get('head.blocks', '?')} blocks")),
-    ("pool", _trained(lambda r: r["params"].get("pool.name", "?"))),
-    ("output", _trained(lambda r: r["params"].get("head.output", "?"))),
-    ("steps", _trained(lambda r: f"{r['params'].get('steps.policy', '?')} "
-                                 f"({r['params'].get('derived.steps_per_epoch', '?')}/ep)")),
-    ("epochs", _trained(lambda r: _epochs(r))),
-    ("val_loss", lambda r: _num(r, "val_loss")),
-    ("test_loss", lambda r: _num(r, "test_loss")),
-    ("test_acc", lambda r: _num(r, "test_accuracy")),
-    ("all_neg_acc", lambda r: _num(r, "test_accuracy_all_negative")),
-    ("test_roc_auc", lambda r: _num(r, "test_roc_auc")),
-    ("test_pr_auc", lambda r: _num(r, "test_pr_auc")),
-]
+@dataclass
+class Group:
+    """Runs that differ only in their seed."""
 
+    id: str
+    name: str
+    runs: list[dict]
+    reference: str | None = None
+    stats: dict[str, dict] = field(default_factory=dict)  # metric -> {n, mean, std, ci95, values}
+    mixed: list[str] = field(default_factory=list)  # protocol keys that differ from the others'
 
-def _epochs(run: dict) -> str:
-    """Epochs trained (of the maximum), and the best epoch the test metrics come from."""
-    trained, best = run["metrics"].get("epochs_trained"), run["metrics"].get("best_epoch")
-    if trained is None or best is None:
-        return run["params"].get("trainer.epochs", "?")
-    return f"{int(trained)}/{run['params'].get('trainer.epochs', '?')} (best {int(best)})"
+    @property
+    def label(self) -> str:
+        return f"{self.name} [reference]" if self.reference else self.name
 
-
-def _num(run: dict, key: str) -> str:
-    v = run["metrics"].get(key)
-    return "-" if v is None or math.isnan(v) else f"{v:.4f}"
+    def describe(self) -> dict[str, str]:
+        """What the group is (from its first run's params), for the table."""
+        p = self.runs[0]["params"]
+        if self.reference:
+            return {"head": "-", "pool": "-", "steps": "-", "epochs": "-"}
+        trained = [r["metrics"].get("epochs_trained") for r in self.runs]
+        best = [r["metrics"].get("best_epoch") for r in self.runs]
+        epochs = p.get("trainer.epochs", "?")
+        if None not in trained and None not in best:
+            epochs = f"{np.mean(best) + 1:.0f}/{np.mean(trained):.0f}"
+        return {"head": f"{p.get('head.blocks', '?')}x{p.get('head.output', '?')[:3]}", "pool": p.get("pool.name", "?"),
+                "steps": f"{p.get('steps.policy', '?')}", "epochs": epochs}
 
 
 @dataclass
 class Comparison:
-    runs: list[dict]  # read_runs() dicts, each with a unique "label"
-    table: str
-    series: dict[str, dict[str, tuple[list[int], list[float]]]]  # metric -> label -> (steps, values)
-    png: Path
+    experiment: str
+    groups: list[Group]
+    pairs: list[Difference]
+    best: Group | None
+    test_clips: int | None
+    resamples: int
+    skipped: list[dict]  # runs not compared (unfinished, or without test metrics)
+    mixed: dict[str, list[str]]  # protocol key -> distinct values, when --allow-mixed let them in
+    series: dict[str, dict[str, dict]] = field(default_factory=dict)  # metric -> group -> curves
+    png: Path | None = None
+
+    def to_json(self) -> dict:
+        return {"experiment": self.experiment, "test_clips": self.test_clips, "resamples": self.resamples,
+                "level": LEVEL, "best": self.best.name if self.best else None,
+                "mixed_protocol": self.mixed,
+                "groups": [{"name": g.name, "id": g.id, "reference": g.reference, "n": len(g.runs),
+                            "runs": [r["run_id"] for r in g.runs], "mixed_protocol": g.mixed,
+                            "metrics": {m: {k: v for k, v in s.items()} for m, s in g.stats.items()}}
+                           for g in self.groups],
+                "pairs": [{"a": d.a, "b": d.b, "metric": d.metric, "diff": d.diff, "ci95": [d.low, d.high],
+                           "verdict": d.verdict} for d in self.pairs],
+                "skipped": [{"run_id": r["run_id"], "name": r["name"], "status": r["status"]} for r in self.skipped]}
 
 
-def load_runs(experiment: str, uri: str | None = None) -> list[dict]:
-    """The experiment's runs, trained runs oldest first and reference runs after them, each
-    labelled by its run name (made unique); a reference run's label says what it is."""
-    runs = read_runs(uri, experiment)
+# ------------------------------------------------------------------------------------ reading
+
+def load_runs(experiment: str, uri: str | None = None, parent: str | None = None) -> list[dict]:
+    """The experiment's runs (or one sweep's: the children of ``parent``), trained runs oldest
+    first and reference runs after them, without sweep parent runs; each labelled by its run name
+    (made unique), a reference's label saying so."""
+    runs = child_runs(uri, parent) if parent else read_runs(uri, experiment)
+    runs = [r for r in runs if r["tags"].get(SWEEP_TAG) != "true"]
     for r in runs:
         r["reference"] = r["tags"].get(REFERENCE_TAG)
     runs.sort(key=lambda r: r["reference"] is not None)  # stable: keeps the time order within
@@ -94,29 +138,319 @@ def load_runs(experiment: str, uri: str | None = None) -> list[dict]:
     return runs
 
 
-def format_table(runs: Sequence[dict]) -> str:
-    """A plain-text table: a header line, a rule, then one line per run."""
-    rows = [[str(get(r)) for _, get in COLUMNS] for r in runs]
-    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, (h, _) in enumerate(COLUMNS)]
-    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-    return "\n".join([line([h for h, _ in COLUMNS]), line(["-" * w for w in widths]), *map(line, rows)])
+def group_runs(runs: Sequence[dict]) -> list[Group]:
+    """Groups by ``mtt.group`` (a run without it is a group of its own), in order of first run."""
+    groups: dict[str, Group] = {}
+    for r in runs:
+        gid = r["tags"].get("mtt.group") or r["run_id"]
+        if gid not in groups:
+            name = r["tags"].get("mtt.group_name") or r["name"] or r["run_id"][:8]
+            groups[gid] = Group(gid, name, [], r["reference"])
+        groups[gid].runs.append(r)
+    names: dict[str, int] = {}
+    for g in groups.values():
+        names[g.name] = names.get(g.name, 0) + 1
+    for g in groups.values():
+        if names[g.name] > 1:  # two configs whose overrides read the same: tell them apart
+            g.name = f"{g.name} ({g.id[:6]})"
+    return list(groups.values())
 
 
-def curves(runs: Sequence[dict], metrics: Sequence[str], uri: str | None = None
-           ) -> dict[str, dict[str, tuple[list[int], list[float]]]]:
-    """Per-epoch history ``metric -> run label -> (steps, values)``; runs without it are left out."""
-    out: dict[str, dict[str, tuple[list[int], list[float]]]] = {}
-    for m in metrics:
-        out[m] = {}
-        for r in runs:
-            hist = metric_history(uri, r["run_id"], m)
-            if hist:
-                out[m][r["label"]] = ([s for s, _ in hist], [v for _, v in hist])
+def protocol_of(run: dict) -> dict[str, str]:
+    return {key: str(run[where].get(key, "?")) for where, key in PROTOCOL}
+
+
+def check_protocol(runs: Sequence[dict], allow_mixed: bool) -> dict[str, list[str]]:
+    """``{key: values}`` of the protocol keys in which ``runs`` differ; raises ``ProtocolError``
+    naming the first such key unless ``allow_mixed``."""
+    mixed = {}
+    for _, key in PROTOCOL:
+        values = sorted({protocol_of(r)[key] for r in runs})
+        if len(values) > 1:
+            mixed[key] = values
+    if mixed and not allow_mixed:
+        key, values = next(iter(mixed.items()))
+        raise ProtocolError(f"runs differ in their evaluation protocol: {key} is {' vs '.join(values)}; their "
+                            f"scores are not comparable (pass --allow-mixed to print them anyway, marked)")
+    return mixed
+
+
+class Scorer:
+    """Bootstrap values of each run's test ROC-AUC and PR-AUC on a set of clips, computed once
+    per (run, clip set) under resamples that are the same for every run (so pairs are paired)."""
+
+    def __init__(self, predictions: dict[str, Predictions], resamples: int, seed: int):
+        self.predictions, self.resamples, self.seed = predictions, resamples, seed
+        self._cache: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+
+    def shared_clips(self, run_ids: Sequence[str]) -> np.ndarray:
+        sets = [set(self.predictions[r].clip_ids.tolist()) for r in run_ids]
+        return np.array(sorted(set.intersection(*sets)), dtype=np.int64)
+
+    def boot(self, run_id: str, clips: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        key = (run_id, hashlib.sha256(clips.tobytes()).hexdigest())
+        if key not in self._cache:
+            p = self.predictions[run_id]
+            order = np.argsort(p.clip_ids)
+            rows = order[np.searchsorted(p.clip_ids, clips, sorter=order)]  # the run's row of each clip
+            weights = bootstrap_weights(len(clips), self.resamples, self.seed)
+            self._cache[key] = macro_auc_under_weights(p.labels[rows], p.probabilities[rows], weights)
+            full = np.ones((1, len(clips)), dtype=np.int32)
+            self._cache[key + ("point",)] = macro_auc_under_weights(p.labels[rows], p.probabilities[rows], full)
+        return self._cache[key]
+
+    def point(self, run_id: str, clips: np.ndarray) -> tuple[float, float]:
+        self.boot(run_id, clips)
+        key = (run_id, hashlib.sha256(clips.tobytes()).hexdigest(), "point")
+        return float(self._cache[key][0][0]), float(self._cache[key][1][0])
+
+
+def _fetch_predictions(uri: str | None, runs: Sequence[dict], folder: Path) -> dict[str, Predictions]:
+    out = {}
+    for r in runs:
+        path = try_download_artifact(uri, r["run_id"], PREDICTIONS, folder / r["run_id"])
+        if path is not None:  # an older run has none: no bootstrap for it
+            out[r["run_id"]] = load_predictions(path)
     return out
 
 
-def plot_curves(series: dict[str, dict[str, tuple[list[int], list[float]]]], out: Path, title: str) -> Path:
-    """One panel per metric, one line per run; written atomically as a PNG of
+# ------------------------------------------------------------------------------------ statistics
+
+def _metric(run: dict, name: str) -> float | None:
+    m = run["metrics"]
+    if name == "selected_val_roc_auc" and name not in m:  # older runs: the last epoch's
+        name = "val_roc_auc"
+    v = m.get(name)
+    return None if v is None or math.isnan(v) else float(v)
+
+
+def _t_interval(values: np.ndarray) -> tuple[float, float] | None:
+    if len(values) < 2:
+        return None
+    from scipy import stats as st
+
+    half = st.t.ppf(0.5 + LEVEL / 2, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values))
+    # Every table metric lies in [0, 1]; with two or three seeds t's interval can pass the bounds.
+    return max(0.0, float(values.mean() - half)), min(1.0, float(values.mean() + half))
+
+
+def group_stats(group: Group, scorer: Scorer, clips: np.ndarray | None, seed: int) -> None:
+    """Fill ``group.stats``: for each table metric n, mean, std (over seeds) and ci95."""
+    for metric in TABLE_METRICS:
+        values = np.array([v for v in (_metric(r, metric) for r in group.runs) if v is not None])
+        if len(values) == 0:
+            continue
+        stats = {"n": len(values), "mean": float(values.mean()),
+                 "std": float(values.std(ddof=1)) if len(values) > 1 else float("nan"),
+                 "values": values.tolist(), "ci95": _t_interval(values), "ci_kind": "t over seeds"}
+        have = [r["run_id"] for r in group.runs if r["run_id"] in scorer.predictions]
+        if metric in BOOTSTRAPPED and clips is not None and len(have) == len(group.runs):
+            k = BOOTSTRAPPED.index(metric)
+            boot = np.stack([scorer.boot(r, clips)[k] for r in have])
+            stats["ci95"] = interval(seed_resampled_means(boot, seed))
+            stats["ci_kind"] = "bootstrap over clips and seeds"
+        group.stats[metric] = stats
+
+
+def pair(a: Group, b: Group, scorer: Scorer, seed: int) -> list[Difference]:
+    """The paired differences ``a - b`` of test ROC-AUC and PR-AUC on their shared clips."""
+    ids = [r["run_id"] for g in (a, b) for r in g.runs]
+    if not all(i in scorer.predictions for i in ids):
+        return []
+    clips = scorer.shared_clips(ids)
+    out = []
+    for k, metric in enumerate(BOOTSTRAPPED):
+        boots = [np.stack([scorer.boot(r["run_id"], clips)[k] for r in g.runs]) for g in (a, b)]
+        points = [np.mean([scorer.point(r["run_id"], clips)[k] for r in g.runs]) for g in (a, b)]
+        out.append(difference(boots[0], boots[1], points[0], points[1], (a.name, b.name), metric, seed))
+    return out
+
+
+def best_group(groups: Sequence[Group]) -> Group | None:
+    """The group with the best mean validation score of its selected epochs (trained groups
+    first: a reference is a yardstick, not a candidate)."""
+    candidates = [g for g in groups if not g.reference] or list(groups)
+    scored = [g for g in candidates if "selected_val_roc_auc" in g.stats]
+    return max(scored, key=lambda g: g.stats["selected_val_roc_auc"]["mean"]) if scored else None
+
+
+def find_group(groups: Sequence[Group], key: str) -> Group:
+    matches = [g for g in groups if key in (g.name, g.label) or g.id.startswith(key)]
+    if len(matches) != 1:
+        known = ", ".join(g.name for g in groups)
+        raise LookupError(f"--pair {key!r}: {'no' if not matches else 'more than one'} group matches; groups: {known}")
+    return matches[0]
+
+
+def build(experiment: str, uri: str | None = None, pairs: Sequence[tuple[str, str]] = (), allow_mixed: bool = False,
+          parent: str | None = None, resamples: int = RESAMPLES, seed: int = 0,
+          bootstrap: bool = True) -> Comparison:
+    """Read the runs, check their protocol, group them, compute intervals and paired differences
+    (``bootstrap=False``: without reading predictions, so no bootstrap intervals or pairs)."""
+    runs = load_runs(experiment, uri, parent)
+    finished = [r for r in runs if r["status"] == "FINISHED" and "test_roc_auc" in r["metrics"]]
+    # The same config and seed run again (a repeated `make demo`) replaces the older run: a seed
+    # counts once in its group.
+    newest = {r["tags"].get("config_hash", r["run_id"]) + r["tags"].get(REFERENCE_TAG, ""): r for r in finished}
+    for r in finished:
+        if newest[r["tags"].get("config_hash", r["run_id"]) + r["tags"].get(REFERENCE_TAG, "")] is not r:
+            r["status"] = "superseded"
+    if not allow_mixed:  # a run logged before its protocol was recorded cannot be checked
+        for r in finished:
+            if "?" in protocol_of(r).values():
+                r["status"] = "no protocol record"
+    finished = [r for r in finished if r["status"] == "FINISHED"]
+    skipped = [r for r in runs if r not in finished]
+    if not finished:
+        where = f"sweep {parent}" if parent else f"MLflow experiment {experiment!r} in {resolve_uri(uri)}"
+        raise LookupError(f"{where} has no finished run with test metrics")
+    mixed = check_protocol(finished, allow_mixed)
+    groups = group_runs(finished)
+    if mixed:  # mark the groups evaluated unlike most runs
+        from collections import Counter
+
+        usual = {k: Counter(protocol_of(r)[k] for r in finished).most_common(1)[0][0] for k in mixed}
+        for g in groups:
+            g.mixed = [k for k in mixed if any(protocol_of(r)[k] != usual[k] for r in g.runs)]
+    with tempfile.TemporaryDirectory() as tmp:
+        scorer = Scorer(_fetch_predictions(uri, finished, Path(tmp)) if bootstrap else {}, resamples, seed)
+    all_ids = [r["run_id"] for r in finished if r["run_id"] in scorer.predictions]
+    clips = scorer.shared_clips(all_ids) if all_ids else None
+    for g in groups:
+        group_stats(g, scorer, clips, seed)
+    best = best_group(groups)
+    chosen = [(find_group(groups, a), find_group(groups, b)) for a, b in pairs] if pairs else \
+        [(g, best) for g in groups if best is not None and g is not best]
+    diffs = [d for a, b in chosen for d in pair(a, b, scorer, seed)]
+    return Comparison(experiment, groups, diffs, best, len(clips) if clips is not None else None, resamples,
+                      skipped, mixed)
+
+
+# ------------------------------------------------------------------------------------ output
+
+def _fmt(stats: dict | None, digits: int = 4) -> str:
+    if not stats:
+        return "-"
+    out = f"{stats['mean']:.{digits}f}"
+    if stats["n"] > 1:
+        out += f" ± {stats['std']:.{digits}f}"
+    if stats.get("ci95"):
+        lo, hi = stats["ci95"]
+        out += f" [{lo:.{digits}f}, {hi:.{digits}f}]"
+    return out
+
+
+HEADERS = ("group", "n", "head", "pool", "steps", "epochs", "val_roc_auc (selected)", "test_roc_auc", "test_pr_auc",
+           "test_acc", "all_neg_acc")
+
+
+def table_rows(c: Comparison) -> list[list[str]]:
+    rows = []
+    for g in c.groups:
+        d = g.describe()
+        label = g.label + (" *" if g.mixed else "")
+        rows.append([label, str(len(g.runs)), d["head"], d["pool"], d["steps"], d["epochs"],
+                     _fmt(g.stats.get("selected_val_roc_auc")), _fmt(g.stats.get("test_roc_auc")),
+                     _fmt(g.stats.get("test_pr_auc")), _fmt({**g.stats["test_accuracy"], "ci95": None})
+                     if "test_accuracy" in g.stats else "-",
+                     f"{g.stats['test_accuracy_all_negative']['mean']:.4f}" if "test_accuracy_all_negative" in g.stats
+                     else "-"])
+    return rows
+
+
+def _notes(c: Comparison) -> list[str]:
+    seeds = sorted({len(g.runs) for g in c.groups})
+    per_group = f"{seeds[0]}" if len(seeds) == 1 else f"{seeds[0]} to {seeds[-1]}"
+    lines = [f"{len(c.groups)} groups, {sum(len(g.runs) for g in c.groups)} runs ({per_group} seed(s) per group); "
+             f"test set: {c.test_clips if c.test_clips is not None else '?'} clips shared by "
+             f"every run; mean ± std over seeds [95% interval: test AUCs bootstrap over clips and seeds, "
+             f"{c.resamples} resamples; other metrics Student's t over seeds]"]
+    if c.best is not None:
+        lines.append(f"best group by mean validation ROC-AUC of the selected epochs: {c.best.name}")
+    if c.mixed:
+        lines.append("* evaluated under another protocol: " + "; ".join(f"{k}: {' vs '.join(v)}"
+                                                                         for k, v in c.mixed.items()))
+    superseded = [r for r in c.skipped if r["status"] == "superseded"]
+    others = [r for r in c.skipped if r["status"] != "superseded"]
+    if superseded:
+        lines.append(f"{len(superseded)} older run(s) superseded by a newer run of the same config and seed")
+    if others:
+        from collections import Counter
+
+        counts = Counter(r["status"] for r in others)
+        listed = ", ".join(f"{r['label']} ({r['status']})" for r in others) if len(others) <= 4 else \
+            ", ".join(f"{n} {status}" for status, n in counts.most_common())
+        lines.append(f"not compared ({len(others)} runs): {listed}")
+    return lines
+
+
+def format_text(c: Comparison) -> str:
+    rows = table_rows(c)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(HEADERS)]
+    line = lambda cells: "  ".join(x.ljust(w) for x, w in zip(cells, widths)).rstrip()  # noqa: E731
+    out = [f"experiment {c.experiment}", line(HEADERS), line(["-" * w for w in widths]), *map(line, rows), ""]
+    out += _notes(c)
+    if c.pairs:
+        out += ["", "paired differences (same test clips, seeds resampled; 95% bootstrap interval):"]
+        out += [f"  {d.line()}" for d in c.pairs]
+    return "\n".join(out)
+
+
+def format_markdown(c: Comparison) -> str:
+    out = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+    out += ["| " + " | ".join(r) + " |" for r in table_rows(c)]
+    out += [""] + [f"{n}." if not n.endswith(".") else n for n in _notes(c)]
+    if c.pairs:
+        out += ["", "| difference | metric | value | 95% interval | verdict |", "|---|---|---|---|---|"]
+        out += [f"| {d.a} - {d.b} | {d.metric} | {d.diff:+.4f} | [{d.low:+.4f}, {d.high:+.4f}] | {d.verdict} |"
+                for d in c.pairs]
+    return "\n".join(out)
+
+
+def _tex(s: str) -> str:
+    return re.sub(r"([_&%#$])", r"\\\1", s).replace("±", r"$\pm$")
+
+
+def format_latex(c: Comparison) -> str:
+    cols = ("group", "n", "val ROC-AUC", "test ROC-AUC", "test PR-AUC")
+    out = [r"\begin{table}[t]", r"\centering", r"\begin{tabular}{lrlll}", r"\toprule",
+           " & ".join(cols) + r" \\", r"\midrule"]
+    for g in c.groups:
+        cells = [g.label, str(len(g.runs))] + [_fmt(g.stats.get(m), 3) for m in TABLE_METRICS[:3]]
+        out.append(" & ".join(_tex(x) for x in cells) + r" \\")
+    out += [r"\bottomrule", r"\end{tabular}",
+            r"\caption{" + _tex(f"{c.experiment}: mean ± std over seeds and 95% interval (test AUCs: bootstrap over "
+                               f"the {c.test_clips} test clips and the seeds, {c.resamples} resamples).") + "}",
+            r"\end{table}"]
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------------------------ curves
+
+def curves(groups: Sequence[Group], metrics: Sequence[str], uri: str | None = None) -> dict[str, dict[str, dict]]:
+    """``metric -> group name -> {"steps", "mean", "low", "high", "n"}``: the per-epoch mean over
+    the group's seeds and the band between their lowest and highest value (at each step, over
+    the seeds that reached it: early stopping ends seeds at different epochs)."""
+    out: dict[str, dict[str, dict]] = {}
+    for m in metrics:
+        out[m] = {}
+        for g in groups:
+            by_step: dict[int, list[float]] = {}
+            for r in g.runs:
+                for step, v in metric_history(uri, r["run_id"], m):
+                    by_step.setdefault(step, []).append(v)
+            if by_step:
+                steps = sorted(by_step)
+                out[m][g.label] = {"steps": steps, "mean": [float(np.mean(by_step[s])) for s in steps],
+                                   "low": [float(np.min(by_step[s])) for s in steps],
+                                   "high": [float(np.max(by_step[s])) for s in steps],
+                                   "n": [len(by_step[s]) for s in steps], "reference": bool(g.reference)}
+    return out
+
+
+def plot_curves(series: dict[str, dict[str, dict]], out: Path, title: str) -> Path:
+    """One panel per metric, one line (the mean over seeds) and band (min-max) per group; a
+    reference, which has no epochs, is a dashed horizontal line. Written atomically as a PNG of
     ``FIGURE_INCHES[0] * n_metrics x FIGURE_INCHES[1]`` inches at ``DPI``."""
     import matplotlib
 
@@ -125,13 +459,17 @@ def plot_curves(series: dict[str, dict[str, tuple[list[int], list[float]]]], out
 
     n = max(1, len(series))
     fig, axes = plt.subplots(1, n, figsize=(FIGURE_INCHES[0] * n, FIGURE_INCHES[1]), dpi=DPI, squeeze=False)
-    for ax, (metric, by_run) in zip(axes[0], series.items()):
-        for label, (steps, values) in by_run.items():
-            ax.plot(steps, values, marker="o", markersize=3, label=label)
+    for ax, (metric, by_group) in zip(axes[0], series.items()):
+        for label, s in by_group.items():
+            if s["reference"] and len(s["steps"]) == 1:
+                ax.axhline(s["mean"][0], linestyle="--", linewidth=1, color="gray", label=label)
+                continue
+            line, = ax.plot(s["steps"], s["mean"], marker="o", markersize=2, label=f"{label} (n={max(s['n'])})")
+            ax.fill_between(s["steps"], s["low"], s["high"], alpha=0.2, color=line.get_color())
         ax.set_title(metric)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-        if by_run:
+        if by_group:
             ax.legend(fontsize=6)
     fig.suptitle(title)
     fig.tight_layout()
@@ -164,15 +502,18 @@ def default_png(uri: str | None, experiment: str) -> Path:
 
 
 def compare(experiment: str, metrics: Sequence[str] = DEFAULT_METRICS, out: str | Path | None = None,
-            uri: str | None = None) -> Comparison:
-    """Read experiment ``experiment``, build its table and write its curves PNG."""
-    runs = load_runs(experiment, uri)
-    if not runs:
-        raise LookupError(f"MLflow experiment {experiment!r} in {resolve_uri(uri)} has no runs")
-    series = curves(runs, metrics, uri)
-    png = plot_curves(series, Path(out) if out else default_png(uri, experiment),
-                      f"{experiment}: {len(runs)} runs")
-    return Comparison(runs, format_table(runs), series, png)
+            uri: str | None = None, **kwargs) -> Comparison:
+    """``build`` the comparison of ``experiment`` and write its curves PNG."""
+    c = build(experiment, uri, **kwargs)
+    c.series = curves(c.groups, metrics, uri)
+    c.png = plot_curves(c.series, Path(out) if out else default_png(uri, experiment),
+                        f"{experiment}: {len(c.groups)} groups, {sum(len(g.runs) for g in c.groups)} runs")
+    return c
+
+
+def sweep_summary(uri: str | None, parent_run_id: str, bootstrap: bool = True) -> dict:
+    """The grouped summary (``--format json``) of one sweep's child runs, for its parent run."""
+    return build("", uri, parent=parent_run_id, allow_mixed=True, bootstrap=bootstrap).to_json()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -180,19 +521,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("experiment", help="MLflow experiment name (e.g. report, demo)")
     parser.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS),
                         help="per-epoch metrics to plot (default: %(default)s)")
+    parser.add_argument("--pair", nargs=2, action="append", metavar=("A", "B"), default=[],
+                        help="groups to test against each other (name or id prefix; repeatable); "
+                             "default: each group against the best")
+    parser.add_argument("--format", choices=("text", "json", "markdown", "latex"), default="text")
+    parser.add_argument("--allow-mixed", action="store_true",
+                        help="list runs evaluated under different protocols anyway (marked *)")
+    parser.add_argument("--parent", help="only the child runs of this sweep's parent run")
+    parser.add_argument("--resamples", type=int, default=RESAMPLES, help="bootstrap resamples (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default %(default)s)")
     parser.add_argument("--out", help="PNG path (default: compare-<experiment>.png next to the store)")
     parser.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else <repo>/mlflow.db)")
     args = parser.parse_args(argv)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # stdout is the table
+    if args.resamples < 100:
+        parser.error(f"--resamples must be at least 100, got {args.resamples}")
     try:
-        result = compare(args.experiment, args.metrics, args.out, args.tracking_uri)
+        c = compare(args.experiment, args.metrics, args.out, args.tracking_uri, pairs=[tuple(p) for p in args.pair],
+                    allow_mixed=args.allow_mixed, parent=args.parent, resamples=args.resamples, seed=args.seed)
     except LookupError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(result.table)
-    missing = [m for m, by_run in result.series.items() if not by_run]
-    if missing:
-        print(f"note: no run logged {missing}", file=sys.stderr)
-    print(f"\ncurves ({', '.join(args.metrics)}): {result.png}")
+    if args.format == "json":
+        print(json.dumps(c.to_json(), indent=1))
+    elif args.format == "markdown":
+        print(format_markdown(c))
+    elif args.format == "latex":
+        print(format_latex(c))
+    else:
+        print(format_text(c))
+        missing = [m for m, by in c.series.items() if not by]
+        if missing:
+            print(f"note: no run logged {missing}", file=sys.stderr)
+        print(f"\ncurves ({', '.join(args.metrics)}; mean over seeds, band from lowest to highest): {c.png}")
     return 0
 
 

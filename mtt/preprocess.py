@@ -32,6 +32,8 @@ import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
+import contextlib
+import multiprocessing
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -81,6 +83,25 @@ def _init_worker() -> None:
     import torch
 
     torch.set_num_threads(1)
+
+
+@contextlib.contextmanager
+def _start_method(method: str):
+    """Make ``method`` the process-wide start method while the pool starts its workers.
+
+    A child of a ``get_context(method)`` pool restores the PARENT's global start method first.
+    Inside a joblib worker (a job of a ``hydra/launcher=joblib`` sweep) that is joblib's ``loky``,
+    which a plain multiprocessing child does not know: every worker would die on start.
+    """
+    current = multiprocessing.get_start_method(allow_none=True)
+    if current in (None, method):
+        yield
+        return
+    multiprocessing.set_start_method(method, force=True)
+    try:
+        yield
+    finally:
+        multiprocessing.set_start_method(current, force=True)
 
 
 def _worker_context():
@@ -183,7 +204,7 @@ def _build_feature_store(path: Path, index: ClipIndex, cfg: FeaturesConfig, prog
                 torch.set_num_threads(threads)
         else:
             # Chunks of 8 clips keep the inter-process traffic small while the bar still moves.
-            with ProcessPoolExecutor(workers, mp_context=_worker_context(),
+            with _start_method("forkserver"), ProcessPoolExecutor(workers, mp_context=_worker_context(),
                                      initializer=_init_worker) as pool:
                 for _ in pool.map(_extract, jobs, chunksize=8):
                     bar.update()

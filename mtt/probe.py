@@ -13,7 +13,9 @@ Protocol (the one MARBLE and HEAR use for frozen embeddings):
 4. one L2-regularised logistic regression per tag (scikit-learn, lbfgs) is fitted on the
    training clips for each strength in ``probe.C``; the strength with the best macro ROC-AUC on
    the validation split is kept (a tag without both classes in training gets its training
-   frequency as a constant);
+   frequency as a constant). Where the split has no validation set of its own (the report
+   split validates on its test clips), 10% of the training clips (seeded) are held out to choose
+   the strength instead, and the run is tagged ``probe_validation=carved_from_train``;
 5. validation and test clips are scored with the same clip-level metric code as every trained
    run (``mtt.train.clip_metrics``) and logged under the same names (``val_roc_auc``,
    ``test_roc_auc``, ``test_pr_auc``, ``test_accuracy``, ``test_accuracy_all_negative``, ...),
@@ -32,12 +34,13 @@ import warnings
 import numpy as np
 from mtt import distributed
 from mtt.store import PatchStore
-from mtt.train import Split, clip_metrics, log_records, prepare
+from mtt.train import Split, clip_metrics, log_records, log_test, prepare
 
 log = logging.getLogger(__name__)
 
 REFERENCE_TAG = "mtt.reference"
 REFERENCE = "linear_probe"
+CARVED_FRACTION = 0.1  # of the training clips, held out when the split has no validation set
 
 
 def clip_embeddings(inputs: PatchStore, clip_ids: np.ndarray) -> np.ndarray:
@@ -105,34 +108,44 @@ def fit_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val
     return best, scores
 
 
+def carve_validation(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+    """Split ``fraction`` of the training clips off as a validation set (seeded): for splits
+    without a validation set of their own, so that the strength is never chosen on test clips."""
+    order = np.random.default_rng([seed, 2]).permutation(len(train.clip_ids))
+    n_val = max(1, int(round(fraction * len(order))))
+    val, rest = np.sort(order[:n_val]), np.sort(order[n_val:])
+    pick = lambda rows: Split(train.clip_ids[rows], train.labels[rows], len(rows))  # noqa: E731
+    return pick(rest), pick(val)
+
+
 def run_probe(cfg, tracker, d: distributed.Dist = distributed.Dist()) -> dict[str, float]:
     """Fit and evaluate the linear probe of ``cfg``; log it to ``tracker``; return its metrics."""
     start = time.perf_counter()
     p = prepare(cfg, d, cache=True)
-    tracker.set_tags({REFERENCE_TAG: REFERENCE})
-    derived = {"train_clips": len(p.train.clip_ids), "val_clips": len(p.valid.clip_ids),
+    train, valid = p.train, p.valid
+    if p.valid_is_test:  # the report split: choose the strength on training clips held out
+        train, valid = carve_validation(p.train, CARVED_FRACTION, cfg.trainer.seed)
+    tracker.set_tags({REFERENCE_TAG: REFERENCE, "selection": "best_val",
+                      "probe_validation": "carved_from_train" if p.valid_is_test else "valid_split"})
+    derived = {"train_clips": len(train.clip_ids), "val_clips": len(valid.clip_ids),
                "test_clips": len(p.test.clip_ids), "n_tags": len(p.index.tags), "device": str(p.device),
                "embedding_dim": 2 * p.inputs.item_shape[0], "steps_per_epoch": 0}
     log_records(cfg, tracker, derived, p.weights, p.store)
     emb = {name: clip_embeddings(p.inputs, s.clip_ids) for name, s in
-           (("train", p.train), ("valid", p.valid), ("test", p.test))}
-    probe, scores = fit_probe(emb["train"], p.train.labels, emb["valid"], p.valid.labels, list(cfg.probe.C))
+           (("train", train), ("valid", valid), ("test", p.test))}
+    probe, scores = fit_probe(emb["train"], train.labels, emb["valid"], valid.labels, list(cfg.probe.C))
     for i, rec in enumerate(scores):  # the validation curve over strengths, for the record
         tracker.log_metrics({"probe_C": rec["C"], "probe_val_roc_auc": rec["val_roc_auc"]}, step=i)
     tracker.log_params({"probe.selected_C": probe.C})
-    metrics = _evaluate(probe, emb, p.valid, p.test)
-    tracker.log_metrics(metrics, step=0)
-    metrics["probe_seconds"] = time.perf_counter() - start
+    val = {f"val_{k}": v for k, v in clip_metrics(valid.labels, probe.predict(emb["valid"])).items()}
+    selected = {f"selected_{k}": v for k, v in val.items()}
+    test = log_test(tracker, p.index.tags, p.test, probe.predict(emb["test"]), step=0, seed=cfg.trainer.seed,
+                    extra={**val, **selected})
+    metrics = {**val, **selected, **test, "probe_seconds": time.perf_counter() - start}
     tracker.log_metrics({"probe_seconds": metrics["probe_seconds"]}, step=0)
     log.info("linear probe (C=%g): %s", probe.C,
-             " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith(("val_roc", "test_"))))
+             " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith(("val_roc", "test_")) and "_ci" not in k))
     return metrics
-
-
-def _evaluate(probe: LinearProbe, emb: dict[str, np.ndarray], valid: Split, test: Split) -> dict[str, float]:
-    out = {f"val_{k}": v for k, v in clip_metrics(valid.labels, probe.predict(emb["valid"])).items()}
-    out.update({f"test_{k}": v for k, v in clip_metrics(test.labels, probe.predict(emb["test"])).items()})
-    return out
 
 
 def main() -> None:

@@ -5,12 +5,16 @@ end-of-run reports (per-tag CSV, curve plots). No mlflow here: these build value
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import platform
 import subprocess
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Mapping, Sequence
+
+import numpy as np
 
 from mtt.config import REPO_ROOT
 
@@ -97,3 +101,38 @@ def plot_curves(history: Mapping[str, Sequence[float]], folder: Path) -> list[Pa
         plt.close(fig)
         paths.append(folder / name)
     return paths
+
+
+PREDICTIONS = "test_predictions.npz"
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """A run's test-set clip probabilities, as logged in ``test_predictions.npz``."""
+
+    clip_ids: np.ndarray  # (clips,) int64
+    tags: tuple[str, ...]
+    probabilities: np.ndarray  # (clips, tags) float64
+    labels: np.ndarray  # (clips, tags) uint8
+
+
+def save_predictions(path: Path, clip_ids, tags, probabilities, labels) -> Path:
+    """Write ``test_predictions.npz``: numpy arrays only (tag names as a unicode array), no pickle."""
+    np.savez_compressed(path, clip_ids=np.asarray(clip_ids, dtype=np.int64), tags=np.asarray(list(tags), dtype=str),
+                        probabilities=np.asarray(probabilities, dtype=np.float64),
+                        labels=np.asarray(labels, dtype=np.uint8))
+    return Path(path)
+
+
+def load_predictions(path: str | Path) -> Predictions:
+    with np.load(path, allow_pickle=False) as z:
+        return Predictions(z["clip_ids"], tuple(str(t) for t in z["tags"]), z["probabilities"], z["labels"])
+
+
+def digest_test_set(clip_ids, labels) -> str:
+    """A short SHA-256 of the test clips and their labels: runs evaluated on the same test set
+    (same clips, same tag columns) share it; ``mtt.compare`` refuses to rank runs that do not."""
+    order = np.argsort(np.asarray(clip_ids))
+    h = hashlib.sha256(np.asarray(clip_ids, dtype=np.int64)[order].tobytes())
+    h.update(np.ascontiguousarray(np.asarray(labels, dtype=np.uint8)[order]).tobytes())
+    return h.hexdigest()[:16]

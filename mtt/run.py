@@ -18,13 +18,16 @@ from mtt.config import CONF_DIR, exit_if_invalid
 log = logging.getLogger(__name__)
 
 
-def run_name(overrides: list[str]) -> str:
-    """``+head=autopool trainer.epochs=2`` -> ``head=autopool,epochs=2`` (the last key part)."""
+def run_name(overrides: list[str], seed: bool = True) -> str:
+    """``+head=autopool trainer.epochs=2`` -> ``head=autopool,epochs=2`` (the last key part);
+    ``seed=False`` leaves ``trainer.seed`` out (the name of the run's group)."""
     parts = []
     for o in overrides:
         key, _, value = o.lstrip("+~").partition("=")
         # Where things are stored, how they are shown and resuming say nothing about the experiment.
         if key.startswith(("tracking.", "hydra", "paths.", "trainer.progress", "trainer.resume")):
+            continue
+        if not seed and key == "trainer.seed":
             continue
         parts.append(f"{key.split('.')[-1]}={value}")
     return ",".join(parts) or "default"
@@ -56,6 +59,12 @@ def resume_target(cfg, config_hash: str) -> str | None:
     return None
 
 
+def _prefixed(prefix: str | None, name: str) -> str:
+    if not prefix:
+        return name
+    return prefix if name == "default" else f"{prefix},{name}"
+
+
 def tracked(cfg, job, name_prefix: str | None = None, resumable: bool = False) -> dict[str, float]:
     """Run ``job(cfg, tracker, dist)`` inside one MLflow run of ``cfg.tracking`` (under torchrun:
     rank 0 tracks, the other ranks get a tracker that logs nothing) and return its metrics.
@@ -64,8 +73,8 @@ def tracked(cfg, job, name_prefix: str | None = None, resumable: bool = False) -
     after the overrides (``name_prefix`` first). ``resumable`` honours ``trainer.resume``.
     """
     from mtt import distributed
-    from mtt.checkpoint import config_hash
-    from mtt.tracking import MlflowTracker
+    from mtt.checkpoint import NOT_GROUPED, config_hash
+    from mtt.tracking import MlflowTracker, sweep_parent
 
     hc = HydraConfig.get()
     tags = {f"choice.{k}": v for k, v in hc.runtime.choices.items()
@@ -73,10 +82,13 @@ def tracked(cfg, job, name_prefix: str | None = None, resumable: bool = False) -
     tags["overrides"] = " ".join(hc.overrides.task)
     tags["sweep_id"] = sweep_id(hc)
     tags["config_hash"] = config_hash(cfg)
-    name = cfg.tracking.run_name or run_name(list(hc.overrides.task))
-    if name_prefix:
-        name = name_prefix if name == "default" else f"{name_prefix},{name}"
+    # Runs that differ only in their seed form one group (mtt.compare aggregates over it).
+    tags["mtt.group"] = config_hash(cfg, NOT_GROUPED, salt=name_prefix or "train")
+    tags["mtt.group_name"] = _prefixed(name_prefix, run_name(list(hc.overrides.task), seed=False))
+    name = cfg.tracking.run_name or _prefixed(name_prefix, run_name(list(hc.overrides.task)))
     d = distributed.init(cfg.trainer.device)  # a no-op unless started by torchrun
+    if hc.mode == RunMode.MULTIRUN and d.main:  # a job of a sweep: a child of the sweep's parent run
+        tags["mlflow.parentRunId"] = sweep_parent(cfg.tracking.uri, cfg.tracking.experiment, tags["sweep_id"])
     if not d.main:  # one copy of the epoch lines, from rank 0
         logging.getLogger("mtt").setLevel(logging.WARNING)
     try:

@@ -7,8 +7,13 @@ FAILED (with the error recorded) or KILLED (Ctrl-C), so a run's status is always
 
 from __future__ import annotations
 
+import atexit
+import hashlib
+import json
 import math
 import os
+import re
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -18,9 +23,10 @@ from hydra.experimental.callback import Callback
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from mtt.config import REPO_ROOT, check_value, exit_if_invalid
+from mtt.store import atomic_write_bytes, locked
 
 DEFAULT_URI = f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
 # MLflow rejects param values longer than this.
@@ -123,24 +129,150 @@ def swept_value_errors(task_overrides: list[str]) -> list[str]:
     return errors
 
 
+SWEEP_TAG = "mtt.sweep"
+
+
+SWEEP_FILE = ".mtt-sweep.json"  # in the sweep's folder: what the launching process was asked
+
+
+def sweep_parent(uri: str | None, experiment: str, sweep_id: str) -> str:
+    """The id of the parent run of sweep ``sweep_id`` in ``experiment``, created by the first job
+    that asks (a job knows its experiment only once its config is composed: a preset may set it).
+
+    Jobs of one sweep may start together (joblib, Slurm): they serialise on a lock file in the
+    sweep's folder (shared by all of them, like ``paths.cache``), so exactly one creates it.
+    """
+    client = MlflowClient(tracking_uri=resolve_uri(uri))
+    exp_id = ensure_experiment(client, experiment)
+    key = hashlib.sha256(f"{resolve_uri(uri)}|{experiment}".encode()).hexdigest()[:16]
+    with locked(Path(sweep_id) / f".mtt-parent-{key}.lock"):
+        for run in client.search_runs([exp_id], f"tags.sweep_id = '{sweep_id}'"):
+            if run.data.tags.get(SWEEP_TAG) == "true":
+                return run.info.run_id
+        try:
+            overrides = json.loads((Path(sweep_id) / SWEEP_FILE).read_text())["overrides"]
+        except (OSError, ValueError, KeyError):  # a launcher without our callback
+            overrides = ""
+        run = client.create_run(exp_id, run_name=f"sweep {overrides}"[:250],
+                                tags={SWEEP_TAG: "true", "overrides": overrides, "sweep_id": sweep_id})
+        client.log_batch(run.info.run_id, params=[Param("sweep.overrides", overrides[:_MAX_PARAM])])
+        return run.info.run_id
+
+
+def metric_key(name: str) -> str:
+    """``head=gap2,epochs=3`` -> ``head:gap2 epochs:3``: MLflow metric names allow only
+    letters, digits and ``_ - . / : space``."""
+    key = re.sub(r"[^/\w.\- :]", "_", name.replace("=", ":").replace(",", " "))
+    return key[:200]  # MLflow keys are at most 250 characters; the metric's name follows
+
+
+def _task_overrides(config: DictConfig) -> list[str]:
+    """The command line's overrides as typed: an override may hold an interpolation (say
+    ``tracking.run_name=head-${hydra:runtime.choices.head}``) that only a job can resolve."""
+    return [str(o) for o in OmegaConf.to_container(config.hydra.overrides.task, resolve=False)]
+
+
 class PrepareTracking(Callback):
-    """Hydra callback (conf/config.yaml ``hydra.callbacks``): in the launching process, before any
-    job starts (single runs and sweeps, any launcher), checks the config's values (a bad one ends
-    the launch with exit status 2, see ``mtt.config.exit_if_invalid``) and runs ``prepare_store``."""
+    """Hydra callback (conf/config.yaml ``hydra.callbacks``) in the launching process.
+
+    Before any job starts (single runs and sweeps, any launcher) it creates the store and the
+    experiment (``prepare_store``). A sweep (``-m``) is ONE parent MLflow run per experiment its
+    jobs log to (created by the first job, ``sweep_parent``): every job's run is its child (tag
+    ``mlflow.parentRunId``); the parent carries the sweep's overrides and ``sweep_id``. When the
+    sweep ends, this callback writes the grouped summary of the children into each parent
+    (``mtt.compare``: ``<group>/test_roc_auc_mean`` ... metrics and ``summary.json``) and ends it.
+    A sweep that fails or is interrupted still ends its parents (FAILED / KILLED, with the
+    summary of the children that finished).
+
+    First of all it checks the config's values, and a sweep's every swept value: a bad one ends
+    the launch with exit status 2 before any store, run or job (``mtt.config.exit_if_invalid``).
+    """
+
+    def __init__(self) -> None:
+        self._sweep: tuple[str, list[str | None]] | None = None  # sweep id, tracking URIs
+        self._interrupted = False
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._prepare(config)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._prepare(config, swept_value_errors(config.hydra.overrides.task))
+        self._prepare(config, swept_value_errors(_task_overrides(config)))
+        if int(os.environ.get("RANK", "0")) != 0:
+            return
+        uris = sorted({u for u, _ in sweep_targets(config.tracking, _task_overrides(config))}, key=str)
+        self._sweep = (str(config.hydra.sweep.dir), uris)
+        record = json.dumps({"overrides": " ".join(_task_overrides(config))}).encode()
+        atomic_write_bytes(Path(self._sweep[0]) / SWEEP_FILE, record)  # for the jobs that create parents
+        previous = sys.excepthook
+
+        def note_interrupt(kind, value, tb):  # Hydra re-raises Ctrl-C; other errors end in exit(1)
+            self._interrupted = self._interrupted or issubclass(kind, KeyboardInterrupt)
+            previous(kind, value, tb)
+
+        sys.excepthook = note_interrupt
+        atexit.register(self._end_parents, None)  # a failed or interrupted sweep skips the end hook
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._end_parents("FINISHED")
+
+    def _end_parents(self, status: str | None) -> None:
+        if self._sweep is None:
+            return
+        (sweep, uris), self._sweep = self._sweep, None
+        bootstrap = status is not None
+        if status is None:  # at exit, without on_multirun_end: the sweep did not finish
+            status = "KILLED" if self._interrupted else "FAILED"
+        for uri in uris:
+            client = MlflowClient(tracking_uri=resolve_uri(uri))
+            experiments = [e.experiment_id for e in client.search_experiments()]
+            for run in client.search_runs(experiments, f"tags.sweep_id = '{sweep}'") if experiments else []:
+                if run.data.tags.get(SWEEP_TAG) == "true" and run.info.status == "RUNNING":
+                    # At interpreter exit no thread pool takes work, and MLflow downloads
+                    # artifacts through one: the summary of a broken sweep has no bootstrap.
+                    end_parent_run(uri, run.info.run_id, status, bootstrap)
 
     @staticmethod
     def _prepare(config: DictConfig, swept_errors: list[str] = ()) -> None:
         exit_if_invalid(config, swept_errors)  # before the store exists: a bad value leaves nothing
         if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 touches the store
             return
-        for uri, experiment in sweep_targets(config.tracking, config.hydra.overrides.task):
+        for uri, experiment in sweep_targets(config.tracking, _task_overrides(config)):
             prepare_store(uri, experiment)
+
+
+def end_parent_run(uri: str | None, run_id: str, status: str, bootstrap: bool = True) -> None:
+    """Summarise a sweep's children into its parent run and end it with ``status``."""
+    from mtt.compare import sweep_summary
+
+    client = MlflowClient(tracking_uri=resolve_uri(uri))
+    try:
+        summary = sweep_summary(uri, run_id, bootstrap)
+    except LookupError as e:  # no finished child to summarise (or a refused mix): say so, still end
+        summary = {"error": str(e)}
+    metrics = []
+    now = now_ms()
+    for group in summary.get("groups", []):
+        for metric, stats in group["metrics"].items():
+            for k in ("mean", "std", "n"):
+                if stats.get(k) is not None and not math.isnan(stats[k]):
+                    metrics.append(Metric(f"{metric_key(group['name'])}/{metric}_{k}", float(stats[k]), now, 0))
+            lo, hi = stats.get("ci95") or (None, None)
+            if lo is not None and not math.isnan(lo):
+                metrics += [Metric(f"{metric_key(group['name'])}/{metric}_ci95_low", lo, now, 0),
+                            Metric(f"{metric_key(group['name'])}/{metric}_ci95_high", hi, now, 0)]
+    for i in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[i:i + 1000])
+    client.log_text(run_id, json.dumps(summary, indent=1), "summary.json")
+    client.set_terminated(run_id, status)
+
+
+def child_runs(uri: str | None, parent_run_id: str) -> list[dict[str, Any]]:
+    """The runs whose ``mlflow.parentRunId`` is ``parent_run_id``, as ``read_runs`` dicts."""
+    client = MlflowClient(tracking_uri=resolve_uri(uri))
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                              max_results=50000, order_by=["attributes.start_time ASC"])
+    return [_as_dict(r) for r in runs]
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -258,6 +390,17 @@ def download_artifacts(uri: str | None, run_id: str, artifact_path: str, dst: st
     return _download(run_id=run_id, artifact_path=artifact_path, dst_path=str(dst),
                      tracking_uri=resolve_uri(uri))
 
+def try_download_artifact(uri: str | None, run_id: str, artifact_path: str, dst: str | Path) -> str | None:
+    """``download_artifacts``, or None when the run has no such artifact."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # many small files: noise
+    client = MlflowClient(tracking_uri=resolve_uri(uri))
+    folder = Path(artifact_path).parent.as_posix()
+    parent = None if folder == "." else folder
+    if not any(a.path == artifact_path for a in client.list_artifacts(run_id, parent)):
+        return None
+    return download_artifacts(uri, run_id, artifact_path, dst)
+
+
 def read_runs(uri: str | None, experiment: str) -> list[dict[str, Any]]:
     """The runs of MLflow experiment ``experiment``, oldest first, as plain dicts:
     ``run_id, name, status, start_time, params, metrics`` (latest value of each), ``tags``.
@@ -270,9 +413,13 @@ def read_runs(uri: str | None, experiment: str) -> list[dict[str, Any]]:
         known = sorted(e.name for e in client.search_experiments())
         raise LookupError(f"no MLflow experiment {experiment!r} in {resolve_uri(uri)}; it has: {known}")
     runs = client.search_runs([exp.experiment_id], max_results=50000, order_by=["attributes.start_time ASC"])
-    return [{"run_id": r.info.run_id, "name": r.info.run_name, "status": r.info.status,
-             "start_time": r.info.start_time, "params": dict(r.data.params), "metrics": dict(r.data.metrics),
-             "tags": dict(r.data.tags)} for r in runs]
+    return [_as_dict(r) for r in runs]
+
+
+def _as_dict(r) -> dict[str, Any]:
+    return {"run_id": r.info.run_id, "name": r.info.run_name, "status": r.info.status,
+            "start_time": r.info.start_time, "params": dict(r.data.params), "metrics": dict(r.data.metrics),
+            "tags": dict(r.data.tags)}
 
 
 def metric_history(uri: str | None, run_id: str, key: str) -> list[tuple[int, float]]:

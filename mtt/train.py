@@ -31,7 +31,8 @@ from mtt.models import Tagger, build_model
 from mtt.models.pooling import log_alphas, project_constraints
 from mtt.models.weights import WeightsInfo, load_state_dict, resolve_weights
 from mtt.preprocess import build_feature_store
-from mtt.records import per_tag_csv, plot_curves, provenance
+from mtt.records import PREDICTIONS, per_tag_csv, plot_curves, provenance, save_predictions, digest_test_set
+from mtt.stats import run_intervals
 from mtt.store import PatchStore
 from mtt.streams import epoch_counts, eval_batches, steps_per_epoch, train_loader
 
@@ -202,9 +203,25 @@ def log_records(cfg, tracker, derived: dict, weights, store: PatchStore) -> None
     tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
 
 
-def log_reports(tracker, state: TrainState, tags, split: Split, probs: np.ndarray) -> None:
-    """End-of-run artifacts: the per-tag test table (CSV) and the curve plots (PNG)."""
+def log_test(tracker, tags, split: Split, probs: np.ndarray, step: int, seed: int,
+             extra: dict[str, float] | None = None) -> dict[str, float]:
+    """Score the test split and record it: ``test_*`` metrics with their bootstrap intervals
+    (resampling the test clips, seeded), the clip probabilities (``test_predictions.npz``), the
+    per-tag table and the test set's digest. Returns the ``test_*`` metrics."""
+    final = {f"test_{k}": v for k, v in clip_metrics(split.labels, probs).items()}
+    intervals = run_intervals(split.labels, probs, seed=seed)
+    tracker.log_metrics({**final, **intervals, **(extra or {})}, step=step)
+    tracker.set_tags({"test_clips_sha256": digest_test_set(split.clip_ids, split.labels),
+                      "test_clips": len(split.clip_ids)})
     tracker.log_text(per_tag_csv(per_tag_table(tags, split.labels, probs)), "per_tag_test.csv")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_predictions(Path(tmp) / PREDICTIONS, split.clip_ids, tags, probs, split.labels)
+        tracker.log_artifact(path)
+    return {**final, **intervals}
+
+
+def log_plots(tracker, state: TrainState) -> None:
+    """End-of-run curve plots (PNG) of the epoch history."""
     with tempfile.TemporaryDirectory() as tmp:
         plot_curves(state.history, Path(tmp))
         tracker.log_artifacts(tmp, "plots")
@@ -223,6 +240,7 @@ class Prepared:
     inputs: PatchStore  # what the model reads: the feature store, or the frozen backbone's cache
     from_backbone: bool  # inputs are backbone outputs (the cache), not log-mel patches
     frozen: bool  # the whole backbone is frozen
+    valid_is_test: bool  # the split has no validation set of its own (data.split=report)
     train: Split
     valid: Split
     test: Split
@@ -259,7 +277,8 @@ def prepare(cfg, d: distributed.Dist = distributed.Dist(), cache: bool | None = 
     splits = [split_of(index, store, s) for s in ("train", "valid", "test")]
     if len(splits[0].clip_ids) == 0:
         raise RuntimeError(f"no training clips with features under {cfg.data.root}")
-    return Prepared(device, amp, weights, index, store, model, inputs, from_backbone, frozen, *splits)
+    valid_is_test = np.array_equal(index.subset("valid"), index.subset("test"))
+    return Prepared(device, amp, weights, index, store, model, inputs, from_backbone, frozen, valid_is_test, *splits)
 
 
 def train(cfg, tracker, d: distributed.Dist = distributed.Dist()) -> dict[str, float]:
@@ -288,12 +307,22 @@ def train(cfg, tracker, d: distributed.Dist = distributed.Dist()) -> dict[str, f
         if d.active:
             tracker.log_text(json.dumps({str(r): ids for r, ids in enumerate(shards)}), "ddp_shards.json")
 
+    # Where the split has no validation set of its own (the report split validates on the test
+    # clips), no epoch is chosen on it: the last epoch is the model, without early stopping or
+    # a schedule driven by the test set.
+    selection = "last" if p.valid_is_test else "best_val"
+    patience, lr_schedule = (None, "none") if p.valid_is_test else (t.patience, t.lr_schedule)
+    if p.valid_is_test and (t.patience is not None or t.lr_schedule != "none"):
+        log.warning("data.split=%s has no validation split (valid == test): ignoring trainer.patience=%s and "
+                    "trainer.lr_schedule=%s, and testing the last epoch", cfg.data.split, t.patience, t.lr_schedule)
+    if not tracker.resumed:
+        tracker.set_tags({"selection": selection})
     if cfg.head.bias_init == "prior":  # from the training labels, before any step
         model.init_output_bias(train_split.labels)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
     scheduler = None
-    if t.lr_schedule == "plateau":
+    if lr_schedule == "plateau":
         # threshold 0: "better" means what it means for early stopping and the best checkpoint
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=t.lr_factor,
                                                                patience=t.lr_patience, threshold=0.0)
@@ -313,7 +342,7 @@ def train(cfg, tracker, d: distributed.Dist = distributed.Dist()) -> dict[str, f
                                        from_backbone=from_backbone, amp=amp)
     meta = {"monitor": t.monitor, "tags": list(index.tags), "config": OmegaConf.to_container(cfg, resolve=True)}
     epoch = state.epoch + 1
-    while epoch < t.epochs and not patience_spent(state, t.patience):
+    while epoch < t.epochs and not patience_spent(state, patience):
         local = train_epoch(model, stream, optimizer, steps, epoch, cfg, device, from_backbone, frozen, amp, forward)
         distributed.sync_buffers(d, model)  # every rank evaluates (and rank 0 saves) one model
         # Every rank ran the same number of equal-sized steps: the mean of means is the mean.
@@ -323,7 +352,7 @@ def train(cfg, tracker, d: distributed.Dist = distributed.Dist()) -> dict[str, f
         metrics["lr"] = optimizer.param_groups[0]["lr"]  # the rate this epoch trained with
         log.info("epoch %d: %s", epoch, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         score = monitor_score(metrics, t.monitor)
-        improved = state.best_epoch < 0 or score > state.best_score
+        improved = selection == "last" or state.best_epoch < 0 or score > state.best_score
         if scheduler is not None:
             scheduler.step(score)
         if improved:
@@ -337,9 +366,9 @@ def train(cfg, tracker, d: distributed.Dist = distributed.Dist()) -> dict[str, f
             save_last(folder, model, optimizer, state, scheduler)
         tracker.log_metrics(metrics, step=epoch, timestamp=state.last_timestamp)
         epoch += 1
-    if patience_spent(state, t.patience):
+    if patience_spent(state, patience):
         log.info("early stop after epoch %d: %s has not improved for %d epochs (best epoch %d)",
-                 state.epoch, t.monitor, t.patience, state.best_epoch)
+                 state.epoch, t.monitor, patience, state.best_epoch)
 
     distributed.barrier(d)  # rank 0's best checkpoint is on disk for every rank
     best, _ = load_best(folder)
@@ -347,15 +376,18 @@ def train(cfg, tracker, d: distributed.Dist = distributed.Dist()) -> dict[str, f
     for name in (BEST_WEIGHTS, BEST_META):
         tracker.log_artifact(folder / name, "checkpoint")
     probs = evaluate_split(test_split)
-    # The test metrics are those of the best validation epoch's model, logged after the last epoch.
-    final = {f"test_{k}": v for k, v in clip_metrics(test_split.labels, probs).items()}
+    # The test metrics are those of the selected epoch's model, logged after the last epoch, with
+    # that epoch's validation metrics beside them (selected_val_*: what a comparison may rank by).
     end = state.epoch + 1
-    tracker.log_metrics({**final, "best_epoch": state.best_epoch, "epochs_trained": end}, step=end)
+    selected = {f"selected_{k}": v[state.best_epoch] for k, v in state.history.items() if k.startswith("val_")}
+    final = log_test(tracker, index.tags, test_split, probs, step=end, seed=t.seed,
+                     extra={"best_epoch": state.best_epoch, "epochs_trained": end, **selected})
     log_alphas(model.pool, tracker, step=end)  # AutoPool's learned alphas (no-op for GAP)
-    log.info("test (best epoch %d): %s", state.best_epoch, " ".join(f"{k}={v:.4f}" for k, v in final.items()))
-    log_reports(tracker, state, index.tags, test_split, probs)
+    log.info("test (%s epoch %d): %s", selection, state.best_epoch,
+             " ".join(f"{k}={v:.4f}" for k, v in final.items() if "_ci" not in k))
+    log_plots(tracker, state)
     distributed.barrier(d)
     if d.main:
         drop_last(folder)
     best_metrics = {k: v[state.best_epoch] for k, v in state.history.items()}
-    return {**best_metrics, **final, "best_epoch": state.best_epoch, "epochs_trained": end}
+    return {**best_metrics, **final, **selected, "best_epoch": state.best_epoch, "epochs_trained": end}

@@ -58,3 +58,17 @@ def run_module(args: list[str], env: dict | None = None, cwd: Path | None = None
     if check and proc.returncode != 0:
         raise AssertionError(f"python -m {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
+
+
+def sweep_children(client, experiment: str, status: str = "FINISHED") -> list:
+    """The job runs of the one sweep (``-m``) in ``experiment``, after checking its parent run:
+    exactly one, ended with ``status``, and every other run of the experiment is its child."""
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("mtt.sweep") == "true"]
+    assert len(parents) == 1, f"{experiment}: {len(parents)} sweep parent runs"
+    (parent,) = parents
+    assert parent.info.status == status, parent.info.status
+    children = [r for r in runs if r is not parent]
+    assert {r.data.tags.get("mlflow.parentRunId") for r in children} == {parent.info.run_id}
+    return children

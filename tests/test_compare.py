@@ -1,59 +1,170 @@
-"""mtt.compare on a small hand-logged MLflow store: table rows, PNG size, plotted data."""
+"""mtt.compare on a hand-logged MLflow store: groups of seeds, intervals, paired verdicts, the
+protocol guard, output formats and plotted curves."""
 
 from __future__ import annotations
 
 import json
 
 import matplotlib.image
+import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
 from mtt.compare import DPI, FIGURE_INCHES, compare, default_png, main
 from mtt.models.pooling import AutoPool, GlobalAveragePool, log_alphas
+from mtt.records import PREDICTIONS, save_predictions, digest_test_set
+from mtt.metrics import tagging_metrics
 from mtt.tracking import MlflowTracker
 
-HISTORY = {"a": [0.6, 0.7, 0.8], "b": [0.5, 0.55]}
+CLIPS = np.arange(100, 400, dtype=np.int64)  # 300 test clips
+RNG = np.random.default_rng(0)
+LABELS = (RNG.random((len(CLIPS), 5)) < 0.2).astype(np.uint8)
+SIGNAL = LABELS.astype(int) * 2 - 1
+TAGS = ("a", "b", "c", "d", "e")
+
+
+def _probs(strength: float, seed: int) -> np.ndarray:
+    noise = np.random.default_rng(seed).normal(size=LABELS.shape)
+    return 1 / (1 + np.exp(-(strength * SIGNAL + noise)))
+
+
+def log_run(uri, experiment, group, seed, probs, tmp_path, tags_set="all", reference=None, config=None, val=None):
+    """A finished run as mtt.run logs one: group tags, protocol params/tags, curves, test metrics
+    and test_predictions.npz."""
+    tags = {"mtt.group": group, "mtt.group_name": f"head={group}", "config_hash": config or f"{group}-{seed}",
+            "feature_store": "fs1", "test_clips_sha256": digest_test_set(CLIPS, LABELS)}
+    if reference:
+        tags["mtt.reference"] = reference
+    with MlflowTracker(uri, experiment, f"head={group},seed={seed}", tags=tags) as t:
+        t.log_params({"head": {"blocks": 2, "output": "sigmoid"}, "pool": {"name": "gap"}, "steps": {"policy": "patches"},
+                      "trainer": {"epochs": 3, "seed": seed},
+                      "data": {"split": "standard", "tags": tags_set, "drop_untagged": True},
+                      "eval": {"aggregate": "mean", "patches_per_clip": None}})
+        curve = val or [0.6 + 0.1 * e + 0.01 * seed for e in range(3)]
+        for step, v in enumerate(curve):
+            t.log_metrics({"val_roc_auc": v, "val_loss": 1 - v}, step=step)
+        m = {f"test_{k}": v for k, v in tagging_metrics(LABELS, probs).items()}
+        t.log_metrics({**m, "selected_val_roc_auc": max(curve), "best_epoch": int(np.argmax(curve)),
+                       "epochs_trained": len(curve)}, step=3)
+        path = save_predictions(tmp_path / f"{t.run_id}.npz", CLIPS, TAGS, probs, LABELS)
+        t.log_artifact(path.rename(path.with_name(PREDICTIONS)))
+        path.with_name(PREDICTIONS).unlink()
+    return t.run_id, m
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    """One store for the module: creating MLflow's sqlite schema takes seconds."""
-    uri = f"sqlite:///{tmp_path_factory.mktemp('store')}/mlflow.db"
-    for name, values in HISTORY.items():
-        with MlflowTracker(uri, "exp", name) as t:
-            t.log_params({"head": {"blocks": 2 if name == "a" else 3, "output": "softmax"}, "pool": {"name": "gap"},
-                          "steps": {"policy": "cached"}, "trainer": {"epochs": len(values)},
-                          "derived": {"steps_per_epoch": 7}})
-            for step, v in enumerate(values):
-                t.log_metrics({"val_roc_auc": v, "val_loss": 1 - v}, step=step)
-            t.log_metrics({"test_accuracy": 0.98, "test_accuracy_all_negative": 0.981, "test_roc_auc": values[-1]},
-                          step=len(values))
-    with MlflowTracker(uri, "exp", "linear_probe", tags={"mtt.reference": "linear_probe"}) as t:
-        t.log_metrics({"test_roc_auc": 0.9, "test_accuracy_all_negative": 0.981}, step=0)
-    return uri
+    """Groups good (3 seeds), same (the very same predictions as good), weak (3 seeds) and a
+    reference; creating MLflow's sqlite schema takes seconds, so one store for the module."""
+    tmp = tmp_path_factory.mktemp("store")
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    logged = {}
+    for seed in range(3):
+        good = _probs(2.0, seed)
+        logged.setdefault("good", []).append(log_run(uri, "exp", "good", seed, good, tmp)[1])
+        logged.setdefault("same", []).append(log_run(uri, "exp", "same", seed, good, tmp, val=[0.5, 0.55, 0.5])[1])
+        logged.setdefault("weak", []).append(log_run(uri, "exp", "weak", seed, _probs(0.6, 10 + seed), tmp,
+                                                     val=[0.5, 0.52, 0.51])[1])
+    log_run(uri, "exp", "probe", 0, _probs(1.0, 20), tmp, reference="linear_probe", val=[0.7])
+    return uri, logged
 
 
-def test_compare_table_png_and_series(store, tmp_path, capsys):
-    out = tmp_path / "c.png"
-    assert main(["exp", "--tracking-uri", store, "--out", str(out), "--metrics", "val_roc_auc"]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split()[:3] == ["run", "status", "head"]
-    rows = [line for line in lines if line.startswith(("a ", "b "))]
-    assert [r.split()[0] for r in rows] == ["a", "b"]
-    assert "3 blocks" in rows[1] and "cached (7/ep)" in rows[0] and "0.9810" in rows[0]
-    # The reference comes after the trained runs, labelled, without the columns it has no use for.
-    assert lines[-3].split()[:7] == ["linear_probe", "[reference]", "FINISHED", "-", "-", "-", "-"]
-    assert "0.9000" in lines[-3]
-    assert matplotlib.image.imread(out).shape[:2] == (FIGURE_INCHES[1] * DPI, FIGURE_INCHES[0] * DPI)
-    result = compare("exp", ["val_roc_auc", "val_loss"], tmp_path / "two.png", store)
-    assert result.series["val_roc_auc"] == {"a": ([0, 1, 2], HISTORY["a"]), "b": ([0, 1], HISTORY["b"])}
-    assert result.series["val_loss"]["b"] == ([0, 1], [pytest.approx(0.5), pytest.approx(0.45)])
-    assert matplotlib.image.imread(result.png).shape[:2] == (FIGURE_INCHES[1] * DPI, 2 * FIGURE_INCHES[0] * DPI)
+def _json(args, capsys):
+    assert main([*args, "--format", "json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_groups_have_n_mean_std_and_intervals(store, capsys):
+    uri, logged = store
+    out = _json(["exp", "--tracking-uri", uri, "--out", "/dev/null"], capsys)
+    groups = {g["name"]: g for g in out["groups"]}
+    assert list(groups) == ["head=good", "head=same", "head=weak", "head=probe"]
+    assert out["test_clips"] == len(CLIPS) and out["resamples"] == 1000
+    for name in ("good", "same", "weak"):
+        g = groups[f"head={name}"]["metrics"]["test_roc_auc"]
+        values = [m["test_roc_auc"] for m in logged[name]]
+        assert g["n"] == 3 and g["mean"] == pytest.approx(np.mean(values)) and g["std"] == pytest.approx(np.std(values, ddof=1))
+        assert g["ci95"][0] < g["mean"] < g["ci95"][1] and g["ci_kind"] == "bootstrap over clips and seeds"
+    assert groups["head=probe"]["reference"] == "linear_probe" and groups["head=probe"]["n"] == 1
+    # The best group is chosen by validation (good: 0.82), never by a test metric.
+    assert out["best"] == "head=good"
+
+
+def test_default_pairs_against_the_best_with_verdicts(store, capsys):
+    uri, _ = store
+    out = _json(["exp", "--tracking-uri", uri, "--out", "/dev/null"], capsys)
+    verdicts = {(p["a"], p["metric"]): p for p in out["pairs"]}
+    weak = verdicts[("head=weak", "test_roc_auc")]
+    assert weak["b"] == "head=good" and weak["verdict"] == "head=good better" and weak["ci95"][1] < 0
+    same = verdicts[("head=same", "test_roc_auc")]  # identical predictions: a zero difference
+    assert same["diff"] == 0 and same["verdict"] == "not distinguishable at 95%"
+    assert ("head=good", "test_roc_auc") not in verdicts  # not against itself
+
+
+def test_chosen_pair(store, capsys):
+    uri, _ = store
+    out = _json(["exp", "--tracking-uri", uri, "--out", "/dev/null", "--pair", "head=weak", "head=same"], capsys)
+    assert [(p["a"], p["b"], p["metric"]) for p in out["pairs"]] == [("head=weak", "head=same", "test_roc_auc"),
+                                                                    ("head=weak", "head=same", "test_pr_auc")]
+    assert all(p["verdict"] == "head=same better" for p in out["pairs"])
+    assert main(["exp", "--tracking-uri", uri, "--pair", "head=nope", "head=same"]) == 2
+    assert "head=nope" in capsys.readouterr().err
+
+
+def test_text_markdown_and_latex_tables(store, tmp_path, capsys):
+    uri, _ = store
+    assert main(["exp", "--tracking-uri", uri, "--out", str(tmp_path / "c.png")]) == 0
+    text = capsys.readouterr().out
+    row = next(line for line in text.splitlines() if line.startswith("head=good "))
+    assert row.split()[1] == "3" and "±" in row and "[" in row
+    assert "head=probe [reference]" in text
+    assert "4 groups, 10 runs (1 to 3 seed(s) per group); test set: 300 clips shared by every run" in text
+    assert "head=weak - head=good = -" in text and ": head=good better" in text
+    assert main(["exp", "--tracking-uri", uri, "--out", str(tmp_path / "c.png"), "--format", "markdown"]) == 0
+    md = capsys.readouterr().out
+    assert md.splitlines()[0].startswith("| group | n |") and "| head=good | 3 |" in md and "| verdict |" in md
+    assert main(["exp", "--tracking-uri", uri, "--out", str(tmp_path / "c.png"), "--format", "latex"]) == 0
+    tex = capsys.readouterr().out
+    assert tex.startswith(r"\begin{table}") and r"head=good & 3 &" in tex and r"$\pm$" in tex
+
+
+def test_curves_are_means_over_seeds_with_a_band(store, tmp_path):
+    uri, _ = store
+    c = compare("exp", ["val_roc_auc", "val_loss"], tmp_path / "two.png", uri)
+    good = c.series["val_roc_auc"]["head=good"]
+    assert good["steps"] == [0, 1, 2] and good["n"] == [3, 3, 3]
+    assert good["mean"] == pytest.approx([0.61, 0.71, 0.81]) and good["low"] == pytest.approx([0.6, 0.7, 0.8])
+    assert good["high"] == pytest.approx([0.62, 0.72, 0.82])
+    assert c.series["val_roc_auc"]["head=probe [reference]"]["reference"] is True
+    assert matplotlib.image.imread(c.png).shape[:2] == (FIGURE_INCHES[1] * DPI, 2 * FIGURE_INCHES[0] * DPI)
+
+
+def test_mixed_tag_sets_are_refused_naming_the_key(store, tmp_path, capsys):
+    uri, _ = store
+    log_run(uri, "mixed", "x", 0, _probs(1.0, 30), tmp_path, tags_set="all")
+    log_run(uri, "mixed", "y", 0, _probs(1.0, 31), tmp_path, tags_set="top50")
+    assert main(["mixed", "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err
+    assert "data.tags" in err and "all vs top50" in err and "--allow-mixed" in err
+    assert main(["mixed", "--tracking-uri", uri, "--allow-mixed", "--out", str(tmp_path / "m.png")]) == 0
+    text = capsys.readouterr().out
+    assert "* evaluated under another protocol: data.tags: all vs top50" in text
+
+
+def test_a_rerun_of_the_same_config_and_seed_counts_once(store, tmp_path, capsys):
+    uri, _ = store
+    first = log_run(uri, "again", "g", 0, _probs(1.0, 40), tmp_path, config="same-config")[1]
+    second = log_run(uri, "again", "g", 0, _probs(2.0, 41), tmp_path, config="same-config")[1]
+    out = _json(["again", "--tracking-uri", uri, "--out", "/dev/null"], capsys)
+    (g,) = out["groups"]
+    assert g["n"] == 1 and g["metrics"]["test_roc_auc"]["mean"] == pytest.approx(second["test_roc_auc"])
+    assert first["test_roc_auc"] != second["test_roc_auc"]
 
 
 def test_missing_experiment_is_named(store, capsys):
-    assert main(["nope", "--tracking-uri", store]) == 2
+    uri, _ = store
+    assert main(["nope", "--tracking-uri", uri]) == 2
     err = capsys.readouterr().err
     assert "'nope'" in err and "exp" in err
 

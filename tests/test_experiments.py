@@ -11,7 +11,7 @@ import pytest
 from hydra.errors import MissingConfigException
 from mlflow.tracking import MlflowClient
 
-from conftest import TINY, compose_cfg, run_module
+from conftest import TINY, compose_cfg, run_module, sweep_children
 from mtt.compare import DEFAULT_METRICS, FIGURE_INCHES, DPI, compare
 from mtt.config import REPO_ROOT
 
@@ -106,7 +106,7 @@ def report_sweep(tmp_path_factory, cache_dir):
 def test_report_sweep_gives_four_finished_runs_with_the_reports_settings(report_sweep):
     _, uri = report_sweep
     client = MlflowClient(uri)
-    runs = client.search_runs([client.get_experiment_by_name("report").experiment_id])
+    runs = sweep_children(client, "report")
     by_name = {r.data.tags["choice.experiment"]: r for r in runs}
     assert sorted(by_name) == REPORT and {r.info.status for r in runs} == {"FINISHED"}
     for name, run in by_name.items():
@@ -129,15 +129,17 @@ def test_compare_reads_the_report_sweep(report_sweep):
     lines = proc.stdout.splitlines()
     rule = next(i for i, line in enumerate(lines) if line.startswith("---"))
     rows = [line for line in lines[rule + 1:] if line.startswith("experiment=")]
-    assert len(rows) == 4 and str(out) in proc.stdout
-    assert all("FINISHED" in row and "softmax" in row for row in rows)
-    assert sum("3 blocks" in row for row in rows) == 1 and sum("autopool" in row for row in rows) == 1
+    assert len(rows) == 4 and str(out) in proc.stdout  # four presets: four groups of one seed each
+    assert all(row.split()[1] == "1" and ("2xsof" in row or "3xsof" in row) for row in rows)
+    assert sum("3xsof" in row for row in rows) == 1 and sum("autopool" in row for row in rows) == 1
     assert matplotlib.image.imread(out).shape[:2] == (FIGURE_INCHES[1] * DPI, FIGURE_INCHES[0] * DPI * 2)
     # The data the plot is built from: each run's logged history, one series per run.
     result = compare("report", DEFAULT_METRICS, work / "again.png", uri)
     client = MlflowClient(uri)
-    for metric, by_run in result.series.items():
-        assert len(by_run) == 4
-        for run in result.runs:
-            logged = sorted((m.step, m.value) for m in client.get_metric_history(run["run_id"], metric))
-            assert by_run[run["label"]] == ([s for s, _ in logged], [v for _, v in logged])
+    for metric, by_group in result.series.items():
+        assert len(by_group) == 4
+        for group in result.groups:  # one seed each: the curve is that run's logged history
+            logged = sorted((m.step, m.value) for m in client.get_metric_history(group.runs[0]["run_id"], metric))
+            curve = by_group[group.label]
+            assert (curve["steps"], curve["mean"]) == ([s for s, _ in logged], [v for _, v in logged])
+            assert curve["low"] == curve["high"] == curve["mean"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import TINY, compose_cfg, run_module
+from conftest import TINY, compose_cfg, run_module, sweep_children
 from mtt.tracking import MlflowTracker, prepare_store, sweep_targets
 from mtt.train import train
 
@@ -46,8 +46,8 @@ def test_four_parallel_jobs_into_a_new_store_three_times(tmp_path, cache_dir):
         client = MlflowClient(uri)
         exp = client.get_experiment_by_name(experiment)
         everywhere = client.search_runs([e.experiment_id for e in client.search_experiments()])
-        runs = client.search_runs([exp.experiment_id])
-        assert len(everywhere) == len(runs) == 4, f"attempt {attempt}: runs misfiled or lost"
+        runs = sweep_children(client, experiment)  # and the sweep's one parent run
+        assert len(everywhere) == len(runs) + 1 == 5, f"attempt {attempt}: runs misfiled or lost"
         assert {r.info.status for r in runs} == {"FINISHED"}
         assert sorted(r.data.tags["choice.head"] for r in runs) == sorted(HEADS)
         for r in runs:

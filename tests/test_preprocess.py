@@ -234,3 +234,21 @@ def test_cli_prints_the_report(tmp_path):
     assert "4 clips" in out.stdout and "1 failed" in out.stdout and "3/empty-0-29.mp3: empty file" in out.stdout
     again = run_module(["mtt.preprocess", *mtat_overrides(root, tmp_path / "store"), f"paths.cache={tmp_path}"])
     assert "4 clips" in again.stdout and "computing" not in again.stderr, "a finished store is just opened"
+
+
+def _build_in_worker(root: str, cache: str) -> int:
+    """What a job of a ``hydra/launcher=joblib`` sweep does first: build the feature store."""
+    cfg = compose_cfg(["data=mtat", f"data.root={root}", "features.workers=2"], cache=Path(cache))
+    return len(build_feature_store(build_index(root, tags="top50"), cfg.features, progress=False))
+
+
+@pytest.mark.slow
+def test_the_store_builds_with_worker_processes_inside_a_joblib_worker(tmp_path):
+    """joblib's workers run under its own 'loky' start method, which the preprocessing pool's
+    children used to try (and fail) to restore: every parallel sweep job died building a store."""
+    from joblib import Parallel, delayed
+
+    make_tree(tmp_path / "mtat", 64, 1.0)  # enough clips for the worker pool
+    (n,) = Parallel(n_jobs=2, backend="loky")(delayed(_build_in_worker)(str(tmp_path / "mtat"), str(tmp_path / "c"))
+                                              for _ in range(1))
+    assert n == 64

@@ -64,7 +64,7 @@ def test_two_epoch_run_has_every_record(tmp_path, cache_dir):
     assert "weights_sha256" in tags
     assert tags["seed"] == params["trainer.seed"] == "0"
     assert tags["device"] == params["derived.device"] == "cpu"
-    assert tags["steps_policy"] == params["steps.policy"] == "cached"
+    assert tags["steps_policy"] == params["steps.policy"] == "patches"  # the default
     assert tags["steps_per_epoch"] == params["derived.steps_per_epoch"] and int(tags["steps_per_epoch"]) >= 1
     assert tags["sweep_id"].startswith(str(cache_dir / "outputs"))
     assert len(tags["config_hash"]) == 16

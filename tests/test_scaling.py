@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import TINY, run_module
+from conftest import TINY, run_module, sweep_children
 from mtt.run import run_name
 
 
@@ -37,9 +37,9 @@ def test_submitit_local_sweep_into_a_new_store(tmp_path, cache_dir):
                 "trainer.epochs=2", f"paths.cache={cache_dir}", f"tracking.uri={uri}",
                 "tracking.experiment=cluster"], cwd=tmp_path)
     client = MlflowClient(uri)
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    assert len(runs) == 2
-    assert {client.get_experiment(r.info.experiment_id).name for r in runs} == {"cluster"}
+    everywhere = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    runs = sweep_children(client, "cluster")  # submitit's jobs are children of the sweep's parent run
+    assert len(runs) == 2 and len(everywhere) == 3
     assert {r.info.status for r in runs} == {"FINISHED"}
     assert sorted(r.data.params["pool.name"] for r in runs) == ["autopool", "gap"]
     for r in runs:

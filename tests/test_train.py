@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
-
-import math
-
 from safetensors.torch import load_file
 
-from conftest import compose_cfg, run_module, TINY
+from conftest import compose_cfg, run_module, sweep_children, TINY
 from mtt.tracking import MlflowTracker, download_artifacts
 from mtt.train import clip_metrics, clip_probabilities, prepare, train
 
@@ -78,7 +76,7 @@ def test_cli_multirun_three_heads(tmp_path, cache_dir):
                 f"paths.cache={cache_dir}", "tracking.experiment=sweep"], env={"MLFLOW_TRACKING_URI": uri})
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("sweep")
-    runs = client.search_runs([exp.experiment_id])
+    runs = sweep_children(client, "sweep")
     assert len(runs) == 3 and {r.info.status for r in runs} == {"FINISHED"}
     assert sorted(r.info.run_name.split(",")[0] for r in runs) == ["head=autopool", "head=gap2", "head=gap3"]
     assert sorted((r.data.params["head.blocks"], r.data.params["pool.name"]) for r in runs) == \
@@ -86,7 +84,8 @@ def test_cli_multirun_three_heads(tmp_path, cache_dir):
     assert len({r.info.run_name for r in runs}) == 3
     # One `-m` call, one sweep id: the runs of this sweep can be filtered together.
     (sweep,) = {r.data.tags["sweep_id"] for r in runs}
-    assert "multirun" in sweep and len(client.search_runs([exp.experiment_id], f"tags.sweep_id = '{sweep}'")) == 3
+    # (the parent run carries the sweep id too)
+    assert "multirun" in sweep and len(client.search_runs([exp.experiment_id], f"tags.sweep_id = '{sweep}'")) == 4
 
 
 def test_finetuning_the_last_conv_trains_through_the_backbone(tiny_cfg):

@@ -1,5 +1,6 @@
 """The MLflow UI comparison, checked like a user would: a real 3-run sweep, `mlflow ui` on
-127.0.0.1, headless Chromium opening the experiment's runs table, sorting by test_roc_auc.
+127.0.0.1, headless Chromium opening the experiment's runs table, expanding the sweep's parent
+run, sorting by test_roc_auc.
 
 Provisioned by `.ci/run` (Debian's chromium); the test installs nothing and FAILS without it.
 ``MTT_UI_SCREENSHOT=docs/mlflow-ui.png`` also writes the README's screenshot there.
@@ -20,10 +21,12 @@ import pytest
 from mlflow import MlflowClient
 
 from cdp import INSTALL_HINT, chromium_page, stop_process_group
-from conftest import TINY, run_module
+from conftest import TINY, run_module, sweep_children
 from tests.http_server import free_port
 
 METRIC = "test_roc_auc"
+# The expand toggle in a parent run's name cell.
+EXPAND = '[data-component-id$="runnamecellrenderer.tsx_46"]'
 HEADS = ["gap2", "gap3", "autopool"]
 
 
@@ -86,23 +89,28 @@ def test_mlflow_ui_shows_the_sweep_sorted_by_a_metric(tmp_path, cache_dir):
                env={"MLFLOW_TRACKING_URI": uri}, cwd=tmp_path)
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("ui-sweep")
-    runs = client.search_runs([exp.experiment_id])
+    runs = sweep_children(client, "ui-sweep")
     logged = {r.info.run_name: r.data.metrics[METRIC] for r in runs}
     assert sorted(logged) == sorted(f"head-{h}" for h in HEADS)
 
     with mlflow_ui(uri, tmp_path) as base, chromium_page(tmp_path / "chromium-profile") as page:
         page.navigate(f"{base}/#/experiments/{exp.experiment_id}/runs")
-        page.wait_for("document.body.innerText.includes('3 matching runs')", 90, "the runs table")
-        # As a user: close the assistant panel (it hides half the table), then Sort -> test_roc_auc,
-        # which sorts descending and adds the metric as a column.
+        page.wait_for("document.body.innerText.includes('4 matching runs')", 90, "the runs table")
+        # As a user: close the assistant panel (it hides half the table), expand the sweep's parent
+        # run (its three jobs are nested under it), then Sort -> test_roc_auc, which sorts
+        # descending and adds the metric as a column.
         if page.eval("!!document.querySelector('[data-component-id=\"mlflow.assistant.chat_panel.close\"]')"):
             page.click('[data-component-id="mlflow.assistant.chat_panel.close"]')
+        page.click(EXPAND)
         page.click('[data-testid="sort-select-dropdown"]')
         page.click(f'[data-testid="sort-select-{METRIC}"]')
         page.wait_for(f"!!document.querySelector('[data-testid=\"sort-header-{METRIC}\"]')", 30,
                       f"a {METRIC} column")
-        rows = page.wait_for(f"(r => r.length === 3 && r.every(x => x.metric) ? r : null)({ROWS_JS})", 30,
-                             f"three rows with a {METRIC} value")
+        # The table re-renders after the sort: wait until the three child rows show it (a table
+        # that never sorts times out here).
+        rows = page.wait_for(f"(r => (r = r.filter(x => x.metric && x.metric !== '-')).length === 3 && "
+                             f"r.every((x, i) => i === 0 || parseFloat(r[i - 1].metric) >= parseFloat(x.metric))"
+                             f" ? r : null)({ROWS_JS})", 30, f"three child rows sorted by {METRIC}")
         png = page.screenshot()
 
     (tmp_path / "mlflow-ui.png").write_bytes(png)
