@@ -119,13 +119,15 @@ def sweep_targets(tracking_cfg, task_overrides: list[str]) -> list[tuple[str | N
 
 def swept_value_errors(task_overrides: list[str]) -> list[str]:
     """``mtt.config.check_value`` of every value of every sweep override (``trainer.lr=0.1,-1``):
-    the launching process sees a bad value before the first job starts."""
+    the launching process sees a bad value before the first job starts. An interpolation
+    (``${...}``) is left to the job, whose composed config resolves it and is checked there."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     errors = []
     for o in OverridesParser.create().parse_overrides(list(task_overrides)):
         if o.is_sweep_override():
-            errors += [e for v in o.sweep_iterator() if (e := check_value(o.key_or_group, v))]
+            errors += [e for v in o.sweep_iterator()
+                       if not (isinstance(v, str) and "${" in v) and (e := check_value(o.key_or_group, v))]
     return errors
 
 
