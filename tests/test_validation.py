@@ -135,6 +135,15 @@ def test_a_bad_swept_value_stops_the_sweep_before_its_first_job(tmp_path):
     assert not cache.exists(), "a job started"
 
 
+def test_probe_refuses_a_bad_value_too(tmp_path):
+    cache, store = tmp_path / "cache", tmp_path / "m.db"
+    proc = run_module(["mtt.probe", *TINY, "probe.C=[]", "trainer.lr_factor=1.5", f"paths.cache={cache}",
+                       f"tracking.uri=sqlite:///{store}"], check=False)
+    assert_refused(proc, "trainer.lr_factor=1.5: expected a number in (0, 1); "
+                         "probe.C=[]: expected a non-empty list of numbers > 0", store)
+    assert not cache.exists()
+
+
 def test_preprocess_refuses_a_bad_value_too(tmp_path):
     cache, store = tmp_path / "cache", tmp_path / "m.db"
     proc = run_module(["mtt.preprocess", "features.n_mels=0", f"paths.cache={cache}",
