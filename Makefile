@@ -9,7 +9,7 @@ UI_PORT ?= 5000
 # run faster on one thread than on two that compete with the other job's).
 DEMO_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 # `make mlflow-server`: a tracking server for a team (mtt/server.py; README "Scaling out").
-# SERVER_DB: postgresql+psycopg://user@host/db for a lab (the driver is in the lock).
+# SERVER_DB: postgresql://user@host/db for a lab (SQLAlchemy's driver for it, psycopg, is in the lock).
 SERVER_PORT ?= 5001
 SERVER_HOST ?= 127.0.0.1
 SERVER_STATE ?= $(CURDIR)/mlflow-server

@@ -96,7 +96,7 @@ def server_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m mtt.server", description=__doc__.split("\n\n")[0])
-    p.add_argument("--db", required=True, help="backend store URI (sqlite:///..., postgresql+psycopg://...)")
+    p.add_argument("--db", required=True, help="backend store URI (sqlite:///..., postgresql://...)")
     p.add_argument("--artifacts", required=True, help="folder or URI the server stores artifacts in")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5001)

@@ -226,18 +226,19 @@ def postgres():
 
 @pytest.mark.slow
 def test_lab_server_on_postgresql(postgres, tmp_path, cache_dir):
-    """README's lab server on a real PostgreSQL: make mlflow-server SERVER_DB=postgresql+psycopg://...,
+    """README's lab server on a real PostgreSQL: make mlflow-server SERVER_DB=postgresql://... (which
+    stopped at "No module named 'psycopg'" before the driver was in the lock),
     two jobs at once; every run and metric point is in the database, every artifact is served."""
     import psycopg
 
-    db = f"postgresql+psycopg://postgres@127.0.0.1:{postgres}/mlflow"
+    db = f"postgresql://postgres@127.0.0.1:{postgres}/mlflow"
     with make_server(tmp_path / "state", SERVER_DB=db) as uri:
         runs = two_parallel_jobs_are_recorded(uri, cache_dir, tmp_path)
         client = MlflowClient(uri)
         served = {run.info.run_id: sorted((m.key, m.step, m.value) for key in run.data.metrics
                                           for m in client.get_metric_history(run.info.run_id, key))
                   for run in runs}
-    with psycopg.connect(db.replace("+psycopg", "")) as conn:
+    with psycopg.connect(db) as conn:
         assert {row[0] for row in conn.execute("SELECT run_uuid FROM runs")} == set(served)
         for run_id, points in served.items():  # what the server answered is what PostgreSQL holds
             stored = conn.execute("SELECT key, step, value FROM metrics WHERE run_uuid = %s", (run_id,)).fetchall()
