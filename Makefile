@@ -8,11 +8,18 @@ UI_PORT ?= 5000
 # `make demo`: parallel jobs, one per core, each with one torch thread (the small head's steps
 # run faster on one thread than on two that compete with the other job's).
 DEMO_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
-# `make mlflow-server`: a tracking server for a team (use a PostgreSQL/MySQL URI for SERVER_DB).
+# `make mlflow-server`: a tracking server for a team (mtt/server.py; README "Scaling out").
+# SERVER_DB: postgresql://user@host/db for a lab (SQLAlchemy's driver for it, psycopg, is in the lock).
 SERVER_PORT ?= 5001
 SERVER_HOST ?= 127.0.0.1
-SERVER_DB ?= sqlite:///$(CURDIR)/mlflow-server/mlflow.db
-SERVER_ARTIFACTS ?= $(CURDIR)/mlflow-server/artifacts
+SERVER_STATE ?= $(CURDIR)/mlflow-server
+SERVER_DB ?= sqlite:///$(SERVER_STATE)/mlflow.db
+SERVER_ARTIFACTS ?= $(SERVER_STATE)/artifacts
+# basic = MLflow's login (first start: MLFLOW_AUTH_ADMIN_PASSWORD=... creates user admin);
+# none warns when SERVER_HOST is not a loopback address. SERVER_ALLOWED_HOSTS: the Host names
+# clients use beyond localhost and private IPs (e.g. mlflow.lab:5001).
+SERVER_AUTH ?= none
+SERVER_ALLOWED_HOSTS ?=
 
 .DEFAULT_GOAL := help
 .PHONY: help venv demo test test-slow bench ui mlflow-server clean
@@ -49,9 +56,12 @@ ui: venv  ## start the MLflow UI on 127.0.0.1 against the default store
 	$(VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_URI) --host 127.0.0.1 --port $(UI_PORT)
 
 mlflow-server: venv  ## start a shared tracking server (database + artifact store) on $(SERVER_HOST):$(SERVER_PORT)
-	@mkdir -p $(CURDIR)/mlflow-server
-	$(VENV)/bin/mlflow server --backend-store-uri $(SERVER_DB) --artifacts-destination $(SERVER_ARTIFACTS) \
-		--host $(SERVER_HOST) --port $(SERVER_PORT)
+	@mkdir -p $(SERVER_STATE)
+	$(PY) -m mtt.server --db '$(SERVER_DB)' --artifacts '$(SERVER_ARTIFACTS)' --host $(SERVER_HOST) \
+		--port $(SERVER_PORT) --auth $(SERVER_AUTH) --state $(SERVER_STATE) \
+		$(if $(SERVER_ALLOWED_HOSTS),--allowed-hosts '$(SERVER_ALLOWED_HOSTS)')
 
-clean:  ## remove Hydra outputs (keeps the venv, the MLflow store and the data cache)
-	rm -rf outputs multirun .pytest_cache
+# Hydra writes its run folders under paths.cache (conf/config.yaml): $MTT_CACHE, else ~/.cache/mtt.
+HYDRA_OUT := $(or $(MTT_CACHE),$(HOME)/.cache/mtt)
+clean:  ## remove Hydra's run folders and pytest's cache (keeps the venv, the MLflow store and the data cache)
+	rm -rf $(HYDRA_OUT)/outputs $(HYDRA_OUT)/multirun .pytest_cache

@@ -1,11 +1,12 @@
 """Cache of the frozen backbone's outputs: one VGGish forward per patch, ever.
 
 With a frozen backbone every epoch of every head variant recomputes the same conv maps. This
-module computes them once per (feature store, weights, backbone settings) and stores them as a
-``PatchStore`` with the same clip table as the feature store, items ``(C, T, F)`` float16.
-Building is resumable: rows are written in chunks into a memory-mapped temporary file and the
-number of finished rows is recorded after each flush, so an interrupted build continues where
-it stopped. A changed key (other weights, other features) is a different folder.
+module computes them once per (feature store, weights, backbone settings, device type, autocast
+dtype, memory format) and stores them as a ``PatchStore`` with the same clip table as the
+feature store, items ``(C, T, F)`` float16. Building is resumable: rows are written in chunks
+into a memory-mapped temporary file and the number of finished rows is recorded after each
+flush, so an interrupted build continues where it stopped. A changed key (other weights, other
+features, bf16 instead of fp32) is a different folder.
 """
 
 from __future__ import annotations
@@ -32,9 +33,28 @@ def parameters_sha256(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def channels_last(module: torch.nn.Module) -> bool:
+    """Whether the module's conv weights are in channels-last (NHWC) memory format."""
+    return any(p.dim() == 4 and p.shape[1] > 1 and p.is_contiguous(memory_format=torch.channels_last)
+               and not p.is_contiguous() for p in module.parameters())
+
+
+def compute_settings(device: torch.device, autocast_dtype: torch.dtype | None,
+                     backbone: torch.nn.Module | None = None) -> dict:
+    """How the outputs are computed, which changes their values (not only their speed): the
+    device type (CUDA convolutions may use TF32), the autocast dtype (bf16 conv maps differ from
+    fp32 ones by far more than float16 storage rounds away) and the memory format."""
+    return {"device": device.type, "dtype": str(autocast_dtype or torch.float32).removeprefix("torch."),
+            "tf32": device.type == "cuda" and bool(torch.backends.cudnn.allow_tf32),
+            "channels_last": backbone is not None and channels_last(backbone)}
+
+
 def cache_key(store: PatchStore, weights_sha256: str | None, backbone_cfg,
-              backbone: torch.nn.Module | None = None) -> dict:
-    """Everything that determines the cached outputs.
+              backbone: torch.nn.Module | None = None, *, device: torch.device = torch.device("cpu"),
+              autocast_dtype: torch.dtype | None = None) -> dict:
+    """Everything that determines the cached outputs: features, weights, backbone settings and
+    how the build computes (``compute_settings``: pass the ``device`` and ``autocast_dtype`` that
+    ``build_backbone_cache`` is given, which checks that they agree).
 
     With a weights file its SHA-256 identifies the backbone. A randomly initialised backbone has
     no file, and its values depend on the seed (and on whatever drew from the RNG before it), so
@@ -49,7 +69,8 @@ def cache_key(store: PatchStore, weights_sha256: str | None, backbone_cfg,
         weights = weights_sha256
     return {"features": store.fingerprint, "weights": weights,
             "width": float(backbone_cfg.width), "embeddings": bool(backbone_cfg.embeddings),
-            "embedding_relu": bool(backbone_cfg.embedding_relu), "format": 1}
+            "embedding_relu": bool(backbone_cfg.embedding_relu),
+            "compute": compute_settings(device, autocast_dtype, backbone), "format": 2}
 
 
 @torch.no_grad()
@@ -60,7 +81,14 @@ def build_backbone_cache(store: PatchStore, encode, key: dict, root: str | Path,
 
     Returns the finished cache store (opened from disk if it already exists). Concurrent callers
     with the same key (parallel sweep jobs) serialise on a lock: one builds, the others open it.
+    ``key`` (``cache_key``) must name the ``device`` type and ``autocast_dtype`` used here.
     """
+    asked = compute_settings(device, autocast_dtype)
+    keyed = key.get("compute", {})
+    if {k: keyed.get(k) for k in ("device", "dtype")} != {k: asked[k] for k in ("device", "dtype")}:
+        raise ValueError(f"build_backbone_cache: the key was made for {keyed.get('device')}/{keyed.get('dtype')} "
+                         f"but the build computes on {asked['device']}/{asked['dtype']}; pass the same "
+                         "device and autocast_dtype to cache_key")
     path = Path(root).expanduser() / params_key(key)
     if (path / MANIFEST).is_file():
         return PatchStore(path)

@@ -1,17 +1,22 @@
 """Typed configuration schema for every run, registered in Hydra's ConfigStore.
 
 The YAML files under ``conf/`` only change values of these dataclasses, so a misspelt key or a
-value of the wrong type fails while the config is composed, before any data or model work.
+value of the wrong type fails while the config is composed, before any data or model work; a value
+of the right type outside what its key allows (``trainer.batch_size=0``) fails ``validate``, which
+every entry point calls first (``exit_if_invalid``: one line, exit status 2).
 """
 
 from __future__ import annotations
 
+import math
+import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, ListConfig, OmegaConf
 
 
 @dataclass
@@ -36,6 +41,9 @@ class DataConfig:
     root: str = MISSING
     annotations: str = "annotations_final.csv"
     clip_info: Optional[str] = "clip_info_final.csv"
+    # How long a clip should be where clip_info has no segmentStart/End for it (MTAT: 29.1 s);
+    # preprocessing reports clips shorter than that by more than one patch. null = no check.
+    clip_seconds: Optional[float] = None
     tags: str = "all"  # all | top50 (published list) | freqN (N most frequent here, e.g. freq50)
     split: str = "standard"  # standard (folders 0-b / c / d-f) | report (first quarter test)
     drop_untagged: bool = True  # drop clips with no tag of the chosen set (published protocol)
@@ -79,7 +87,7 @@ class BackboneConfig:
 class PoolConfig:
     name: str = "gap"  # gap | autopool
     alpha_init: float = 0.0  # autopool: 0 = mean pooling
-    constraint: str = "none"  # autopool: none | cap (alpha clipped to [-alpha_max, alpha_max])
+    constraint: str = "none"  # autopool: none | cap (alpha projected into [-alpha_max, alpha_max] after each step)
     alpha_max: float = 10.0
     alpha_l2: float = 0.0  # autopool: L2 penalty on alpha (RAP)
 
@@ -184,6 +192,181 @@ class Config:
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = REPO_ROOT / "conf"
+
+
+# ---------------------------------------------------------------------------------------------
+# Values: the schema's types say what a key may hold, these rules what it may be. A value
+# outside them fails when the config is composed (``validate``), naming the key, the value and
+# what is allowed, instead of dividing by zero, streaming forever or failing after the MLflow
+# run was created.
+# ---------------------------------------------------------------------------------------------
+
+class ConfigError(ValueError):
+    """A config value outside what its key allows (the message is one line)."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    ok: Callable[[Any], bool]
+    allowed: str  # what the error says is allowed
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+def integer(lo: int, hi: int | None = None) -> Rule:
+    if hi is None:
+        return Rule(lambda v: _is_int(v) and v >= lo, f"an integer >= {lo}")
+    return Rule(lambda v: _is_int(v) and lo <= v <= hi, f"an integer in [{lo}, {hi}]")
+
+
+def number(lo: float, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False) -> Rule:
+    def ok(v) -> bool:
+        return (_is_number(v) and (v > lo if lo_open else v >= lo)
+                and (hi is None or (v < hi if hi_open else v <= hi)))
+
+    if hi is None:
+        return Rule(ok, f"a number {'>' if lo_open else '>='} {lo:g}")
+    return Rule(ok, f"a number in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}")
+
+
+def one_of(*choices: str) -> Rule:
+    return Rule(lambda v: v in choices, f"one of {', '.join(choices)}")
+
+
+def pattern(regex: str, allowed: str) -> Rule:
+    return Rule(lambda v: isinstance(v, str) and re.fullmatch(regex, v) is not None, allowed)
+
+
+def or_null(rule: Rule) -> Rule:
+    return Rule(lambda v: v is None or rule.ok(v), f"{rule.allowed}, or null")
+
+
+# The metrics every epoch logs that can pick the best checkpoint (mtt.train.monitor_score).
+MONITORS = ("val_roc_auc", "val_pr_auc", "val_loss", "val_accuracy", "train_loss", "train_accuracy")
+
+RULES: dict[str, Rule] = {
+    "data.tags": pattern(r"all|top50|freq[1-9][0-9]*", "all, top50 or freqN with N >= 1 (e.g. freq50)"),
+    "data.split": one_of("standard", "report"),
+    "data.clip_seconds": or_null(number(0, lo_open=True)),
+    "data.synth.clips_per_folder": integer(1),
+    "data.synth.seconds": number(0.1, 600),
+    "data.synth.seed": integer(0),
+    "features.sample_rate": integer(1),
+    "features.window_seconds": number(0, lo_open=True),
+    "features.hop_seconds": number(0, lo_open=True),
+    "features.n_mels": integer(1),
+    "features.fmin": number(0),
+    "features.fmax": number(0, lo_open=True),
+    "features.log_offset": number(0, lo_open=True),
+    "features.patch_frames": integer(1),
+    "features.patch_hop_frames": integer(1),
+    "features.workers": integer(0),
+    "backbone.finetune_last": integer(0, 6),  # VGGish has 6 conv layers
+    "backbone.width": number(0, lo_open=True),
+    "pool.name": one_of("gap", "autopool"),
+    "pool.alpha_init": Rule(_is_number, "a finite number"),
+    "pool.constraint": one_of("none", "cap"),
+    "pool.alpha_max": number(0, lo_open=True),
+    "pool.alpha_l2": number(0),
+    "head.blocks": integer(1),
+    "head.width": integer(1),
+    "head.dropout": number(0, 1, hi_open=True),
+    "head.output": one_of("sigmoid", "softmax"),
+    "head.bias_init": one_of("prior", "zero"),
+    "steps.policy": one_of("declared", "cached", "patches", "fixed"),
+    "steps.n": or_null(integer(1)),
+    "stream.n_active": integer(1),
+    # null would never replace an active clip: training would see only n_active clips, forever.
+    "stream.rate": Rule(number(0, lo_open=True).ok, "a number > 0 (null never replaces an active clip)"),
+    # exhaustive ends the stream once every clip was drawn from: training needs an endless one.
+    "stream.mode": Rule(one_of("with_replacement", "single_active").ok,
+                        "one of with_replacement, single_active (exhaustive would end the endless stream)"),
+    "stream.patches_per_clip": or_null(integer(1)),
+    "stream.num_workers": integer(0),
+    "stream.weights": one_of("uniform", "length"),
+    "eval.aggregate": one_of("mean", "max"),
+    "eval.patches_per_clip": or_null(integer(1)),
+    "eval.batch_size": integer(1),
+    "trainer.epochs": integer(1),
+    "trainer.batch_size": integer(1),
+    "trainer.lr": number(0, lo_open=True),
+    "trainer.weight_decay": number(0),
+    "trainer.seed": integer(0, 2**32 - 1),  # numpy's seed range
+    "trainer.device": pattern(r"auto|cpu|cuda(:[0-9]+)?", "auto, cpu, cuda or cuda:N"),
+    "trainer.precision": one_of("auto", "fp32", "bf16"),
+    "trainer.monitor": one_of(*MONITORS),
+    "trainer.patience": or_null(integer(1)),
+    "trainer.lr_schedule": one_of("none", "plateau"),
+    "trainer.lr_patience": integer(0),
+    "trainer.lr_factor": number(0, 1, lo_open=True, hi_open=True),
+    "probe.C": Rule(lambda v: isinstance(v, (list, tuple, ListConfig)) and len(v) > 0
+                    and all(_is_number(c) and c > 0 for c in v), "a non-empty list of numbers > 0"),
+    "tracking.experiment": pattern(r".*\S.*", "a non-empty name"),
+    "tracking.flush_timeout_s": number(0),
+}
+
+_ABSENT = object()
+
+
+def _show(value) -> str:
+    """A value as it is written on the command line."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple, ListConfig)):
+        return "[" + ",".join(_show(v) for v in value) + "]"
+    return str(value)
+
+
+def check_value(key: str, value) -> str | None:
+    """The error for ``key=value`` under ``RULES`` (None when allowed or the key has no rule)."""
+    rule = RULES.get(key)
+    if rule is None or rule.ok(value):
+        return None
+    return f"{key}={_show(value)}: expected {rule.allowed}"
+
+
+def config_errors(cfg) -> list[str]:
+    """One line per value of a composed config outside ``RULES`` or the rules that tie two keys
+    together, naming the key(s), the value and what is allowed. Keys the config does not have (no
+    ``data.synth`` for real data) are skipped."""
+    errors = []
+    for key in RULES:
+        value = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=False)
+        if value is not _ABSENT:
+            errors.append(check_value(key, value))
+    f = cfg.features
+    if _is_number(f.fmin) and _is_number(f.fmax) and _is_int(f.sample_rate):
+        if not f.fmin < f.fmax <= f.sample_rate / 2:
+            errors.append(f"features.fmin={_show(f.fmin)}, features.fmax={_show(f.fmax)}: expected "
+                          f"fmin < fmax <= sample_rate / 2 = {f.sample_rate / 2:g}")
+    if cfg.steps.policy == "fixed" and cfg.steps.n is None:
+        errors.append("steps.n=null: expected an integer >= 1 with steps.policy=fixed")
+    return [e for e in errors if e]
+
+
+def validate(cfg) -> None:
+    """Raise ``ConfigError`` (one line) when ``config_errors`` finds anything."""
+    errors = config_errors(cfg)
+    if errors:
+        raise ConfigError("; ".join(errors))
+
+
+def exit_if_invalid(cfg, more_errors: list[str] = ()) -> None:
+    """``validate`` for an entry point (and the launcher, with ``more_errors`` about swept
+    values): a bad value ends the process with ``error: <what>`` on stderr and exit status 2 (a
+    usage error), before any data, model or MLflow work."""
+    errors = [*config_errors(cfg), *more_errors]
+    if errors:
+        print(f"error: {'; '.join(errors)}", file=sys.stderr, flush=True)
+        raise SystemExit(2)
 
 
 def register_configs() -> None:

@@ -10,7 +10,9 @@ single process, so the training code has one path. The rules of a distributed ru
   its own pescador mux, with ``batch_size // world`` patches per step, so one step consumes
   the same global batch and an epoch the same amount of data as with one process;
 - evaluation splits the clips the same way and gathers the probabilities, so every clip is
-  evaluated exactly once and the metrics equal single-process evaluation;
+  evaluated exactly once, by a model whose BatchNorm statistics are rank 0's (``sync_buffers``),
+  and the metrics equal a single-process evaluation of the checkpoint rank 0 writes; on CUDA
+  BatchNorm is ``SyncBatchNorm`` (statistics of the global batch);
 - only rank 0 talks to MLflow and writes checkpoints (``paths.cache`` must be a filesystem all
   ranks see, as on one node or a cluster's shared disk).
 """
@@ -73,12 +75,16 @@ def barrier(d: Dist) -> None:
 
 @contextlib.contextmanager
 def main_first(d: Dist) -> Iterator[None]:
-    """Rank 0 runs the block first (building stores); the others run it after, finding them built."""
+    """Rank 0 runs the block first (downloads, building stores); the others run it after, finding
+    them done. Rank 0 releases the others even when the block fails (they then run it and most
+    likely fail the same way, instead of waiting at the barrier until the process group times out)."""
     if not d.main:
         barrier(d)
-    yield
-    if d.main:
-        barrier(d)
+    try:
+        yield
+    finally:
+        if d.main:
+            barrier(d)
 
 
 def broadcast(d: Dist, value: Any) -> Any:
@@ -126,12 +132,32 @@ def local_batch(d: Dist, batch_size: int) -> int:
 
 
 def wrap(d: Dist, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """``DistributedDataParallel`` around the model (gradients of trainable parameters averaged)."""
+    """``DistributedDataParallel`` around the model (gradients of trainable parameters averaged).
+
+    On CUDA the model's BatchNorm layers become ``SyncBatchNorm`` first (in place, same
+    parameters and buffers), so they normalise over the global batch rather than each rank's
+    ``batch/world`` share. PyTorch runs SyncBatchNorm on GPUs only; on CPU (Gloo) each rank keeps
+    its own statistics during an epoch and ``sync_buffers`` makes them rank 0's before evaluation.
+    """
     if not d.active:
         return model
     from torch.nn.parallel import DistributedDataParallel
 
+    if device.type == "cuda":
+        torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # replaces the children in place
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def sync_buffers(d: Dist, model: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank.
+
+    Call after each training epoch: every rank then evaluates exactly the model rank 0 saves.
+    DDP broadcasts buffers only at the start of a training forward, so after an epoch's last step
+    each rank's statistics include its own last local batch.
+    """
+    if d.active:
+        for buffer in model.buffers():
+            dist.broadcast(buffer.data, src=0)
 
 
 class RankTracker:

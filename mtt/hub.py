@@ -19,6 +19,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from mtt.store import locked
+
 CHUNK = 1 << 20  # bytes per read and per hash update
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 _UNSATISFIED_RANGE = re.compile(r"bytes\s+\*/(\d+)")
@@ -93,14 +95,25 @@ def download(url: str, dest: Path, *, sha256: str | None = None, sha256_prefix: 
         retries: how many times a dropped connection is resumed before giving up.
 
     If ``dest`` exists and passes the given checks it is returned without any network access; if
-    it fails them it is deleted and downloaded again. Raises ``DownloadError``.
+    it fails them it is deleted and downloaded again. Concurrent callers for the same ``dest``
+    (parallel sweep jobs, torchrun ranks) serialise on a lock file beside it (``.<name>.lock``):
+    one downloads, the others then find the verified file. Raises ``DownloadError``.
     """
     dest = Path(dest)
+    if dest.exists() and _verifies(dest, size, sha256, sha256_prefix):
+        return dest
+    with locked(dest.with_name(f".{dest.name}.lock")):  # one writer of dest.part at a time
+        return _download_locked(url, dest, sha256=sha256, sha256_prefix=sha256_prefix, size=size,
+                                progress=progress, timeout=timeout, retries=retries)
+
+
+def _download_locked(url: str, dest: Path, *, sha256: str | None, sha256_prefix: str | None,
+                     size: int | None, progress: bool, timeout: float, retries: int) -> Path:
+    """``download`` under its lock: look again (another process may have finished it), fetch."""
     if dest.exists():
         if _verifies(dest, size, sha256, sha256_prefix):
             return dest
         dest.unlink()  # corrupt or stale: never leave it where it could be read as valid
-    dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_suffix(dest.suffix + ".part")
     total = _fetch(url, dest, part, size=size, progress=progress, timeout=timeout, retries=retries)
 

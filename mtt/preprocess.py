@@ -12,7 +12,13 @@ Short clips: a clip shorter than one patch (0.96 s) has no complete patch. It is
 store with 0 patches (the reference front end, too, drops incomplete windows and patches, and
 padding would feed the model silence that no real clip has); training and evaluation leave such
 clips out and log how many (``mtt.train.split_of``), and the end-of-run summary counts them.
-Clips longer than one patch but shorter than 29.1 s simply have fewer patches.
+
+Truncated clips: every clip's decoded duration is recorded (manifest ``seconds``) and compared
+with how long it should be (``ClipIndex.expected_seconds``: clip_info's ``segmentEnd -
+segmentStart``, else ``data.clip_seconds``, 29.1 s for MTAT). A clip shorter than that by more
+than one patch (a cut download, a damaged mp3) is stored as usual with the patches it has, and
+listed under ``truncated`` in the manifest (clip id -> file, expected and decoded seconds) and in
+the summary; a training run logs how many as ``derived.truncated_clips``.
 
 Resuming: shards are written to a temporary name and renamed, so a shard either exists whole or
 not at all; temporary leftovers of a killed run (``.*.tmp``) are deleted when a run starts.
@@ -53,8 +59,9 @@ def frontend_params(cfg: FeaturesConfig) -> dict:
 
 
 def store_path(index: ClipIndex, cfg: FeaturesConfig) -> Path:
+    # format 2: the manifest records every clip's decoded duration (and the truncated clips)
     key = params_key({"frontend": frontend_params(cfg), "root": str(index.root.resolve()),
-                      "format": 1})
+                      "format": 2})
     return Path(cfg.store).expanduser() / f"{index.root.name}-{key}"
 
 
@@ -110,8 +117,9 @@ def _worker_context():
 def _extract(job: tuple[int, str, str, dict]) -> tuple[int, int | None, str | None]:
     """Worker: decode one clip, compute its patches, write its shard. -> (clip_id, n, error).
 
-    The shard is ``(n_patches, patch_frames, n_mels)`` float16; a clip that cannot be decoded
-    gets a ``<id>.failed`` file holding the reason instead.
+    The shard is ``(n_patches, patch_frames, n_mels)`` float16, written after ``<id>.seconds``
+    (the decoded duration), so a shard never lacks it; a clip that cannot be decoded gets a
+    ``<id>.failed`` file holding the reason instead.
     """
     import torch
 
@@ -124,6 +132,7 @@ def _extract(job: tuple[int, str, str, dict]) -> tuple[int, int | None, str | No
         return clip_id, None, str(exc)
     with torch.inference_mode():
         patches = front(torch.from_numpy(wave)[None])[0].numpy().astype(np.float16)
+    atomic_write_bytes(Path(shard).with_suffix(".seconds"), repr(len(wave) / params["sample_rate"]).encode())
     save_npy_atomic(Path(shard), patches)
     return clip_id, len(patches), None
 
@@ -201,51 +210,84 @@ def _build_feature_store(path: Path, index: ClipIndex, cfg: FeaturesConfig, prog
                     bar.update()
         bar.close()
 
-    counts, failed = {}, {}
+    counts, failed, seconds = {}, {}, {}
     for c in clip_ids:
         shard = shards / f"{c}.npy"
         if c in old:
-            counts[c] = store.count(c)
+            counts[c], seconds[str(c)] = store.count(c), store.seconds[str(c)]
         elif shard.exists():
             counts[c] = np.load(shard, mmap_mode="r", allow_pickle=False).shape[0]
+            seconds[str(c)] = float((shards / f"{c}.seconds").read_text())
         else:
             failed[str(c)] = (shards / f"{c}.failed").read_text()
+    truncated = truncated_clips(index, seconds, cfg.patch_frames * cfg.hop_seconds)
 
     def load(c: int) -> np.ndarray:
         return store.get(c) if c in old else np.load(shards / f"{c}.npy", allow_pickle=False)
 
     item_shape = (cfg.patch_frames, cfg.n_mels)
     (path / MANIFEST).unlink(missing_ok=True)
-    store = pack(path, counts, load, item_shape, params, failed, progress=progress)
+    store = pack(path, counts, load, item_shape, params, failed, progress=progress,
+                 extra={"seconds": seconds, "truncated": truncated})
     shutil.rmtree(shards, ignore_errors=True)
     if failed:
         log.warning("%d clip(s) could not be decoded and were skipped (listed in %s):\n  %s",
                     len(failed), path / MANIFEST, "\n  ".join(failed.values()))
+    if truncated:
+        log.warning("%d clip(s) are shorter than expected by more than one patch (kept, listed under "
+                    "'truncated' in %s)", len(truncated), path / MANIFEST)
     return store
 
 
+def truncated_clips(index: ClipIndex, seconds: dict[str, float], patch_seconds: float) -> dict[str, dict]:
+    """clip id -> ``{file, expected_seconds, decoded_seconds}`` for every decoded clip shorter
+    than ``index.expected_seconds`` by more than ``patch_seconds`` (one patch)."""
+    if index.expected_seconds is None:
+        return {}
+    out = {}
+    for row, clip_id in enumerate(index.clip_ids):
+        expected, decoded = float(index.expected_seconds[row]), seconds.get(str(int(clip_id)))
+        if decoded is not None and decoded < expected - patch_seconds:  # NaN expected: never
+            out[str(int(clip_id))] = {"file": index.paths[row], "expected_seconds": round(expected, 3),
+                                      "decoded_seconds": round(decoded, 3)}
+    return out
+
+
+_LISTED = 20  # truncated clips named in the summary; the manifest lists them all
+
+
 def summary(store: PatchStore, seconds: float | None = None) -> str:
-    """The end-of-run report: counts, failures with their reasons, short clips, fingerprint."""
+    """The end-of-run report: counts, failures with their reasons, short and truncated clips,
+    fingerprint."""
     short = int((store.counts == 0).sum())
+    truncated = sorted(store.truncated.items(), key=lambda kv: int(kv[0]))
     lines = [f"feature store: {store.path}",
              f"  {len(store)} clips, {store.patches.shape[0]} patches of {store.item_shape}, "
              f"{short} shorter than one patch (kept with 0 patches, not trained on), "
-             f"{len(store.failed)} failed, fingerprint {store.fingerprint}"
+             f"{len(truncated)} truncated, {len(store.failed)} failed, fingerprint {store.fingerprint}"
              + (f", {seconds:.1f} s" if seconds is not None else "")]
     if store.failed:
         lines.append(f"  {len(store.failed)} clip(s) could not be decoded (skipped, listed in the manifest):")
         lines += [f"    {clip_id}: {reason}" for clip_id, reason in sorted(store.failed.items(), key=lambda kv: int(kv[0]))]
+    if truncated:
+        lines.append(f"  {len(truncated)} clip(s) shorter than expected by more than one patch (kept with the "
+                     "patches they have, listed under 'truncated' in the manifest):")
+        lines += [f"    {clip_id}: {t['file']}: {t['decoded_seconds']:g} s of {t['expected_seconds']:g} s"
+                  for clip_id, t in truncated[:_LISTED]]
+        if len(truncated) > _LISTED:
+            lines.append(f"    ... and {len(truncated) - _LISTED} more")
     return "\n".join(lines)
 
 
 def main() -> None:
     import hydra
 
-    from mtt.config import CONF_DIR
+    from mtt.config import CONF_DIR, exit_if_invalid
     from mtt.data.index import index_from_config
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
     def _run(cfg) -> None:
+        exit_if_invalid(cfg)
         start = time.perf_counter()
         index = index_from_config(cfg.data)
         store = build_feature_store(index, cfg.features)

@@ -129,7 +129,8 @@ def run_probe(cfg, tracker, d: distributed.Dist = distributed.Dist()) -> dict[st
                       "probe_validation": "carved_from_train" if p.valid_is_test else "valid_split"})
     derived = {"train_clips": len(train.clip_ids), "val_clips": len(valid.clip_ids),
                "test_clips": len(p.test.clip_ids), "n_tags": len(p.index.tags), "device": str(p.device),
-               "embedding_dim": 2 * p.inputs.item_shape[0], "steps_per_epoch": 0}
+               "embedding_dim": 2 * p.inputs.item_shape[0], "steps_per_epoch": 0,
+               "truncated_clips": len(p.store.truncated)}
     log_records(cfg, tracker, derived, p.weights, p.store)
     emb = {name: clip_embeddings(p.inputs, s.clip_ids) for name, s in
            (("train", train), ("valid", valid), ("test", p.test))}
@@ -151,11 +152,12 @@ def run_probe(cfg, tracker, d: distributed.Dist = distributed.Dist()) -> dict[st
 def main() -> None:
     import hydra
 
-    from mtt.config import CONF_DIR
+    from mtt.config import CONF_DIR, exit_if_invalid
     from mtt.run import tracked
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
     def _probe(cfg) -> float:
+        exit_if_invalid(cfg)
         metrics = tracked(cfg, run_probe, name_prefix=REFERENCE)
         return metrics.get("val_roc_auc", float("nan"))
 

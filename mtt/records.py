@@ -60,10 +60,20 @@ def per_tag_csv(rows: Sequence[Mapping]) -> str:
 
 
 # One PNG per curve family: (file, title, metric names, y label).
-PLOTS = [("loss.png", "Loss", ["train_loss", "val_loss"], "binary cross-entropy"),
-         ("accuracy.png", "Binary accuracy", ["train_accuracy", "val_accuracy", "val_accuracy_all_negative"],
-          "accuracy over (clip, tag) cells"),
+PLOTS = [("loss.png", "Loss (train: patch level; validation: clip level)", ["train_loss", "val_loss"],
+          "binary cross-entropy"),
+         ("accuracy.png", "Binary accuracy (train: patch level; validation: clip level)",
+          ["train_accuracy", "val_accuracy", "val_accuracy_all_negative"], "accuracy over (item, tag) cells"),
          ("auc.png", "Macro AUC (validation)", ["val_roc_auc", "val_pr_auc"], "AUC")]
+
+# Legend entries that say what a curve measures where its name alone would mislead: train and
+# validation share an axis but are not the same quantity. train_*: the mean over the epoch's
+# steps of patch-level values, with dropout on (and AutoPool's alpha penalty in the loss); val_*:
+# each clip's aggregated patch probabilities, in eval mode.
+LABELS = {"train_loss": "train_loss (patches, dropout, + alpha penalty)",
+          "val_loss": "val_loss (clips, eval mode)",
+          "train_accuracy": "train_accuracy (patches, dropout)",
+          "val_accuracy": "val_accuracy (clips, eval mode)"}
 
 
 def plot_curves(history: Mapping[str, Sequence[float]], folder: Path) -> list[Path]:
@@ -81,11 +91,11 @@ def plot_curves(history: Mapping[str, Sequence[float]], folder: Path) -> list[Pa
             values = history.get(key, [])
             if values:
                 style = "--" if key.endswith("all_negative") else "-"
-                ax.plot(range(len(values)), values, style, marker="o", label=key)
+                ax.plot(range(len(values)), values, style, marker="o", label=LABELS.get(key, key))
         ax.set(title=title, xlabel="epoch", ylabel=ylabel)
         ax.grid(alpha=0.3)
         if ax.lines:
-            ax.legend()
+            ax.legend(fontsize="small")
         fig.tight_layout()
         fig.savefig(folder / name, dpi=100)
         plt.close(fig)

@@ -13,7 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from mtt.config import CONF_DIR
+from mtt.config import CONF_DIR, exit_if_invalid
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,7 @@ def tracked(cfg, job, name_prefix: str | None = None, resumable: bool = False) -
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
+    exit_if_invalid(cfg)  # before any data, model or MLflow work
     from mtt.train import train
 
     metrics = tracked(cfg, train, resumable=True)

@@ -5,7 +5,9 @@ A store is a folder::
     shards/<clip_id>.npy   one clip's array (n_patches, *item_shape), written while building
     patches.npy            all clips packed, (total_patches, *item_shape) float16, memory-mapped
     clips.npy              (n_clips, 3) int64 rows: clip_id, first row in patches.npy, n_patches
-    manifest.json          parameters, failures and the fingerprint; written LAST
+    manifest.json          parameters, failures, the fingerprint and what the builder adds
+                           (the feature store: every clip's decoded seconds, the truncated
+                           clips); written LAST
 
 Every file is written to a temporary name and renamed into place, and ``manifest.json`` only
 exists once ``patches.npy`` and ``clips.npy`` are complete, so a crash (Ctrl-C, kill -9, power)
@@ -43,23 +45,42 @@ def params_key(params: Mapping) -> str:
 
 @contextlib.contextmanager
 def locked(path: Path, blocking: bool = True) -> Iterator[None]:
-    """Hold an exclusive advisory lock on ``path`` (created if missing) for the ``with`` block.
+    """Hold an exclusive advisory lock on ``path`` for the ``with`` block; the lock file exists
+    only while someone holds or waits for it.
 
     Builders of the same store (parallel sweep jobs starting together) take it, then re-check
     whether the store is finished: one process builds, the others wait and open the result.
     The lock is released by the kernel if the holder dies, so a killed build never blocks.
     With ``blocking=False`` a lock held elsewhere raises ``BlockingIOError`` instead of waiting.
+    The holder deletes the file before releasing it, so a waiter may wake holding a file that is
+    no longer at ``path``: it then starts over on the file now there (or a new one), which keeps
+    one holder at a time and leaves no lock files behind.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     if fcntl is None:  # pragma: no cover
         yield
         return
-    with open(path, "a") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    while True:
+        f = open(path, "a")
         try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BaseException:
+            f.close()
+            raise
+        try:
+            current = os.stat(path)
+        except FileNotFoundError:
+            current = None
+        held = os.fstat(f.fileno())
+        if current is not None and (current.st_dev, current.st_ino) == (held.st_dev, held.st_ino):
+            break
+        f.close()  # the holder before us removed it: lock the one at path now
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        f.close()
 
 
 def atomic_replace(path: Path, write: Callable[[Path], None]) -> None:
@@ -130,6 +151,17 @@ class PatchStore:
         return self.manifest.get("failed", {})
 
     @property
+    def seconds(self) -> dict[str, float]:
+        """clip_id (as str) -> decoded duration in seconds (feature stores; empty otherwise)."""
+        return self.manifest.get("seconds", {})
+
+    @property
+    def truncated(self) -> dict[str, dict]:
+        """clip_id (as str) -> ``{file, expected_seconds, decoded_seconds}`` of the clips shorter
+        than expected by more than one patch (see ``mtt.preprocess``)."""
+        return self.manifest.get("truncated", {})
+
+    @property
     def item_shape(self) -> tuple[int, ...]:
         return tuple(self.patches.shape[1:])
 
@@ -153,13 +185,13 @@ class PatchStore:
 
 def pack(path: Path, counts: Mapping[int, int], load: Callable[[int], np.ndarray],
          item_shape: tuple[int, ...], params: Mapping, failed: Mapping[str, str] | None = None,
-         progress: bool = False) -> PatchStore:
+         progress: bool = False, extra: Mapping | None = None) -> PatchStore:
     """Pack per-clip arrays into a finished store.
 
     ``counts`` maps clip_id -> n_patches (in store order) and ``load(clip_id)`` returns that
     clip's ``(n_patches, *item_shape)`` array. ``patches.npy`` is written through a memory map so
     the store is never whole in RAM; then ``clips.npy``; then the manifest with the fingerprint
-    (a hash of the clip table and the parameters).
+    (a hash of the clip table and the parameters) and ``extra`` (more manifest entries).
     """
     path.mkdir(parents=True, exist_ok=True)
     clip_ids = [int(c) for c in counts]
@@ -177,11 +209,11 @@ def pack(path: Path, counts: Mapping[int, int], load: Callable[[int], np.ndarray
     os.replace(tmp, path / "patches.npy")
     table = np.stack([np.asarray(clip_ids, dtype=np.int64), starts, counts], axis=1) if clip_ids \
         else np.zeros((0, 3), dtype=np.int64)
-    return finalize(path, table, params, item_shape, failed)
+    return finalize(path, table, params, item_shape, failed, extra)
 
 
 def finalize(path: Path, table: np.ndarray, params: Mapping, item_shape: tuple[int, ...],
-             failed: Mapping[str, str] | None = None) -> PatchStore:
+             failed: Mapping[str, str] | None = None, extra: Mapping | None = None) -> PatchStore:
     """Write ``clips.npy`` and then the manifest next to a complete ``patches.npy``.
 
     The fingerprint hashes the clip table and the parameters.
@@ -190,6 +222,6 @@ def finalize(path: Path, table: np.ndarray, params: Mapping, item_shape: tuple[i
     digest = hashlib.sha256(table.tobytes() + json.dumps(params, sort_keys=True, default=str).encode())
     manifest = {"params": dict(params), "n_clips": int(table.shape[0]), "n_patches": int(table[:, 2].sum()),
                 "item_shape": list(item_shape), "failed": dict(failed or {}),
-                "fingerprint": digest.hexdigest()[:16]}
+                "fingerprint": digest.hexdigest()[:16], **dict(extra or {})}
     atomic_write_bytes(path / MANIFEST, json.dumps(manifest, indent=1, default=str).encode())
     return PatchStore(path)

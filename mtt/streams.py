@@ -216,8 +216,11 @@ def train_loader(store: PatchStore, clip_ids: np.ndarray, labels: np.ndarray, cf
     workers = min(cfg.num_workers, len(clip_ids))
     if workers == 0 and not pin_memory:
         return iter(dataset)
+    # The loader's own generator: without one, iter(loader) draws its base seed from torch's
+    # global RNG, which shifts every later dropout mask, so a run resumed from a checkpoint's
+    # RNG state would no longer train like the uninterrupted run.
     loader = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                        persistent_workers=workers > 0)
+                        persistent_workers=workers > 0, generator=torch.Generator().manual_seed(seed))
     return iter(loader)
 
 
@@ -254,9 +257,15 @@ class EpochCounts:
 
     declared: int  # train rows of the annotations, with or without features
     cached: int  # train clips present in the feature store
-    patches: int  # all stored patches of those clips
+    patches: int  # the patches of those clips the stream draws from (at most patches_per_clip each)
 
 
-def epoch_counts(declared: int, clip_ids: np.ndarray, store: PatchStore) -> EpochCounts:
-    """Counts for ``steps_per_epoch``: ``clip_ids`` are the train clips that have features."""
-    return EpochCounts(int(declared), len(clip_ids), int(sum(store.count(c) for c in clip_ids)))
+def epoch_counts(declared: int, clip_ids: np.ndarray, store: PatchStore,
+                 patches_per_clip: int | None = None) -> EpochCounts:
+    """Counts for ``steps_per_epoch``: ``clip_ids`` are the train clips that have features.
+
+    ``patches_per_clip`` is ``stream.patches_per_clip``: with 1 (the report's single random
+    patch) a clip contributes one patch, as many as the stream can ever draw from it.
+    """
+    drawable = sum(min(store.count(c), patches_per_clip or store.count(c)) for c in clip_ids)
+    return EpochCounts(int(declared), len(clip_ids), int(drawable))

@@ -33,7 +33,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from mtt.config import REPO_ROOT
+from mtt.config import REPO_ROOT, check_value, exit_if_invalid
 from mtt.journal import Journal, JournalError
 from mtt.store import atomic_write_bytes, locked
 
@@ -104,7 +104,15 @@ def prepare_store(uri: str | None, experiment: str) -> str:
     """
     check_reachable(resolve_uri(uri))
     client = MlflowClient(tracking_uri=resolve_uri(uri))
-    client.search_experiments(max_results=1)  # opening the store creates/migrates its schema
+    try:
+        client.search_experiments(max_results=1)  # opening the store creates/migrates its schema
+    except MlflowException as e:
+        status = e.get_http_status_code()
+        if status in (401, 403):  # a server with MLflow's login (make mlflow-server SERVER_AUTH=basic)
+            raise PermissionError(f"MLflow tracking server {resolve_uri(uri)} refused the request (HTTP {status}): "
+                                  "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a user "
+                                  "allowed to log runs") from None
+        raise
     return ensure_experiment(client, experiment)
 
 
@@ -118,6 +126,20 @@ def sweep_targets(tracking_cfg, task_overrides: list[str]) -> list[tuple[str | N
         if field in values and o.key_or_group.startswith("tracking.") and o.is_sweep_override():
             values[field] = list(o.sweep_string_iterator())
     return [(u, e) for u in values["uri"] for e in values["experiment"]]
+
+
+def swept_value_errors(task_overrides: list[str]) -> list[str]:
+    """``mtt.config.check_value`` of every value of every sweep override (``trainer.lr=0.1,-1``):
+    the launching process sees a bad value before the first job starts. An interpolation
+    (``${...}``) is left to the job, whose composed config resolves it and is checked there."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    errors = []
+    for o in OverridesParser.create().parse_overrides(list(task_overrides)):
+        if o.is_sweep_override():
+            errors += [e for v in o.sweep_iterator()
+                       if not (isinstance(v, str) and "${" in v) and (e := check_value(o.key_or_group, v))]
+    return errors
 
 
 SWEEP_TAG = "mtt.sweep"
@@ -174,6 +196,9 @@ class PrepareTracking(Callback):
     (``mtt.compare``: ``<group>/test_roc_auc_mean`` ... metrics and ``summary.json``) and ends it.
     A sweep that fails or is interrupted still ends its parents (FAILED / KILLED, with the
     summary of the children that finished).
+
+    First of all it checks the config's values, and a sweep's every swept value: a bad one ends
+    the launch with exit status 2 before any store, run or job (``mtt.config.exit_if_invalid``).
     """
 
     def __init__(self) -> None:
@@ -184,7 +209,7 @@ class PrepareTracking(Callback):
         self._prepare(config)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._prepare(config)
+        self._prepare(config, swept_value_errors(_task_overrides(config)))
         if int(os.environ.get("RANK", "0")) != 0:
             return
         uris = sorted({u for u, _ in sweep_targets(config.tracking, _task_overrides(config))}, key=str)
@@ -220,7 +245,8 @@ class PrepareTracking(Callback):
                     end_parent_run(uri, run.info.run_id, status, bootstrap)
 
     @staticmethod
-    def _prepare(config: DictConfig) -> None:
+    def _prepare(config: DictConfig, swept_errors: list[str] = ()) -> None:
+        exit_if_invalid(config, swept_errors)  # before the store exists: a bad value leaves nothing
         if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 touches the store
             return
         for uri, experiment in sweep_targets(config.tracking, _task_overrides(config)):

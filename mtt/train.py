@@ -25,9 +25,10 @@ from mtt import distributed
 from mtt.backbone_cache import build_backbone_cache, cache_key
 from mtt.data.index import ClipIndex, index_from_config
 from mtt.checkpoint import BEST_META, BEST_WEIGHTS, TrainState, drop_last, load_best, load_last, run_dir, save_best, save_last
+from mtt.config import validate
 from mtt.metrics import per_tag_table, tagging_metrics
 from mtt.models import Tagger, build_model
-from mtt.models.pooling import log_alphas
+from mtt.models.pooling import log_alphas, project_constraints
 from mtt.models.weights import WeightsInfo, load_state_dict, resolve_weights
 from mtt.preprocess import build_feature_store
 from mtt.records import PREDICTIONS, per_tag_csv, plot_curves, provenance, save_predictions, digest_test_set
@@ -151,6 +152,7 @@ def train_epoch(model: Tagger, stream, optimizer: torch.optim.Optimizer, steps: 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        project_constraints(model)  # AutoPool's cap: back into the interval after the step
         loss_sum += loss.item()
         with torch.no_grad():
             correct += ((model.probabilities(logits) >= 0.5) == (y >= 0.5)).sum().item()
@@ -251,16 +253,16 @@ def prepare(cfg, d: distributed.Dist = distributed.Dist(), cache: bool | None = 
     ``cache`` forces the backbone cache on (the linear probe reads frozen outputs even when the
     config fine-tunes) or off; by default it follows ``backbone.freeze``/``finetune_last``/``cache``.
     """
+    validate(cfg)  # library callers too: a bad value fails here, not deep in the loop
     t = cfg.trainer
     seed_everything(t.seed, t.deterministic)
     device = distributed.device_for(d, resolve_device(t.device))
     amp = autocast_dtype(t.precision, device)
-    # Resolve the weights first: an offline `audioset` run fails here, before any data work.
-    weights = resolve_weights(cfg.backbone.weights, cfg.backbone.url, cfg.backbone.hub_dir)
-
     frozen = cfg.backbone.freeze and cfg.backbone.finetune_last == 0
     from_backbone = (frozen and cfg.backbone.cache) if cache is None else cache
-    with distributed.main_first(d):  # rank 0 builds the stores, the others then open them
+    with distributed.main_first(d):  # rank 0 downloads and builds, the others then find it all
+        # The weights first: an offline `audioset` run fails here, before any data work.
+        weights = resolve_weights(cfg.backbone.weights, cfg.backbone.url, cfg.backbone.hub_dir)
         index = index_from_config(cfg.data, progress=t.progress)
         store = build_feature_store(index, cfg.features, progress=t.progress)
         state_dict = load_state_dict(weights.path) if weights.path is not None else None
@@ -269,7 +271,7 @@ def prepare(cfg, d: distributed.Dist = distributed.Dist(), cache: bool | None = 
             model.backbone.to(memory_format=torch.channels_last)
         inputs = store
         if from_backbone:
-            key = cache_key(store, weights.sha256, cfg.backbone, model.backbone)
+            key = cache_key(store, weights.sha256, cfg.backbone, model.backbone, device=device, autocast_dtype=amp)
             inputs = build_backbone_cache(store, model.encode, key, f"{cfg.paths.cache}/backbone", device,
                                           progress=t.progress, autocast_dtype=amp)
     splits = [split_of(index, store, s) for s in ("train", "valid", "test")]
@@ -290,7 +292,7 @@ def train(cfg, tracker, d: distributed.Dist = distributed.Dist()) -> dict[str, f
     device, amp, weights, index, store, model, inputs = p.device, p.amp, p.weights, p.index, p.store, p.model, p.inputs
     from_backbone, frozen = p.from_backbone, p.frozen
     train_split, val_split, test_split = p.train, p.valid, p.test
-    counts = epoch_counts(train_split.declared, train_split.clip_ids, store)
+    counts = epoch_counts(train_split.declared, train_split.clip_ids, store, cfg.stream.patches_per_clip)
     steps = steps_per_epoch(cfg.steps.policy, t.batch_size, counts.declared, counts.cached, counts.patches,
                             cfg.steps.n)
     mine = distributed.shard(d, len(train_split.clip_ids))  # this rank's training clips
@@ -299,7 +301,7 @@ def train(cfg, tracker, d: distributed.Dist = distributed.Dist()) -> dict[str, f
                "train_clips_declared": train_split.declared, "train_patches": counts.patches,
                "val_clips": len(val_split.clip_ids), "test_clips": len(test_split.clip_ids),
                "n_tags": len(index.tags), "device": str(device), "backbone_cached": from_backbone,
-               "world_size": d.world}
+               "world_size": d.world, "truncated_clips": len(store.truncated)}
     if not tracker.resumed:  # a resumed run has its records already (MLflow params are write-once)
         log_records(cfg, tracker, derived, weights, store)
         if d.active:
@@ -342,6 +344,7 @@ def train(cfg, tracker, d: distributed.Dist = distributed.Dist()) -> dict[str, f
     epoch = state.epoch + 1
     while epoch < t.epochs and not patience_spent(state, patience):
         local = train_epoch(model, stream, optimizer, steps, epoch, cfg, device, from_backbone, frozen, amp, forward)
+        distributed.sync_buffers(d, model)  # every rank evaluates (and rank 0 saves) one model
         # Every rank ran the same number of equal-sized steps: the mean of means is the mean.
         metrics = {k: float(np.mean([m[k] for m in distributed.gather(d, local)])) for k in local}
         val = clip_metrics(val_split.labels, evaluate_split(val_split))

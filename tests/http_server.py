@@ -7,6 +7,7 @@ so tests serve generated files themselves and can make the server misbehave on p
         server.drop_once("a.bin", after=1000)   # close the connection after 1000 body bytes, once
         server.corrupt("a.bin", times=1)        # next response has flipped bytes (same length)
         server.ignore_range = True              # answer 200 with the whole file to Range requests
+        server.slow("a.bin", seconds=2.0)       # every response's body takes about 2 s to send
         download(server.url + "a.bin", dest)
         server.requests                         # [Request(method, path, range), ...]
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import re
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -42,6 +44,7 @@ class FileServer:
         self.requests: list[Request] = []
         self._drops: dict[str, int] = {}
         self._corrupt: dict[str, int] = {}
+        self._slow: dict[str, float] = {}
         self._lock = threading.Lock()
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -55,6 +58,11 @@ class FileServer:
     def corrupt(self, name: str, times: int = 1) -> None:
         """Flip bytes in the middle of the next ``times`` responses for ``name`` (-1: always)."""
         self._corrupt[name] = times
+
+    def slow(self, name: str, seconds: float) -> None:
+        """Send every body of ``name`` in 20 pieces spread over ``seconds`` (a slow link, so that
+        concurrent clients really overlap)."""
+        self._slow[name] = seconds
 
     # -- bookkeeping --------------------------------------------------------------------------
     def count(self, name: str | None = None) -> int:
@@ -154,6 +162,14 @@ def _make_handler(server: FileServer) -> type[BaseHTTPRequestHandler]:
                 self.wfile.flush()
                 self.close_connection = True
                 self.connection.shutdown(socket.SHUT_RDWR)
+                return
+            seconds = server._slow.get(name)
+            if seconds:
+                step = max(1, -(-len(payload) // 20))
+                for i in range(0, len(payload), step):
+                    self.wfile.write(payload[i:i + step])
+                    self.wfile.flush()
+                    time.sleep(seconds / 20)
                 return
             self.wfile.write(payload)
 

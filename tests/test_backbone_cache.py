@@ -72,6 +72,8 @@ def model_of(cfg):
     w = resolve_weights(cfg.backbone.weights, cfg.backbone.url, progress=False)
     torch.manual_seed(cfg.trainer.seed)
     model = build_model(cfg, 50, load_state_dict(w.path) if w.path else None).eval()
+    if cfg.trainer.channels_last:  # as mtt.train.prepare lays it out
+        model.backbone.to(memory_format=torch.channels_last)
     return model, w
 
 
@@ -140,6 +142,28 @@ def test_random_init_key_follows_the_backbone_values(tmp_path, cache_dir):
     assert keys[0] == keys[1] != keys[2]
     with pytest.raises(ValueError, match="random"):
         cache_key(store, None, cfg.backbone)
+
+
+def test_precision_and_device_are_in_the_key(tmp_path, cache_dir):
+    """A cache built under bf16 autocast is not what an fp32 run reads (nor a CUDA-built one a
+    CPU run's): the two builds land in different folders with different values."""
+    cfg = cfg_for(tmp_path, cache_dir)
+    store = store_of(cfg)
+    model, _ = model_of(cfg)
+    cpu = torch.device("cpu")
+    keys = {dtype: cache_key(store, None, cfg.backbone, model.backbone, device=cpu, autocast_dtype=dtype)
+            for dtype in (None, torch.bfloat16)}
+    assert keys[None] != keys[torch.bfloat16]
+    assert cache_key(store, None, cfg.backbone, model.backbone, device=torch.device("cuda")) != keys[None]
+    fp32, bf16 = (build_backbone_cache(store, model.encode, keys[dtype], tmp_path / "bb", cpu, progress=False,
+                                       autocast_dtype=dtype) for dtype in (None, torch.bfloat16))
+    assert fp32.path != bf16.path
+    assert not np.array_equal(np.asarray(fp32.patches), np.asarray(bf16.patches))
+    assert (fp32.manifest["params"]["compute"]["dtype"], bf16.manifest["params"]["compute"]["dtype"]) == \
+        ("float32", "bfloat16")
+    with pytest.raises(ValueError, match="float32 but the build computes on cpu/bfloat16"):
+        build_backbone_cache(store, model.encode, keys[None], tmp_path / "other", cpu, progress=False,
+                             autocast_dtype=torch.bfloat16)
 
 
 def test_interrupted_build_resumes_to_the_same_cache(tmp_path, cache_dir):

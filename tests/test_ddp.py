@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,6 +27,21 @@ from mtt.tracking import download_artifacts
 from mtt.train import clip_metrics, clip_probabilities, split_of
 
 EPOCH_METRICS = ["train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_roc_auc", "val_pr_auc"]
+
+
+def descendants(pid: int) -> list[int]:
+    """The ids of every living process below ``pid`` (children, their children, ...), from /proc."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # the name may hold spaces
+            parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        out += children
+        todo += children
+    return out
 
 
 
@@ -58,13 +76,23 @@ def test_torchrun_two_processes(tmp_path, cache_dir):
     best = download_artifacts(uri, run.info.run_id, "checkpoint/best.safetensors", tmp_path)
     model = build_model(cfg, len(index.tags))
     model.load_state_dict(load_file(best))
+    model.backbone.to(memory_format=torch.channels_last)  # as the run laid it out: the same cache key
     cache = build_backbone_cache(store, model.encode, cache_key(store, None, cfg.backbone, model.backbone),
                                  f"{cache_dir}/backbone", torch.device("cpu"), progress=False)
-    test = split_of(index, store, "test")
-    single = clip_metrics(test.labels, clip_probabilities(model, cache, test, cfg, torch.device("cpu"), True, None))
-    for key, value in single.items():
-        if not np.isnan(value):
-            assert run.data.metrics[f"test_{key}"] == pytest.approx(value, abs=1e-5), key
+    cpu = torch.device("cpu")
+    for split, step in (("test", None), ("valid", int(run.data.metrics["best_epoch"]))):
+        # test_*: of the best checkpoint; val_* at the best epoch: of the same weights. Both were
+        # computed by two ranks, each on half the clips: with BatchNorm statistics that differ
+        # between ranks they would not equal one process's evaluation of rank 0's checkpoint.
+        clips = split_of(index, store, split)
+        single = clip_metrics(clips.labels, clip_probabilities(model, cache, clips, cfg, cpu, True, None))
+        prefix = "test" if split == "test" else "val"
+        for key, value in single.items():
+            if np.isnan(value):
+                continue
+            logged = run.data.metrics[f"test_{key}"] if step is None else \
+                {m.step: m.value for m in client.get_metric_history(run.info.run_id, f"val_{key}")}[step]
+            assert logged == pytest.approx(value, abs=1e-5), f"{prefix}_{key}"
 
 
 @pytest.mark.slow
@@ -96,9 +124,14 @@ def test_torchrun_run_resumes_after_sigkill(tmp_path, cache_dir):
         if runs and len(client.get_metric_history(runs[0].info.run_id, "val_loss")) >= 2:
             run_id = runs[0].info.run_id
         time.sleep(0.1)
-    # torchrun starts its ranks in sessions of their own: kill every process of this job by its
-    # unique experiment name, as a node failure or `scancel --signal=KILL` would.
-    subprocess.run(["pkill", "-KILL", "-f", "tracking.experiment=ddp-resume"], check=False)
+    # torchrun starts its ranks in sessions of their own, so its process group does not hold
+    # them: kill torchrun and every process it started, by id, at once, as a node failure or
+    # `scancel --signal=KILL` would. Nothing else on the machine is touched.
+    job = [proc.pid, *descendants(proc.pid)]
+    assert len(job) >= 3, "torchrun and its two ranks"
+    for pid in job:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     proc.wait(timeout=30)
     assert client.get_run(run_id).info.status == "RUNNING"
 

@@ -17,7 +17,8 @@ from mtt.config import REPO_ROOT
 
 EXPERIMENTS = REPO_ROOT / "experiments"
 REPORT = ["report/autopool", "report/prelim", "report/revised_steps", "report/three_blocks"]
-# What the report did, per experiment (seed-report.txt); the same keys are checked in MLflow.
+# What the report did, per experiment (each preset's opening comment and README "Reproducing the
+# report" say where the values come from); the same keys are checked in MLflow.
 COMMON = {"head.output": "softmax", "data.split": "report", "data.tags": "all", "data.drop_untagged": False,
           "stream.patches_per_clip": 1, "eval.patches_per_clip": 1, "trainer.batch_size": 32,
           "tracking.experiment": "report", "backbone.freeze": True, "head.bias_init": "zero",

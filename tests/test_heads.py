@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import compose_cfg
+from conftest import TINY, compose_cfg
 from mtt.models import build_model
 from mtt.models.head import Head
 from mtt.models.pooling import AutoPool, GlobalAveragePool
@@ -41,15 +41,53 @@ def test_autopool_matches_the_papers_formula():
     np.testing.assert_allclose(out, autopool_numpy(x, alpha), rtol=1e-6, atol=1e-9)
 
 
-def test_gradients_reach_alpha_and_cap_and_l2_apply():
+def test_gradients_reach_alpha_and_l2_applies():
     pool = AutoPool(5, alpha_init=0.5, constraint="cap", alpha_max=1.0, alpha_l2=0.1)
     x = torch.randn(2, 5, 6, 4)
     (pool(x).sum() + pool.regularization()).backward()
     assert pool.alpha.grad is not None and pool.alpha.grad.abs().sum() > 0
     with torch.no_grad():
         pool.alpha.fill_(50.0)
-    assert torch.allclose(pool(x), AutoPool(5, alpha_init=1.0)(x))
     assert pool.regularization().item() == pytest.approx(0.1 * 5 * 2500)
+
+
+def test_cap_projects_after_the_step_and_an_alpha_past_it_still_learns():
+    """CAP is a projection, not a clamp in the forward pass: an alpha past the cap gets a
+    gradient (a clamp would give it none, so it would stick), and the step that the training
+    loop ends with project_constraints puts it back on the interval's edge."""
+    from mtt.models.pooling import project_constraints
+
+    torch.manual_seed(0)
+    pool = AutoPool(3, constraint="cap", alpha_max=1.0)
+    with torch.no_grad():
+        pool.alpha.copy_(torch.tensor([3.0, -0.5, -4.0]))  # two of them past the cap
+    x = torch.randn(4, 3, 6, 2)
+    pool(x).sum().backward()
+    assert (pool.alpha.grad != 0).all(), "every alpha, also those past the cap, gets a gradient"
+    opt = torch.optim.SGD(pool.parameters(), lr=0.1)
+    opt.step()
+    assert pool.alpha[0] != 3.0 and pool.alpha[2] != -4.0  # the step moved them
+    project_constraints(pool)
+    assert pool.alpha.tolist() == [1.0, pytest.approx(-0.5 - 0.1 * pool.alpha.grad[1].item()), -1.0]
+    assert AutoPool(2, alpha_init=5.0, constraint="cap", alpha_max=2.0).alpha.tolist() == [2.0, 2.0]
+    free = AutoPool(1, alpha_init=5.0)  # no constraint: projection leaves it alone
+    project_constraints(free)
+    assert free.alpha.item() == 5.0
+
+
+def test_training_keeps_capped_alphas_within_the_cap(tiny_cfg):
+    """Through train(): a cap of 0.01 under lr 0.5 is hit at once; every logged alpha is within it."""
+    from mtt.tracking import MlflowTracker
+    from mtt.train import train
+    from mlflow.tracking import MlflowClient
+
+    cfg = compose_cfg([*TINY, "+head=autopool", "pool.constraint=cap", "pool.alpha_max=0.01", "trainer.lr=0.5",
+                       "steps=fixed", "steps.n=3", f"tracking.uri={tiny_cfg.tracking.uri}"], cache=tiny_cfg.paths.cache)
+    with MlflowTracker(cfg.tracking.uri, "cap", "cap") as tracker:
+        train(cfg, tracker)
+    metrics = MlflowClient(cfg.tracking.uri).get_run(tracker.run_id).data.metrics
+    assert -0.01 <= metrics["alpha_min"] and metrics["alpha_max"] <= 0.01
+    assert max(abs(metrics["alpha_min"]), abs(metrics["alpha_max"])) == pytest.approx(0.01)  # it hit the cap
 
 
 def test_gap_shape():
@@ -73,6 +111,14 @@ def test_head_parameter_counts(blocks, expected):
     assert sum(p.numel() for p in head.parameters()) == expected
     assert sum(isinstance(m, torch.nn.BatchNorm1d) for m in head.modules()) == blocks
     assert sum(isinstance(m, torch.nn.ReLU) for m in head.modules()) == blocks - 1
+
+
+def test_head_defaults_are_the_configs():
+    """Building a Head without arguments gives the head a default run builds (dropout 0.2...)."""
+    cfg = compose_cfg([]).head
+    head = Head(32, 5)
+    assert [m.p for m in head.modules() if isinstance(m, torch.nn.Dropout)] == [cfg.dropout] * cfg.blocks
+    assert head.net[2].out_features == cfg.width
 
 
 @pytest.mark.parametrize("head", ["gap2", "gap3", "autopool", "autopool3"])

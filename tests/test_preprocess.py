@@ -177,6 +177,55 @@ def test_undecodable_and_short_clips_are_reported_and_training_runs_on_the_rest(
     assert run.data.params["derived.train_clips_declared"] == "16"  # + the short one and the 3 failed
 
 
+def test_truncated_clips_are_reported_kept_and_counted_in_the_run(tmp_path):
+    """An mp3 cut short (a broken download) decodes to what it still holds: it is stored with the
+    patches it has, named in the manifest and the summary, and the run logs the count."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from mtt.data.index import index_from_config
+    from mtt.data.synth import write_clip_info
+    from mtt.preprocess import truncated_clips
+    from mtt.tracking import MlflowTracker
+    from mtt.train import train
+
+    root = tmp_path / "mtat"
+    rows = make_tree(root, 16, seconds=4.0)
+    cut_id, _, cut_rel = rows[0]  # folder 0: a training clip
+    data = (root / cut_rel).read_bytes()
+    (root / cut_rel).write_bytes(data[:int(len(data) * 0.4)])  # about 1.6 of its 4 s
+    # clip_info says 4 s for all clips but the last, which falls back to data.clip_seconds.
+    write_clip_info(root / "clip_info_final.csv", [
+        {"clip_id": c, "track_number": 1, "title": "t", "artist": "a", "album": "b", "url": "u",
+         "segmentStart": 10, "segmentEnd": 14, "original_url": "o", "mp3_path": rel} for c, _, rel in rows[:-1]])
+    cfg = compose_cfg([*mtat_overrides(root, tmp_path / "store"), "data.clip_seconds=4.0", "backbone.width=0.125",
+                       "head.width=16", "trainer.epochs=1", "trainer.progress=false", "trainer.device=cpu",
+                       f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"], cache=tmp_path / "cache")
+    index = index_from_config(cfg.data)
+    assert index.expected_seconds.tolist() == [4.0] * 16
+    store = build_feature_store(index, cfg.features, progress=False)
+
+    assert list(store.truncated) == [str(cut_id)]
+    entry = store.truncated[str(cut_id)]
+    assert entry["file"] == cut_rel and entry["expected_seconds"] == 4.0 and 1.0 < entry["decoded_seconds"] < 2.2
+    assert json.loads((store.path / MANIFEST).read_text())["truncated"] == store.truncated
+    assert store.count(cut_id) >= 1 and store.count(rows[1][0]) == 4  # kept, usable; the others whole
+    report = summary(store)
+    assert "1 truncated" in report and f"{cut_id}: {cut_rel}: {entry['decoded_seconds']:g} s of 4 s" in report
+
+    with MlflowTracker(cfg.tracking.uri, "unit", "truncated") as tracker:
+        train(cfg, tracker)
+    params = MlflowClient(cfg.tracking.uri).get_run(tracker.run_id).data.params
+    assert params["derived.truncated_clips"] == "1" and params["derived.train_clips"] == "12"  # still trained on
+
+    # Without clip_info the nominal length decides: MTAT's 29.1 s flags all of these 4 s clips;
+    # with no length known there is nothing to check.
+    patch = cfg.features.patch_frames * cfg.features.hop_seconds
+    assert len(truncated_clips(build_index(root, clip_info=None, clip_seconds=29.1), store.seconds, patch)) == 16
+    assert truncated_clips(build_index(root, clip_info=None), store.seconds, patch) == {}
+
+
 def test_cli_prints_the_report(tmp_path):
     root = tmp_path / "mtat"
     make_tree(root, 4, seconds=1.5, extra={"3/empty-0-29.mp3": b""})

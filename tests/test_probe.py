@@ -69,6 +69,7 @@ def test_probe_run_is_a_labelled_reference_with_the_trained_runs_metric_names(ca
     assert evaluation <= set(run.data.metrics), evaluation - set(run.data.metrics)
     assert float(run.data.params["probe.selected_C"]) in cfg.probe.C
     assert run.data.tags["feature_store"] == head.data.tags["feature_store"]  # the same features
+    assert run.data.params["derived.truncated_clips"] == head.data.params["derived.truncated_clips"] == "0"
     assert metrics["test_roc_auc"] >= 0.75  # a probe on these features learns (chance 0.5)
     rows = load_runs("both", uri)
     assert [r["reference"] for r in rows] == [None, REFERENCE]

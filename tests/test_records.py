@@ -1,5 +1,5 @@
-"""Acceptance 1 of issue 7: a 2-epoch `python -m mtt.run` records everything a reader needs,
-read back through the MLflow client."""
+"""A 2-epoch `python -m mtt.run` records everything a reader needs (README "Records, checkpoints,
+resume, tagging"), read back through the MLflow client."""
 
 from __future__ import annotations
 

@@ -48,10 +48,12 @@ def test_config_hash_ignores_resume_and_progress_only(cache_dir):
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_continues_the_same_run(tmp_path, cache_dir):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sigkill_then_resume_continues_the_same_run(tmp_path, cache_dir, workers):
+    """With and without DataLoader workers (whose loader must not draw from the restored RNG)."""
     uri = f"sqlite:///{tmp_path}/m.db"
     args = [*TINY[:-1], "trainer.device=cpu", "trainer.epochs=4", "trainer.deterministic=true", "steps=fixed",
-            "steps.n=40", f"paths.cache={cache_dir}"]
+            "steps.n=40", f"stream.num_workers={workers}", f"paths.cache={cache_dir}"]
     # The reference: the same config, uninterrupted (its own experiment).
     run_module(["mtt.run", *args, "tracking.experiment=reference"], env={"MLFLOW_TRACKING_URI": uri})
     client = MlflowClient(uri)

@@ -106,7 +106,12 @@ def test_ctrl_c_during_data_preparation_is_killed_and_leaves_nothing_corrupt(tmp
     uri = f"sqlite:///{tmp_path}/m.db"
     proc = start_run(data, uri)
     run_id = wait_for_run(proc, uri, "prep", points=None)
-    time.sleep(0.5)
+    # Interrupt once the dataset is being generated (its first clips are in the generator's
+    # temporary folder): data preparation is under way, and 96 clips leave seconds to spare.
+    deadline = time.monotonic() + 120
+    while not list(cache.glob("toy-v1/.*.gen-*/*/*.mp3")):
+        assert proc.poll() is None and time.monotonic() < deadline, "no data preparation seen"
+        time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) != 0
     client = MlflowClient(uri)

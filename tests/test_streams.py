@@ -50,6 +50,32 @@ def test_store_roundtrip_and_manifest(tmp_path):
         PatchStore(tmp_path / "s")
 
 
+def test_lock_admits_one_holder_at_a_time_and_leaves_no_file(tmp_path):
+    """store.locked: eight threads (each its own open file, as separate processes have) never
+    overlap inside the lock, although every holder deletes the lock file as it leaves."""
+    import threading
+    import time
+
+    from mtt.store import locked
+
+    inside, most, lock = [0], [0], tmp_path / ".x.lock"
+
+    def work():
+        for _ in range(5):
+            with locked(lock):
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+                time.sleep(0.002)
+                inside[0] -= 1
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert most[0] == 1 and not lock.exists()
+
+
 def first_batches(store, labels, seed, n=5, **kw):
     ids = store.clip_ids
     it = batches(patch_mux(store, ids, stream_cfg(n_active=4, **kw), seed), store, labels, 8)
@@ -184,6 +210,19 @@ def test_two_workers_serve_no_pair_more_often_than_the_mux_does(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:.*pin_memory.*:UserWarning")  # CPU-only torch: pins nothing
+@pytest.mark.parametrize("workers, pin_memory", [(2, False), (0, True)])
+def test_starting_the_loader_leaves_the_global_rng_alone(tmp_path, workers, pin_memory):
+    """Exact resume restores torch's RNG, then starts the stream: starting it must not draw from
+    that RNG (a DataLoader without its own generator draws its base seed there, which shifted
+    every later dropout mask of a resumed run)."""
+    store, labels = make_store(tmp_path / "s", n_clips=8)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    loader_batches(store, labels, workers, 3, pin_memory=pin_memory)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+@pytest.mark.filterwarnings("ignore:.*pin_memory.*:UserWarning")  # CPU-only torch: pins nothing
 def test_pinned_memory_loader_yields_the_same_batches(tmp_path):
     store, labels = make_store(tmp_path / "s", n_clips=8)
     plain = loader_batches(store, labels, 0, 5)
@@ -271,3 +310,13 @@ def test_steps_policies_on_a_store_with_missing_features(generated, policy, expe
     assert cfg.steps.policy == policy
     assert steps_per_epoch(cfg.steps.policy, cfg.trainer.batch_size, counts.declared, counts.cached,
                            counts.patches, cfg.steps.n) == expected
+
+
+def test_patches_policy_counts_only_the_patches_the_stream_can_draw(generated):
+    """With stream.patches_per_clip=1 an epoch of steps=patches is one patch per clip, not every
+    stored patch: the six cached clips hold 12 patches, but the stream draws from six."""
+    index, store = generated
+    split = split_of(index, store, "train")
+    assert epoch_counts(split.declared, split.clip_ids, store, patches_per_clip=1).patches == 6
+    assert epoch_counts(split.declared, split.clip_ids, store, patches_per_clip=2).patches == 1 + 1 + 2 + 1 + 2 + 2
+    assert epoch_counts(split.declared, split.clip_ids, store, patches_per_clip=None).patches == 12

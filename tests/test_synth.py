@@ -229,10 +229,8 @@ def snapshot(root: Path) -> dict[str, int]:
 
 
 def test_second_call_is_a_no_op(tiny_root):
-    before = snapshot(tiny_root)
-    start = time.perf_counter()
+    before = snapshot(tiny_root)  # how long the no-op takes: tests/benchmarks/bench_synth.py
     assert ensure_dataset(tiny_root, TINY, progress=False) == tiny_root
-    assert time.perf_counter() - start < 0.5
     assert snapshot(tiny_root) == before
 
 

@@ -7,19 +7,29 @@ The official distribution (MIREX / City, University of London, ``OFFICIAL_URL``)
 - ``mp3.zip.001``, ``mp3.zip.002``, ``mp3.zip.003``: one zip archive cut into three pieces by a
   plain byte split (joined, they are the zip: ``cat mp3.zip.* > mp3.zip``). It holds the 25,863
   mono 16 kHz mp3 clips (29.1 s) in 16 folders ``0``-``9``, ``a``-``f``; three clips are 0-byte
-  files (see ``/work/shared/MTAT.md`` in the project notes);
+  files (clip ids 35644, 55753 and 57881; ``mtt.preprocess`` lists them as failures);
 - ``annotations_final.csv``: tab-separated, quoted: clip_id, 188 tags (0/1), mp3_path;
 - ``clip_info_final.csv``: tab-separated, quoted: clip_id, track_number, title, artist, album,
   url, segmentStart, segmentEnd, original_url, mp3_path.
 
-Verification. No checksums of these files are published by the distributor, and we do not know
-trustworthy values, so none are built in. Instead: every file must arrive with exactly the size
-the server announces (Content-Length), the annotations must parse (checked before extracting),
-and every clip's CRC-32 in the archive is checked while it is extracted (a bad CRC is traced to
-the piece(s) holding that clip, which are fetched again once). When hashes are known they are
-used as well: pass ``checksums``, or serve a ``SHA256SUMS`` / ``MD5SUMS`` file (coreutils format)
-next to the files, e.g. from a mirror (``MTT_MTAT_URL=https://mirror.example/mtat/`` or
-``file:///shared/mtat/``).
+Verification. The SHA-256 of each of the five files is pinned (``PINNED_SHA256``: the digests
+public MTAT loaders pin, the audio parts' and clip_info's agreeing across two of them) and checked
+after download; a file that does not match is fetched once more, then refused, naming the file,
+the expected and the actual digest (nothing is kept). Every file must also arrive with exactly
+the size the server announces (Content-Length), the annotations must parse (checked before
+extracting), and every clip's CRC-32 in the archive is checked while it is extracted (a bad CRC
+is traced to the piece(s) holding that clip, which are fetched again once).
+
+Which digest a file must have, in this order:
+
+1. ``checksums`` (the ``MTT_MTAT_CHECKSUMS`` environment variable on the command line): your own
+   digests (hex MD5 or SHA-256) for the files they name, for a copy whose bytes differ from the
+   published files on purpose. A mapping or a coreutils ``SHA256SUMS`` / ``MD5SUMS`` file, or
+   ``served``: the manifest served at the base URL (a mirror you trust to say what it serves).
+2. ``PINNED_SHA256``: every file ``checksums`` does not name, whatever the host. A mirror of the
+   published files (``MTT_MTAT_URL=https://mirror.example/mtat/`` or ``file:///shared/mtat/``)
+   needs nothing else; a manifest a server offers is never read unless asked for (``served``),
+   so no server can loosen the check of the published files.
 
 Every step can be interrupted: downloads resume (``mtt.hub.download``), extracted clips are
 written atomically and skipped when present, and a completion marker is written last, so running
@@ -51,7 +61,16 @@ PARTS = ("mp3.zip.001", "mp3.zip.002", "mp3.zip.003")
 ANNOTATIONS = "annotations_final.csv"
 CLIP_INFO = "clip_info_final.csv"
 FILES = PARTS + (ANNOTATIONS, CLIP_INFO)
-MANIFESTS = ("SHA256SUMS", "MD5SUMS")  # looked for at the base URL, in this order
+# The published SHA-256 of each file (see the module docstring).
+PINNED_SHA256 = {
+    "mp3.zip.001": "f857fe185968773058cc71662c2ef5d8f2d4b7338e3c122cfd52f82dcb9760b9",
+    "mp3.zip.002": "fc2e1ec441755556ed1398b1808f1b08b6034372f8bc27394510c0c58cdb52ce",
+    "mp3.zip.003": "83a689824c17e82f6eb81cdbc4e4ca239a4cfc1fb41f1a5c80b861caec90450f",
+    "annotations_final.csv": "99b94e95825d4fa576386a5367b9c96e0ec636e9f9c240aceb492f4728f68c3c",
+    "clip_info_final.csv": "cb6108a10d3a91f0bfd7d2fbec2382559d15f20c8d28093f14e12162a47a3e78",
+}
+SERVED = "served"  # checksums=SERVED: use the manifest served at the base URL
+MANIFESTS = ("SHA256SUMS", "MD5SUMS")  # looked for at the base URL (checksums=SERVED), in this order
 MARKER = ".mtat-complete.json"  # written last: its presence means the dataset is complete
 CHECKSUM_STATE = ".mtat-checksums.json"  # what the manifest lookup found, so it is done once
 _DIGESTS = {32: "md5", 64: "sha256"}  # hex length -> algorithm
@@ -69,29 +88,30 @@ class _CorruptParts(Exception):
 
 
 def download_mtat(root: Path, base_url: str = OFFICIAL_URL, progress: bool = True,
-                  checksums: Mapping[str, str] | None = None, keep_archives: bool = False) -> Path:
+                  checksums: Mapping[str, str] | str | None = None, keep_archives: bool = False) -> Path:
     """Download, verify and extract MTAT into ``root``; return ``root`` (see the module docstring).
 
     Args:
         base_url: folder URL holding the five files (``http(s)://`` or ``file://``).
-        checksums: file name -> hex MD5 (32 digits) or SHA-256 (64); when None, a
-            ``SHA256SUMS`` or ``MD5SUMS`` served at ``base_url`` is used if there is one.
+        checksums: your digests, which replace the pinned published ones for the files they name:
+            file name -> hex MD5 (32 digits) or SHA-256 (64), or ``"served"`` for the
+            ``SHA256SUMS`` / ``MD5SUMS`` served at ``base_url``. None: the pinned digests only.
         keep_archives: keep the three zip pieces after a successful extraction.
 
-    Raises ``DownloadError`` (network, size, hash, or a piece still corrupt after one re-fetch)
-    and ``ArchiveError`` (an archive entry that would land outside ``root``).
+    Raises ``DownloadError`` (network, size, a digest still wrong after one re-fetch, or a piece
+    still corrupt after one re-fetch) and ``ArchiveError`` (an archive entry outside ``root``).
     """
     root = Path(root).expanduser().resolve()
     if (root / MARKER).is_file():
         return root
     root.mkdir(parents=True, exist_ok=True)
     base_url = base_url if base_url.endswith("/") else base_url + "/"
-    sums = _checked_sums(dict(checksums)) if checksums is not None else _served_sums(root, base_url)
+    sums = expected_digests(root, base_url, checksums)
 
     for attempt in range(2):
         for name in FILES:
             try:
-                _fetch(base_url + name, root / name, sums.get(name), progress)
+                _fetch_checked(base_url + name, root / name, *sums[name], progress)
             except DownloadError as e:
                 if e.reason != "offline":
                     raise
@@ -115,15 +135,65 @@ def download_mtat(root: Path, base_url: str = OFFICIAL_URL, progress: bool = Tru
                     url=base_url + e.parts[0], dest=root / e.parts[0], reason="mismatch",
                     detail=str(e)) from None
 
-    files = {name: {"size": (root / name).stat().st_size} for name in FILES}
-    for name, digest in sums.items():
-        files[name]["digest"] = digest
+    files = {name: {"size": (root / name).stat().st_size, "digest": sums[name][0], "digest_source": sums[name][1]}
+             for name in FILES}
     record = {"base_url": base_url, "files": files, "clips": members}
     _write_atomic(root / MARKER, json.dumps(record, indent=1))
     if not keep_archives:
         for name in PARTS:
             (root / name).unlink(missing_ok=True)
     return root
+
+
+def expected_digests(root: Path, base_url: str, checksums: Mapping[str, str] | str | None
+                     ) -> dict[str, tuple[str, str]]:
+    """File name -> (hex digest it must have, where that digest comes from), for all five files:
+    ``checksums`` for the files it names, the pinned published SHA-256 for the others."""
+    chosen = {name: (digest, "the published one (PINNED_SHA256)") for name, digest in PINNED_SHA256.items()}
+    if checksums == SERVED:
+        served, source = _served_sums(root, base_url)
+        chosen.update({name: (digest, source) for name, digest in served.items()})
+    elif checksums is not None:
+        chosen.update({name: (digest, "your checksums") for name, digest in _checked_sums(dict(checksums)).items()})
+    return chosen
+
+
+def checksums_from_env(value: str | None) -> Mapping[str, str] | str | None:
+    """``MTT_MTAT_CHECKSUMS``: unset -> None (pinned digests), ``served``, or a manifest file."""
+    if not value:
+        return None
+    if value == SERVED:
+        return SERVED
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"MTT_MTAT_CHECKSUMS={value}: no such manifest file (or use 'served')")
+    return parse_manifest(path.read_text(encoding="utf-8", errors="replace"))
+
+
+def parse_manifest(text: str) -> dict[str, str]:
+    """The digests of MTAT's files in a coreutils ``SHA256SUMS`` / ``MD5SUMS`` text."""
+    found = {}
+    for line in text.splitlines():
+        m = _MANIFEST_LINE.match(line.strip())
+        if m and m.group(2) in FILES:
+            found[m.group(2)] = m.group(1).lower()
+    return found
+
+
+def _fetch_checked(url: str, dest: Path, expected: str, source: str, progress: bool) -> None:
+    """``_fetch``; a digest mismatch is fetched once more, then refused naming both digests."""
+    for _ in range(2):
+        try:
+            return _fetch(url, dest, expected, progress)
+        except DownloadError as e:
+            if e.reason != "mismatch":
+                raise
+            error = e
+    raise DownloadError(
+        f"{dest.name} from {url} does not match its checksum after downloading it twice "
+        f"({error.detail}; expected digest: {source}); deleted. If this copy differs from the "
+        "published files on purpose, give its digests (MTT_MTAT_CHECKSUMS=FILE, or =served for "
+        "the mirror's own SHA256SUMS)", url=url, dest=dest, reason="mismatch", detail=error.detail)
 
 
 def _fetch(url: str, dest: Path, expected: str | None, progress: bool) -> None:
@@ -159,13 +229,13 @@ def _checked_sums(sums: dict[str, str]) -> dict[str, str]:
     return sums
 
 
-def _served_sums(root: Path, base_url: str) -> dict[str, str]:
-    """Checksums from a manifest served at ``base_url``, looked up once and remembered in root."""
+def _served_sums(root: Path, base_url: str) -> tuple[dict[str, str], str]:
+    """Checksums from a manifest served at ``base_url`` and its URL, looked up once and
+    remembered in root. Offline -> nothing (not remembered, so a run with network looks again)."""
     state = root / CHECKSUM_STATE
     if state.is_file():
-        return json.loads(state.read_text())["checksums"]
-    found: dict[str, str] = {}
-    source = None
+        saved = json.loads(state.read_text())
+        return saved["checksums"], saved["source"]
     for manifest in MANIFESTS:
         tmp = root / f".{manifest}.download"
         try:
@@ -173,19 +243,16 @@ def _served_sums(root: Path, base_url: str) -> dict[str, str]:
         except DownloadError as e:
             if e.status == 404:
                 continue
-            if e.reason == "offline":  # files copied in by hand can still be extracted offline;
-                return {}  # not remembered, so that a run with network looks again
+            if e.reason == "offline":  # files copied in by hand can still be checked offline
+                return {}, ""
             raise
         text = tmp.read_text(encoding="utf-8", errors="replace")
         tmp.unlink()
-        for line in text.splitlines():
-            m = _MANIFEST_LINE.match(line.strip())
-            if m and m.group(2) in FILES:
-                found[m.group(2)] = m.group(1).lower()
-        source = base_url + manifest
-        break
-    _write_atomic(state, json.dumps({"source": source, "checksums": found}, indent=1))
-    return found
+        found, source = parse_manifest(text), base_url + manifest
+        _write_atomic(state, json.dumps({"source": source, "checksums": found}, indent=1))
+        return found, source
+    raise DownloadError(f"checksums=served, but {base_url} serves neither {' nor '.join(MANIFESTS)}",
+                        url=base_url + MANIFESTS[0], dest=root, reason="http", status=404)
 
 
 def _extract(root: Path, parts: list[Path], progress: bool) -> int:
@@ -319,6 +386,7 @@ def _write_atomic(path: Path, text: str) -> None:
 @hydra.main(config_path="../../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     """Hydra entry: compose the project config and download into ``data.root`` (``data=mtat``)."""
+    mtt.config.exit_if_invalid(cfg)
     if cfg.data.name != "mtat":
         raise SystemExit(f"data={cfg.data.name}: this command downloads MagnaTagATune; run it "
                          "with data=mtat data.root=DIR")
@@ -327,8 +395,9 @@ def main(cfg: DictConfig) -> None:
                          "will hold annotations_final.csv and the audio folders 0-f)")
     base_url = os.environ.get("MTT_MTAT_URL", OFFICIAL_URL)
     try:
-        root = download_mtat(Path(cfg.data.root), base_url, progress=True)
-    except (DownloadError, ArchiveError) as e:
+        checksums = checksums_from_env(os.environ.get("MTT_MTAT_CHECKSUMS"))
+        root = download_mtat(Path(cfg.data.root), base_url, progress=True, checksums=checksums)
+    except (DownloadError, ArchiveError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None  # the message says it all; no traceback
     print(f"MagnaTagATune is ready in {root} (use data=mtat data.root={root})")
 

@@ -8,6 +8,8 @@
 from __future__ import annotations
 
 import csv
+import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Iterator
@@ -15,6 +17,8 @@ from typing import Iterator
 import numpy as np
 
 from mtt.data.tags import TAGS, TOP50, top_by_frequency
+
+log = logging.getLogger(__name__)
 
 FOLDERS = tuple("0123456789abcdef")
 STANDARD_SPLIT = {"train": tuple("0123456789ab"), "valid": ("c",), "test": ("d", "e", "f")}
@@ -32,7 +36,8 @@ class ClipIndex:
     """All clips of a dataset with their labels over the chosen tag set, and the split.
 
     ``labels`` is a ``(n_clips, n_tags)`` uint8 array; ``splits`` maps train/valid/test to arrays
-    of row numbers into ``clip_ids`` / ``paths`` / ``labels``.
+    of row numbers into ``clip_ids`` / ``paths`` / ``labels``; ``expected_seconds`` is how long
+    each clip should be (``expected_durations``), NaN where nothing says.
     """
 
     root: Path
@@ -41,6 +46,7 @@ class ClipIndex:
     paths: tuple[str, ...]  # mp3 paths relative to root
     labels: np.ndarray  # (n_clips, n_tags) uint8
     splits: dict[str, np.ndarray]
+    expected_seconds: np.ndarray | None = None  # (n_clips,) float64, NaN = unknown
 
     def audio_path(self, row: int) -> Path:
         return self.root / self.paths[row]
@@ -141,6 +147,23 @@ def read_clip_info(path: str | Path) -> dict[int, dict[str, str]]:
     return info
 
 
+def expected_durations(clip_ids: np.ndarray, clip_info: dict[int, dict[str, str]] | None,
+                       clip_seconds: float | None) -> np.ndarray:
+    """How long each clip should be ``(n_clips,)``: ``segmentEnd - segmentStart`` where the clip
+    info has a positive one, else ``clip_seconds`` (MTAT: 29.1 s), else NaN (nothing to check)."""
+    fallback = math.nan if clip_seconds is None else float(clip_seconds)
+    out = np.full(len(clip_ids), fallback)
+    for i, clip_id in enumerate(clip_ids):
+        row = (clip_info or {}).get(int(clip_id))
+        try:
+            length = float(row["segmentEnd"]) - float(row["segmentStart"]) if row else math.nan
+        except ValueError:
+            length = math.nan
+        if length > 0:
+            out[i] = length
+    return out
+
+
 def select_tags(tags: tuple[str, ...], labels: np.ndarray, tag_set: str) -> tuple[tuple[str, ...], np.ndarray]:
     """Restrict labels to a tag set.
 
@@ -186,17 +209,25 @@ def split_rows(paths: tuple[str, ...], rule: str) -> dict[str, np.ndarray]:
 
 
 def build_index(root: str | Path, annotations: str = "annotations_final.csv", tags: str = "all",
-                split: str = "standard", drop_untagged: bool = True) -> ClipIndex:
-    """Parse ``root/annotations`` and return the clips, labels and splits (see ``ClipIndex``)."""
+                split: str = "standard", drop_untagged: bool = True,
+                clip_info: str | None = "clip_info_final.csv", clip_seconds: float | None = None) -> ClipIndex:
+    """Parse ``root/annotations`` and return the clips, labels and splits (see ``ClipIndex``); the
+    expected clip lengths come from ``root/clip_info`` when it exists, else ``clip_seconds``."""
     root = Path(root).expanduser()
     clip_ids, all_tags, labels, paths = read_annotations(root / annotations)
+    info = None
+    if clip_info is not None and (root / clip_info).is_file():
+        try:
+            info = read_clip_info(root / clip_info)
+        except AnnotationError as e:  # only the length check needs it: say so and go on
+            log.warning("%s; clip lengths are checked against data.clip_seconds=%s instead", e, clip_seconds)
     tag_names, labels = select_tags(all_tags, labels, tags)
     splits = split_rows(paths, split)
     if drop_untagged:
         tagged = labels.any(axis=1)
         splits = {k: v[tagged[v]] for k, v in splits.items()}
     return ClipIndex(root=root, tags=tag_names, clip_ids=clip_ids, paths=paths, labels=labels,
-                     splits=splits)
+                     splits=splits, expected_seconds=expected_durations(clip_ids, info, clip_seconds))
 
 
 def index_from_config(data_cfg, progress: bool = True) -> ClipIndex:
@@ -206,8 +237,9 @@ def index_from_config(data_cfg, progress: bool = True) -> ClipIndex:
 
         ensure_dataset(data_cfg.root, data_cfg.synth, progress=progress)
     return build_index(data_cfg.root, data_cfg.annotations, data_cfg.tags, data_cfg.split,
-                       data_cfg.drop_untagged)
+                       data_cfg.drop_untagged, data_cfg.clip_info, data_cfg.clip_seconds)
 
 
 __all__ = ["TAGS", "TOP50", "FOLDERS", "CLIP_INFO_COLUMNS", "ClipIndex", "AnnotationError", "build_index",
+           "expected_durations",
            "index_from_config", "read_annotations", "read_clip_info", "select_tags", "split_rows"]

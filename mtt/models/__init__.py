@@ -14,7 +14,8 @@ from mtt.models.vggish import VGGish, freeze, load_torchvggish_state_dict
 
 # Output activations over the tag logits. sigmoid treats tags as independent (right for
 # multi-label); softmax makes them compete for one unit of probability mass, which is what the
-# report used under binary cross-entropy and why its scores could not exceed ~1/n_tags per tag.
+# report used under binary cross-entropy: one tag can still reach 1, but only by pushing every
+# other tag to 0, so a clip with k true tags can give each of them at most 1/k.
 OUTPUTS = {"sigmoid": torch.sigmoid, "softmax": lambda z: torch.softmax(z, dim=-1)}
 
 

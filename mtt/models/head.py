@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mtt.config import HeadConfig
+
 
 class Head(nn.Module):
     """``(B, in_features) -> (B, n_tags)`` logits.
@@ -14,8 +16,9 @@ class Head(nn.Module):
     (one ReLU hidden layer, then the output layer), ``blocks=3`` its third experiment.
     """
 
-    def __init__(self, in_features: int, n_tags: int, blocks: int = 2, width: int = 256,
-                 dropout: float = 0.5):
+    # The defaults are the config's (mtt.config.HeadConfig), so the two cannot drift apart.
+    def __init__(self, in_features: int, n_tags: int, blocks: int = HeadConfig.blocks,
+                 width: int = HeadConfig.width, dropout: float = HeadConfig.dropout):
         super().__init__()
         if blocks < 1:
             raise ValueError(f"head.blocks={blocks}: need at least 1 block")

@@ -22,9 +22,11 @@ class AutoPool(nn.Module):
     which a tag is present or absent), then each channel ``c`` is pooled over time with weights
     ``softmax(alpha_c * x[..., t])``: ``alpha = 0`` is mean pooling, ``alpha -> +inf`` max
     pooling, ``alpha -> -inf`` min pooling. ``alpha`` has one learnable value per channel,
-    initialised to ``alpha_init``. ``constraint='cap'`` clips alpha to ``[-alpha_max, alpha_max]``
-    (the paper's constrained CAP); ``alpha_l2 > 0`` adds ``alpha_l2 * sum(alpha**2)`` to the loss
-    through ``regularization()`` (the paper's regularized RAP).
+    initialised to ``alpha_init``. ``constraint='cap'`` keeps alpha in ``[-alpha_max, alpha_max]``
+    (the paper's constrained CAP) by projection: the forward pass uses the parameter as it is, so
+    its gradient is never cut off, and ``project_()``, called after every optimiser step
+    (``project_constraints``), moves it back into the interval. ``alpha_l2 > 0`` adds
+    ``alpha_l2 * sum(alpha**2)`` to the loss through ``regularization()`` (the paper's RAP).
     """
 
     def __init__(self, channels: int, alpha_init: float = 0.0, constraint: str = "none",
@@ -36,20 +38,30 @@ class AutoPool(nn.Module):
         self.constraint = constraint
         self.alpha_max = alpha_max
         self.alpha_l2 = alpha_l2
+        self.project_()  # an alpha_init outside the cap starts on its edge
 
-    def effective_alpha(self) -> torch.Tensor:
+    @torch.no_grad()
+    def project_(self) -> None:
+        """Under ``cap``, clip the parameter into ``[-alpha_max, alpha_max]`` in place."""
         if self.constraint == "cap":
-            return self.alpha.clamp(-self.alpha_max, self.alpha_max)
-        return self.alpha
+            self.alpha.clamp_(-self.alpha_max, self.alpha_max)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.mean(dim=3)  # (B, C, T)
-        alpha = self.effective_alpha().to(x.dtype)[None, :, None]
+        alpha = self.alpha.to(x.dtype)[None, :, None]
         weights = torch.softmax(alpha * x, dim=2)
         return (x * weights).sum(dim=2)
 
     def regularization(self) -> torch.Tensor:
         return self.alpha_l2 * (self.alpha ** 2).sum()
+
+
+def project_constraints(model: nn.Module) -> None:
+    """Project every constrained parameter of ``model`` back into its set; call it after each
+    ``optimizer.step()``. A no-op for models without constraints (GAP, AutoPool without cap)."""
+    for module in model.modules():
+        if isinstance(module, AutoPool):
+            module.project_()
 
 
 def build_pool(cfg, channels: int) -> nn.Module:
@@ -66,15 +78,13 @@ def build_pool(cfg, channels: int) -> nn.Module:
 def alpha_summary(pool: nn.Module) -> dict | None:
     """AutoPool's learned alphas as plain data (None for a pool without alphas).
 
-    ``{"alpha": [...C effective values], "alpha_raw": [...], "constraint", "alpha_max",
-    "metrics": {"alpha_mean", "alpha_std", "alpha_min", "alpha_max"}}``; the effective alphas are
-    the ones the model uses (clipped under ``cap``).
+    ``{"alpha": [...C values], "constraint", "cap", "metrics": {"alpha_mean", "alpha_std",
+    "alpha_min", "alpha_max"}}``; under ``cap`` the values lie within it (projected each step).
     """
     if not isinstance(pool, AutoPool):
         return None
-    alpha = pool.effective_alpha().detach().double().cpu()
-    return {"alpha": alpha.tolist(), "alpha_raw": pool.alpha.detach().double().cpu().tolist(),
-            "constraint": pool.constraint, "cap": pool.alpha_max,
+    alpha = pool.alpha.detach().double().cpu()
+    return {"alpha": alpha.tolist(), "constraint": pool.constraint, "cap": pool.alpha_max,
             "metrics": {"alpha_mean": alpha.mean().item(), "alpha_std": alpha.std(unbiased=False).item(),
                         "alpha_min": alpha.min().item(), "alpha_max": alpha.max().item()}}
 

@@ -1,10 +1,13 @@
-"""Extracting a byte-split zip: reading the pieces in place (mtt.data.download) vs `cat` first.
+"""Extracting a byte-split zip: reading the pieces in place (mtt.data.download) vs `cat` first;
+and how long a download takes to fail on a machine that is offline.
 
     python tests/benchmarks/bench_download.py [total MB, default 300]
 
 Prints wall time and extra disk for both ways on a generated archive of ~3 MB mp3-sized clips
 (stored, like mp3s in MTAT's zip). The baseline joins the pieces into one file (what the usual
-`cat mp3.zip.* > mp3.zip && unzip` does) and extracts that.
+`cat mp3.zip.* > mp3.zip && unzip` does) and extracts that. Then the time `mtt.hub.download`
+takes to give up on a refused connection (no retries: it should be milliseconds, not the
+seconds of a back-off).
 """
 
 from __future__ import annotations
@@ -17,7 +20,24 @@ import time
 import zipfile
 from pathlib import Path
 
-from mtt.data.download import PARTS, _extract
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from mtt.data.download import PARTS, _extract  # noqa: E402
+from mtt.hub import DownloadError, download  # noqa: E402
+from tests.http_server import closed_port_url  # noqa: E402
+
+
+def offline_failure(tries: int = 5) -> None:
+    times = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(tries):
+            start = time.perf_counter()
+            try:
+                download(closed_port_url() + "blob.bin", Path(tmp) / "blob.bin", progress=False)
+            except DownloadError:
+                times.append(time.perf_counter() - start)
+    print(f"refused connection -> DownloadError in {1000 * min(times):.1f} ms (best of {tries}), "
+          f"{1000 * max(times):.1f} ms worst")
 
 
 def main(total_mb: int = 300) -> None:
@@ -60,3 +80,4 @@ def main(total_mb: int = 300) -> None:
 
 if __name__ == "__main__":
     main(int(sys.argv[1]) if len(sys.argv) > 1 else 300)
+    offline_failure()

@@ -1,0 +1,153 @@
+"""Bad values fail when the config is composed: one line naming the key, the value and what is
+allowed, exit status 2, and nothing done (no MLflow store or run, no data), for every numeric and
+enumerated setting (mtt.config.RULES)."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import TINY, compose_cfg, run_module
+from mtt.config import REPO_ROOT, RULES, ConfigError, config_errors, validate
+
+PRESETS = sorted(p.relative_to(REPO_ROOT / "experiments").with_suffix("").as_posix()
+                 for p in (REPO_ROOT / "experiments").rglob("*.yaml"))
+
+# key -> (override, the value as the error shows it, words of what is allowed)
+BAD = {
+    "data.tags": ("data.tags=freq0", "freq0", "freqN with N >= 1"),
+    "data.split": ("data.split=random", "random", "one of standard, report"),
+    "data.clip_seconds": ("data.clip_seconds=0", "0.0", "a number > 0, or null"),
+    "data.synth.clips_per_folder": ("data.synth.clips_per_folder=0", "0", "an integer >= 1"),
+    "data.synth.seconds": ("data.synth.seconds=0.01", "0.01", "a number in [0.1, 600]"),
+    "data.synth.seed": ("data.synth.seed=-1", "-1", "an integer >= 0"),
+    "features.sample_rate": ("features.sample_rate=0", "0", "an integer >= 1"),
+    "features.window_seconds": ("features.window_seconds=0", "0.0", "a number > 0"),
+    "features.hop_seconds": ("features.hop_seconds=-0.01", "-0.01", "a number > 0"),
+    "features.n_mels": ("features.n_mels=0", "0", "an integer >= 1"),
+    "features.fmin": ("features.fmin=-5", "-5.0", "a number >= 0"),
+    "features.fmax": ("features.fmax=0", "0.0", "a number > 0"),
+    "features.log_offset": ("features.log_offset=0", "0.0", "a number > 0"),
+    "features.patch_frames": ("features.patch_frames=0", "0", "an integer >= 1"),
+    "features.patch_hop_frames": ("features.patch_hop_frames=0", "0", "an integer >= 1"),
+    "features.workers": ("features.workers=-1", "-1", "an integer >= 0"),
+    "backbone.finetune_last": ("backbone.finetune_last=7", "7", "an integer in [0, 6]"),
+    "backbone.width": ("backbone.width=0", "0.0", "a number > 0"),
+    "pool.name": ("pool.name=maxpool", "maxpool", "one of gap, autopool"),
+    "pool.alpha_init": ("pool.alpha_init=inf", "inf", "a finite number"),
+    "pool.constraint": ("pool.constraint=clip", "clip", "one of none, cap"),
+    "pool.alpha_max": ("pool.alpha_max=0", "0.0", "a number > 0"),
+    "pool.alpha_l2": ("pool.alpha_l2=-0.1", "-0.1", "a number >= 0"),
+    "head.blocks": ("head.blocks=0", "0", "an integer >= 1"),
+    "head.width": ("head.width=0", "0", "an integer >= 1"),
+    "head.dropout": ("head.dropout=1.0", "1.0", "a number in [0, 1)"),
+    "head.output": ("head.output=relu", "relu", "one of sigmoid, softmax"),
+    "head.bias_init": ("head.bias_init=random", "random", "one of prior, zero"),
+    "steps.policy": ("steps.policy=all", "all", "one of declared, cached, patches, fixed"),
+    "steps.n": ("steps.n=0", "0", "an integer >= 1, or null"),
+    "stream.n_active": ("stream.n_active=0", "0", "an integer >= 1"),
+    "stream.rate": ("stream.rate=null", "null", "a number > 0 (null never replaces an active clip)"),
+    "stream.mode": ("stream.mode=exhaustive", "exhaustive", "one of with_replacement, single_active"),
+    "stream.patches_per_clip": ("stream.patches_per_clip=0", "0", "an integer >= 1, or null"),
+    "stream.num_workers": ("stream.num_workers=-2", "-2", "an integer >= 0"),
+    "stream.weights": ("stream.weights=by_size", "by_size", "one of uniform, length"),
+    "eval.aggregate": ("eval.aggregate=median", "median", "one of mean, max"),
+    "eval.patches_per_clip": ("eval.patches_per_clip=-1", "-1", "an integer >= 1, or null"),
+    "eval.batch_size": ("eval.batch_size=0", "0", "an integer >= 1"),
+    "trainer.epochs": ("trainer.epochs=0", "0", "an integer >= 1"),
+    "trainer.batch_size": ("trainer.batch_size=0", "0", "an integer >= 1"),
+    "trainer.lr": ("trainer.lr=-1", "-1.0", "a number > 0"),
+    "trainer.weight_decay": ("trainer.weight_decay=-0.001", "-0.001", "a number >= 0"),
+    "trainer.seed": ("trainer.seed=-3", "-3", "an integer in [0, 4294967295]"),
+    "trainer.device": ("trainer.device=gpu", "gpu", "auto, cpu, cuda or cuda:N"),
+    "trainer.precision": ("trainer.precision=fp16", "fp16", "one of auto, fp32, bf16"),
+    "trainer.monitor": ("trainer.monitor=val_auc", "val_auc", "one of val_roc_auc, val_pr_auc"),
+    "trainer.patience": ("trainer.patience=0", "0", "an integer >= 1, or null"),
+    "trainer.lr_schedule": ("trainer.lr_schedule=cosine", "cosine", "one of none, plateau"),
+    "trainer.lr_patience": ("trainer.lr_patience=-1", "-1", "an integer >= 0"),
+    "trainer.lr_factor": ("trainer.lr_factor=1.0", "1.0", "a number in (0, 1)"),
+    "probe.C": ("probe.C=[]", "[]", "a non-empty list of numbers > 0"),
+    "tracking.experiment": ("tracking.experiment=' '", " ", "a non-empty name"),
+    "tracking.flush_timeout_s": ("tracking.flush_timeout_s=-1", "-1.0", "a number >= 0"),
+}
+
+
+def test_every_rule_has_a_bad_value_in_the_table():
+    assert sorted(BAD) == sorted(RULES)
+
+
+@pytest.mark.parametrize("key", sorted(BAD))
+def test_a_bad_value_is_named_with_what_is_allowed(key):
+    override, shown, allowed = BAD[key]
+    cfg = compose_cfg([override])
+    with pytest.raises(ConfigError) as info:
+        validate(cfg)
+    message = str(info.value)
+    assert message.startswith(f"{key}={shown}: expected ") and allowed in message, message
+    assert "\n" not in message
+
+
+def test_values_that_depend_on_each_other():
+    assert config_errors(compose_cfg(["features.fmin=8000"])) == [
+        "features.fmin=8000.0, features.fmax=7500.0: expected fmin < fmax <= sample_rate / 2 = 8000"]
+    assert config_errors(compose_cfg(["features.fmax=9000"]))  # above Nyquist for 16 kHz
+    assert config_errors(compose_cfg(["steps=fixed", "steps.n=null"])) == [
+        "steps.n=null: expected an integer >= 1 with steps.policy=fixed"]
+    both = str(pytest.raises(ConfigError, validate, compose_cfg(["trainer.lr=0", "trainer.epochs=0"])).value)
+    assert "trainer.lr=0.0" in both and "trainer.epochs=0" in both and "\n" not in both
+
+
+@pytest.mark.parametrize("overrides", [[], TINY, ["data=mtat", "data.root=/data/mtat"], ["+head=autopool"],
+                                       ["+head=autopool3", "pool.constraint=cap"], ["steps=fixed"],
+                                       ["trainer.device=cuda:1", "trainer.precision=bf16", "stream.rate=0.5"]]
+                         + [[f"+experiment={name}"] for name in PRESETS])
+def test_defaults_options_and_presets_are_valid(overrides):
+    assert config_errors(compose_cfg(overrides)) == []
+
+
+def assert_refused(proc, message: str, store) -> None:
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [f"error: {message}"]
+    assert not store.exists(), "the MLflow store was created"
+
+
+def test_cli_refuses_a_bad_value_before_any_work(tmp_path):
+    """The user's view: exit status 2, one line on stderr, no MLflow store (so no run), no data."""
+    cache, store = tmp_path / "cache", tmp_path / "m.db"
+    proc = run_module(["mtt.run", *TINY, "trainer.batch_size=0", f"paths.cache={cache}",
+                       f"tracking.uri=sqlite:///{store}"], check=False)
+    assert_refused(proc, "trainer.batch_size=0: expected an integer >= 1", store)
+    assert not cache.exists(), "data work started"
+
+
+def test_swept_values_are_checked_one_by_one_and_interpolations_left_to_the_job():
+    from mtt.tracking import swept_value_errors
+
+    assert swept_value_errors(["trainer.lr=0.1,-1", "trainer.seed=0,1", "+head=gap2,autopool",
+                               "trainer.epochs=${oc.env:EPOCHS},0"]) == [
+        "trainer.lr=-1: expected a number > 0", "trainer.epochs=0: expected an integer >= 1"]
+
+
+def test_a_bad_swept_value_stops_the_sweep_before_its_first_job(tmp_path):
+    cache, store = tmp_path / "cache", tmp_path / "m.db"
+    proc = run_module(["mtt.run", "-m", *TINY, "trainer.lr=0.1,-1", "stream.mode=with_replacement,exhaustive",
+                       f"paths.cache={cache}", f"tracking.uri=sqlite:///{store}"], check=False)
+    assert_refused(proc, "trainer.lr=-1: expected a number > 0; stream.mode=exhaustive: expected one of "
+                         "with_replacement, single_active (exhaustive would end the endless stream)", store)
+    assert not cache.exists(), "a job started"
+
+
+def test_probe_refuses_a_bad_value_too(tmp_path):
+    cache, store = tmp_path / "cache", tmp_path / "m.db"
+    proc = run_module(["mtt.probe", *TINY, "probe.C=[]", "trainer.lr_factor=1.5", f"paths.cache={cache}",
+                       f"tracking.uri=sqlite:///{store}"], check=False)
+    assert_refused(proc, "trainer.lr_factor=1.5: expected a number in (0, 1); "
+                         "probe.C=[]: expected a non-empty list of numbers > 0", store)
+    assert not cache.exists()
+
+
+def test_preprocess_refuses_a_bad_value_too(tmp_path):
+    cache, store = tmp_path / "cache", tmp_path / "m.db"
+    proc = run_module(["mtt.preprocess", "features.n_mels=0", f"paths.cache={cache}",
+                       f"tracking.uri=sqlite:///{store}"], check=False)
+    assert_refused(proc, "features.n_mels=0: expected an integer >= 1", store)
+    assert not cache.exists()
