@@ -33,7 +33,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from mtt.config import REPO_ROOT, check_value, exit_if_invalid
+from mtt.config import REPO_ROOT, RULES, check_value, exit_if_invalid
 from mtt.journal import Journal, JournalError
 from mtt.store import atomic_write_bytes, locked
 
@@ -136,7 +136,9 @@ def swept_value_errors(task_overrides: list[str]) -> list[str]:
 
     errors = []
     for o in OverridesParser.create().parse_overrides(list(task_overrides)):
-        if o.is_sweep_override():
+        # Only keys with a rule: a group choice such as +experiment=glob(report/*) has none, and
+        # expanding its glob needs Hydra's config loader, which a callback does not have.
+        if o.is_sweep_override() and o.key_or_group in RULES:
             errors += [e for v in o.sweep_iterator()
                        if not (isinstance(v, str) and "${" in v) and (e := check_value(o.key_or_group, v))]
     return errors

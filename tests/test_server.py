@@ -185,8 +185,9 @@ def postgres():
     data = folder / "data"
     if as_user:
         shutil.chown(folder, "postgres")
-    subprocess.run([*as_user, str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
-                    "--no-sync", "-E", "UTF8"], check=True, capture_output=True, timeout=120)
+    init = subprocess.run([*as_user, str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
+                           "--no-sync", "-E", "UTF8"], capture_output=True, text=True, timeout=120)
+    assert init.returncode == 0, f"initdb failed ({init.returncode}): {init.stdout[-1500:]} {init.stderr[-1500:]}"
     server = subprocess.Popen([*as_user, str(bin_dir / "postgres"), "-D", str(data), "-p", str(port), "-k", str(folder),
                                "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -127,6 +127,14 @@ def test_swept_values_are_checked_one_by_one_and_interpolations_left_to_the_job(
         "trainer.lr=-1: expected a number > 0", "trainer.epochs=0: expected an integer >= 1"]
 
 
+def test_a_swept_group_glob_is_left_to_hydra():
+    """+experiment=glob(report/*) (the report sweep) has no rule; expanding it needs Hydra's loader."""
+    from mtt.tracking import swept_value_errors
+
+    assert swept_value_errors(["+experiment=glob(report/*)", "trainer.seed=0,1"]) == []
+    assert swept_value_errors(["+experiment=glob(report/*)", "trainer.seed=0,-1"]) != []
+
+
 def test_a_bad_swept_value_stops_the_sweep_before_its_first_job(tmp_path):
     cache, store = tmp_path / "cache", tmp_path / "m.db"
     proc = run_module(["mtt.run", "-m", *TINY, "trainer.lr=0.1,-1", "stream.mode=with_replacement,exhaustive",
