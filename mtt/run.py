@@ -1,7 +1,8 @@
 """Hydra entry point: ``python -m mtt.run [overrides]`` / ``python -m mtt.run -m ...`` (sweeps).
 
-Thin on purpose: compose the config, open the MLflow run, train, return the monitored metric
-(so Hydra sweepers can optimise it).
+Thin on purpose: compose the config, open the MLflow run, train, return the best epoch's
+monitored metric (``trainer.monitor`` at the selected epoch, on validation), so Hydra sweepers
+(``hydra/sweeper=optuna``, mtt/search.py) optimise what selects the checkpoint.
 """
 
 from __future__ import annotations
@@ -114,7 +115,7 @@ def main(cfg: DictConfig) -> float:
     from mtt.train import train
 
     metrics = tracked(cfg, train, resumable=True)
-    return metrics.get(cfg.trainer.monitor, float("nan"))
+    return metrics.get(cfg.trainer.monitor, float("nan"))  # train() returns the best epoch's epoch metrics
 
 
 if __name__ == "__main__":

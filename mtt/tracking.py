@@ -143,7 +143,7 @@ def swept_value_errors(task_overrides: list[str]) -> list[str]:
 
     errors = []
     for o in OverridesParser.create().parse_overrides(list(task_overrides)):
-        if o.is_sweep_override():
+        if o.is_sweep_override() and not o.is_interval_sweep():  # an interval has no values to list
             errors += [e for v in o.sweep_iterator()
                        if not (isinstance(v, str) and "${" in v) and (e := check_value(o.key_or_group, v))]
     return errors
@@ -168,6 +168,8 @@ def sweep_parent(uri: str | None, experiment: str, sweep_id: str) -> str:
     with locked(Path(sweep_id) / f".mtt-parent-{key}.lock"):
         for run in client.search_runs([exp_id], f"tags.sweep_id = '{sweep_id}'"):
             if run.data.tags.get(SWEEP_TAG) == "true":
+                if run.info.status != "RUNNING":  # a resumed search (same folder): its parent goes on
+                    client.update_run(run.info.run_id, status="RUNNING")
                 return run.info.run_id
         try:
             overrides = json.loads((Path(sweep_id) / SWEEP_FILE).read_text())["overrides"]
