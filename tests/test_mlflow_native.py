@@ -94,3 +94,18 @@ def test_note_of_an_autopool_run_and_of_the_probe(tiny_cfg):
     assert "AutoPool (alpha initialised at 1.5" in note and "7 steps per epoch" in note
     assert "10 train / 2 valid / 3 test clips" in note
     assert "Linear probe" in run_note(cfg, derived, "linear probe")
+
+
+def test_make_ui_prints_each_experiments_runs_table(tmp_path, capsys):
+    from mtt import ui
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    assert ui.main(["--uri", uri, "--base", "http://127.0.0.1:5123"]) == 0  # no store yet: none made
+    assert "no runs yet" in capsys.readouterr().out and not (tmp_path / "m.db").exists()
+    exp_id = prepare_store(uri, "demo")
+    prepare_store(uri, "empty")  # an experiment without runs is not listed
+    MlflowClient(uri).create_run(exp_id)
+    assert ui.main(["--uri", uri, "--base", "http://127.0.0.1:5123"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["MLflow UI: http://127.0.0.1:5123",
+                   f"  demo: http://127.0.0.1:5123/#/experiments/{exp_id}/runs?workflowType=machine_learning"]
