@@ -41,7 +41,7 @@ demo: venv  ## 3 seeds of each head and of the linear probe on the embedded data
 	$(PY) -m mtt.probe -m trainer.seed=0,1,2 trainer.progress=false tracking.experiment=demo
 	$(PY) -m mtt.compare demo
 	@echo
-	@echo "Compare the runs:  make ui   (then open http://127.0.0.1:$(UI_PORT), experiment 'demo')"
+	@echo "Compare the runs:  make ui   (it prints the address of experiment 'demo')"
 
 test: venv  ## run the fast test suite (a few minutes)
 	$(PY) -m pytest -m "not slow" -q
@@ -52,7 +52,8 @@ test-slow: venv  ## run the slow end-to-end tests (CI runs them too)
 bench: venv  ## print speed and memory figures (tests/benchmarks)
 	@for b in tests/benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
-ui: venv  ## start the MLflow UI on 127.0.0.1 against the default store
+ui: venv  ## print each experiment's runs-table address, then start the MLflow UI on 127.0.0.1 against the default store
+	@$(PY) -m mtt.ui --uri '$(MLFLOW_URI)' --base http://127.0.0.1:$(UI_PORT)
 	$(VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_URI) --host 127.0.0.1 --port $(UI_PORT)
 
 mlflow-server: venv  ## start a shared tracking server (database + artifact store) on $(SERVER_HOST):$(SERVER_PORT)

@@ -376,6 +376,9 @@ def register_configs() -> None:
     from mtt.presets import register_presets  # the `experiment` group (experiments/)
 
     register_presets()
+    from mtt.search import register_sweeper  # hydra/sweeper=optuna
+
+    register_sweeper()
 
 
 register_configs()

@@ -175,7 +175,7 @@ class RankTracker:
     def _skip(self, *args, **kwargs) -> None:
         return None
 
-    log_params = set_tags = log_metrics = log_text = log_artifact = log_artifacts = _skip
+    log_params = set_tags = log_metrics = log_inputs = log_text = log_artifact = log_artifacts = _skip
 
 
 def shutdown(d: Dist) -> None:

@@ -17,6 +17,8 @@ Every line has ``seq`` (0, 1, 2, ...) and ``kind``:
     params     ``params``: {key: value (str)}
     tags       ``tags``: {key: value (str)}
     metrics    ``metrics``: [{key, value, step, timestamp (ms)}]
+    inputs     ``datasets``: [{name, digest, source_type, source, profile, context}] (MLflow
+               dataset inputs, ``mlflow.log_input``)
     artifacts  ``dir`` (``journal.files/<seq>``), ``artifact_path`` (None: the run's root): upload
                the folder's contents
     status     ``status`` (RUNNING | FINISHED | FAILED | KILLED), ``end_time`` (ms)

@@ -131,7 +131,8 @@ def run_probe(cfg, tracker, d: distributed.Dist = distributed.Dist()) -> dict[st
                "test_clips": len(p.test.clip_ids), "n_tags": len(p.index.tags), "device": str(p.device),
                "embedding_dim": 2 * p.inputs.item_shape[0], "steps_per_epoch": 0,
                "truncated_clips": len(p.store.truncated)}
-    log_records(cfg, tracker, derived, p.weights, p.store)
+    log_records(cfg, tracker, derived, p.weights, p.store, {"train": train, "valid": valid, "test": p.test},
+                kind="linear probe")
     emb = {name: clip_embeddings(p.inputs, s.clip_ids) for name, s in
            (("train", train), ("valid", valid), ("test", p.test))}
     probe, scores = fit_probe(emb["train"], train.labels, emb["valid"], valid.labels, list(cfg.probe.C))
@@ -158,7 +159,7 @@ def main() -> None:
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
     def _probe(cfg) -> float:
         exit_if_invalid(cfg)
-        metrics = tracked(cfg, run_probe, name_prefix=REFERENCE)
+        metrics = tracked(cfg, run_probe, name_prefix=REFERENCE, entry="mtt.probe")
         return metrics.get("val_roc_auc", float("nan"))
 
     _probe()

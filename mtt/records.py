@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import platform
 import subprocess
 from dataclasses import dataclass
@@ -21,8 +22,13 @@ from mtt.config import REPO_ROOT
 PACKAGES = ("torch", "mlflow", "hydra-core", "pescador", "numpy", "librosa")
 
 
+# MLflow's system tag of the commit (the runs table's Source column and the run page show it),
+# and our dirty flag beside it: MLflow has none, and a commit alone does not say what ran.
+GIT_COMMIT, GIT_DIRTY = "mlflow.source.git.commit", "mlflow.source.git.dirty"
+
+
 def git_state(repo: Path = REPO_ROOT) -> dict[str, str]:
-    """``git_commit`` and ``git_dirty`` of the code that runs; ``unknown`` outside a git checkout."""
+    """``GIT_COMMIT`` and ``GIT_DIRTY`` of the code that runs; ``unknown`` outside a git checkout."""
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
                               check=True, timeout=30).stdout.strip()
@@ -31,8 +37,8 @@ def git_state(repo: Path = REPO_ROOT) -> dict[str, str]:
         # Untracked files count: a new module the run imports changes what ran.
         dirty = bool(git("status", "--porcelain"))
     except (OSError, subprocess.SubprocessError):
-        return {"git_commit": "unknown", "git_dirty": "unknown"}
-    return {"git_commit": commit, "git_dirty": str(dirty).lower()}
+        return {GIT_COMMIT: "unknown", GIT_DIRTY: "unknown"}
+    return {GIT_COMMIT: commit, GIT_DIRTY: str(dirty).lower()}
 
 
 def versions() -> dict[str, str]:
@@ -46,8 +52,58 @@ def versions() -> dict[str, str]:
     return out
 
 
-def provenance() -> dict[str, str]:
-    return {**git_state(), **versions()}
+def source_tags(entry: str) -> dict[str, str]:
+    """MLflow's system tags of what ran: the entry point (``mtt.run``, ``mtt.probe``: the UI's
+    Source column), its type and the git state (``git_state``)."""
+    return {"mlflow.source.name": entry, "mlflow.source.type": "LOCAL", **git_state()}
+
+
+def dataset_name(data) -> str:
+    """``mtat-top50-standard``: the dataset, its tag set and its split protocol (``cfg.data``)."""
+    return f"{data.name}-{data.tags}-{data.split}"
+
+
+def dataset_inputs(data, fingerprint: str, splits: Mapping[str, np.ndarray]) -> list[dict]:
+    """What a run trained, validated and tested on, one entry per split (``context``) for
+    ``tracker.log_inputs``: ``name`` (``dataset_name``), ``digest``, ``source`` (``data.root``)
+    and a ``profile`` with the feature store's fingerprint and the split's clip count.
+
+    The digest is the feature-store fingerprint combined with the split's clip ids: MLflow keeps
+    one input per (name, digest) and run, so three splits with the store's fingerprint alone
+    would show as one dataset with only the first context.
+    """
+    out = []
+    for context, clip_ids in splits.items():
+        ids = np.asarray(clip_ids, dtype=np.int64)
+        digest = hashlib.sha256(fingerprint.encode() + b"|" + context.encode() + b"|" + ids.tobytes()).hexdigest()
+        out.append({"name": dataset_name(data), "digest": digest[:16], "source_type": "local",
+                    "source": json.dumps({"uri": str(data.root)}),
+                    "profile": json.dumps({"feature_store": fingerprint, "split": context, "clips": len(ids)}),
+                    "context": context})
+    return out
+
+
+def run_note(cfg, derived: Mapping, kind: str = "trained tagger") -> str:
+    """One paragraph for the run page (``mlflow.note.content``): model, steps, data, selection."""
+    head, pool, data = cfg.head, cfg.pool, cfg.data
+    pooling = (f"AutoPool (alpha initialised at {pool.alpha_init:g}, constraint {pool.constraint})"
+               if pool.name == "autopool" else "global average pooling")
+    backbone = "frozen" if cfg.backbone.freeze and cfg.backbone.finetune_last == 0 else \
+        (f"last {cfg.backbone.finetune_last} conv layers fine-tuned" if cfg.backbone.freeze else "fine-tuned")
+    weights = "AudioSet weights" if cfg.backbone.weights != "none" else "random weights"
+    if kind == "linear probe":
+        model = f"Linear probe (logistic regression per tag) on the {backbone} VGGish ({weights})"
+        schedule = f"L2 strength chosen among {list(cfg.probe.C)} on validation"
+    else:
+        model = (f"VGGish ({backbone}, {weights}, width x{cfg.backbone.width:g}) with {pooling} and a "
+                 f"{head.blocks}-block {head.output} head (width {head.width}, dropout {head.dropout:g})")
+        steps = f"{cfg.steps.policy}" + (f" (n={cfg.steps.n})" if cfg.steps.policy == "fixed" else "")
+        schedule = (f"{derived.get('steps_per_epoch')} steps per epoch (steps policy {steps}), at most "
+                    f"{cfg.trainer.epochs} epochs, batch {cfg.trainer.batch_size}, lr {cfg.trainer.lr:g}, "
+                    f"checkpoint chosen by {cfg.trainer.monitor}")
+    clips = f"{derived.get('train_clips')} train / {derived.get('val_clips')} valid / {derived.get('test_clips')} test clips"
+    return (f"{model}; {schedule}. Data: {dataset_name(data)} ({data.tags} tags: {derived.get('n_tags')}, "
+            f"{data.split} split, {clips}) from {data.root}; seed {cfg.trainer.seed}.")
 
 
 def per_tag_csv(rows: Sequence[Mapping]) -> str:

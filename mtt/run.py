@@ -1,7 +1,8 @@
 """Hydra entry point: ``python -m mtt.run [overrides]`` / ``python -m mtt.run -m ...`` (sweeps).
 
-Thin on purpose: compose the config, open the MLflow run, train, return the monitored metric
-(so Hydra sweepers can optimise it).
+Thin on purpose: compose the config, open the MLflow run, train, return the best epoch's
+monitored metric (``trainer.monitor`` at the selected epoch, on validation), so Hydra sweepers
+(``hydra/sweeper=optuna``, mtt/search.py) optimise what selects the checkpoint.
 """
 
 from __future__ import annotations
@@ -65,15 +66,18 @@ def _prefixed(prefix: str | None, name: str) -> str:
     return prefix if name == "default" else f"{prefix},{name}"
 
 
-def tracked(cfg, job, name_prefix: str | None = None, resumable: bool = False) -> dict[str, float]:
+def tracked(cfg, job, name_prefix: str | None = None, resumable: bool = False,
+            entry: str = "mtt.run") -> dict[str, float]:
     """Run ``job(cfg, tracker, dist)`` inside one MLflow run of ``cfg.tracking`` (under torchrun:
     rank 0 tracks, the other ranks get a tracker that logs nothing) and return its metrics.
 
     The run is tagged with the Hydra choices, overrides, sweep id and config hash, and named
-    after the overrides (``name_prefix`` first). ``resumable`` honours ``trainer.resume``.
+    after the overrides (``name_prefix`` first), with MLflow's source tags (``entry``, the git
+    state: ``mtt.records.source_tags``). ``resumable`` honours ``trainer.resume``.
     """
     from mtt import distributed
     from mtt.checkpoint import NOT_GROUPED, config_hash
+    from mtt.records import source_tags
     from mtt.tracking import MlflowTracker, sweep_parent
 
     hc = HydraConfig.get()
@@ -82,6 +86,7 @@ def tracked(cfg, job, name_prefix: str | None = None, resumable: bool = False) -
     tags["overrides"] = " ".join(hc.overrides.task)
     tags["sweep_id"] = sweep_id(hc)
     tags["config_hash"] = config_hash(cfg)
+    tags.update(source_tags(entry))
     # Runs that differ only in their seed form one group (mtt.compare aggregates over it).
     tags["mtt.group"] = config_hash(cfg, NOT_GROUPED, salt=name_prefix or "train")
     tags["mtt.group_name"] = _prefixed(name_prefix, run_name(list(hc.overrides.task), seed=False))
@@ -110,7 +115,7 @@ def main(cfg: DictConfig) -> float:
     from mtt.train import train
 
     metrics = tracked(cfg, train, resumable=True)
-    return metrics.get(cfg.trainer.monitor, float("nan"))
+    return metrics.get(cfg.trainer.monitor, float("nan"))  # train() returns the best epoch's epoch metrics
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 from hydra.experimental.callback import Callback
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
@@ -78,14 +78,21 @@ def artifact_root(uri: str) -> str | None:
     return None
 
 
+# MLflow's experiment kind: the UI shows an experiment of this kind as model training (runs
+# table), not as GenAI development (traces), and does not ask the user which it is.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def ensure_experiment(client: MlflowClient, name: str) -> str:
-    """Id of experiment ``name``, created if missing (tolerating a concurrent creator)."""
+    """Id of experiment ``name``, created if missing (tolerating a concurrent creator), with
+    ``EXPERIMENT_KIND``."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
     root = artifact_root(client.tracking_uri)
     try:
-        return client.create_experiment(name, artifact_location=f"{root}/{name}" if root else None)
+        return client.create_experiment(name, artifact_location=f"{root}/{name}" if root else None,
+                                        tags=EXPERIMENT_KIND)
     except Exception:  # another process created it first
         exp = client.get_experiment_by_name(name)
         if exp is None:
@@ -137,8 +144,9 @@ def swept_value_errors(task_overrides: list[str]) -> list[str]:
     errors = []
     for o in OverridesParser.create().parse_overrides(list(task_overrides)):
         # Only keys with a rule: a group choice such as +experiment=glob(report/*) has none, and
-        # expanding its glob needs Hydra's config loader, which a callback does not have.
-        if o.is_sweep_override() and o.key_or_group in RULES:
+        # expanding its glob needs Hydra's config loader, which a callback does not have. An
+        # interval (an Optuna search space) has no values to list.
+        if o.is_sweep_override() and o.key_or_group in RULES and not o.is_interval_sweep():
             errors += [e for v in o.sweep_iterator()
                        if not (isinstance(v, str) and "${" in v) and (e := check_value(o.key_or_group, v))]
     return errors
@@ -163,6 +171,8 @@ def sweep_parent(uri: str | None, experiment: str, sweep_id: str) -> str:
     with locked(Path(sweep_id) / f".mtt-parent-{key}.lock"):
         for run in client.search_runs([exp_id], f"tags.sweep_id = '{sweep_id}'"):
             if run.data.tags.get(SWEEP_TAG) == "true":
+                if run.info.status != "RUNNING":  # a resumed search (same folder): its parent goes on
+                    client.update_run(run.info.run_id, status="RUNNING")
                 return run.info.run_id
         try:
             overrides = json.loads((Path(sweep_id) / SWEEP_FILE).read_text())["overrides"]
@@ -350,7 +360,7 @@ def rejected(exc: BaseException) -> bool:
 
 def _batches(entries: list[dict]) -> Iterator[list[dict]]:
     """Consecutive params/tags/metrics entries merged into groups one ``log_batch`` can carry
-    (an oversized entry alone: ``_send`` splits it); artifacts and status one by one."""
+    (an oversized entry alone: ``_send`` splits it); artifacts, inputs and status one by one."""
     group: list[dict] = []
     n_metrics = n_keys = 0
     params: dict[str, str] = {}
@@ -379,6 +389,12 @@ def _send(client: MlflowClient, run_id: str, folder: Path, group: list[dict]) ->
         if not (folder / e["dir"]).is_dir():
             raise JournalError(f"{folder / e['dir']}: the files of journal entry {e['seq']} are missing")
         client.log_artifacts(run_id, str(folder / e["dir"]), e["artifact_path"])
+        return
+    if e["kind"] == "inputs":  # the store keeps one input per dataset and run: shipping again adds none
+        client.log_inputs(run_id, [DatasetInput(Dataset(d["name"], d["digest"], d["source_type"], d["source"],
+                                                        None, d.get("profile")),
+                                                [InputTag("mlflow.data.context", d["context"])])
+                                   for d in e["datasets"]])
         return
     if e["kind"] == "status":
         if e["status"] == "RUNNING":
@@ -640,6 +656,10 @@ class MlflowTracker:
                  for k, v in metrics.items() if not math.isnan(v)]
         if items:
             self._write(self.journal.append("metrics", metrics=items))
+
+    def log_inputs(self, datasets: list[Mapping[str, str]]) -> None:
+        """MLflow dataset inputs (``mtt.records.dataset_inputs``): the runs table's Dataset column."""
+        self._write(self.journal.append("inputs", datasets=[dict(d) for d in datasets]))
 
     def log_text(self, text: str, artifact_file: str) -> None:
         folder, _, name = artifact_file.rpartition("/")

@@ -31,7 +31,8 @@ from mtt.models import Tagger, build_model
 from mtt.models.pooling import log_alphas, project_constraints
 from mtt.models.weights import WeightsInfo, load_state_dict, resolve_weights
 from mtt.preprocess import build_feature_store
-from mtt.records import PREDICTIONS, per_tag_csv, plot_curves, provenance, save_predictions, digest_test_set
+from mtt.records import (PREDICTIONS, dataset_inputs, digest_test_set, per_tag_csv, plot_curves, run_note,
+                         save_predictions, versions)
 from mtt.stats import run_intervals
 from mtt.store import PatchStore
 from mtt.streams import epoch_counts, eval_batches, steps_per_epoch, train_loader
@@ -191,15 +192,19 @@ def skip_batches(stream, n: int) -> None:
         next(stream)
 
 
-def log_records(cfg, tracker, derived: dict, weights, store: PatchStore) -> None:
-    """Everything a reader needs to trust the run later (params, provenance, config.yaml)."""
+def log_records(cfg, tracker, derived: dict, weights, store: PatchStore, splits: dict[str, Split],
+                kind: str = "trained tagger") -> None:
+    """Everything a reader needs to trust the run later (params, library versions, config.yaml,
+    the data of each split as MLflow dataset inputs, the run page's note; the code version is
+    tagged when the run is created, ``mtt.run.tracked``)."""
     tracker.log_params(OmegaConf.to_container(cfg, resolve=True))
     tracker.log_params({f"derived.{k}": v for k, v in derived.items()})
     tracker.set_tags({"backbone_pretrained": weights.path is not None, "weights_source": weights.source,
                       "weights_sha256": weights.sha256 or "", "feature_store": store.fingerprint,
                       "seed": cfg.trainer.seed, "device": derived["device"],
                       "steps_policy": cfg.steps.policy, "steps_per_epoch": derived["steps_per_epoch"],
-                      **provenance()})
+                      "mlflow.note.content": run_note(cfg, derived, kind), **versions()})
+    tracker.log_inputs(dataset_inputs(cfg.data, store.fingerprint, {k: s.clip_ids for k, s in splits.items()}))
     tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
 
 
@@ -303,7 +308,7 @@ def train(cfg, tracker, d: distributed.Dist = distributed.Dist()) -> dict[str, f
                "n_tags": len(index.tags), "device": str(device), "backbone_cached": from_backbone,
                "world_size": d.world, "truncated_clips": len(store.truncated)}
     if not tracker.resumed:  # a resumed run has its records already (MLflow params are write-once)
-        log_records(cfg, tracker, derived, weights, store)
+        log_records(cfg, tracker, derived, weights, store, {"train": train_split, "valid": val_split, "test": test_split})
         if d.active:
             tracker.log_text(json.dumps({str(r): ids for r, ids in enumerate(shards)}), "ddp_shards.json")
 

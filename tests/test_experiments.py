@@ -33,6 +33,8 @@ EXPECTED = {
                         "trainer.epochs": 12},
     "modern": {"head.output": "sigmoid", "data.tags": "top50", "data.split": "standard", "eval.patches_per_clip": None,
                "eval.aggregate": "mean", "tracking.experiment": "modern", "backbone.weights": "none"},
+    # An Optuna search (tests/test_search.py runs it): AutoPool, so that its alpha can be searched.
+    "search": {"pool.name": "autopool", "tracking.experiment": "search", "head.blocks": 2},
 }
 
 

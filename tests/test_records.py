@@ -12,11 +12,11 @@ from mlflow.tracking import MlflowClient
 
 from conftest import TINY, run_module
 from mtt.data.tags import TAGS
-from mtt.records import git_state, plot_curves, versions
+from mtt.records import GIT_COMMIT, GIT_DIRTY, git_state, plot_curves, versions
 
 
 def test_git_state_of_a_folder_outside_git_is_unknown(tmp_path):
-    assert git_state(tmp_path) == {"git_commit": "unknown", "git_dirty": "unknown"}
+    assert git_state(tmp_path) == {GIT_COMMIT: "unknown", GIT_DIRTY: "unknown"}
 
 
 def test_git_state_sees_a_dirty_tree(tmp_path):
@@ -27,9 +27,9 @@ def test_git_state_sees_a_dirty_tree(tmp_path):
     git("add", "a.py")
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "a")
     clean = git_state(tmp_path)
-    assert len(clean["git_commit"]) == 40 and clean["git_dirty"] == "false"
+    assert len(clean[GIT_COMMIT]) == 40 and clean[GIT_DIRTY] == "false"
     (tmp_path / "a.py").write_text("x = 2\n")
-    assert git_state(tmp_path) == {**clean, "git_dirty": "true"}
+    assert git_state(tmp_path) == {**clean, GIT_DIRTY: "true"}
 
 
 def test_versions_name_every_library():
@@ -54,8 +54,12 @@ def test_two_epoch_run_has_every_record(tmp_path, cache_dir):
     (run,) = client.search_runs([client.get_experiment_by_name("records").experiment_id])
     rid, tags, params = run.info.run_id, run.data.tags, run.data.params
     assert run.info.status == "FINISHED"
-    # Code and environment.
-    assert len(tags["git_commit"]) == 40 and tags["git_dirty"] in ("true", "false")
+    # Code and environment, in MLflow's system tags where it has them (the UI's Source column).
+    assert len(tags["mlflow.source.git.commit"]) == 40 and tags["mlflow.source.git.dirty"] in ("true", "false")
+    assert tags["mlflow.source.name"] == "mtt.run" and tags["mlflow.source.type"] == "LOCAL"
+    assert tags["mlflow.runName"] == run.info.run_name
+    assert "steps per epoch" in tags["mlflow.note.content"]
+    assert sorted(t.value for d in run.inputs.dataset_inputs for t in d.tags) == ["test", "train", "valid"]
     for lib in ("python", "torch", "mlflow", "hydra-core", "pescador", "numpy", "librosa"):
         assert tags[f"version.{lib}"][0].isdigit(), lib
     # Data, weights, seed, device, steps, sweep.

@@ -1,0 +1,9 @@
+"""mtt's Optuna sweeper, where Hydra looks for plugins: Hydra instantiates a sweeper only by the
+name it registered while scanning the ``hydra_plugins`` namespace package (``module.Class``), so
+the class Hydra sees is defined here. The code is ``mtt.search``."""
+
+from mtt import search
+
+
+class OptunaSweeper(search.OptunaSweeper):
+    """``hydra/sweeper=optuna`` (``mtt.search.OptunaSweeper``)."""
