@@ -71,4 +71,4 @@ def test_run_without_checkpoint_is_a_clear_error(tmp_path, capsys):
         tracker.log_text("backbone: {}\n", "config.yaml")
     assert main(["x.mp3", "--run", tracker.run_id, "--tracking-uri", uri]) == 1
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and errors[0].startswith(f"error: run {tracker.run_id}: has no best checkpoint")
+    assert len(errors) == 1 and errors[0].startswith(f"error: run {tracker.run_id}: has no model/ and no best checkpoint")
