@@ -38,7 +38,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-import mlflow.artifacts
 import mlflow.models
 import mlflow.pyfunc
 import numpy as np
@@ -143,11 +142,12 @@ def load_tagger(model_uri: str, tracking_uri: str | None = None) -> ClipTagger:
     (what serving loads). Raises ``MlflowException`` when there is no such model."""
     from mtt.tracking import resolve_uri
 
-    uri = resolve_uri(tracking_uri)
-    with tempfile.TemporaryDirectory() as tmp, _quiet_copies():
-        local = mlflow.artifacts.download_artifacts(artifact_uri=str(model_uri), dst_path=tmp, tracking_uri=uri,
-                                                    registry_uri=uri)
-        model = mlflow.pyfunc.load_model(local)  # reads the weights into memory: tmp may go
+    # MLflow 3.17 resolves models:/ URIs against the global registry URI (which follows the
+    # tracking URI), whatever URI is passed down: set it for this call only.
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    with _use_tracking_uri(resolve_uri(tracking_uri)), _quiet_copies():
+        model = mlflow.pyfunc.load_model(str(model_uri))
     return model.unwrap_python_model().tagger
 
 
@@ -292,7 +292,6 @@ def register(tracking_uri: str | None, name: str, run_id: str, description: str,
     """Register run ``run_id``'s ``model/`` as a new version of registered model ``name`` (created
     if missing) with ``description``; returns the version number (``models:/NAME/<n>``)."""
     from mlflow.exceptions import MlflowException
-    from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository
     from mlflow.tracking import MlflowClient
 
     from mtt.tracking import resolve_uri
@@ -307,7 +306,8 @@ def register(tracking_uri: str | None, name: str, run_id: str, description: str,
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    source = RunsArtifactRepository.get_underlying_uri(f"runs:/{run_id}/{MODEL_PATH}")
+    # Where the run's model/ lies (what mlflow.register_model records for runs:/ URIs).
+    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{MODEL_PATH}"
     version = client.create_model_version(name, source, run_id=run_id, description=description,
                                           tags={k: str(v) for k, v in (tags or {}).items()})
     return int(version.version)
