@@ -157,7 +157,7 @@ def input_schema():
     from mlflow.types.schema import Array, ColSpec, DataType, Schema
 
     return Schema([ColSpec(DataType.binary, "audio", required=False),
-                   ColSpec(Array(DataType.float), "samples", required=False)])
+                   ColSpec(Array(DataType.double), "samples", required=False)])
 
 
 def signature(tags: list[str]):
