@@ -10,10 +10,11 @@ is pickled. The folder holds
     artifacts/tagger.json                                    resolved config, tag names, numerics
     input_example.json, serving_input_example.json          a one-second clip (signature check)
 
-Input (``INPUT_SCHEMA``): a DataFrame with, per row (clip), one of
+Input (``input_schema``): a DataFrame with, per row (clip), one of
 - ``audio``: the bytes of an encoded file (mp3, wav, flac, ogg through libsndfile; m4a/AAC and
   the rest through ffmpeg, ``mtt.audio.decode_audio``); base64 in JSON requests;
-- ``samples``: mono float32 samples at ``features.sample_rate`` (16 kHz for VGGish).
+- ``samples``: mono samples at ``features.sample_rate`` (16 kHz for VGGish), an array of doubles
+  in the signature (JSON numbers are float64, which MLflow will not narrow), computed in float32.
 Output: a DataFrame with one float64 column per tag (the run's tag order), one row per clip.
 
 A clip's probabilities are computed as the run's evaluation computes them (``mtt.train``):
@@ -23,7 +24,8 @@ output activation, then ``eval.aggregate`` (mean or max) over the clip's patches
 clip's row equals the run's ``test_predictions.npz`` row (CPU, fp32; ``eval.patches_per_clip``
 subsets are not reproduced: the model uses every patch).
 
-Besides ``mtt.tracking`` this is the module that imports mlflow: it defines the model format.
+Besides ``mtt.tracking`` this is the module that imports mlflow: it defines the model format
+(and registers versions, ``register``).
 """
 
 from __future__ import annotations
