@@ -1,11 +1,15 @@
 """Audio decoding: any file soundfile (libsndfile: mp3, wav, flac, ogg) reads -> mono float32.
 
 MTAT's mp3s are 16 kHz already, so they are decoded at their native rate; only other rates are
-resampled (see ``mtt.features.resample``).
+resampled (see ``mtt.features.resample``). ``load_audio`` is libsndfile only (MTAT preprocessing:
+fast, in-process); ``decode_audio`` (tagging and serving) falls back to librosa over audioread,
+whose ffmpeg backend reads what libsndfile does not (AAC/m4a, the usual format of music
+libraries, wma, ...).
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -42,4 +46,50 @@ def load_audio(path: str | Path, sample_rate: int = 16000) -> np.ndarray:
         from mtt.features import resample
 
         wave = resample(wave, sr, sample_rate)
+    return np.ascontiguousarray(wave, dtype=np.float32)
+
+
+# What to install when no audioread backend can read a file (audioread finds ffmpeg on PATH).
+INSTALL_FFMPEG = "install ffmpeg (Debian/Ubuntu: apt-get install ffmpeg; macOS: brew install ffmpeg; conda: conda install ffmpeg)"
+
+
+def decode_audio(path: str | Path, sample_rate: int = 16000) -> np.ndarray:
+    """``load_audio``, falling back to librosa (audioread: ffmpeg) for a file libsndfile cannot
+    read; mono float32 ``(samples,)`` at ``sample_rate`` either way, resampled by the same
+    ``mtt.features.resample``.
+
+    Raises ``AudioDecodeError`` on one line: naming ffmpeg as what to install when no audioread
+    backend is there, else saying that neither decoder reads the file.
+    """
+    try:
+        return load_audio(path, sample_rate)
+    except AudioDecodeError as first:
+        if not Path(path).is_file() or Path(path).stat().st_size == 0:
+            raise
+        sndfile_error = first
+    import audioread
+    import audioread.ffdec
+    import librosa
+
+    backends = audioread.available_backends()  # the stdlib wav/aiff reader, and ffmpeg if on PATH
+    if audioread.ffdec.FFmpegAudioFile not in backends:
+        raise AudioDecodeError(f"{path}: cannot decode audio: libsndfile does not read it and ffmpeg, "
+                               f"which would, is not on PATH; {INSTALL_FFMPEG}") from sndfile_error
+    try:
+        reader = audioread.audio_open(str(path), backends)
+    except (audioread.DecodeError, OSError, EOFError) as exc:  # NoBackendError: every backend refused
+        raise AudioDecodeError(f"{path}: cannot decode audio: neither libsndfile nor ffmpeg reads it (not an "
+                               f"audio file, or truncated)") from exc
+    with reader, warnings.catch_warnings():
+        # librosa deprecates its audioread path for 1.0 (FutureWarning); pinned to 0.11 here.
+        warnings.simplefilter("ignore", FutureWarning)
+        data, sr = librosa.load(reader, sr=None, mono=False, dtype=np.float32)
+    data = np.atleast_2d(data)  # (channels, samples)
+    if data.shape[1] == 0:
+        raise AudioDecodeError(f"{path}: no audio samples")
+    wave = data.mean(axis=0) if data.shape[0] > 1 else data[0]
+    if sr != sample_rate:
+        from mtt.features import resample
+
+        wave = resample(wave, int(sr), sample_rate)
     return np.ascontiguousarray(wave, dtype=np.float32)

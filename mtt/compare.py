@@ -17,8 +17,10 @@ excludes 0, else "not distinguishable at 95%".
 Runs are only ranked when they share the evaluation protocol (split, tag set, evaluation
 aggregation, feature store, test clips); otherwise the command refuses, naming the key that
 differs (``--allow-mixed`` prints them anyway, marked). Reference runs (``mtt.probe``) are
-labelled rows. A reading tool (argparse, no Hydra): it never changes the store; MLflow is
-reached only through ``mtt.tracking``.
+labelled rows. A reading tool (argparse, no Hydra): it never changes the store, except that
+``--register NAME`` registers the best group's best run (by its monitored validation metric) as
+a new version of MLflow model NAME (``mtt.pyfunc.register``); MLflow is reached only through
+``mtt.tracking`` and ``mtt.pyfunc``.
 """
 
 from __future__ import annotations
@@ -511,6 +513,41 @@ def compare(experiment: str, metrics: Sequence[str] = DEFAULT_METRICS, out: str 
     return c
 
 
+def best_run(group: Group) -> dict:
+    """The run of ``group`` whose own monitored validation metric (``trainer.monitor``) was best
+    at its selected epoch (``selected_<monitor>``; a loss: the lowest). Never a test metric."""
+    def score(r: dict) -> float:
+        monitor = r["params"].get("trainer.monitor", "val_roc_auc")
+        v = _metric(r, f"selected_{monitor}")
+        if v is None:
+            return -math.inf
+        return -v if monitor.endswith("loss") else v
+
+    return max(group.runs, key=score)
+
+
+def register_best(c: Comparison, name: str, uri: str | None = None) -> tuple[int, dict]:
+    """Register the best run of the best group of comparison ``c`` (``build``'s best group, by
+    mean validation ROC-AUC of the selected epochs; in it ``best_run``) as a new version of model
+    ``name``, the group's summary as the version's description. Returns (version, run)."""
+    from mtt.pyfunc import register
+
+    experiment = c.experiment
+    if c.best is None or c.best.reference:
+        raise LookupError(f"experiment {experiment!r} has no trained group with a validation score to register")
+    g, run = c.best, best_run(c.best)
+    monitor = run["params"].get("trainer.monitor", "val_roc_auc")
+    lines = [f"Best group of experiment {experiment!r} by mean validation ROC-AUC of the selected epochs: "
+             f"{g.name} ({len(g.runs)} seed(s); {c.test_clips if c.test_clips is not None else '?'} test clips).",
+             *(f"{m}: {_fmt(g.stats.get(m))}" for m in TABLE_METRICS[:3] if m in g.stats),
+             f"This version: run {run['run_id']} ({run['label']}), the group's best by its monitored "
+             f"selected_{monitor} = {_metric(run, f'selected_{monitor}')}; test_roc_auc = "
+             f"{_metric(run, 'test_roc_auc')}."]
+    tags = {"mtt.experiment": experiment, "mtt.group": g.id, "mtt.group_name": g.name, "monitor": monitor}
+    version = register(uri, name, run["run_id"], "\n".join(lines), tags)
+    return version, run
+
+
 def sweep_summary(uri: str | None, parent_run_id: str, bootstrap: bool = True) -> dict:
     """The grouped summary (``--format json``) of one sweep's child runs, for its parent run."""
     return build("", uri, parent=parent_run_id, allow_mixed=True, bootstrap=bootstrap).to_json()
@@ -532,6 +569,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default %(default)s)")
     parser.add_argument("--out", help="PNG path (default: compare-<experiment>.png next to the store)")
     parser.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else <repo>/mlflow.db)")
+    parser.add_argument("--register", metavar="NAME",
+                        help="register the best run of the best group (by validation) as a new version of model NAME")
     args = parser.parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # stdout is the table
     if args.resamples < 100:
@@ -554,6 +593,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if missing:
             print(f"note: no run logged {missing}", file=sys.stderr)
         print(f"\ncurves ({', '.join(args.metrics)}; mean over seeds, band from lowest to highest): {c.png}")
+    if args.register:
+        try:
+            version, run = register_best(c, args.register, args.tracking_uri)
+        except LookupError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"registered run {run['run_id']} ({run['label']}) as version {version} of model "
+              f"{args.register!r}: models:/{args.register}/{version}", file=sys.stderr)
     return 0
 
 

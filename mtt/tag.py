@@ -1,46 +1,83 @@
-"""Tag audio files with a trained run: ``python -m mtt.tag AUDIO_FILE... --run RUN_ID [--top-k 5]``.
+"""Tag audio files and folders with a trained model:
+``python -m mtt.tag PATH... (--run RUN_ID | --model URI) [--top-k 5] [--format text|csv|json]``.
 
-Loads the run's ``config.yaml`` and best checkpoint from MLflow, decodes each file, computes all
-its VGGish log-mel patches and prints the ``top-k`` tags of the clip-level probabilities (mean
-over patches, as evaluation does by default):
+The model is the run's MLflow model (``model/``, ``mtt.pyfunc``): ``--run ID`` is short for
+``--model runs:/ID/model``; ``--model`` also takes ``models:/NAME/VERSION`` and
+``models:/NAME/latest`` (registered with ``mtt.compare --register``). A run logged before runs
+carried a model is built from its ``config.yaml`` and best checkpoint, by the same code.
+
+A folder is tagged recursively (files with an audio extension, ``AUDIO_EXTENSIONS``, sorted);
+files named on the command line are tagged whatever their name. Decoding: libsndfile (mp3, wav,
+flac, ogg), else librosa over ffmpeg (m4a/AAC, ...). Each clip's probabilities are those of the
+run's evaluation (every patch, ``eval.aggregate``). Output (stdout, or ``--output FILE``,
+written atomically): ``text`` prints the ``top-k`` tags of each file,
 
     song.mp3
       techno      0.912
       drums       0.771
 
-Errors (missing run, run without checkpoint, undecodable file) print one line and exit 1.
+``csv`` one row per file with every tag's probability (``file,<tag>,...``), ``json``
+``{"model", "tags", "files": [{"file", "top": [[tag, p], ...], "probabilities": {tag: p}}],
+"errors": [{"file", "error"}]}``. A progress bar on stderr counts the files.
+
+Errors print one line each (``error: ...``) and exit status 1: a missing path or model before
+any work; a file that cannot be decoded is skipped, the others are still tagged.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import io
+import json
 import os
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
-from omegaconf import OmegaConf
 
-from mtt.audio import AudioDecodeError, load_audio
-from mtt.checkpoint import BEST_META, BEST_WEIGHTS, load_best
-from mtt.features import log_mel_patches
-from mtt.models import Tagger, build_model
+from mtt.audio import AudioDecodeError
+
+# What a folder walk picks up (case-insensitive): what libsndfile or ffmpeg decode.
+AUDIO_EXTENSIONS = (".mp3", ".wav", ".flac", ".ogg", ".oga", ".opus", ".m4a", ".mp4", ".aac", ".alac", ".aif",
+                    ".aiff", ".wma", ".au", ".caf", ".webm", ".mka")
 
 
 class TagError(RuntimeError):
     """A user-facing error: one line, exit code 1."""
 
 
-def load_run_model(run_id: str, tracking_uri: str | None = None) -> tuple[Tagger, list[str], object]:
-    """The best model of MLflow run ``run_id`` (eval mode, CPU), its tag names and its config."""
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def load_model(model_uri: str, tracking_uri: str | None = None):
+    """The ``mtt.pyfunc.ClipTagger`` of ``model_uri``; ``TagError`` when there is none."""
     from mlflow.exceptions import MlflowException
 
-    from mtt.tracking import download_artifacts
+    from mtt.pyfunc import load_tagger
+
+    try:
+        return load_tagger(model_uri, tracking_uri)
+    except (MlflowException, OSError) as exc:
+        raise TagError(f"model {model_uri}: not found ({_first_line(exc)})") from None
+
+
+def load_run(run_id: str, tracking_uri: str | None = None):
+    """The ``ClipTagger`` of run ``run_id``: its ``model/``, else (a run logged before runs carried
+    a model) built from its ``config.yaml`` and best checkpoint."""
+    from mlflow.exceptions import MlflowException
+    from omegaconf import OmegaConf
+
+    from mtt.checkpoint import BEST_META, BEST_WEIGHTS, load_best
+    from mtt.pyfunc import MODEL_PATH, build_tagger
+    from mtt.tracking import download_artifacts, try_download_artifact
 
     with tempfile.TemporaryDirectory() as tmp:
         try:
+            if try_download_artifact(tracking_uri, run_id, f"{MODEL_PATH}/MLmodel", tmp) is not None:
+                return load_model(f"runs:/{run_id}/{MODEL_PATH}", tracking_uri)
             config_path = download_artifacts(tracking_uri, run_id, "config.yaml", tmp)
         except MlflowException as exc:
             raise TagError(f"run {run_id}: not found or has no config.yaml ({_first_line(exc)})") from None
@@ -48,28 +85,27 @@ def load_run_model(run_id: str, tracking_uri: str | None = None) -> tuple[Tagger
             folder = download_artifacts(tracking_uri, run_id, "checkpoint", Path(tmp) / "ckpt")
             state, meta = load_best(folder)
         except (MlflowException, OSError) as exc:
-            raise TagError(f"run {run_id}: has no best checkpoint (checkpoint/{BEST_WEIGHTS}, "
+            raise TagError(f"run {run_id}: has no {MODEL_PATH}/ and no best checkpoint (checkpoint/{BEST_WEIGHTS}, "
                            f"checkpoint/{BEST_META}); did it finish an epoch? ({_first_line(exc)})") from None
-        cfg = OmegaConf.load(config_path)
-    tags = list(meta["tags"])
-    model = build_model(cfg, len(tags))
-    model.load_state_dict(state)
-    return model.eval(), tags, cfg
+        cfg = OmegaConf.to_container(OmegaConf.load(config_path), resolve=True)
+    return build_tagger({"config": cfg, "tags": meta["tags"]}, state)
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
-@torch.no_grad()
-def clip_probabilities(model: Tagger, cfg, path: str | Path, batch_size: int = 128) -> np.ndarray:
-    """Clip-level tag probabilities ``(n_tags,)`` of one audio file: the mean over all its patches."""
-    wave = load_audio(path, cfg.features.sample_rate)
-    patches = log_mel_patches(wave, cfg.features.sample_rate, cfg.features)  # (n, 96, 64)
-    if len(patches) == 0:
-        raise AudioDecodeError(f"{path}: shorter than one {cfg.features.patch_frames}-frame patch")
-    probs = [model.probabilities(model(patches[i:i + batch_size])) for i in range(0, len(patches), batch_size)]
-    return torch.cat(probs).mean(dim=0).numpy()
+def audio_files(paths: list[str]) -> list[Path]:
+    """Files named, and the audio files under folders named (recursively, sorted); ``TagError``
+    for a path that does not exist or a folder without audio."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in AUDIO_EXTENSIONS)
+            if not found:
+                raise TagError(f"{p}: no audio files in this folder (looked for {' '.join(AUDIO_EXTENSIONS)})")
+            out += found
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise TagError(f"{p}: no such file or folder")
+    return out
 
 
 def top_k(probs: np.ndarray, tags: list[str], k: int) -> list[tuple[str, float]]:
@@ -77,11 +113,39 @@ def top_k(probs: np.ndarray, tags: list[str], k: int) -> list[tuple[str, float]]
     return [(tags[i], float(probs[i])) for i in order]
 
 
+def render(results: list[tuple[str, np.ndarray]], errors: list[tuple[str, str]], tags: list[str], k: int,
+           fmt: str, model: str) -> str:
+    """The output document of ``results`` ``[(file, probabilities (n_tags,))]`` in ``fmt``."""
+    if fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(["file", *tags])
+        writer.writerows([f, *(f"{p:.6f}" for p in probs)] for f, probs in results)
+        return buf.getvalue()
+    if fmt == "json":
+        doc = {"model": model, "tags": tags,
+               "files": [{"file": f, "top": [[t, p] for t, p in top_k(probs, tags, k)],
+                          "probabilities": dict(zip(tags, map(float, probs)))} for f, probs in results],
+               "errors": [{"file": f, "error": e} for f, e in errors]}
+        return json.dumps(doc, indent=1) + "\n"
+    lines = []
+    for f, probs in results:
+        lines.append(f)
+        lines += [f"  {t:<20} {p:.3f}" for t, p in top_k(probs, tags, k)]
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
 def main(argv: list[str] | None = None) -> int:
+    from tqdm import tqdm
+
     parser = argparse.ArgumentParser(prog="python -m mtt.tag", description=__doc__.split("\n\n")[0])
-    parser.add_argument("files", nargs="+", metavar="AUDIO_FILE")
-    parser.add_argument("--run", required=True, help="MLflow run id of a trained run")
-    parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="audio files and folders (searched recursively)")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--run", help="MLflow run id of a trained run (its model/)")
+    which.add_argument("--model", help="model URI: runs:/<run_id>/model, models:/NAME/VERSION, models:/NAME/latest")
+    parser.add_argument("--top-k", type=int, default=5, help="tags per file in text and json (default %(default)s)")
+    parser.add_argument("--format", choices=("text", "csv", "json"), default="text")
+    parser.add_argument("--output", help="write here (atomically) instead of stdout")
     parser.add_argument("--tracking-uri", default=None,
                         help="default: $MLFLOW_TRACKING_URI, else the repo's mlflow.db")
     args = parser.parse_args(argv)
@@ -89,16 +153,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.top_k < 1:
         parser.error(f"--top-k must be >= 1, got {args.top_k}")
     try:
-        model, tags, cfg = load_run_model(args.run, args.tracking_uri)
-        for path in args.files:
-            probs = clip_probabilities(model, cfg, path)
-            print(path)
-            for tag, p in top_k(probs, tags, args.top_k):
-                print(f"  {tag:<20} {p:.3f}")
-    except (TagError, AudioDecodeError, FileNotFoundError) as exc:
+        files = audio_files(args.paths)
+        tagger = load_run(args.run, args.tracking_uri) if args.run else load_model(args.model, args.tracking_uri)
+    except TagError as exc:
         print(f"error: {_first_line(exc)}", file=sys.stderr)
         return 1
-    return 0
+    results, errors = [], []
+    for path in tqdm(files, desc="tagging", unit="file", file=sys.stderr, disable=len(files) < 2, leave=False):
+        try:
+            results.append((str(path), tagger.tag_file(path)))
+        except (AudioDecodeError, OSError) as exc:
+            errors.append((str(path), _first_line(exc)))
+            tqdm.write(f"error: {_first_line(exc)}", file=sys.stderr)
+    model = args.model or f"runs:/{args.run}/model"
+    text = render(results, errors, tagger.tags, args.top_k, args.format, model)
+    if args.output:
+        from mtt.store import atomic_write_bytes
+
+        atomic_write_bytes(Path(args.output), text.encode())
+    else:
+        sys.stdout.write(text)
+    if errors and len(files) > 1:
+        print(f"error: {len(errors)} of {len(files)} files could not be tagged (listed above)", file=sys.stderr)
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

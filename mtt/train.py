@@ -380,6 +380,10 @@ def train(cfg, tracker, d: distributed.Dist = distributed.Dist()) -> dict[str, f
     model.load_state_dict(best)
     for name in (BEST_WEIGHTS, BEST_META):
         tracker.log_artifact(folder / name, "checkpoint")
+    if d.main:  # the tagger as an MLflow model (model/): what mtt.tag and `mlflow models serve` load
+        from mtt.pyfunc import log_tagger
+
+        log_tagger(tracker, folder, from_backbone)
     probs = evaluate_split(test_split)
     # The test metrics are those of the selected epoch's model, logged after the last epoch, with
     # that epoch's validation metrics beside them (selected_val_*: what a comparison may rank by).

@@ -69,6 +69,126 @@ def test_run_without_checkpoint_is_a_clear_error(tmp_path, capsys):
     uri = f"sqlite:///{tmp_path}/m.db"
     with MlflowTracker(uri, "tag", "no-checkpoint") as tracker:
         tracker.log_text("backbone: {}\n", "config.yaml")
-    assert main(["x.mp3", "--run", tracker.run_id, "--tracking-uri", uri]) == 1
+    clip = tmp_path / "x.wav"
+    clip.write_bytes(b"RIFF")  # the model is looked up before any file is decoded
+    assert main([str(clip), "--run", tracker.run_id, "--tracking-uri", uri]) == 1
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and errors[0].startswith(f"error: run {tracker.run_id}: has no best checkpoint")
+    assert len(errors) == 1 and errors[0].startswith(f"error: run {tracker.run_id}: has no model/ and no best checkpoint")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, cache_dir):
+    """A tiny finished run: (tracking URI, run id, its test predictions, their audio files)."""
+    from conftest import compose_cfg
+    from mtt.data.index import index_from_config
+    from mtt.records import load_predictions
+    from mtt.tracking import MlflowTracker, download_artifacts
+    from mtt.train import train
+
+    tmp = tmp_path_factory.mktemp("tag-run")
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    cfg = compose_cfg([*TINY, f"tracking.uri={uri}"], cache=cache_dir)
+    with MlflowTracker(uri, "tag", "tiny") as tracker:
+        train(cfg, tracker)
+    pred = load_predictions(download_artifacts(uri, tracker.run_id, "test_predictions.npz", tmp / "p"))
+    index = index_from_config(cfg.data, progress=False)
+    row = {int(c): r for r, c in enumerate(index.clip_ids)}
+    return uri, tracker.run_id, pred, [index.audio_path(row[int(c)]) for c in pred.clip_ids]
+
+
+def test_tag_a_folder_to_csv_and_json(tiny_run, tmp_path, capsys):
+    """Folders are searched recursively for audio; every tag's probability per file, as the run
+    evaluated the clip; a file that cannot be decoded is reported and skipped."""
+    import csv
+    import json
+    import shutil
+
+    import soundfile as sf
+
+    from mtt.audio import load_audio
+    from mtt.tag import main
+
+    uri, run_id, pred, paths = tiny_run
+    lib = tmp_path / "library"
+    (lib / "b" / "deep").mkdir(parents=True)
+    shutil.copy(paths[0], lib / "a.mp3")
+    sf.write(lib / "b" / "deep" / "c.flac", load_audio(paths[1], 16000), 16000)  # lossless: same samples
+    (lib / "b" / "notes.txt").write_text("not audio, not an audio extension: not picked up")
+    out = tmp_path / "tags.csv"
+    assert main([str(lib), "--run", run_id, "--tracking-uri", uri, "--format", "csv", "--output", str(out)]) == 0
+    with out.open() as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["file", *pred.tags]
+    assert [r[0] for r in rows[1:]] == [str(lib / "a.mp3"), str(lib / "b" / "deep" / "c.flac")]
+    got = np.array([[float(x) for x in r[1:]] for r in rows[1:]])
+    np.testing.assert_allclose(got, pred.probabilities[:2], rtol=0, atol=2e-6)  # 6 decimals in the CSV
+
+    (lib / "broken.m4a").write_bytes(b"\0" * 4096)
+    capsys.readouterr()
+    assert main([str(lib), "--model", f"runs:/{run_id}/model", "--tracking-uri", uri, "--format", "json",
+                 "--top-k", "2"]) == 1
+    captured = capsys.readouterr()
+    doc = json.loads(captured.out)
+    assert [f["file"] for f in doc["files"]] == [str(lib / "a.mp3"), str(lib / "b" / "deep" / "c.flac")]
+    assert doc["tags"] == list(pred.tags) and doc["model"] == f"runs:/{run_id}/model"
+    first = doc["files"][0]
+    order = np.argsort(-pred.probabilities[0], kind="stable")[:2]
+    assert [t for t, _ in first["top"]] == [pred.tags[i] for i in order]
+    np.testing.assert_allclose([first["probabilities"][t] for t in pred.tags], pred.probabilities[0], rtol=0, atol=1e-5)
+    (error,) = doc["errors"]
+    assert error["file"] == str(lib / "broken.m4a") and "cannot decode audio" in error["error"]
+    assert f"error: {lib / 'broken.m4a'}: cannot decode audio" in captured.err
+
+
+def test_tag_refuses_a_missing_path_or_an_empty_folder(tmp_path, capsys):
+    from mtt.tag import main
+
+    (tmp_path / "empty").mkdir()
+    for path, message in [(tmp_path / "nothing", "no such file or folder"), (tmp_path / "empty", "no audio files")]:
+        assert main([str(path), "--run", "0" * 32, "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]) == 1
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith(f"error: {path}: {message}")
+
+
+def test_no_decoder_names_what_to_install(tmp_path, monkeypatch):
+    """A file libsndfile refuses, on a machine without ffmpeg: one line naming what to install."""
+    import audioread
+
+    from mtt.audio import AudioDecodeError, decode_audio
+
+    song = tmp_path / "song.m4a"
+    song.write_bytes(b"\0\0\0\x20ftypM4A " + b"\0" * 2048)  # an MP4 box header: libsndfile has no AAC
+    monkeypatch.setenv("PATH", str(tmp_path))  # no ffmpeg on it
+    audioread.available_backends(flush_cache=True)
+    try:
+        with pytest.raises(AudioDecodeError) as err:
+            decode_audio(song)
+    finally:
+        monkeypatch.undo()
+        audioread.available_backends(flush_cache=True)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{song}: cannot decode audio")
+    assert "install ffmpeg" in message and "apt-get install ffmpeg" in message
+
+
+# Needs ffmpeg (audioread's backend for AAC), which .ci/run provisions from Debian.
+@pytest.mark.slow
+def test_m4a_is_tagged_through_the_ffmpeg_fallback(tiny_run, tmp_path):
+    import shutil
+    import subprocess
+
+    from mtt.audio import decode_audio, load_audio
+
+    assert shutil.which("ffmpeg"), "ffmpeg is not installed (.ci/run installs Debian's ffmpeg)"
+    uri, run_id, pred, paths = tiny_run
+    song = tmp_path / "song.m4a"
+    subprocess.run(["ffmpeg", "-v", "error", "-i", str(paths[0]), "-c:a", "aac", "-b:a", "128k", str(song)],
+                   check=True, stdin=subprocess.DEVNULL)
+    original = load_audio(paths[0], 16000)
+    decoded = decode_audio(song, 16000)
+    # AAC is lossy and pads its frames: same length to within one 1024-sample frame, same loudness.
+    assert abs(len(decoded) - len(original)) <= 1024
+    rms = lambda x: float(np.sqrt(np.mean(np.square(x, dtype=np.float64))))  # noqa: E731
+    assert rms(decoded) == pytest.approx(rms(original), rel=0.1)
+    proc = run_module(["mtt.tag", str(song), "--run", run_id, "--tracking-uri", uri, "--top-k", "3"])
+    assert list(top_tags(proc.stdout)) == [str(song)] and len(top_tags(proc.stdout)[str(song)]) == 3

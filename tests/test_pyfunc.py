@@ -1,0 +1,91 @@
+"""The tagger as an MLflow model: every run logs ``model/``, which MLflow loads (no pickle) and
+which tags a test clip exactly as the run's own evaluation did."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from conftest import TINY, compose_cfg
+from mtt.audio import load_audio
+from mtt.data.index import index_from_config
+from mtt.records import load_predictions
+from mtt.tracking import MlflowTracker, download_artifacts
+from mtt.train import train
+
+
+def trained_run(tmp_path: Path, cache: Path, overrides: list[str] = ()) -> tuple[str, str, object]:
+    """A tiny finished run: (tracking URI, run id, config)."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = compose_cfg([*TINY, f"tracking.uri={uri}", *overrides], cache=cache)
+    with MlflowTracker(uri, "pyfunc", "tiny") as tracker:
+        train(cfg, tracker)
+    return uri, tracker.run_id, cfg
+
+
+def clips_of(uri: str, run_id: str, cfg, tmp_path: Path):
+    """The run's test predictions and, in the same clip order, the test clips' audio files."""
+    pred = load_predictions(download_artifacts(uri, run_id, "test_predictions.npz", tmp_path / "pred"))
+    index = index_from_config(cfg.data, progress=False)
+    row = {int(c): r for r, c in enumerate(index.clip_ids)}
+    return pred, [index.audio_path(row[int(c)]) for c in pred.clip_ids]
+
+
+# The default (frozen backbone read from its float16 cache, mean over patches) and a fine-tuned
+# backbone (no cache) with max aggregation: both numeric paths of evaluation.
+@pytest.mark.parametrize("overrides", [[], ["backbone.freeze=false", "eval.aggregate=max"]], ids=["cached", "finetuned"])
+def test_logged_model_predicts_what_the_run_evaluated(tmp_path, cache_dir, monkeypatch, overrides):
+    uri, run_id, cfg = trained_run(tmp_path, cache_dir, overrides)
+    client = MlflowClient(uri)
+    run = client.get_run(run_id)
+    local = Path(download_artifacts(uri, run_id, "model", tmp_path / "model"))
+    files = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
+    # Models from code: the code file and the weights as safetensors, nothing pickled.
+    assert {"MLmodel", "pyfunc_code.py", "artifacts/best.safetensors", "artifacts/tagger.json"} <= set(files), files
+    assert not [f for f in files if f.endswith((".pkl", ".pickle", ".pt", ".pth"))], files
+    mlmodel = yaml.safe_load((local / "MLmodel").read_text())
+    assert mlmodel["flavors"]["python_function"]["model_code_path"].endswith("pyfunc_code.py")
+    assert "python_model" not in mlmodel["flavors"]["python_function"]
+    inputs = json.loads(mlmodel["signature"]["inputs"])
+    assert [(c["name"], c["type"], c["required"]) for c in inputs] == [("audio", "binary", False),
+                                                                      ("samples", "array", False)]
+    pred, paths = clips_of(uri, run_id, cfg, tmp_path)
+    assert [c["name"] for c in json.loads(mlmodel["signature"]["outputs"])] == list(pred.tags)
+    # The runs table lists the model (MLflow's log-model history tag).
+    (record,) = json.loads(run.data.tags["mlflow.log-model.history"])
+    assert record["artifact_path"] == "model" and record["run_id"] == run_id
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    by_bytes = model.predict(pd.DataFrame({"audio": [Path(p).read_bytes() for p in paths]}))
+    assert list(by_bytes.columns) == list(pred.tags) and len(by_bytes) == len(paths)
+    np.testing.assert_allclose(by_bytes.to_numpy(), pred.probabilities, rtol=0, atol=1e-5)
+    sr = cfg.features.sample_rate
+    by_samples = model.predict(pd.DataFrame({"samples": [load_audio(p, sr) for p in paths]}))
+    np.testing.assert_allclose(by_samples.to_numpy(), pred.probabilities, rtol=0, atol=1e-5)
+    # JSON clients send the bytes base64-encoded (as `mlflow models serve` receives them).
+    one = model.predict(pd.DataFrame({"audio": [base64.b64encode(Path(paths[0]).read_bytes()).decode()]}))
+    np.testing.assert_allclose(one.to_numpy()[0], pred.probabilities[0], rtol=0, atol=1e-5)
+
+
+def test_a_row_needs_exactly_one_input(tmp_path, cache_dir, monkeypatch):
+    from mtt.pyfunc import example_wav, predict
+    from mtt.tag import load_run
+
+    uri, run_id, cfg = trained_run(tmp_path, cache_dir)
+    tagger = load_run(run_id, uri)
+    wav = example_wav(cfg.features.sample_rate)
+    for frame in (pd.DataFrame({"audio": [wav], "samples": [np.zeros(16000, np.float32)]}),
+                  pd.DataFrame({"audio": [None]})):
+        with pytest.raises(ValueError, match="exactly one of 'audio'"):
+            predict(tagger, frame)
+    with pytest.raises(Exception, match="shorter than one 96-frame patch"):
+        predict(tagger, pd.DataFrame({"samples": [np.zeros(8000, np.float32)]}))
