@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from mtt.store import atomic_replace
+from mtt.fs import atomic_replace
 
 BEST_WEIGHTS = "best.safetensors"
 BEST_META = "best.json"

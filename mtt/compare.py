@@ -38,6 +38,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from mtt.fs import atomic_replace
 from mtt.records import PREDICTIONS, Predictions, load_predictions
 from mtt.stats import LEVEL, RESAMPLES, Difference, bootstrap_weights, difference, interval, \
     macro_auc_under_weights, seed_resampled_means
@@ -475,14 +476,8 @@ def plot_curves(series: dict[str, dict[str, dict]], out: Path, title: str) -> Pa
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".png")
     try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=DPI)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        atomic_replace(out, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
     finally:
         plt.close(fig)
     return out

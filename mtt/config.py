@@ -18,6 +18,8 @@ from typing import Any, Callable, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, ListConfig, OmegaConf
 
+from mtt.paths import CONF_DIR, REPO_ROOT  # noqa: F401  (re-exported: the entry points' config_path)
+
 
 @dataclass
 class PathsConfig:
@@ -189,9 +191,6 @@ class Config:
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CONF_DIR = REPO_ROOT / "conf"
 
 
 # ---------------------------------------------------------------------------------------------

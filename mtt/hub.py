@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from mtt.store import locked
+from mtt.fs import durable_replace, locked
 
 CHUNK = 1 << 20  # bytes per read and per hash update
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
@@ -132,7 +132,7 @@ def _download_locked(url: str, dest: Path, *, sha256: str | None, sha256_prefix:
     if not ok:
         kind = "sha256" if sha256 else "sha256 prefix"
         raise reject(kind, expected, actual)
-    os.replace(part, dest)
+    durable_replace(part, dest)
     return dest
 
 

@@ -44,7 +44,8 @@ from tqdm import tqdm
 from mtt.audio import AudioDecodeError, load_audio
 from mtt.config import FeaturesConfig
 from mtt.data.index import ClipIndex
-from mtt.store import MANIFEST, PatchStore, atomic_write_bytes, locked, pack, params_key, save_npy_atomic
+from mtt.fs import atomic_write_bytes, locked, save_npy_atomic
+from mtt.store import MANIFEST, PatchStore, pack, params_key
 
 log = logging.getLogger(__name__)
 

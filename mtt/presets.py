@@ -24,10 +24,10 @@ from hydra.core.config_search_path import ConfigSearchPath
 from hydra.plugins.config_source import ConfigLoadError, ConfigResult, ConfigSource
 from hydra.plugins.search_path_plugin import SearchPathPlugin
 
-# The repository root (this file is mtt/presets.py). Not imported from mtt.config: that module
-# imports this one while it registers the configs, and a worker process that unpickles one of
-# these plugins first would then meet a half-initialised mtt.config.
-REPO_ROOT = Path(__file__).resolve().parent.parent
+# From mtt.paths, not mtt.config: that module imports this one while it registers the configs,
+# and a worker process that unpickles one of these plugins first would then meet a
+# half-initialised mtt.config.
+from mtt.paths import REPO_ROOT  # noqa: E402
 
 GROUP = "experiment"
 _EXT = ".yaml"

@@ -16,7 +16,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from mtt.config import REPO_ROOT
+from mtt.paths import REPO_ROOT
 
 PACKAGES = ("torch", "mlflow", "hydra-core", "pescador", "numpy", "librosa")
 

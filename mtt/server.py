@@ -23,7 +23,7 @@ import secrets
 import sys
 from pathlib import Path
 
-from mtt.store import atomic_write_bytes
+from mtt.fs import atomic_write_bytes
 
 AUTH_CONFIG = "basic_auth.ini"
 SECRET_FILE = "flask_secret_key"

@@ -33,9 +33,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from mtt.config import REPO_ROOT, check_value, exit_if_invalid
+from mtt.config import check_value, exit_if_invalid
+from mtt.fs import atomic_write_bytes, locked
 from mtt.journal import Journal, JournalError
-from mtt.store import atomic_write_bytes, locked
+from mtt.paths import REPO_ROOT
 
 log = logging.getLogger(__name__)
 

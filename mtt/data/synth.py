@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from mtt.data.index import CLIP_INFO_COLUMNS, FOLDERS
 from mtt.data.tags import TAGS
-from mtt.store import atomic_write_bytes, locked
+from mtt.fs import atomic_replace, atomic_write_text, durable_replace, locked
 
 if TYPE_CHECKING:  # the generator itself needs no Hydra
     from mtt.config import SynthConfig
@@ -710,14 +710,6 @@ def render_clip(tags: Iterable[str], seconds: float, sample_rate: int, rng: np.r
 # Writers: exact MTAT formats, atomic.
 # ---------------------------------------------------------------------------------------------
 
-def _tmp_sibling(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-
-
-def _atomic_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(Path(path), text.encode("utf-8"))
-
-
 def _tsv(rows: Iterable[Sequence[str]]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, delimiter="\t", quotechar='"', quoting=csv.QUOTE_ALL, lineterminator="\n")
@@ -745,7 +737,7 @@ def write_annotations(path: str | Path, rows: Sequence[tuple[int, Collection[str
                 raise ValueError(f"{path}: clip {clip_id} has tag {tag!r}, which is not one of MTAT's 188")
             values[column[tag]] = "1"
         lines.append((str(int(clip_id)), *values, str(mp3_path)))
-    _atomic_text(path, _tsv(lines))
+    atomic_write_text(path, _tsv(lines))
 
 
 def write_clip_info(path: str | Path, rows: Sequence[dict]) -> None:
@@ -759,25 +751,20 @@ def write_clip_info(path: str | Path, rows: Sequence[dict]) -> None:
             raise ValueError(f"{path}: row {i} (clip_id {row.get('clip_id')!r}) "
                              f"{'lacks ' + str(missing) if missing else 'has unknown keys ' + str(unknown)}")
         lines.append(tuple(str(row[c]) for c in CLIP_INFO_COLUMNS))
-    _atomic_text(path, _tsv(lines))
+    atomic_write_text(path, _tsv(lines))
 
 
 def write_mp3(path: str | Path, waveform: np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:
     """Encode a ``(n,)`` mono waveform in [-1, 1] as mp3 (LAME's default VBR, ~32 kbps at 16 kHz,
-    like MTAT's clips; decodes to exactly ``n`` samples). Atomic: a temp file, then ``os.replace``."""
+    like MTAT's clips; decodes to exactly ``n`` samples). Atomic (``mtt.fs.atomic_replace``)."""
     path = Path(path)
     waveform = np.asarray(waveform)
     if waveform.ndim != 1:
         raise ValueError(f"{path}: expected a mono (n,) waveform, got shape {waveform.shape}")
     if waveform.size == 0 or not np.all(np.isfinite(waveform)) or np.max(np.abs(waveform)) > 1.0:
         raise ValueError(f"{path}: waveform must be non-empty, finite and within [-1, 1]")
-    tmp = _tmp_sibling(path)
-    try:
-        sf.write(tmp, waveform.astype(np.float32), sample_rate, format="MP3", subtype="MPEG_LAYER_III")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_replace(path, lambda tmp: sf.write(tmp, waveform.astype(np.float32), sample_rate, format="MP3",
+                                              subtype="MPEG_LAYER_III"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -959,7 +946,7 @@ def _generate(out: Path, params: dict, progress: bool) -> None:
     write_annotations(out / ANNOTATIONS, [(c.clip_id, c.recipe.tags(), c.mp3_path) for c in clips])
     write_clip_info(out / CLIP_INFO, [c.info for c in clips])
     # Written last: its presence is what makes the folder count as complete.
-    _atomic_text(out / MARKER, json.dumps(params, indent=1, sort_keys=True) + "\n")
+    atomic_write_text(out / MARKER, json.dumps(params, indent=1, sort_keys=True) + "\n")
 
 
 def ensure_dataset(root: str | Path, cfg: SynthConfig, progress: bool = True) -> Path:
@@ -989,10 +976,10 @@ def ensure_dataset(root: str | Path, cfg: SynthConfig, progress: bool = True) ->
             if root.exists():
                 old = root.parent / f".{root.name}.gen-old-{secrets.token_hex(4)}"
                 os.rename(root, old)
-                os.rename(tmp, root)
+                durable_replace(tmp, root)
                 shutil.rmtree(old, ignore_errors=True)
             else:
-                os.rename(tmp, root)
+                durable_replace(tmp, root)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             if _is_complete(root, params):  # lost a rename race to another generator (no flock)
