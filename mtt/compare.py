@@ -31,17 +31,25 @@ import os
 import re
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 from urllib.parse import urlparse
 
 import numpy as np
 
 from mtt.fs import atomic_replace
 from mtt.records import PREDICTIONS, Predictions, load_predictions
-from mtt.stats import LEVEL, RESAMPLES, Difference, bootstrap_weights, difference, interval, \
-    macro_auc_under_weights, seed_resampled_means
+from mtt.stats import (
+    LEVEL,
+    RESAMPLES,
+    Difference,
+    bootstrap_weights,
+    difference,
+    interval,
+    macro_auc_under_weights,
+    seed_resampled_means,
+)
 from mtt.tracking import SWEEP_TAG, child_runs, metric_history, read_runs, resolve_uri, try_download_artifact
 
 DEFAULT_METRICS = ("val_roc_auc", "val_loss")

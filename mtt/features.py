@@ -17,6 +17,7 @@ import torch
 from mtt.audio import resample
 from mtt.config import FeaturesConfig
 
+
 def _periodic_hann(n: int) -> torch.Tensor:
     """``(n,)`` float64 periodic Hann window, written as mel_features.periodic_hann."""
     return 0.5 - 0.5 * torch.cos(2 * math.pi / n * torch.arange(n, dtype=torch.float64))

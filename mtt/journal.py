@@ -34,8 +34,9 @@ import json
 import os
 import shutil
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from mtt.fs import atomic_replace, durable_replace, locked
 

@@ -26,14 +26,14 @@ not at all; temporary leftovers of a killed run (``.*.tmp``) are deleted when a 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import multiprocessing
 import os
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
-import contextlib
-import multiprocessing
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -284,7 +284,7 @@ def main() -> None:
     import hydra
 
     from mtt.config import CONF_DIR, exit_if_invalid
-    from mtt.data.index import index_from_config
+    from mtt.data.datasets import index_from_config
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
     def _run(cfg) -> None:

@@ -9,10 +9,10 @@ import hashlib
 import io
 import platform
 import subprocess
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 

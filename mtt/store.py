@@ -58,7 +58,7 @@ class PatchStore:
         self.counts = table[:, 2].copy()
         self._row = {int(c): i for i, c in enumerate(self.clip_ids)}
 
-    def __deepcopy__(self, memo) -> "PatchStore":
+    def __deepcopy__(self, memo) -> PatchStore:
         # Read-only, so sharing is a correct copy. pescador deep-copies a streamer's arguments
         # every time the mux activates it; a deep copy of the memory map would read the whole
         # store into RAM (9.5 GB on MTAT) per activation.

@@ -4,7 +4,6 @@ working directory, and the report sweep yields four finished runs that mtt.compa
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import matplotlib.image
 import pytest
@@ -12,7 +11,7 @@ from hydra.errors import MissingConfigException
 from mlflow.tracking import MlflowClient
 
 from conftest import TINY, compose_cfg, run_module, sweep_children
-from mtt.compare import DEFAULT_METRICS, FIGURE_INCHES, DPI, compare
+from mtt.compare import DEFAULT_METRICS, DPI, FIGURE_INCHES, compare
 from mtt.config import REPO_ROOT
 
 EXPERIMENTS = REPO_ROOT / "experiments"

@@ -13,12 +13,22 @@ from omegaconf import OmegaConf
 
 from conftest import compose_cfg
 from mtt.config import FeaturesConfig, StreamConfig
+from mtt.data.embedded import complete_tags, render_clip
 from mtt.data.index import build_index
-from mtt.data.synth import SAMPLE_RATE, complete_tags, render_clip, write_annotations, write_mp3
+from mtt.data.mtat import SAMPLE_RATE, write_annotations, write_mp3
 from mtt.preprocess import build_feature_store
 from mtt.store import MANIFEST, PatchStore, pack
-from mtt.streams import (RowReader, batches, clip_rows, epoch_counts, eval_batches, mux_weights, patch_mux,
-                         steps_per_epoch, train_loader)
+from mtt.streams import (
+    RowReader,
+    batches,
+    clip_rows,
+    epoch_counts,
+    eval_batches,
+    mux_weights,
+    patch_mux,
+    steps_per_epoch,
+    train_loader,
+)
 from mtt.train import split_of
 
 

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import TINY, run_module
-from mtt.data.synth import complete_tags, render_clip, write_mp3
+from conftest import run_module
+from mtt.data.embedded import complete_tags, render_clip
+from mtt.data.mtat import write_mp3
 
 # A run that learns the generated data well enough in seconds: a wider (still random, frozen)
 # backbone whose outputs are cached, and 6 x 60 head-only steps at a high learning rate.

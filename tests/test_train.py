@@ -9,7 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from conftest import compose_cfg, run_module, sweep_children, TINY
+from conftest import TINY, compose_cfg, run_module, sweep_children
 from mtt.tracking import MlflowTracker, download_artifacts
 from mtt.train import clip_metrics, clip_probabilities, prepare, train
 

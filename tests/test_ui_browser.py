@@ -73,7 +73,7 @@ ROWS_JS = """(() => {
     if (c) rows[i].metric = c.innerText.trim();
   }
   return Object.keys(rows).sort((a, b) => a - b).map(k => rows[k]);
-})()""" % METRIC
+})()""" % METRIC  # noqa: UP031  (a JavaScript body: braces everywhere)
 
 
 @pytest.mark.slow

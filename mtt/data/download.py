@@ -53,14 +53,12 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 import mtt.config  # noqa: F401  (registers the schema that conf/config.yaml extends)
-from mtt.data.index import AnnotationError, read_annotations
+from mtt.data.mtat import ANNOTATIONS, CLIP_INFO, AnnotationError, read_annotations
 from mtt.fs import atomic_write_text, durable_replace
 from mtt.hub import DownloadError, download, file_digest
 
 OFFICIAL_URL = "https://mirg.city.ac.uk/datasets/magnatagatune/"
 PARTS = ("mp3.zip.001", "mp3.zip.002", "mp3.zip.003")
-ANNOTATIONS = "annotations_final.csv"
-CLIP_INFO = "clip_info_final.csv"
 FILES = PARTS + (ANNOTATIONS, CLIP_INFO)
 # The published SHA-256 of each file (see the module docstring).
 PINNED_SHA256 = {

@@ -11,7 +11,7 @@ Known discrepancy, made explicit by ``embedding_relu``: torchvggish keeps a ReLU
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn
