@@ -190,7 +190,7 @@ class Scorer:
 
     def __init__(self, predictions: dict[str, Predictions], resamples: int, seed: int):
         self.predictions, self.resamples, self.seed = predictions, resamples, seed
-        self._cache: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+        self._cache: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]] = {}
 
     def shared_clips(self, run_ids: Sequence[str]) -> np.ndarray:
         sets = [set(self.predictions[r].clip_ids.tolist()) for r in run_ids]
@@ -270,7 +270,7 @@ def pair(a: Group, b: Group, scorer: Scorer, seed: int) -> list[Difference]:
     out = []
     for k, metric in enumerate(BOOTSTRAPPED):
         boots = [np.stack([scorer.boot(r["run_id"], clips)[k] for r in g.runs]) for g in (a, b)]
-        points = [np.mean([scorer.point(r["run_id"], clips)[k] for r in g.runs]) for g in (a, b)]
+        points = [float(np.mean([scorer.point(r["run_id"], clips)[k] for r in g.runs])) for g in (a, b)]
         out.append(difference(boots[0], boots[1], points[0], points[1], (a.name, b.name), metric, seed))
     return out
 

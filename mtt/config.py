@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -358,7 +358,7 @@ def validate(cfg) -> None:
         raise ConfigError("; ".join(errors))
 
 
-def exit_if_invalid(cfg, more_errors: list[str] = ()) -> None:
+def exit_if_invalid(cfg, more_errors: Sequence[str] = ()) -> None:
     """``validate`` for an entry point (and the launcher, with ``more_errors`` about swept
     values): a bad value ends the process with ``error: <what>`` on stderr and exit status 2 (a
     usage error), before any data, model or MLflow work."""

@@ -23,7 +23,7 @@ import contextlib
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -170,7 +170,7 @@ class RankTracker:
     def __enter__(self) -> RankTracker:
         return self
 
-    def __exit__(self, *exc) -> bool:
+    def __exit__(self, *exc) -> Literal[False]:
         return False
 
     def _skip(self, *args, **kwargs) -> None:

@@ -68,6 +68,9 @@ class LogMelFrontEnd(torch.nn.Module):
 
     cpu_block_frames = 1024  # frames computed at once on CPU (see forward)
 
+    window: torch.Tensor  # buffers, registered in __init__
+    mel: torch.Tensor
+
     def __init__(self, cfg: FeaturesConfig | None = None, fft_dtype: torch.dtype = torch.float64):
         super().__init__()
         cfg = cfg or FeaturesConfig()

@@ -24,7 +24,7 @@ import numpy as np
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows: no advisory locks, builders must not race
-    fcntl = None  # type: ignore[assignment]
+    fcntl = None
 
 
 def fsync_dir(path: str | Path) -> None:
@@ -57,7 +57,7 @@ def durable_replace(src: str | Path, dst: str | Path) -> None:
     fsync_dir(dst.parent)
 
 
-def atomic_replace(path: str | Path, write: Callable[[Path], None]) -> None:
+def atomic_replace(path: str | Path, write: Callable[[Path], object]) -> None:
     """``write(tmp)`` to a temporary file beside ``path``, then ``durable_replace`` it onto ``path``.
 
     Readers see the old file or the complete new one, never a partial one; the temporary file

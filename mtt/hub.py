@@ -215,7 +215,7 @@ def _attempt(url: str, part: Path, offset: int, *, progress: bool,
                 error = e
         complete = error is None and (total is None or offset + received >= total)
         if not complete and error is None:
-            error = f"response ended after {offset + received} of {total} bytes"
+            error = OSError(f"response ended after {offset + received} of {total} bytes")
         return complete, total, received, error
 
 

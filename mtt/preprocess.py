@@ -55,7 +55,7 @@ _MIN_CLIPS_FOR_WORKERS = 64
 
 def frontend_params(cfg: FeaturesConfig) -> dict:
     """The parameters that determine the patches (not where they are stored)."""
-    params = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else asdict(cfg)
+    params: dict = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else asdict(cfg)  # type: ignore[assignment]
     return {k: v for k, v in params.items() if k not in ("store", "workers")}
 
 

@@ -118,19 +118,19 @@ def pack(path: Path, counts: Mapping[int, int], load: Callable[[int], np.ndarray
     """
     path.mkdir(parents=True, exist_ok=True)
     clip_ids = [int(c) for c in counts]
-    counts = np.array([int(counts[c]) for c in clip_ids], dtype=np.int64)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-    total = int(counts.sum())
+    sizes = np.array([int(counts[c]) for c in clip_ids], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    total = int(sizes.sum())
     tmp = path / ".patches.npy.tmp"
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(total, *item_shape))
-    for c, s, n in tqdm(list(zip(clip_ids, starts, counts)), desc=f"pack {path.name}", unit="clip",
+    for c, s, n in tqdm(list(zip(clip_ids, starts, sizes)), desc=f"pack {path.name}", unit="clip",
                         disable=not progress, leave=False):
         if n:
             out[s:s + n] = load(c)
     out.flush()
     del out
     durable_replace(tmp, path / "patches.npy")
-    table = np.stack([np.asarray(clip_ids, dtype=np.int64), starts, counts], axis=1) if clip_ids \
+    table = np.stack([np.asarray(clip_ids, dtype=np.int64), starts, sizes], axis=1) if clip_ids \
         else np.zeros((0, 3), dtype=np.int64)
     return finalize(path, table, params, item_shape, failed, extra)
 

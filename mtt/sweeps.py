@@ -13,6 +13,7 @@ import atexit
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +91,7 @@ class PrepareTracking(Callback):
                 end_parent_run(uri, run_id, status, bootstrap)
 
     @staticmethod
-    def _prepare(config: DictConfig, swept_errors: list[str] = ()) -> None:
+    def _prepare(config: DictConfig, swept_errors: Sequence[str] = ()) -> None:
         exit_if_invalid(config, swept_errors)  # before the store exists: a bad value leaves nothing
         if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 touches the store
             return

@@ -189,7 +189,7 @@ def prepare(cfg, d: distributed.Dist = distributed.Dist(), cache: bool | None = 
         state_dict = load_state_dict(weights.path) if weights.path is not None else None
         model = build_model(cfg, len(index.tags), state_dict).to(device)
         if t.channels_last:  # NHWC convolutions: faster on CUDA tensor cores, no slower on CPU
-            model.backbone.to(memory_format=torch.channels_last)
+            model.backbone.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch stubs lack it
         inputs = store
         if from_backbone:
             key = cache_key(store, weights.sha256, cfg.backbone, model.backbone, device=device, autocast_dtype=amp)

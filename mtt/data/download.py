@@ -153,7 +153,7 @@ def expected_digests(root: Path, base_url: str, checksums: Mapping[str, str] | s
         served, source = _served_sums(root, base_url)
         chosen.update({name: (digest, source) for name, digest in served.items()})
     elif checksums is not None:
-        chosen.update({name: (digest, "your checksums") for name, digest in _checked_sums(dict(checksums)).items()})
+        chosen.update({name: (digest, "your checksums") for name, digest in _checked_sums(dict(checksums)).items()})  # type: ignore[arg-type]
     return chosen
 
 

@@ -120,7 +120,7 @@ def build_index(root: str | Path, annotations: str = ANNOTATIONS, tags: str = "a
     tag_names, labels = select_tags(all_tags, labels, tags)
     splits = split_rows(paths, split)
     if drop_untagged:
-        tagged = labels.any(axis=1)
+        tagged = np.asarray(labels.any(axis=1))
         splits = {k: v[tagged[v]] for k, v in splits.items()}
     return ClipIndex(root=root, tags=tag_names, clip_ids=clip_ids, paths=paths, labels=labels,
                      splits=splits, expected_seconds=expected_durations(clip_ids, info, clip_seconds))

@@ -90,7 +90,8 @@ def read_annotations(path: Path) -> tuple[np.ndarray, tuple[str, ...], np.ndarra
     if header[0] != "clip_id" or header[-1] != "mp3_path":
         raise AnnotationError(f"{path}:1: expected clip_id first and mp3_path last")
     tags = tuple(header[1:-1])
-    ids, rows, paths, seen = [], [], [], {}
+    ids, rows, paths = [], [], []
+    seen: dict[int, int] = {}
     for line, fields in lines:
         clip_id = _clip_id(fields[0], seen, path, line)
         values = fields[1:-1]
@@ -144,7 +145,7 @@ def write_annotations(path: str | Path, rows: Sequence[tuple[int, Collection[str
     unknown tag or a duplicate clip id.
     """
     column = {t: i for i, t in enumerate(TAGS)}
-    lines = [("clip_id", *TAGS, "mp3_path")]
+    lines: list[tuple[str, ...]] = [("clip_id", *TAGS, "mp3_path")]
     seen = set()
     for clip_id, tags, mp3_path in rows:
         if clip_id in seen:
@@ -162,7 +163,7 @@ def write_annotations(path: str | Path, rows: Sequence[tuple[int, Collection[str
 def write_clip_info(path: str | Path, rows: Sequence[dict]) -> None:
     """Write ``clip_info_final.csv`` as MTAT's: tab-separated, every field quoted, the columns of
     ``CLIP_INFO_COLUMNS``. Raises ``ValueError`` naming the row for missing or unknown keys."""
-    lines = [CLIP_INFO_COLUMNS]
+    lines: list[tuple[str, ...]] = [CLIP_INFO_COLUMNS]
     for i, row in enumerate(rows):
         missing = [c for c in CLIP_INFO_COLUMNS if c not in row]
         unknown = [k for k in row if k not in CLIP_INFO_COLUMNS]

@@ -47,7 +47,7 @@ class Recipe:
     level: str = "normal"
 
     def tags(self) -> frozenset[str]:
-        tags = set()
+        tags: set[str] = set()
         if self.instrument:
             tags.update(INSTRUMENTS[self.instrument])
         if self.rhythm:

@@ -294,7 +294,7 @@ def _sitar(n: int, sr: int, period: float, rng: np.random.Generator) -> np.ndarr
     sa = float(notes.midis.min()) - 12 if notes.midis.size else 43.0
     k = np.arange(1, 31)
 
-    def make(midi):  # a tanpura string: soft attack, long buzzing (2-4 kHz rich) decay
+    def make(midi):  # type: ignore[no-redef]  # a tanpura string: soft attack, long buzzing (2-4 kHz rich) decay
         amps = (0.2 + (np.abs(k * _midi_hz(midi) - 2500) < 900)) / k ** 0.3
         amps = amps[k * _midi_hz(midi) < 4000]
         tone = _partials(float(_midi_hz(midi)), int(2.0 * sr), sr, amps, np.full(amps.size, 1.2), rng)
