@@ -15,7 +15,6 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import TINY, compose_cfg
 from mtt.backbone_cache import build_backbone_cache, cache_key
 from mtt.data.datasets import index_from_config
 from mtt.models import build_model
@@ -25,6 +24,7 @@ from mtt.preprocess import build_feature_store
 from mtt.store import MANIFEST, PatchStore, params_key
 from mtt.tracking import MlflowTracker
 from mtt.train import train
+from tests.helpers import TINY, compose_cfg
 
 
 class BackboneForwards:

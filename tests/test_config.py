@@ -6,8 +6,8 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError
 
-from conftest import compose_cfg, run_module
 from mtt.config import CONF_DIR
+from tests.helpers import compose_cfg, run_module
 
 
 def options(group: str) -> list[str]:

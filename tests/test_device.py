@@ -6,9 +6,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import TINY, compose_cfg
 from mtt.tracking import MlflowTracker
 from mtt.train import autocast_dtype, resolve_device, train
+from tests.helpers import TINY, compose_cfg
 
 
 def test_auto_picks_cuda_only_when_present():

@@ -31,7 +31,7 @@ from mtt.data.index import build_index
 from mtt.data.mtat import AnnotationError
 from mtt.data.tags import TAGS, TOP50
 from mtt.hub import DownloadError
-from tests.http_server import FileServer, _flip_middle, closed_port_url
+from tests.helpers.http_server import FileServer, _flip_middle, closed_port_url
 
 FOLDERS = ("0", "1", "f")
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY, compose_cfg
 from mtt.models import build_model
 from mtt.models.head import Head
 from mtt.models.pooling import AutoPool, GlobalAveragePool
+from tests.helpers import TINY, compose_cfg
 
 
 def autopool_numpy(x: np.ndarray, alpha: np.ndarray) -> np.ndarray:

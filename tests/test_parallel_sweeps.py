@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import TINY, compose_cfg, run_module, sweep_children
 from mtt.tracking import MlflowTracker, prepare_store, sweep_targets
 from mtt.train import train
+from tests.helpers import TINY, compose_cfg, run_module, sweep_children
 
 HEADS = ["gap2", "gap3", "autopool", "autopool3"]
 EPOCH_METRICS = ["train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_roc_auc", "val_pr_auc"]

@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import compose_cfg, run_module
 from mtt.config import REPO_ROOT
 from mtt.data.embedded import complete_tags, render_clip
 from mtt.data.index import build_index
 from mtt.data.mtat import FOLDERS, write_annotations, write_mp3
 from mtt.preprocess import build_feature_store, store_path, summary
 from mtt.store import MANIFEST, PatchStore
+from tests.helpers import compose_cfg, run_module
 
 SR = 16000
 # Tag sets the synthesiser renders, all within the published top 50 (data=mtat uses top50).

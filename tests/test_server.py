@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import TINY, run_module
 from mtt.config import REPO_ROOT
-from tests.http_server import free_port
-from tests.mlflow_server import MlflowServer
+from tests.helpers import TINY, run_module
+from tests.helpers.http_server import free_port
+from tests.helpers.mlflow_server import MlflowServer
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import compose_cfg
 from mtt.config import FeaturesConfig, StreamConfig
 from mtt.data.embedded import complete_tags, render_clip
 from mtt.data.index import build_index
@@ -30,6 +29,7 @@ from mtt.streams import (
     train_loader,
 )
 from mtt.train import split_of
+from tests.helpers import compose_cfg
 
 
 def make_store(path: Path, n_clips: int = 12, item=(4, 3)) -> tuple[PatchStore, np.ndarray]:

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import run_module
 from mtt.data.embedded import complete_tags, render_clip
 from mtt.data.mtat import write_mp3
+from tests.helpers import run_module
 
 # A run that learns the generated data well enough in seconds: a wider (still random, frozen)
 # backbone whose outputs are cached, and 6 x 60 head-only steps at a high learning rate.

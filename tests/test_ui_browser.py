@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from cdp import INSTALL_HINT, chromium_page, stop_process_group
-from conftest import TINY, run_module, sweep_children
-from tests.http_server import free_port
+from tests.helpers import TINY, run_module, sweep_children
+from tests.helpers.cdp import INSTALL_HINT, chromium_page, stop_process_group
+from tests.helpers.http_server import free_port
 
 METRIC = "test_roc_auc"
 # The expand toggle in a parent run's name cell.

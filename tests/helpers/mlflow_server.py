@@ -19,7 +19,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tests.http_server import free_port
+from tests.helpers.http_server import free_port
 
 
 class MlflowServer:
