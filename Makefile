@@ -8,7 +8,7 @@ UI_PORT ?= 5000
 # `make demo`: parallel jobs, one per core, each with one torch thread (the small head's steps
 # run faster on one thread than on two that compete with the other job's).
 DEMO_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
-# `make mlflow-server`: a tracking server for a team (mtt/server.py; README "Scaling out").
+# `make mlflow-server`: a tracking server for a team (mtt/server.py; docs/scaling-out.md).
 # SERVER_DB: postgresql://user@host/db for a lab (SQLAlchemy's driver for it, psycopg, is in the lock).
 SERVER_PORT ?= 5001
 SERVER_HOST ?= 127.0.0.1
@@ -22,7 +22,7 @@ SERVER_AUTH ?= none
 SERVER_ALLOWED_HOSTS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv demo test test-slow bench ui mlflow-server clean
+.PHONY: help venv demo lint test test-slow bench ui mlflow-server clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -42,6 +42,11 @@ demo: venv  ## 3 seeds of each head and of the linear probe on the embedded data
 	$(PY) -m mtt.compare demo
 	@echo
 	@echo "Compare the runs:  make ui   (it prints the address of experiment 'demo')"
+
+lint: venv  ## ruff (lint rules, import order, format check) and mypy on mtt/ (config: pyproject.toml)
+	$(VENV)/bin/ruff check mtt tests
+	$(VENV)/bin/ruff format --check mtt tests
+	$(VENV)/bin/mypy
 
 test: venv  ## run the fast test suite (a few minutes)
 	$(PY) -m pytest -m "not slow" -q

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from mtt.store import MANIFEST, PatchStore, atomic_write_bytes, finalize, locked, params_key
+from mtt.fs import atomic_write_bytes, durable_replace, locked
+from mtt.store import MANIFEST, PatchStore, finalize, params_key
 
 
 def parameters_sha256(module: torch.nn.Module) -> str:
@@ -129,7 +129,7 @@ def _build(store: PatchStore, encode, key: dict, path: Path, device: torch.devic
             out.flush()
             atomic_write_bytes(done_file, json.dumps({"rows_done": stop, "shape": [total, *item_shape]}).encode())
     del out
-    os.replace(tmp, path / "patches.npy")
+    durable_replace(tmp, path / "patches.npy")
     table = np.stack([store.clip_ids, store.starts, store.counts], axis=1)
     cache = finalize(path, table, key, item_shape, store.failed)
     done_file.unlink(missing_ok=True)

@@ -23,15 +23,16 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from mtt.store import atomic_replace
+from mtt.fs import atomic_replace
 
 BEST_WEIGHTS = "best.safetensors"
 BEST_META = "best.json"
@@ -68,7 +69,8 @@ def rng_state() -> dict[str, Any]:
     version, internal, py_gauss = random.getstate()
     return {"torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)),  # type: ignore[attr-defined]
+                      "pos": int(pos),
                       "has_gauss": int(has_gauss), "gauss": float(gauss)},
             "python": {"version": version, "internal": list(internal), "gauss": py_gauss}}
 
@@ -150,7 +152,7 @@ def config_hash(cfg, ignore: tuple[str, ...] = _NOT_HASHED, salt: str = "") -> s
     say (the kind of job)."""
     from omegaconf import OmegaConf
 
-    flat = OmegaConf.to_container(cfg, resolve=True)
+    flat: dict = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]  # a config: a dict
     for key in ignore:
         section, _, name = key.partition(".")
         if name:

@@ -33,16 +33,25 @@ import os
 import re
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 from urllib.parse import urlparse
 
 import numpy as np
 
+from mtt.fs import atomic_replace
 from mtt.records import PREDICTIONS, Predictions, load_predictions
-from mtt.stats import LEVEL, RESAMPLES, Difference, bootstrap_weights, difference, interval, \
-    macro_auc_under_weights, seed_resampled_means
+from mtt.stats import (
+    LEVEL,
+    RESAMPLES,
+    Difference,
+    bootstrap_weights,
+    difference,
+    interval,
+    macro_auc_under_weights,
+    seed_resampled_means,
+)
 from mtt.tracking import SWEEP_TAG, child_runs, metric_history, read_runs, resolve_uri, try_download_artifact
 
 DEFAULT_METRICS = ("val_roc_auc", "val_loss")
@@ -183,7 +192,7 @@ class Scorer:
 
     def __init__(self, predictions: dict[str, Predictions], resamples: int, seed: int):
         self.predictions, self.resamples, self.seed = predictions, resamples, seed
-        self._cache: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+        self._cache: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]] = {}
 
     def shared_clips(self, run_ids: Sequence[str]) -> np.ndarray:
         sets = [set(self.predictions[r].clip_ids.tolist()) for r in run_ids]
@@ -263,7 +272,7 @@ def pair(a: Group, b: Group, scorer: Scorer, seed: int) -> list[Difference]:
     out = []
     for k, metric in enumerate(BOOTSTRAPPED):
         boots = [np.stack([scorer.boot(r["run_id"], clips)[k] for r in g.runs]) for g in (a, b)]
-        points = [np.mean([scorer.point(r["run_id"], clips)[k] for r in g.runs]) for g in (a, b)]
+        points = [float(np.mean([scorer.point(r["run_id"], clips)[k] for r in g.runs])) for g in (a, b)]
         out.append(difference(boots[0], boots[1], points[0], points[1], (a.name, b.name), metric, seed))
     return out
 
@@ -477,14 +486,8 @@ def plot_curves(series: dict[str, dict[str, dict]], out: Path, title: str) -> Pa
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".png")
     try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=DPI)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        atomic_replace(out, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
     finally:
         plt.close(fig)
     return out

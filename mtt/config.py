@@ -11,12 +11,14 @@ from __future__ import annotations
 import math
 import re
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, ListConfig, OmegaConf
+
+from mtt.paths import CONF_DIR, REPO_ROOT  # noqa: F401  (re-exported: the entry points' config_path)
 
 
 @dataclass
@@ -190,9 +192,6 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CONF_DIR = REPO_ROOT / "conf"
-
 
 # ---------------------------------------------------------------------------------------------
 # Values: the schema's types say what a key may hold, these rules what it may be. A value
@@ -359,7 +358,7 @@ def validate(cfg) -> None:
         raise ConfigError("; ".join(errors))
 
 
-def exit_if_invalid(cfg, more_errors: list[str] = ()) -> None:
+def exit_if_invalid(cfg, more_errors: Sequence[str] = ()) -> None:
     """``validate`` for an entry point (and the launcher, with ``more_errors`` about swept
     values): a bad value ends the process with ``error: <what>`` on stderr and exit status 2 (a
     usage error), before any data, model or MLflow work."""

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -166,10 +167,10 @@ class RankTracker:
     def __init__(self, run_id: str | None, resumed: bool):
         self.run_id, self.resumed = run_id, resumed
 
-    def __enter__(self) -> "RankTracker":
+    def __enter__(self) -> RankTracker:
         return self
 
-    def __exit__(self, *exc) -> bool:
+    def __exit__(self, *exc) -> Literal[False]:
         return False
 
     def _skip(self, *args, **kwargs) -> None:

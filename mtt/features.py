@@ -13,48 +13,9 @@ import math
 
 import numpy as np
 import torch
-import torchaudio.functional as AF
 
+from mtt.audio import resample
 from mtt.config import FeaturesConfig
-
-# resampy's "kaiser_best" filter as resampy >= 0.3 ships it (resampy/data/kaiser_best.npz: 50
-# zero crossings, roll-off 0.917347, Kaiser beta 12.9846), rebuilt by torchaudio. torchaudio's docs
-# quote an older resampy (64 zeros, roll-off 0.9476); that filter keeps ~2 dB more energy at
-# 7.2 kHz and moves the top mel bands by up to 0.5 against the reference.
-_RESAMPY_KAISER_BEST = dict(
-    lowpass_filter_width=50,
-    rolloff=0.9173473712608761,
-    resampling_method="sinc_interp_kaiser",
-    beta=12.9846,
-)
-
-
-def resample(waveform, orig_sr: int, target_sr: int):
-    """Resample a mono or batched waveform along its last axis.
-
-    Uses ``torchaudio.functional.resample`` with the Kaiser-windowed sinc of resampy's
-    ``kaiser_best``, the resampler of the reference front end: it matches the reference closely
-    (tests/test_features.py bounds the difference), runs in torch (batched, on any device) and
-    adds no dependency beyond torchaudio. soxr would be faster but has another transition band.
-    The output keeps ``floor(n * target_sr / orig_sr)`` samples, resampy's length, so a clip
-    yields the same number of frames as in the reference (torchaudio alone rounds up).
-
-    Args:
-        waveform: floating numpy array or tensor ``(..., samples)``.
-    Returns:
-        Same type and dtype as the input, ``(..., floor(samples * target_sr / orig_sr))``.
-    """
-    if orig_sr <= 0 or target_sr <= 0:
-        raise ValueError(f"sample rates must be positive, got {orig_sr} -> {target_sr}")
-    is_numpy = isinstance(waveform, np.ndarray)
-    x = torch.from_numpy(np.ascontiguousarray(waveform)) if is_numpy else waveform
-    if not x.is_floating_point():
-        raise ValueError(f"resample needs a floating waveform, got dtype {x.dtype}")
-    if orig_sr == target_sr:
-        return waveform
-    n_out = x.shape[-1] * target_sr // orig_sr
-    x = AF.resample(x, orig_sr, target_sr, **_RESAMPY_KAISER_BEST)[..., :n_out]
-    return x.numpy() if is_numpy else x
 
 
 def _periodic_hann(n: int) -> torch.Tensor:
@@ -106,6 +67,9 @@ class LogMelFrontEnd(torch.nn.Module):
     """
 
     cpu_block_frames = 1024  # frames computed at once on CPU (see forward)
+
+    window: torch.Tensor  # buffers, registered in __init__
+    mel: torch.Tensor
 
     def __init__(self, cfg: FeaturesConfig | None = None, fft_dtype: torch.dtype = torch.float64):
         super().__init__()

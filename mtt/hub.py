@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import http.client
-import os
 import re
 import time
 import urllib.error
@@ -19,7 +18,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from mtt.store import locked
+from mtt.fs import durable_replace, locked
 
 CHUNK = 1 << 20  # bytes per read and per hash update
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
@@ -132,7 +131,7 @@ def _download_locked(url: str, dest: Path, *, sha256: str | None, sha256_prefix:
     if not ok:
         kind = "sha256" if sha256 else "sha256 prefix"
         raise reject(kind, expected, actual)
-    os.replace(part, dest)
+    durable_replace(part, dest)
     return dest
 
 
@@ -216,7 +215,7 @@ def _attempt(url: str, part: Path, offset: int, *, progress: bool,
                 error = e
         complete = error is None and (total is None or offset + received >= total)
         if not complete and error is None:
-            error = f"response ended after {offset + received} of {total} bytes"
+            error = OSError(f"response ended after {offset + received} of {total} bytes")
         return complete, total, received, error
 
 

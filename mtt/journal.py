@@ -36,10 +36,11 @@ import json
 import os
 import shutil
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from mtt.store import atomic_replace, locked
+from mtt.fs import atomic_replace, durable_replace, locked
 
 JOURNAL = "journal.jsonl"
 ACKED = "journal.acked"
@@ -128,7 +129,7 @@ class Journal:
             else:
                 tmp.mkdir(parents=True)
                 shutil.copy2(source, tmp / Path(source).name)
-            os.replace(tmp, target)
+            durable_replace(tmp, target)
             return self._append("artifacts", {"dir": rel, "artifact_path": artifact_path})
 
     # -- reading --------------------------------------------------------------------------------
@@ -191,7 +192,7 @@ class Journal:
         return statuses[-1] if statuses else None
 
     def shipping_lock(self, blocking: bool = True):
-        """The lock the one process shipping this journal holds (``store.locked``)."""
+        """The lock the one process shipping this journal holds (``fs.locked``)."""
         return locked(self.folder / LOCK, blocking=blocking)
 
 

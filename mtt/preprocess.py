@@ -26,14 +26,14 @@ not at all; temporary leftovers of a killed run (``.*.tmp``) are deleted when a 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import multiprocessing
 import os
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
-import contextlib
-import multiprocessing
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -44,7 +44,8 @@ from tqdm import tqdm
 from mtt.audio import AudioDecodeError, load_audio
 from mtt.config import FeaturesConfig
 from mtt.data.index import ClipIndex
-from mtt.store import MANIFEST, PatchStore, atomic_write_bytes, locked, pack, params_key, save_npy_atomic
+from mtt.fs import atomic_write_bytes, locked, save_npy_atomic
+from mtt.store import MANIFEST, PatchStore, pack, params_key
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ _MIN_CLIPS_FOR_WORKERS = 64
 
 def frontend_params(cfg: FeaturesConfig) -> dict:
     """The parameters that determine the patches (not where they are stored)."""
-    params = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else asdict(cfg)
+    params: dict = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else asdict(cfg)  # type: ignore[assignment]
     return {k: v for k, v in params.items() if k not in ("store", "workers")}
 
 
@@ -283,7 +284,7 @@ def main() -> None:
     import hydra
 
     from mtt.config import CONF_DIR, exit_if_invalid
-    from mtt.data.index import index_from_config
+    from mtt.data.datasets import index_from_config
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
     def _run(cfg) -> None:

@@ -14,20 +14,21 @@ imported, which ``mtt.run`` and every compose do before Hydra builds its search 
 
 from __future__ import annotations
 
+import builtins
 import os
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
+from hydra.core.config_search_path import ConfigSearchPath
 from hydra.core.object_type import ObjectType
 from hydra.core.plugins import Plugins
-from hydra.core.config_search_path import ConfigSearchPath
 from hydra.plugins.config_source import ConfigLoadError, ConfigResult, ConfigSource
 from hydra.plugins.search_path_plugin import SearchPathPlugin
 
-# The repository root (this file is mtt/presets.py). Not imported from mtt.config: that module
-# imports this one while it registers the configs, and a worker process that unpickles one of
-# these plugins first would then meet a half-initialised mtt.config.
-REPO_ROOT = Path(__file__).resolve().parent.parent
+# From mtt.paths, not mtt.config: that module imports this one while it registers the configs,
+# and a worker process that unpickles one of these plugins first would then meet a
+# half-initialised mtt.config.
+from mtt.paths import REPO_ROOT  # noqa: E402
 
 GROUP = "experiment"
 _EXT = ".yaml"
@@ -76,7 +77,7 @@ class ExperimentPresets(ConfigSource):
                             path=f"{self.scheme()}://{self.root}", provider=self.provider,
                             header=ConfigSource._get_header_dict(text[:512]))
 
-    def list(self, config_path: str, results_filter: Optional[ObjectType]) -> List[str]:
+    def list(self, config_path: str, results_filter: Optional[ObjectType]) -> builtins.list[str]:
         want_groups = results_filter in (None, ObjectType.GROUP)
         want_configs = results_filter in (None, ObjectType.CONFIG)
         if config_path == "":

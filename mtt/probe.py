@@ -17,7 +17,7 @@ Protocol (the one MARBLE and HEAR use for frozen embeddings):
    split validates on its test clips), 10% of the training clips (seeded) are held out to choose
    the strength instead, and the run is tagged ``probe_validation=carved_from_train``;
 5. validation and test clips are scored with the same clip-level metric code as every trained
-   run (``mtt.train.clip_metrics``) and logged under the same names (``val_roc_auc``,
+   run (``mtt.evaluate.clip_metrics``) and logged under the same names (``val_roc_auc``,
    ``test_roc_auc``, ``test_pr_auc``, ``test_accuracy``, ``test_accuracy_all_negative``, ...),
    in the same MLflow experiment, tagged ``mtt.reference=linear_probe``.
 
@@ -32,9 +32,11 @@ import time
 import warnings
 
 import numpy as np
+
 from mtt import distributed
+from mtt.evaluate import Split, clip_metrics, log_test
 from mtt.store import PatchStore
-from mtt.train import Split, clip_metrics, log_records, log_test, prepare
+from mtt.train import log_records, prepare
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,7 @@ class LinearProbe:
     def __init__(self, C: float, max_iter: int = 2000):
         self.C, self.max_iter = C, max_iter
 
-    def fit(self, x: np.ndarray, y: np.ndarray) -> "LinearProbe":
+    def fit(self, x: np.ndarray, y: np.ndarray) -> LinearProbe:
         from sklearn.linear_model import LogisticRegression
 
         self.mean = x.mean(axis=0)

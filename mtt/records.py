@@ -10,14 +10,14 @@ import io
 import json
 import platform
 import subprocess
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 
-from mtt.config import REPO_ROOT
+from mtt.paths import REPO_ROOT
 
 PACKAGES = ("torch", "mlflow", "hydra-core", "pescador", "numpy", "librosa")
 

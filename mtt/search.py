@@ -223,7 +223,7 @@ class OptunaSweeper(Sweeper):
             log.info("best trial %d: %s = %s", best.number, result["direction"], best.value)
         folder = Path(str(self.config.hydra.sweep.dir))
         folder.mkdir(parents=True, exist_ok=True)
-        from mtt.store import atomic_write_bytes
+        from mtt.fs import atomic_write_bytes
 
         atomic_write_bytes(folder / RESULTS, json.dumps(result, indent=1).encode())
 

@@ -23,7 +23,7 @@ import secrets
 import sys
 from pathlib import Path
 
-from mtt.store import atomic_write_bytes
+from mtt.fs import atomic_write_bytes
 
 AUTH_CONFIG = "basic_auth.ini"
 SECRET_FILE = "flask_secret_key"
@@ -45,7 +45,7 @@ def exposure_warning(host: str, auth: str | None) -> str | None:
         return None
     return (f"warning: the MLflow server will listen on {host} without authentication: anyone who can "
             "reach this port can create, change and delete runs. Use SERVER_AUTH=basic (MLflow's login; "
-            "README 'Scaling out') or keep SERVER_HOST=127.0.0.1 behind an SSH tunnel.")
+            "docs/scaling-out.md) or keep SERVER_HOST=127.0.0.1 behind an SSH tunnel.")
 
 
 def write_auth_config(state: Path, auth_db: str, permission: str) -> Path:

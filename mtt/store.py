@@ -18,21 +18,16 @@ cached backbone outputs (``mtt.backbone_cache``).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
-
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - Windows: no advisory locks, builders must not race
-    fcntl = None
 
 import numpy as np
 from tqdm import tqdm
+
+# Re-exported: store builders import the writers from here.
+from mtt.fs import atomic_replace, atomic_write_bytes, durable_replace, locked, save_npy_atomic  # noqa: F401
 
 MANIFEST = "manifest.json"
 
@@ -41,78 +36,6 @@ def params_key(params: Mapping) -> str:
     """A short stable hash of JSON-able parameters, used to name stores."""
     blob = json.dumps(params, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
-
-
-@contextlib.contextmanager
-def locked(path: Path, blocking: bool = True) -> Iterator[None]:
-    """Hold an exclusive advisory lock on ``path`` for the ``with`` block; the lock file exists
-    only while someone holds or waits for it.
-
-    Builders of the same store (parallel sweep jobs starting together) take it, then re-check
-    whether the store is finished: one process builds, the others wait and open the result.
-    The lock is released by the kernel if the holder dies, so a killed build never blocks.
-    With ``blocking=False`` a lock held elsewhere raises ``BlockingIOError`` instead of waiting.
-    The holder deletes the file before releasing it, so a waiter may wake holding a file that is
-    no longer at ``path``: it then starts over on the file now there (or a new one), which keeps
-    one holder at a time and leaves no lock files behind.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if fcntl is None:  # pragma: no cover
-        yield
-        return
-    while True:
-        f = open(path, "a")
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        except BaseException:
-            f.close()
-            raise
-        try:
-            current = os.stat(path)
-        except FileNotFoundError:
-            current = None
-        held = os.fstat(f.fileno())
-        if current is not None and (current.st_dev, current.st_ino) == (held.st_dev, held.st_ino):
-            break
-        f.close()  # the holder before us removed it: lock the one at path now
-    try:
-        yield
-    finally:
-        path.unlink(missing_ok=True)
-        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-        f.close()
-
-
-def atomic_replace(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` to a temporary file beside ``path``, fsync it, then rename it onto ``path``.
-
-    Readers see the old file or the complete new one, never a partial one; the temporary file
-    (``.<name>.<random>.tmp``) does not survive an error.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    atomic_replace(path, lambda tmp: tmp.write_bytes(data))
-
-
-def save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    """``np.save`` through ``atomic_replace``: never a partial .npy."""
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:  # a file object: np.save would append .npy to the name
-            np.save(f, array, allow_pickle=False)
-
-    atomic_replace(path, write)
 
 
 class PatchStore:
@@ -135,7 +58,7 @@ class PatchStore:
         self.counts = table[:, 2].copy()
         self._row = {int(c): i for i, c in enumerate(self.clip_ids)}
 
-    def __deepcopy__(self, memo) -> "PatchStore":
+    def __deepcopy__(self, memo) -> PatchStore:
         # Read-only, so sharing is a correct copy. pescador deep-copies a streamer's arguments
         # every time the mux activates it; a deep copy of the memory map would read the whole
         # store into RAM (9.5 GB on MTAT) per activation.
@@ -195,19 +118,19 @@ def pack(path: Path, counts: Mapping[int, int], load: Callable[[int], np.ndarray
     """
     path.mkdir(parents=True, exist_ok=True)
     clip_ids = [int(c) for c in counts]
-    counts = np.array([int(counts[c]) for c in clip_ids], dtype=np.int64)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-    total = int(counts.sum())
+    sizes = np.array([int(counts[c]) for c in clip_ids], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    total = int(sizes.sum())
     tmp = path / ".patches.npy.tmp"
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(total, *item_shape))
-    for c, s, n in tqdm(list(zip(clip_ids, starts, counts)), desc=f"pack {path.name}", unit="clip",
+    for c, s, n in tqdm(list(zip(clip_ids, starts, sizes)), desc=f"pack {path.name}", unit="clip",
                         disable=not progress, leave=False):
         if n:
             out[s:s + n] = load(c)
     out.flush()
     del out
-    os.replace(tmp, path / "patches.npy")
-    table = np.stack([np.asarray(clip_ids, dtype=np.int64), starts, counts], axis=1) if clip_ids \
+    durable_replace(tmp, path / "patches.npy")
+    table = np.stack([np.asarray(clip_ids, dtype=np.int64), starts, sizes], axis=1) if clip_ids \
         else np.zeros((0, 3), dtype=np.int64)
     return finalize(path, table, params, item_shape, failed, extra)
 

@@ -13,8 +13,8 @@ repeatable.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import pescador
@@ -132,11 +132,11 @@ class RowReader:
     def __init__(self, patches: np.ndarray):
         self.patches = patches
         mapped = isinstance(patches, np.memmap) and patches.flags.c_contiguous and hasattr(os, "preadv")
-        self.filename = patches.filename if mapped else None
-        self.offset = int(patches.offset) if mapped else 0
+        self.filename: str | None = patches.filename if mapped else None  # type: ignore[attr-defined]  # a memmap
+        self.offset = int(patches.offset) if mapped else 0  # type: ignore[attr-defined]
         self.row_bytes = int(np.prod(patches.shape[1:], dtype=np.int64)) * patches.dtype.itemsize
         self._fd: int | None = None
-        self._pid = None
+        self._pid: int | None = None
 
     def read(self, rows: np.ndarray) -> np.ndarray:
         """``(len(rows), *item)`` in the store's dtype."""

@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     model = args.model or f"runs:/{args.run}/model"
     text = render(results, errors, tagger.tags, args.top_k, args.format, model)
     if args.output:
-        from mtt.store import atomic_write_bytes
+        from mtt.fs import atomic_write_bytes
 
         atomic_write_bytes(Path(args.output), text.encode())
     else:

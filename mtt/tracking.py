@@ -10,7 +10,6 @@ a background thread (``Shipper``, ``ship``), so an unreachable store never stops
 
 from __future__ import annotations
 
-import atexit
 import hashlib
 import json
 import logging
@@ -19,23 +18,23 @@ import os
 import re
 import shlex
 import shutil
-import sys
 import tempfile
 import threading
 import time
 import traceback
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Literal
 
-from hydra.experimental.callback import Callback
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from mtt.config import REPO_ROOT, RULES, check_value, exit_if_invalid
+from mtt.config import RULES, check_value
+from mtt.fs import locked
 from mtt.journal import Journal, JournalError
-from mtt.store import atomic_write_bytes, locked
+from mtt.paths import REPO_ROOT
 
 log = logging.getLogger(__name__)
 
@@ -197,83 +196,18 @@ def _task_overrides(config: DictConfig) -> list[str]:
     return [str(o) for o in OmegaConf.to_container(config.hydra.overrides.task, resolve=False)]
 
 
-class PrepareTracking(Callback):
-    """Hydra callback (conf/config.yaml ``hydra.callbacks``) in the launching process.
-
-    Before any job starts (single runs and sweeps, any launcher) it creates the store and the
-    experiment (``prepare_store``). A sweep (``-m``) is ONE parent MLflow run per experiment its
-    jobs log to (created by the first job, ``sweep_parent``): every job's run is its child (tag
-    ``mlflow.parentRunId``); the parent carries the sweep's overrides and ``sweep_id``. When the
-    sweep ends, this callback writes the grouped summary of the children into each parent
-    (``mtt.compare``: ``<group>/test_roc_auc_mean`` ... metrics and ``summary.json``) and ends it.
-    A sweep that fails or is interrupted still ends its parents (FAILED / KILLED, with the
-    summary of the children that finished).
-
-    First of all it checks the config's values, and a sweep's every swept value: a bad one ends
-    the launch with exit status 2 before any store, run or job (``mtt.config.exit_if_invalid``).
-    """
-
-    def __init__(self) -> None:
-        self._sweep: tuple[str, list[str | None]] | None = None  # sweep id, tracking URIs
-        self._interrupted = False
-
-    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._prepare(config)
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._prepare(config, swept_value_errors(_task_overrides(config)))
-        if int(os.environ.get("RANK", "0")) != 0:
-            return
-        uris = sorted({u for u, _ in sweep_targets(config.tracking, _task_overrides(config))}, key=str)
-        self._sweep = (str(config.hydra.sweep.dir), uris)
-        record = json.dumps({"overrides": " ".join(_task_overrides(config))}).encode()
-        atomic_write_bytes(Path(self._sweep[0]) / SWEEP_FILE, record)  # for the jobs that create parents
-        previous = sys.excepthook
-
-        def note_interrupt(kind, value, tb):  # Hydra re-raises Ctrl-C; other errors end in exit(1)
-            self._interrupted = self._interrupted or issubclass(kind, KeyboardInterrupt)
-            previous(kind, value, tb)
-
-        sys.excepthook = note_interrupt
-        atexit.register(self._end_parents, None)  # a failed or interrupted sweep skips the end hook
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        self._end_parents("FINISHED")
-
-    def _end_parents(self, status: str | None) -> None:
-        if self._sweep is None:
-            return
-        (sweep, uris), self._sweep = self._sweep, None
-        bootstrap = status is not None
-        if status is None:  # at exit, without on_multirun_end: the sweep did not finish
-            status = "KILLED" if self._interrupted else "FAILED"
-        for uri in uris:
-            client = MlflowClient(tracking_uri=resolve_uri(uri))
-            experiments = [e.experiment_id for e in client.search_experiments()]
-            for run in client.search_runs(experiments, f"tags.sweep_id = '{sweep}'") if experiments else []:
-                if run.data.tags.get(SWEEP_TAG) == "true" and run.info.status == "RUNNING":
-                    # At interpreter exit no thread pool takes work, and MLflow downloads
-                    # artifacts through one: the summary of a broken sweep has no bootstrap.
-                    end_parent_run(uri, run.info.run_id, status, bootstrap)
-
-    @staticmethod
-    def _prepare(config: DictConfig, swept_errors: list[str] = ()) -> None:
-        exit_if_invalid(config, swept_errors)  # before the store exists: a bad value leaves nothing
-        if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 touches the store
-            return
-        for uri, experiment in sweep_targets(config.tracking, _task_overrides(config)):
-            prepare_store(uri, experiment)
-
-
-def end_parent_run(uri: str | None, run_id: str, status: str, bootstrap: bool = True) -> None:
-    """Summarise a sweep's children into its parent run and end it with ``status``."""
-    from mtt.compare import sweep_summary
-
+def running_sweep_parents(uri: str | None, sweep: str) -> list[str]:
+    """The run ids of sweep ``sweep``'s parent runs at ``uri`` that are still RUNNING."""
     client = MlflowClient(tracking_uri=resolve_uri(uri))
-    try:
-        summary = sweep_summary(uri, run_id, bootstrap)
-    except LookupError as e:  # no finished child to summarise (or a refused mix): say so, still end
-        summary = {"error": str(e)}
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return [run.info.run_id for run in (client.search_runs(experiments, f"tags.sweep_id = '{sweep}'") if experiments else [])
+            if run.data.tags.get(SWEEP_TAG) == "true" and run.info.status == "RUNNING"]
+
+
+def end_with_summary(uri: str | None, run_id: str, summary: dict, status: str) -> None:
+    """Log a sweep's grouped ``summary`` (``mtt.compare.sweep_summary``) into its parent run
+    (``<group>/<metric>_mean`` ... metrics and ``summary.json``) and end it with ``status``."""
+    client = MlflowClient(tracking_uri=resolve_uri(uri))
     metrics = []
     now = now_ms()
     for group in summary.get("groups", []):
@@ -565,7 +499,7 @@ class MlflowTracker:
         self._shipper: Shipper | None = None
         self._temporary: Path | None = None
 
-    def __enter__(self) -> "MlflowTracker":
+    def __enter__(self) -> MlflowTracker:
         check_reachable(self.uri)
         self.client = MlflowClient(tracking_uri=self.uri)
         self.experiment_id = ensure_experiment(self.client, self.experiment)
@@ -609,7 +543,7 @@ class MlflowTracker:
     def _write(self, seq: int) -> None:
         self._shipper.wrote(seq)
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> Literal[False]:
         if exc_type is None:
             status = "FINISHED"
         elif issubclass(exc_type, KeyboardInterrupt):

@@ -1,20 +1,21 @@
-"""Training and evaluation: ``train(cfg, tracker)``, no Hydra in here.
+"""Training: ``train(cfg, tracker)`` = ``prepare`` -> ``fit`` -> ``test``, no Hydra in here.
 
 Data flows one way: clip index -> feature store -> (frozen-backbone cache) -> pescador stream ->
-model -> clip-level evaluation -> tracker.
+model -> clip-level evaluation (``mtt.evaluate``) -> tracker. The state of a run between those
+steps is one ``Run``.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
-import math
 import random
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,19 +24,30 @@ from tqdm import tqdm
 
 from mtt import distributed
 from mtt.backbone_cache import build_backbone_cache, cache_key
-from mtt.data.index import ClipIndex, index_from_config
-from mtt.checkpoint import BEST_META, BEST_WEIGHTS, TrainState, drop_last, load_best, load_last, run_dir, save_best, save_last
+from mtt.checkpoint import (
+    BEST_META,
+    BEST_WEIGHTS,
+    TrainState,
+    drop_last,
+    load_best,
+    load_last,
+    run_dir,
+    save_best,
+    save_last,
+)
 from mtt.config import validate
-from mtt.metrics import per_tag_table, tagging_metrics
+from mtt.data.datasets import index_from_config
+from mtt.data.index import ClipIndex
+
+# Re-exported: callers (mtt.probe, tests) import the evaluation helpers from here too.
+from mtt.evaluate import Split, clip_metrics, clip_probabilities, log_test, monitor_score, split_of, split_probabilities  # noqa: F401
 from mtt.models import Tagger, build_model
 from mtt.models.pooling import log_alphas, project_constraints
 from mtt.models.weights import WeightsInfo, load_state_dict, resolve_weights
 from mtt.preprocess import build_feature_store
-from mtt.records import (PREDICTIONS, dataset_inputs, digest_test_set, per_tag_csv, plot_curves, run_note,
-                         save_predictions, versions)
-from mtt.stats import run_intervals
+from mtt.records import dataset_inputs, plot_curves, run_note, versions
 from mtt.store import PatchStore
-from mtt.streams import epoch_counts, eval_batches, steps_per_epoch, train_loader
+from mtt.streams import epoch_counts, steps_per_epoch, train_loader
 
 log = logging.getLogger(__name__)
 
@@ -70,115 +82,40 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.set_num_threads(1)
 
 
-@dataclass
-class Split:
-    """The clips of one split that have features, with their labels ``(n, n_tags)``."""
-
-    clip_ids: np.ndarray
-    labels: np.ndarray
-    declared: int  # clips of this split in the annotations, with or without features
-
-
-def split_of(index: ClipIndex, store: PatchStore, name: str) -> Split:
-    """The clips of split ``name`` that have at least one patch; clips shorter than one patch are
-    kept in the store with 0 patches (see ``mtt.preprocess``) and left out here, with a count."""
-    rows = index.subset(name)
-    stored = np.array([int(index.clip_ids[r]) in store for r in rows], dtype=bool)
-    present = np.array([ok and store.count(index.clip_ids[r]) > 0 for ok, r in zip(stored, rows)], dtype=bool)
-    short = int(stored.sum() - present.sum())
-    if short:
-        log.warning("%s: %d clip(s) shorter than one patch (0 patches) left out", name, short)
-    rows_ok = rows[present]
-    return Split(index.clip_ids[rows_ok], index.labels[rows_ok], declared=len(rows))
-
-
-@torch.no_grad()
-def clip_probabilities(model: Tagger, inputs: PatchStore, split: Split, cfg, device: torch.device,
-                       from_backbone: bool, amp: torch.dtype | None) -> np.ndarray:
-    """Clip-level probabilities ``(clips, n_tags)``: every patch's, aggregated per clip (mean or max)."""
-    model.eval()
-    n, n_tags = len(split.clip_ids), split.labels.shape[1]
-    agg = np.zeros((n, n_tags))
-    counts = np.zeros(n)
-    reduce = {"mean": np.add.at, "max": np.maximum.at}
-    if cfg.eval.aggregate not in reduce:
-        raise ValueError(f"eval.aggregate={cfg.eval.aggregate!r}: expected mean or max")
-    for x, owner in eval_batches(inputs, split.clip_ids, cfg.eval.batch_size, cfg.eval.patches_per_clip,
-                                 cfg.trainer.seed):
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            logits = model(x.to(device, non_blocking=True), from_backbone=from_backbone)
-        probs = model.probabilities(logits).cpu().numpy().astype(np.float64)
-        reduce[cfg.eval.aggregate](agg, owner, probs)
-        np.add.at(counts, owner, 1)
-    if cfg.eval.aggregate == "mean":
-        agg /= np.maximum(counts, 1)[:, None]
-    return agg
-
-
-def clip_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
-    """``tagging_metrics`` plus the clip-level binary cross-entropy ``loss``."""
-    p = np.clip(probs, 1e-7, 1 - 1e-7)
-    y = labels.astype(np.float64)
-    out = tagging_metrics(labels, probs)
-    out["loss"] = float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean())
-    return out
-
-
-def train_epoch(model: Tagger, stream, optimizer: torch.optim.Optimizer, steps: int, epoch: int, cfg,
-                device: torch.device, from_backbone: bool, frozen: bool, amp: torch.dtype | None,
-                forward: torch.nn.Module | None = None) -> dict[str, float]:
-    """``steps`` optimiser steps on batches of ``stream``; returns train loss and binary accuracy.
-
-    ``forward`` is the module that runs the model (its DistributedDataParallel wrapper under
-    torchrun, which averages the gradients across ranks); by default the model itself.
+def train_epoch(run: Run, epoch: int) -> dict[str, float]:
+    """``run.steps`` optimiser steps on batches of ``run.stream``; returns train loss and binary
+    accuracy. The model runs through ``run.forward`` (its DistributedDataParallel wrapper under
+    torchrun, which averages the gradients across ranks).
 
     Raises ``FloatingPointError`` as soon as the loss is NaN or infinite.
     """
-    t = cfg.trainer
+    t, p, model = run.cfg.trainer, run.p, run.p.model
     model.train()
-    if frozen:
+    if p.frozen:
         model.backbone.eval()
     loss_sum = correct = cells = 0.0
-    bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{t.epochs}", unit="step", disable=not t.progress,
+    # Epochs are numbered from 0 everywhere: this bar, the log lines, MLflow's steps, best_epoch.
+    bar = tqdm(range(run.steps), desc=f"epoch {epoch}/{t.epochs - 1}", unit="step", disable=not t.progress,
                leave=False)
     for step in bar:
-        x, y = next(stream)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            logits = (forward or model)(x, from_backbone=from_backbone)
+        x, y = next(run.stream)
+        x, y = x.to(p.device, non_blocking=True), y.to(p.device, non_blocking=True)
+        with torch.autocast(p.device.type, dtype=p.amp, enabled=p.amp is not None):
+            logits = run.forward(x, from_backbone=p.from_backbone)
         loss = model.loss(logits, y)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch} step {step}; stopping "
                                      f"(trainer.lr={t.lr} too high?)")
-        optimizer.zero_grad(set_to_none=True)
+        run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
+        run.optimizer.step()
         project_constraints(model)  # AutoPool's cap: back into the interval after the step
         loss_sum += loss.item()
         with torch.no_grad():
             correct += ((model.probabilities(logits) >= 0.5) == (y >= 0.5)).sum().item()
             cells += y.numel()
         bar.set_postfix(loss=f"{loss_sum / (step + 1):.4f}")  # tqdm syncs bar.n lazily
-    return {"train_loss": loss_sum / steps, "train_accuracy": correct / cells}
-
-
-def split_probabilities(d: distributed.Dist, model: Tagger, inputs: PatchStore, split: Split, cfg,
-                        device: torch.device, from_backbone: bool, amp: torch.dtype | None) -> np.ndarray:
-    """``clip_probabilities`` of a whole split; under torchrun each rank computes every
-    world-th clip and the ranks exchange results, so each clip is evaluated exactly once."""
-    def part(rows: np.ndarray) -> np.ndarray:
-        sub = Split(split.clip_ids[rows], split.labels[rows], split.declared)
-        return clip_probabilities(model, inputs, sub, cfg, device, from_backbone, amp)
-
-    return distributed.gather_rows(d, len(split.clip_ids), part)
-
-
-def monitor_score(metrics: dict[str, float], monitor: str) -> float:
-    """The monitored metric, oriented so that higher is better (losses are negated); NaN -> -inf."""
-    if monitor not in metrics:
-        raise KeyError(f"trainer.monitor={monitor!r} is not an epoch metric; have {sorted(metrics)}")
-    score = metrics[monitor] * (-1 if monitor.endswith("loss") else 1)
-    return -math.inf if math.isnan(score) else score
+    return {"train_loss": loss_sum / run.steps, "train_accuracy": correct / cells}
 
 
 def patience_spent(state: TrainState, patience: int | None) -> bool:
@@ -206,23 +143,6 @@ def log_records(cfg, tracker, derived: dict, weights, store: PatchStore, splits:
                       "mlflow.note.content": run_note(cfg, derived, kind), **versions()})
     tracker.log_inputs(dataset_inputs(cfg.data, store.fingerprint, {k: s.clip_ids for k, s in splits.items()}))
     tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-
-
-def log_test(tracker, tags, split: Split, probs: np.ndarray, step: int, seed: int,
-             extra: dict[str, float] | None = None) -> dict[str, float]:
-    """Score the test split and record it: ``test_*`` metrics with their bootstrap intervals
-    (resampling the test clips, seeded), the clip probabilities (``test_predictions.npz``), the
-    per-tag table and the test set's digest. Returns the ``test_*`` metrics."""
-    final = {f"test_{k}": v for k, v in clip_metrics(split.labels, probs).items()}
-    intervals = run_intervals(split.labels, probs, seed=seed)
-    tracker.log_metrics({**final, **intervals, **(extra or {})}, step=step)
-    tracker.set_tags({"test_clips_sha256": digest_test_set(split.clip_ids, split.labels),
-                      "test_clips": len(split.clip_ids)})
-    tracker.log_text(per_tag_csv(per_tag_table(tags, split.labels, probs)), "per_tag_test.csv")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = save_predictions(Path(tmp) / PREDICTIONS, split.clip_ids, tags, probs, split.labels)
-        tracker.log_artifact(path)
-    return {**final, **intervals}
 
 
 def log_plots(tracker, state: TrainState) -> None:
@@ -273,7 +193,7 @@ def prepare(cfg, d: distributed.Dist = distributed.Dist(), cache: bool | None = 
         state_dict = load_state_dict(weights.path) if weights.path is not None else None
         model = build_model(cfg, len(index.tags), state_dict).to(device)
         if t.channels_last:  # NHWC convolutions: faster on CUDA tensor cores, no slower on CPU
-            model.backbone.to(memory_format=torch.channels_last)
+            model.backbone.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch stubs lack it
         inputs = store
         if from_backbone:
             key = cache_key(store, weights.sha256, cfg.backbone, model.backbone, device=device, autocast_dtype=amp)
@@ -286,29 +206,59 @@ def prepare(cfg, d: distributed.Dist = distributed.Dist(), cache: bool | None = 
     return Prepared(device, amp, weights, index, store, model, inputs, from_backbone, frozen, valid_is_test, *splits)
 
 
+@dataclass
+class Run:
+    """The state of one training run between ``prepare`` and ``test``: what ``fit`` steps and
+    checkpoints, in one place instead of a dozen parameters."""
+
+    cfg: Any
+    d: distributed.Dist
+    p: Prepared
+    optimizer: torch.optim.Optimizer
+    scheduler: Any  # ReduceLROnPlateau, or None
+    stream: Iterator  # training batches (x, y), endless
+    forward: torch.nn.Module  # what runs the model: itself, or its DDP wrapper under torchrun
+    steps: int  # optimiser steps per epoch
+    folder: Path  # checkpoints
+    state: TrainState  # where the run is (resumed from the last checkpoint, or fresh)
+    selection: str  # best_val: test the best validation epoch; last: the last one
+    patience: int | None  # early stopping, None = never
+
+    def evaluate(self, split: Split) -> np.ndarray:
+        """Clip probabilities ``(clips, n_tags)`` of ``split`` (across the ranks under torchrun)."""
+        p = self.p
+        return split_probabilities(self.d, p.model, p.inputs, split, self.cfg, p.device, p.from_backbone, p.amp)
+
+
 def train(cfg, tracker, d: distributed.Dist = distributed.Dist()) -> dict[str, float]:
     """Train the tagger of ``cfg`` and log everything to ``tracker``; returns the final metrics.
 
-    With ``tracker.resumed`` the training continues from the last checkpoint of that run. ``d``
-    is this process's place in a torchrun job (see ``mtt.distributed``); by default one process.
+    prepare (data, features, model) -> fit (epochs, checkpoints, validation) -> test (the
+    selected epoch's model on the test split). With ``tracker.resumed`` the training continues
+    from the last checkpoint of that run. ``d`` is this process's place in a torchrun job (see
+    ``mtt.distributed``); by default one process.
     """
+    run = start(cfg, tracker, prepare(cfg, d), d)
+    fit(run, tracker)
+    return test(run, tracker)
+
+
+def start(cfg, tracker, p: Prepared, d: distributed.Dist) -> Run:
+    """The run's records (a fresh run), optimiser, schedule, checkpoint folder and stream; a
+    resumed run's state from its last checkpoint, with its stream where the killed one was."""
     t = cfg.trainer
-    p = prepare(cfg, d)
-    device, amp, weights, index, store, model, inputs = p.device, p.amp, p.weights, p.index, p.store, p.model, p.inputs
-    from_backbone, frozen = p.from_backbone, p.frozen
-    train_split, val_split, test_split = p.train, p.valid, p.test
-    counts = epoch_counts(train_split.declared, train_split.clip_ids, store, cfg.stream.patches_per_clip)
+    counts = epoch_counts(p.train.declared, p.train.clip_ids, p.store, cfg.stream.patches_per_clip)
     steps = steps_per_epoch(cfg.steps.policy, t.batch_size, counts.declared, counts.cached, counts.patches,
                             cfg.steps.n)
-    mine = distributed.shard(d, len(train_split.clip_ids))  # this rank's training clips
-    shards = distributed.gather(d, train_split.clip_ids[mine].tolist())
-    derived = {"steps_per_epoch": steps, "train_clips": len(train_split.clip_ids),
-               "train_clips_declared": train_split.declared, "train_patches": counts.patches,
-               "val_clips": len(val_split.clip_ids), "test_clips": len(test_split.clip_ids),
-               "n_tags": len(index.tags), "device": str(device), "backbone_cached": from_backbone,
-               "world_size": d.world, "truncated_clips": len(store.truncated)}
+    mine = distributed.shard(d, len(p.train.clip_ids))  # this rank's training clips
+    shards = distributed.gather(d, p.train.clip_ids[mine].tolist())
+    derived = {"steps_per_epoch": steps, "train_clips": len(p.train.clip_ids),
+               "train_clips_declared": p.train.declared, "train_patches": counts.patches,
+               "val_clips": len(p.valid.clip_ids), "test_clips": len(p.test.clip_ids),
+               "n_tags": len(p.index.tags), "device": str(p.device), "backbone_cached": p.from_backbone,
+               "world_size": d.world, "truncated_clips": len(p.store.truncated)}
     if not tracker.resumed:  # a resumed run has its records already (MLflow params are write-once)
-        log_records(cfg, tracker, derived, weights, store, {"train": train_split, "valid": val_split, "test": test_split})
+        log_records(cfg, tracker, derived, p.weights, p.store, {"train": p.train, "valid": p.valid, "test": p.test})
         if d.active:
             tracker.log_text(json.dumps({str(r): ids for r, ids in enumerate(shards)}), "ddp_shards.json")
 
@@ -322,9 +272,10 @@ def train(cfg, tracker, d: distributed.Dist = distributed.Dist()) -> dict[str, f
                     "trainer.lr_schedule=%s, and testing the last epoch", cfg.data.split, t.patience, t.lr_schedule)
     if not tracker.resumed:
         tracker.set_tags({"selection": selection})
+    model = p.model
     if cfg.head.bias_init == "prior":  # from the training labels, before any step
-        model.init_output_bias(train_split.labels)
-    params = [p for p in model.parameters() if p.requires_grad]
+        model.init_output_bias(p.train.labels)
+    params = [w for w in model.parameters() if w.requires_grad]
     optimizer = torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
     scheduler = None
     if lr_schedule == "plateau":
@@ -339,27 +290,33 @@ def train(cfg, tracker, d: distributed.Dist = distributed.Dist()) -> dict[str, f
         # with their original timestamp, which MLflow stores once.
         tracker.log_metrics(state.last_metrics, step=state.epoch, timestamp=state.last_timestamp)
         log.info("resuming run %s after epoch %d", tracker.run_id, state.epoch)
-    stream = train_loader(inputs, train_split.clip_ids[mine], train_split.labels[mine], cfg.stream,
-                          distributed.local_batch(d, t.batch_size), t.seed, pin_memory=device.type == "cuda")
+    stream = train_loader(p.inputs, p.train.clip_ids[mine], p.train.labels[mine], cfg.stream,
+                          distributed.local_batch(d, t.batch_size), t.seed, pin_memory=p.device.type == "cuda")
     skip_batches(stream, steps * (state.epoch + 1))
-    forward = distributed.wrap(d, model, device)
-    evaluate_split = functools.partial(split_probabilities, d, model, inputs, cfg=cfg, device=device,
-                                       from_backbone=from_backbone, amp=amp)
-    meta = {"monitor": t.monitor, "tags": list(index.tags), "config": OmegaConf.to_container(cfg, resolve=True)}
+    return Run(cfg, d, p, optimizer, scheduler, stream, distributed.wrap(d, model, p.device), steps, folder, state,
+               selection, patience)
+
+
+def fit(run: Run, tracker) -> None:
+    """Train epoch after epoch until ``trainer.epochs`` or early stopping; after each, validate,
+    checkpoint (the last state, and the best model) and log the epoch's metrics."""
+    cfg, d, p, state = run.cfg, run.d, run.p, run.state
+    t = cfg.trainer
+    meta = {"monitor": t.monitor, "tags": list(p.index.tags), "config": OmegaConf.to_container(cfg, resolve=True)}
     epoch = state.epoch + 1
-    while epoch < t.epochs and not patience_spent(state, patience):
-        local = train_epoch(model, stream, optimizer, steps, epoch, cfg, device, from_backbone, frozen, amp, forward)
-        distributed.sync_buffers(d, model)  # every rank evaluates (and rank 0 saves) one model
+    while epoch < t.epochs and not patience_spent(state, run.patience):
+        local = train_epoch(run, epoch)
+        distributed.sync_buffers(d, p.model)  # every rank evaluates (and rank 0 saves) one model
         # Every rank ran the same number of equal-sized steps: the mean of means is the mean.
         metrics = {k: float(np.mean([m[k] for m in distributed.gather(d, local)])) for k in local}
-        val = clip_metrics(val_split.labels, evaluate_split(val_split))
+        val = clip_metrics(p.valid.labels, run.evaluate(p.valid))
         metrics.update({f"val_{k}": v for k, v in val.items()})
-        metrics["lr"] = optimizer.param_groups[0]["lr"]  # the rate this epoch trained with
+        metrics["lr"] = run.optimizer.param_groups[0]["lr"]  # the rate this epoch trained with
         log.info("epoch %d: %s", epoch, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         score = monitor_score(metrics, t.monitor)
-        improved = selection == "last" or state.best_epoch < 0 or score > state.best_score
-        if scheduler is not None:
-            scheduler.step(score)
+        improved = run.selection == "last" or state.best_epoch < 0 or score > state.best_score
+        if run.scheduler is not None:
+            run.scheduler.step(score)
         if improved:
             state.best_score, state.best_epoch = score, epoch
         state.epoch, state.last_metrics, state.last_timestamp = epoch, metrics, int(time.time() * 1000)
@@ -367,36 +324,42 @@ def train(cfg, tracker, d: distributed.Dist = distributed.Dist()) -> dict[str, f
             state.history.setdefault(k, []).append(v)
         if d.main:  # one writer; checkpoint first, then the metrics: a kill in between is healed on resume
             if improved:
-                save_best(folder, model, {**meta, "epoch": epoch, "value": metrics[t.monitor]})
-            save_last(folder, model, optimizer, state, scheduler)
+                save_best(run.folder, p.model, {**meta, "epoch": epoch, "value": metrics[t.monitor]})
+            save_last(run.folder, p.model, run.optimizer, state, run.scheduler)
         tracker.log_metrics(metrics, step=epoch, timestamp=state.last_timestamp)
         epoch += 1
-    if patience_spent(state, patience):
+    if patience_spent(state, run.patience):
         log.info("early stop after epoch %d: %s has not improved for %d epochs (best epoch %d)",
-                 state.epoch, t.monitor, patience, state.best_epoch)
+                 state.epoch, t.monitor, run.patience, state.best_epoch)
 
+
+def test(run: Run, tracker) -> dict[str, float]:
+    """Load the selected epoch's model, score it on the test split and log it; returns the run's
+    final metrics (the selected epoch's, the test ones and their intervals)."""
+    d, p, state = run.d, run.p, run.state
     distributed.barrier(d)  # rank 0's best checkpoint is on disk for every rank
-    best, _ = load_best(folder)
-    model.load_state_dict(best)
+    best, _ = load_best(run.folder)
+    p.model.load_state_dict(best)
     for name in (BEST_WEIGHTS, BEST_META):
-        tracker.log_artifact(folder / name, "checkpoint")
+        tracker.log_artifact(run.folder / name, "checkpoint")
     if d.main:  # the tagger as an MLflow model (model/): what mtt.tag and `mlflow models serve` load
         from mtt.pyfunc import log_tagger
 
-        log_tagger(tracker, folder, from_backbone)
-    probs = evaluate_split(test_split)
+        log_tagger(tracker, run.folder, p.from_backbone)
+    probs = run.evaluate(p.test)
     # The test metrics are those of the selected epoch's model, logged after the last epoch, with
     # that epoch's validation metrics beside them (selected_val_*: what a comparison may rank by).
     end = state.epoch + 1
     selected = {f"selected_{k}": v[state.best_epoch] for k, v in state.history.items() if k.startswith("val_")}
-    final = log_test(tracker, index.tags, test_split, probs, step=end, seed=t.seed,
+    final = log_test(tracker, p.index.tags, p.test, probs, step=end, seed=run.cfg.trainer.seed,
                      extra={"best_epoch": state.best_epoch, "epochs_trained": end, **selected})
-    log_alphas(model.pool, tracker, step=end)  # AutoPool's learned alphas (no-op for GAP)
-    log.info("test (%s epoch %d): %s", selection, state.best_epoch,
+    log_alphas(p.model.pool, tracker, step=end)  # AutoPool's learned alphas (no-op for GAP)
+    log.info("test (%s epoch %d): %s", run.selection, state.best_epoch,
              " ".join(f"{k}={v:.4f}" for k, v in final.items() if "_ci" not in k))
     log_plots(tracker, state)
     distributed.barrier(d)
     if d.main:
-        drop_last(folder)
+        drop_last(run.folder)
     best_metrics = {k: v[state.best_epoch] for k, v in state.history.items()}
     return {**best_metrics, **final, **selected, "best_epoch": state.best_epoch, "epochs_trained": end}
+

@@ -1,40 +1,13 @@
 """Shared fixtures: configs composed through Hydra's compose API with small overrides, a tiny
-generated dataset, a throwaway MLflow store."""
+generated dataset, a throwaway MLflow store. The helpers they use are in ``tests.helpers``."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
-from mtt.config import CONF_DIR, REPO_ROOT
-
-# A tiny but complete setup: 16 folders x 2 clips x 2 s, VGGish at 1/8 width, small head.
-TINY = [
-    "data.synth.clips_per_folder=2",
-    "data.synth.seconds=2.0",
-    "backbone.width=0.125",
-    "head.width=16",
-    "trainer.epochs=1",
-    "trainer.progress=false",
-    "trainer.device=cpu",
-]
-
-# The smallest setup on which learning is measurable: 16 folders x 6 clips x 2 s (72 train, 6
-# valid, 18 test clips), the tiny VGGish, the default head width. A run takes a few seconds.
-LEARNABLE = [*(o for o in TINY if not o.startswith(("data.synth.clips_per_folder", "head.width", "trainer.epochs"))),
-             "data.synth.clips_per_folder=6"]
-
-
-def compose_cfg(overrides: list[str] = (), cache: Path | None = None):
-    """Compose conf/config.yaml with overrides (``cache`` sets paths.cache)."""
-    extra = [f"paths.cache={cache}"] if cache is not None else []
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=[*extra, *overrides])
+from tests.helpers import TINY, compose_cfg
 
 
 @pytest.fixture(scope="session")
@@ -47,28 +20,3 @@ def cache_dir(tmp_path_factory) -> Path:
 def tiny_cfg(cache_dir, tmp_path):
     """The tiny setup, tracking into a fresh sqlite store under tmp_path."""
     return compose_cfg([*TINY, f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"], cache=cache_dir)
-
-
-def run_module(args: list[str], env: dict | None = None, cwd: Path | None = None, timeout: float = 600,
-               check: bool = True) -> subprocess.CompletedProcess:
-    """Run ``python -m <args>`` as a user would, from the repo root unless ``cwd`` is given."""
-    full_env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", *args], cwd=cwd or REPO_ROOT, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"python -m {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return proc
-
-
-def sweep_children(client, experiment: str, status: str = "FINISHED") -> list:
-    """The job runs of the one sweep (``-m``) in ``experiment``, after checking its parent run:
-    exactly one, ended with ``status``, and every other run of the experiment is its child."""
-    exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([exp.experiment_id])
-    parents = [r for r in runs if r.data.tags.get("mtt.sweep") == "true"]
-    assert len(parents) == 1, f"{experiment}: {len(parents)} sweep parent runs"
-    (parent,) = parents
-    assert parent.info.status == status, parent.info.status
-    children = [r for r in runs if r is not parent]
-    assert {r.data.tags.get("mlflow.parentRunId") for r in children} == {parent.info.run_id}
-    return children

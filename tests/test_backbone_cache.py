@@ -15,9 +15,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import TINY, compose_cfg
 from mtt.backbone_cache import build_backbone_cache, cache_key
-from mtt.data.index import index_from_config
+from mtt.data.datasets import index_from_config
 from mtt.models import build_model
 from mtt.models.vggish import VGGish
 from mtt.models.weights import load_state_dict, resolve_weights
@@ -25,6 +24,7 @@ from mtt.preprocess import build_feature_store
 from mtt.store import MANIFEST, PatchStore, params_key
 from mtt.tracking import MlflowTracker
 from mtt.train import train
+from tests.helpers import TINY, compose_cfg
 
 
 class BackboneForwards:
@@ -41,7 +41,7 @@ class BackboneForwards:
             if self.stop_after is not None and self.calls >= self.stop_after:
                 raise Interrupted(f"stopped after {self.calls} backbone forwards")
 
-    def __enter__(self) -> "BackboneForwards":
+    def __enter__(self) -> BackboneForwards:
         self._handle = torch.nn.modules.module.register_module_forward_hook(self._hook)
         return self
 

@@ -12,9 +12,9 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from mtt.compare import DPI, FIGURE_INCHES, compare, default_png, main
-from mtt.models.pooling import AutoPool, GlobalAveragePool, log_alphas
-from mtt.records import PREDICTIONS, save_predictions, digest_test_set
 from mtt.metrics import tagging_metrics
+from mtt.models.pooling import AutoPool, GlobalAveragePool, log_alphas
+from mtt.records import PREDICTIONS, digest_test_set, save_predictions
 from mtt.tracking import MlflowTracker
 
 CLIPS = np.arange(100, 400, dtype=np.int64)  # 300 test clips

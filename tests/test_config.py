@@ -7,7 +7,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError
 
 from mtt.config import CONF_DIR
-from conftest import compose_cfg, run_module
+from tests.helpers import compose_cfg, run_module
 
 
 def options(group: str) -> list[str]:

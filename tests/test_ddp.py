@@ -16,15 +16,15 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from conftest import TINY, compose_cfg
-from tests.http_server import free_port
 from mtt.backbone_cache import build_backbone_cache, cache_key
-from mtt.config import REPO_ROOT
-from mtt.data.index import index_from_config
+from mtt.paths import REPO_ROOT
+from mtt.data.datasets import index_from_config
 from mtt.models import build_model
 from mtt.preprocess import build_feature_store
 from mtt.tracking import download_artifacts
 from mtt.train import clip_metrics, clip_probabilities, split_of
+from tests.helpers import TINY, compose_cfg
+from tests.helpers.http_server import free_port
 
 EPOCH_METRICS = ["train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_roc_auc", "val_pr_auc"]
 

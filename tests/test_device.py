@@ -6,9 +6,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import compose_cfg, TINY
 from mtt.tracking import MlflowTracker
 from mtt.train import autocast_dtype, resolve_device, train
+from tests.helpers import TINY, compose_cfg
 
 
 def test_auto_picks_cuda_only_when_present():
@@ -46,7 +46,7 @@ class ConvCalls:
         if isinstance(module, torch.nn.Conv2d) and args[0].shape[1] > 1:  # layouts coincide at 1 channel
             self.seen.append((output.dtype, args[0].is_contiguous(memory_format=torch.channels_last)))
 
-    def __enter__(self) -> "ConvCalls":
+    def __enter__(self) -> ConvCalls:
         self._handle = torch.nn.modules.module.register_module_forward_hook(self._hook)
         return self
 

@@ -15,13 +15,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mtt.config import REPO_ROOT
-from mtt.data.download import (ANNOTATIONS, CLIP_INFO, FILES, MARKER, PARTS, PINNED_SHA256, ArchiveError,
-                               checksums_from_env, download_mtat)
-from mtt.data.index import AnnotationError, build_index
+from mtt.paths import REPO_ROOT
+from mtt.data.download import (
+    ANNOTATIONS,
+    CLIP_INFO,
+    FILES,
+    MARKER,
+    PARTS,
+    PINNED_SHA256,
+    ArchiveError,
+    checksums_from_env,
+    download_mtat,
+)
+from mtt.data.index import build_index
+from mtt.data.mtat import AnnotationError
 from mtt.data.tags import TAGS, TOP50
 from mtt.hub import DownloadError
-from tests.http_server import FileServer, _flip_middle, closed_port_url
+from tests.helpers.http_server import FileServer, _flip_middle, closed_port_url
 
 FOLDERS = ("0", "1", "f")
 

@@ -4,20 +4,19 @@ working directory, and the report sweep yields four finished runs that mtt.compa
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import matplotlib.image
 import pytest
 from hydra.errors import MissingConfigException
 from mlflow.tracking import MlflowClient
 
-from conftest import TINY, compose_cfg, run_module, sweep_children
-from mtt.compare import DEFAULT_METRICS, FIGURE_INCHES, DPI, compare
-from mtt.config import REPO_ROOT
+from mtt.compare import DEFAULT_METRICS, DPI, FIGURE_INCHES, compare
+from mtt.paths import REPO_ROOT
+from tests.helpers import TINY, compose_cfg, run_module, sweep_children
 
 EXPERIMENTS = REPO_ROOT / "experiments"
 REPORT = ["report/autopool", "report/prelim", "report/revised_steps", "report/three_blocks"]
-# What the report did, per experiment (each preset's opening comment and README "Reproducing the
+# What the report did, per experiment (each preset's opening comment and docs/recipe-and-report.md "Reproducing the
 # report" say where the values come from); the same keys are checked in MLflow.
 COMMON = {"head.output": "softmax", "data.split": "report", "data.tags": "all", "data.drop_untagged": False,
           "stream.patches_per_clip": 1, "eval.patches_per_clip": 1, "trainer.batch_size": 32,

@@ -5,8 +5,9 @@ import pytest
 import torch
 from torchvggish import vggish_input
 
+from mtt.audio import resample
 from mtt.config import FeaturesConfig
-from mtt.features import LogMelFrontEnd, log_mel_patches, resample
+from mtt.features import LogMelFrontEnd, log_mel_patches
 
 SR = 16000
 

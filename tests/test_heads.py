@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY, compose_cfg
 from mtt.models import build_model
 from mtt.models.head import Head
 from mtt.models.pooling import AutoPool, GlobalAveragePool
+from tests.helpers import TINY, compose_cfg
 
 
 def autopool_numpy(x: np.ndarray, alpha: np.ndarray) -> np.ndarray:
@@ -77,9 +77,10 @@ def test_cap_projects_after_the_step_and_an_alpha_past_it_still_learns():
 
 def test_training_keeps_capped_alphas_within_the_cap(tiny_cfg):
     """Through train(): a cap of 0.01 under lr 0.5 is hit at once; every logged alpha is within it."""
+    from mlflow.tracking import MlflowClient
+
     from mtt.tracking import MlflowTracker
     from mtt.train import train
-    from mlflow.tracking import MlflowClient
 
     cfg = compose_cfg([*TINY, "+head=autopool", "pool.constraint=cap", "pool.alpha_max=0.01", "trainer.lr=0.5",
                        "steps=fixed", "steps.n=3", f"tracking.uri={tiny_cfg.tracking.uri}"], cache=tiny_cfg.paths.cache)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from mtt.hub import DownloadError, download, file_digest
-from tests.http_server import FileServer, closed_port_url
+from tests.helpers.http_server import FileServer, closed_port_url
 
 DATA = np.random.default_rng(0).integers(0, 256, 300_000, dtype=np.uint8).tobytes()
 SHA = hashlib.sha256(DATA).hexdigest()

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mtt.data.index import CLIP_INFO_COLUMNS, FOLDERS, AnnotationError, build_index, read_annotations, read_clip_info
+from mtt.data.index import build_index
+from mtt.data.mtat import CLIP_INFO_COLUMNS, FOLDERS, AnnotationError, read_annotations, read_clip_info
 from mtt.data.tags import TAGS, TOP50, top_by_frequency
 
 
@@ -133,7 +134,7 @@ def test_reads_the_real_clip_info_format(tmp_path):
 
 
 def test_reads_generated_clip_info(tmp_path):
-    from mtt.data.synth import write_clip_info
+    from mtt.data.mtat import write_clip_info
 
     row = dict(zip(CLIP_INFO_LINES[0], CLIP_INFO_LINES[1]))
     write_clip_info(tmp_path / "c.csv", [row, {**row, "clip_id": "9", "title": 'say "hi"\tthere'}])

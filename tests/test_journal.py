@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from mtt import sync
 from mtt.journal import JOURNAL, Journal, JournalError
 from mtt.tracking import MlflowTracker, Shipper, ship_to
-from tests.http_server import closed_port_url
+from tests.helpers.http_server import closed_port_url
 
 
 def new_run(uri: str, experiment: str = "j") -> str:

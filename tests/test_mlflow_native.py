@@ -12,7 +12,7 @@ from mtt.journal import Journal
 from mtt.records import dataset_inputs, run_note
 from mtt.tracking import EXPERIMENT_KIND, MlflowTracker, Shipper, prepare_store, ship_to
 from mtt.train import train
-from tests.http_server import closed_port_url
+from tests.helpers.http_server import closed_port_url
 
 
 def inputs_of(uri: str, run_id: str) -> dict[str, tuple[str, str, str]]:
@@ -86,7 +86,7 @@ def test_experiments_mtt_creates_are_model_training_experiments(tmp_path):
 
 
 def test_note_of_an_autopool_run_and_of_the_probe(tiny_cfg):
-    from conftest import compose_cfg
+    from tests.helpers import compose_cfg
 
     cfg = compose_cfg(["+head=autopool", "pool.alpha_init=1.5"])
     derived = {"steps_per_epoch": 7, "train_clips": 10, "val_clips": 2, "test_clips": 3, "n_tags": 5}

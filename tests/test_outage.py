@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO_ROOT, TINY, run_module
-from tests.mlflow_server import MlflowServer
+from tests.helpers import REPO_ROOT, TINY, run_module
+from tests.helpers.mlflow_server import MlflowServer
 
 pytestmark = pytest.mark.slow
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import TINY, compose_cfg, run_module, sweep_children
 from mtt.tracking import MlflowTracker, prepare_store, sweep_targets
 from mtt.train import train
+from tests.helpers import TINY, compose_cfg, run_module, sweep_children
 
 HEADS = ["gap2", "gap3", "autopool", "autopool3"]
 EPOCH_METRICS = ["train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_roc_auc", "val_pr_auc"]
@@ -44,7 +44,6 @@ def test_four_parallel_jobs_into_a_new_store_three_times(tmp_path, cache_dir):
                     f"+head={','.join(HEADS)}", *common, f"tracking.uri={uri}",
                     f"tracking.experiment={experiment}"])
         client = MlflowClient(uri)
-        exp = client.get_experiment_by_name(experiment)
         everywhere = client.search_runs([e.experiment_id for e in client.search_experiments()])
         runs = sweep_children(client, experiment)  # and the sweep's one parent run
         assert len(everywhere) == len(runs) + 1 == 5, f"attempt {attempt}: runs misfiled or lost"

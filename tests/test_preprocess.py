@@ -13,12 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import compose_cfg, run_module
-from mtt.config import REPO_ROOT
-from mtt.data.index import FOLDERS, build_index
-from mtt.data.synth import complete_tags, render_clip, write_annotations, write_mp3
+from mtt.paths import REPO_ROOT
+from mtt.data.embedded import complete_tags, render_clip
+from mtt.data.index import build_index
+from mtt.data.mtat import FOLDERS, write_annotations, write_mp3
 from mtt.preprocess import build_feature_store, store_path, summary
 from mtt.store import MANIFEST, PatchStore
+from tests.helpers import compose_cfg, run_module
 
 SR = 16000
 # Tag sets the synthesiser renders, all within the published top 50 (data=mtat uses top50).
@@ -184,8 +185,8 @@ def test_truncated_clips_are_reported_kept_and_counted_in_the_run(tmp_path):
 
     from mlflow.tracking import MlflowClient
 
-    from mtt.data.index import index_from_config
-    from mtt.data.synth import write_clip_info
+    from mtt.data.datasets import index_from_config
+    from mtt.data.mtat import write_clip_info
     from mtt.preprocess import truncated_clips
     from mtt.tracking import MlflowTracker
     from mtt.train import train

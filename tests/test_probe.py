@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import LEARNABLE, TINY, compose_cfg, run_module
 from mtt.compare import load_runs
 from mtt.probe import REFERENCE, REFERENCE_TAG, clip_embeddings, fit_probe, run_probe
 from mtt.store import PatchStore, pack
 from mtt.tracking import MlflowTracker
 from mtt.train import clip_metrics, train
+from tests.helpers import LEARNABLE, TINY, compose_cfg, run_module
 
 
 def test_clip_embedding_is_mean_and_std_of_the_pooled_patches(tmp_path):

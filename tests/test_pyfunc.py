@@ -14,7 +14,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import TINY, compose_cfg
+from tests.helpers import TINY, compose_cfg
 from mtt.audio import load_audio
 from mtt.data.index import index_from_config
 from mtt.records import load_predictions

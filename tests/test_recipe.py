@@ -10,11 +10,11 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import LEARNABLE, compose_cfg
+from mtt.checkpoint import TrainState
 from mtt.models import build_model
 from mtt.tracking import MlflowTracker
 from mtt.train import patience_spent, train
-from mtt.checkpoint import TrainState
+from tests.helpers import LEARNABLE, compose_cfg
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""A 2-epoch `python -m mtt.run` records everything a reader needs (README "Records, checkpoints,
+"""A 2-epoch `python -m mtt.run` records everything a reader needs (docs/records-and-resume.md "Records, checkpoints,
 resume, tagging"), read back through the MLflow client."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import TINY, run_module
 from mtt.data.tags import TAGS
 from mtt.records import GIT_COMMIT, GIT_DIRTY, git_state, plot_curves, versions
+from tests.helpers import TINY, run_module
 
 
 def test_git_state_of_a_folder_outside_git_is_unknown(tmp_path):

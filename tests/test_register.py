@@ -8,7 +8,7 @@ import json
 import numpy as np
 from mlflow.tracking import MlflowClient
 
-from conftest import TINY, compose_cfg
+from tests.helpers import TINY, compose_cfg
 from mtt.compare import main as compare_main
 from mtt.data.index import index_from_config
 from mtt.records import load_predictions

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
-
-from conftest import TINY, compose_cfg, run_module
-from mtt.checkpoint import TrainState, config_hash, load_last, resume_choice, save_last
 from test_status import start_run, wait_for_run
+
+from mtt.checkpoint import TrainState, config_hash, load_last, resume_choice, save_last
+from tests.helpers import TINY, compose_cfg, run_module
 
 
 def test_last_checkpoint_restores_model_optimiser_and_rng(tmp_path):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import TINY, run_module, sweep_children
 from mtt.run import run_name
+from tests.helpers import TINY, run_module, sweep_children
 
 
 def test_slurm_launcher_exposes_the_keys_a_lab_sets():

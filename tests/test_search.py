@@ -14,8 +14,8 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 
-from conftest import TINY, run_module, sweep_children
-from mtt.config import REPO_ROOT
+from tests.helpers import TINY, run_module, sweep_children
+from mtt.paths import REPO_ROOT
 
 # 3 epochs without early stopping: the best epoch need not be the last.
 SEARCH = ["-m", "+experiment=search", *TINY[:-3], "trainer.epochs=3", "trainer.patience=null",

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from mlflow.tracking import MlflowClient
 
-from conftest import LEARNABLE, TINY, compose_cfg
 from mtt.probe import run_probe
 from mtt.tracking import MlflowTracker
 from mtt.train import train
+from tests.helpers import LEARNABLE, TINY, compose_cfg
 
 
 def test_report_preset_tests_the_last_epoch(cache_dir, tmp_path):

@@ -19,9 +19,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import TINY, compose_cfg
+from tests.helpers import TINY, compose_cfg
 from http_server import free_port
-from mtt.data.synth import complete_tags, render_clip, write_mp3
+from mtt.data.embedded.labels import complete_tags
+from mtt.data.embedded.synthesis import render_clip
+from mtt.data.mtat import write_mp3
 from mtt.tracking import MlflowTracker
 from mtt.train import train
 

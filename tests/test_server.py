@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import TINY, run_module
-from tests.http_server import free_port
-from tests.mlflow_server import MlflowServer
-from mtt.config import REPO_ROOT
+from mtt.paths import REPO_ROOT
+from tests.helpers import TINY, run_module
+from tests.helpers.http_server import free_port
+from tests.helpers.mlflow_server import MlflowServer
 
 
 @pytest.fixture
@@ -40,7 +40,7 @@ def wait_until_healthy(uri: str, proc: subprocess.Popen, timeout: float = 120) -
             return
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the server at {uri} did not start: {proc.stderr.read().decode()[-3000:]}")
+                raise RuntimeError(f"the server at {uri} did not start: {proc.stderr.read().decode()[-3000:]}") from None
             time.sleep(0.5)
 
 

@@ -8,8 +8,14 @@ import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from mtt.metrics import tagging_metrics
-from mtt.stats import (bootstrap_weights, interval, macro_auc_under_weights, paired_difference, run_intervals,
-                       seed_resampled_means)
+from mtt.stats import (
+    bootstrap_weights,
+    interval,
+    macro_auc_under_weights,
+    paired_difference,
+    run_intervals,
+    seed_resampled_means,
+)
 
 
 def _data(n=200, tags=6, seed=0, signal=1.0):

@@ -13,9 +13,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO_ROOT, TINY, compose_cfg
 from mtt.tracking import MlflowTracker
 from mtt.train import train
+from tests.helpers import REPO_ROOT, TINY, compose_cfg
 
 
 def _error_txt(client: MlflowClient, run_id: str, tmp_path) -> str:

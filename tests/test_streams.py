@@ -11,15 +11,25 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import compose_cfg
 from mtt.config import FeaturesConfig, StreamConfig
+from mtt.data.embedded import complete_tags, render_clip
 from mtt.data.index import build_index
-from mtt.data.synth import SAMPLE_RATE, complete_tags, render_clip, write_annotations, write_mp3
+from mtt.data.mtat import SAMPLE_RATE, write_annotations, write_mp3
 from mtt.preprocess import build_feature_store
 from mtt.store import MANIFEST, PatchStore, pack
-from mtt.streams import (RowReader, batches, clip_rows, epoch_counts, eval_batches, mux_weights, patch_mux,
-                         steps_per_epoch, train_loader)
+from mtt.streams import (
+    RowReader,
+    batches,
+    clip_rows,
+    epoch_counts,
+    eval_batches,
+    mux_weights,
+    patch_mux,
+    steps_per_epoch,
+    train_loader,
+)
 from mtt.train import split_of
+from tests.helpers import compose_cfg
 
 
 def make_store(path: Path, n_clips: int = 12, item=(4, 3)) -> tuple[PatchStore, np.ndarray]:
@@ -56,7 +66,7 @@ def test_lock_admits_one_holder_at_a_time_and_leaves_no_file(tmp_path):
     import threading
     import time
 
-    from mtt.store import locked
+    from mtt.fs import locked
 
     inside, most, lock = [0], [0], tmp_path / ".x.lock"
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import TINY, run_module, sweep_children
 from mtt.records import PREDICTIONS, load_predictions
+from tests.helpers import TINY, run_module, sweep_children
 
 CI = ["test_roc_auc_ci95_low", "test_roc_auc_ci95_high", "test_pr_auc_ci95_low", "test_pr_auc_ci95_high"]
 

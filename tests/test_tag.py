@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import TINY, run_module
-from mtt.data.synth import complete_tags, render_clip, write_mp3
+from mtt.data.embedded import complete_tags, render_clip
+from mtt.data.mtat import write_mp3
+from tests.helpers import run_module
 
 # A run that learns the generated data well enough in seconds: a wider (still random, frozen)
 # backbone whose outputs are cached, and 6 x 60 head-only steps at a high learning rate.
@@ -79,7 +80,7 @@ def test_run_without_checkpoint_is_a_clear_error(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, cache_dir):
     """A tiny finished run: (tracking URI, run id, its test predictions, their audio files)."""
-    from conftest import compose_cfg
+    from tests.helpers import compose_cfg
     from mtt.data.index import index_from_config
     from mtt.records import load_predictions
     from mtt.tracking import MlflowTracker, download_artifacts

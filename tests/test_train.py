@@ -9,9 +9,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from conftest import compose_cfg, run_module, sweep_children, TINY
 from mtt.tracking import MlflowTracker, download_artifacts
 from mtt.train import clip_metrics, clip_probabilities, prepare, train
+from tests.helpers import TINY, compose_cfg, run_module, sweep_children
 
 EPOCH_METRICS = ["train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_roc_auc", "val_pr_auc"]
 FINAL_METRICS = ["test_loss", "test_accuracy", "test_roc_auc", "test_pr_auc"]

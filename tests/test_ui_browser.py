@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from cdp import INSTALL_HINT, chromium_page, stop_process_group
-from conftest import TINY, run_module, sweep_children
-from mtt.config import REPO_ROOT
-from tests.http_server import free_port
+from mtt.paths import REPO_ROOT
+from tests.helpers import TINY, run_module, sweep_children
+from tests.helpers.cdp import INSTALL_HINT, chromium_page, stop_process_group
+from tests.helpers.http_server import free_port
 
 METRIC = "test_roc_auc"
 # The expand toggle in a parent run's name cell.
@@ -75,7 +75,7 @@ ROWS_JS = """(() => {
     if (c) rows[i].metric = c.innerText.trim();
   }
   return Object.keys(rows).sort((a, b) => a - b).map(k => rows[k]);
-})()""" % METRIC
+})()""".replace("%s", METRIC)  # %-formatting would need every JavaScript brace doubled
 
 
 def sorted_runs_table(uri: str, experiment: str, workdir: Path, n_runs: int) -> tuple[bytes, list[dict]]:

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import TINY, compose_cfg, run_module
 from mtt.config import REPO_ROOT, RULES, ConfigError, config_errors, validate
+from tests.helpers import TINY, compose_cfg, run_module
 
 PRESETS = sorted(p.relative_to(REPO_ROOT / "experiments").with_suffix("").as_posix()
                  for p in (REPO_ROOT / "experiments").rglob("*.yaml"))

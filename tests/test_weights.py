@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from mtt.hub import DownloadError
 from mtt.models.weights import WeightsInfo, hash_prefix, load_state_dict, resolve_weights
-from tests.http_server import FileServer, closed_port_url
+from tests.helpers.http_server import FileServer, closed_port_url
 
 
 def _vggish_like_state_dict(width: int = 4) -> dict[str, torch.Tensor]:
@@ -82,7 +82,7 @@ def test_four_processes_resolving_at_once_download_once(tmp_path, served_weights
     import sys
     import time
 
-    from mtt.config import REPO_ROOT
+    from mtt.paths import REPO_ROOT
 
     data, sha, name = served_weights
     go = tmp_path / "go"
@@ -170,7 +170,7 @@ def test_load_state_dict_reads_safetensors_and_refuses_other_objects(tmp_path):
 @pytest.mark.slow
 def test_cli_with_audioset_offline_fails_fast_before_data_work(tmp_path):
     """No retries against a refused connection (tests/test_hub.py) and no data work first."""
-    from conftest import run_module
+    from tests.helpers import run_module
 
     url = closed_port_url() + "vggish-10086976.pth"
     proc = run_module(["mtt.run", "backbone.weights=audioset", f"backbone.url={url}",

@@ -53,13 +53,12 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 import mtt.config  # noqa: F401  (registers the schema that conf/config.yaml extends)
-from mtt.data.index import AnnotationError, read_annotations
+from mtt.data.mtat import ANNOTATIONS, CLIP_INFO, AnnotationError, read_annotations
+from mtt.fs import atomic_write_text, durable_replace
 from mtt.hub import DownloadError, download, file_digest
 
 OFFICIAL_URL = "https://mirg.city.ac.uk/datasets/magnatagatune/"
 PARTS = ("mp3.zip.001", "mp3.zip.002", "mp3.zip.003")
-ANNOTATIONS = "annotations_final.csv"
-CLIP_INFO = "clip_info_final.csv"
 FILES = PARTS + (ANNOTATIONS, CLIP_INFO)
 # The published SHA-256 of each file (see the module docstring).
 PINNED_SHA256 = {
@@ -138,7 +137,7 @@ def download_mtat(root: Path, base_url: str = OFFICIAL_URL, progress: bool = Tru
     files = {name: {"size": (root / name).stat().st_size, "digest": sums[name][0], "digest_source": sums[name][1]}
              for name in FILES}
     record = {"base_url": base_url, "files": files, "clips": members}
-    _write_atomic(root / MARKER, json.dumps(record, indent=1))
+    atomic_write_text(root / MARKER, json.dumps(record, indent=1))
     if not keep_archives:
         for name in PARTS:
             (root / name).unlink(missing_ok=True)
@@ -154,7 +153,7 @@ def expected_digests(root: Path, base_url: str, checksums: Mapping[str, str] | s
         served, source = _served_sums(root, base_url)
         chosen.update({name: (digest, source) for name, digest in served.items()})
     elif checksums is not None:
-        chosen.update({name: (digest, "your checksums") for name, digest in _checked_sums(dict(checksums)).items()})
+        chosen.update({name: (digest, "your checksums") for name, digest in _checked_sums(dict(checksums)).items()})  # type: ignore[arg-type]
     return chosen
 
 
@@ -249,7 +248,7 @@ def _served_sums(root: Path, base_url: str) -> tuple[dict[str, str], str]:
         text = tmp.read_text(encoding="utf-8", errors="replace")
         tmp.unlink()
         found, source = parse_manifest(text), base_url + manifest
-        _write_atomic(state, json.dumps({"source": source, "checksums": found}, indent=1))
+        atomic_write_text(state, json.dumps({"source": source, "checksums": found}, indent=1))
         return found, source
     raise DownloadError(f"checksums=served, but {base_url} serves neither {' nor '.join(MANIFESTS)}",
                         url=base_url + MANIFESTS[0], dest=root, reason="http", status=404)
@@ -299,7 +298,7 @@ def _extract_one(zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, bar: 
             while block := src.read(1 << 20):
                 dst.write(block)
                 bar.update(len(block))
-        os.replace(tmp, target)
+        durable_replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -375,12 +374,6 @@ class _JoinedFile(io.RawIOBase):
         for h in getattr(self, "handles", []):
             h.close()
         super().close()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 @hydra.main(config_path="../../conf", config_name="config", version_base="1.3")

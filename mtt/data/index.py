@@ -1,34 +1,22 @@
-"""Clip index: parse MTAT's annotations_final.csv, choose a tag set, split the clips.
-
-``annotations_final.csv`` is tab-separated with every field in double quotes: ``clip_id``, the
-188 tag columns (0/1), ``mp3_path`` (e.g. ``f/artist-album-01-title-30-59.mp3``).
-``clip_info_final.csv`` has the same quoting and the columns of ``CLIP_INFO_COLUMNS``.
-"""
+"""Clip index: the clips of an MTAT-format folder (read by ``mtt.data.mtat``), a chosen tag set,
+the train/valid/test split and each clip's expected length."""
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Iterator
 
 import numpy as np
 
-from mtt.data.tags import TAGS, TOP50, top_by_frequency
+from mtt.data.mtat import ANNOTATIONS, CLIP_INFO, AnnotationError, read_annotations, read_clip_info
+from mtt.data.tags import TOP50, top_by_frequency
 
 log = logging.getLogger(__name__)
 
-FOLDERS = tuple("0123456789abcdef")
 STANDARD_SPLIT = {"train": tuple("0123456789ab"), "valid": ("c",), "test": ("d", "e", "f")}
 SPLITS = ("train", "valid", "test")
-CLIP_INFO_COLUMNS = ("clip_id", "track_number", "title", "artist", "album", "url", "segmentStart",
-                     "segmentEnd", "original_url", "mp3_path")
-
-
-class AnnotationError(ValueError):
-    """Malformed annotations: the message names the file and the line."""
 
 
 @dataclass(frozen=True)
@@ -53,98 +41,6 @@ class ClipIndex:
 
     def subset(self, split: str) -> np.ndarray:
         return self.splits[split]
-
-
-def _tsv_lines(path: Path, what: str) -> Iterator[tuple[int, list[str]]]:
-    """Yield ``(line number, fields)`` of an MTAT TSV file (tab-separated, quoted): the header as
-    line 1, then every non-empty line, checked to have as many fields as the header."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} file not found: {path}")
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.reader(f, delimiter="\t", quotechar='"')
-        try:
-            header = next(reader)
-        except StopIteration:
-            raise AnnotationError(f"{path}: empty file, expected a header line") from None
-        yield 1, header
-        for line, fields in enumerate(reader, start=2):
-            if not fields:
-                continue
-            if len(fields) != len(header):
-                raise AnnotationError(f"{path}:{line}: {len(fields)} fields, header has {len(header)}")
-            yield line, fields
-
-
-def _clip_id(value: str, first_line: dict[int, int], path: Path, line: int) -> int:
-    """Parse a clip id, rejecting non-integers and ids already seen (``first_line`` records them)."""
-    try:
-        clip_id = int(value)
-    except ValueError:
-        raise AnnotationError(f"{path}:{line}: clip_id {value!r} is not an integer") from None
-    if clip_id in first_line:
-        raise AnnotationError(f"{path}:{line}: duplicate clip_id {clip_id} (first on line {first_line[clip_id]})")
-    first_line[clip_id] = line
-    return clip_id
-
-
-def _check_mp3_path(mp3: str, path: Path, line: int) -> None:
-    rel = PurePosixPath(mp3)
-    if not mp3 or rel.is_absolute() or ".." in rel.parts:
-        raise AnnotationError(f"{path}:{line}: mp3_path {mp3!r} escapes the audio root")
-
-
-def read_annotations(path: Path) -> tuple[np.ndarray, tuple[str, ...], np.ndarray, tuple[str, ...]]:
-    """Read annotations_final.csv -> (clip_ids (n,), tag names, labels (n, n_tags) uint8, paths).
-
-    Raises ``AnnotationError`` naming the file and line for missing columns, values other than 0/1,
-    duplicate clip ids and paths that escape the audio root.
-    """
-    path = Path(path)
-    lines = _tsv_lines(path, "annotations")
-    _, header = next(lines)
-    for column in ("clip_id", "mp3_path"):
-        if column not in header:
-            raise AnnotationError(f"{path}:1: missing column {column!r} in the header")
-    if header[0] != "clip_id" or header[-1] != "mp3_path":
-        raise AnnotationError(f"{path}:1: expected clip_id first and mp3_path last")
-    tags = tuple(header[1:-1])
-    ids, rows, paths, seen = [], [], [], {}
-    for line, fields in lines:
-        clip_id = _clip_id(fields[0], seen, path, line)
-        values = fields[1:-1]
-        bad = [(tags[i], v) for i, v in enumerate(values) if v not in ("0", "1")]
-        if bad:
-            raise AnnotationError(f"{path}:{line}: tag {bad[0][0]!r} has value {bad[0][1]!r}, expected 0 or 1")
-        mp3 = fields[-1]
-        _check_mp3_path(mp3, path, line)
-        ids.append(clip_id)
-        rows.append([v == "1" for v in values])
-        paths.append(mp3)
-    labels = np.asarray(rows, dtype=np.uint8).reshape(len(rows), len(tags))
-    return np.asarray(ids, dtype=np.int64), tags, labels, tuple(paths)
-
-
-def read_clip_info(path: str | Path) -> dict[int, dict[str, str]]:
-    """Read clip_info_final.csv -> {clip_id: {column: value}} over ``CLIP_INFO_COLUMNS``
-    (``clip_id`` excluded from the inner dict; values kept as the file's strings).
-
-    Raises ``AnnotationError`` naming the file and line for missing columns, a wrong field count,
-    a non-integer or duplicate clip id and an ``mp3_path`` that escapes the audio root.
-    """
-    path = Path(path)
-    lines = _tsv_lines(path, "clip info")
-    _, header = next(lines)
-    missing = [c for c in CLIP_INFO_COLUMNS if c not in header]
-    if missing:
-        raise AnnotationError(f"{path}:1: missing column(s) {missing} in the header")
-    info: dict[int, dict[str, str]] = {}
-    seen: dict[int, int] = {}
-    for line, fields in lines:
-        row = dict(zip(header, fields))
-        clip_id = _clip_id(row["clip_id"], seen, path, line)
-        _check_mp3_path(row["mp3_path"], path, line)
-        info[clip_id] = {c: row[c] for c in CLIP_INFO_COLUMNS if c != "clip_id"}
-    return info
 
 
 def expected_durations(clip_ids: np.ndarray, clip_info: dict[int, dict[str, str]] | None,
@@ -208,9 +104,9 @@ def split_rows(paths: tuple[str, ...], rule: str) -> dict[str, np.ndarray]:
     raise ValueError(f"data.split={rule!r}: expected 'standard' or 'report'")
 
 
-def build_index(root: str | Path, annotations: str = "annotations_final.csv", tags: str = "all",
+def build_index(root: str | Path, annotations: str = ANNOTATIONS, tags: str = "all",
                 split: str = "standard", drop_untagged: bool = True,
-                clip_info: str | None = "clip_info_final.csv", clip_seconds: float | None = None) -> ClipIndex:
+                clip_info: str | None = CLIP_INFO, clip_seconds: float | None = None) -> ClipIndex:
     """Parse ``root/annotations`` and return the clips, labels and splits (see ``ClipIndex``); the
     expected clip lengths come from ``root/clip_info`` when it exists, else ``clip_seconds``."""
     root = Path(root).expanduser()
@@ -224,22 +120,7 @@ def build_index(root: str | Path, annotations: str = "annotations_final.csv", ta
     tag_names, labels = select_tags(all_tags, labels, tags)
     splits = split_rows(paths, split)
     if drop_untagged:
-        tagged = labels.any(axis=1)
+        tagged = np.asarray(labels.any(axis=1))
         splits = {k: v[tagged[v]] for k, v in splits.items()}
     return ClipIndex(root=root, tags=tag_names, clip_ids=clip_ids, paths=paths, labels=labels,
                      splits=splits, expected_seconds=expected_durations(clip_ids, info, clip_seconds))
-
-
-def index_from_config(data_cfg, progress: bool = True) -> ClipIndex:
-    """The index of ``cfg.data``; the embedded dataset (``data.synth`` set) is generated first."""
-    if data_cfg.synth is not None:
-        from mtt.data.synth import ensure_dataset
-
-        ensure_dataset(data_cfg.root, data_cfg.synth, progress=progress)
-    return build_index(data_cfg.root, data_cfg.annotations, data_cfg.tags, data_cfg.split,
-                       data_cfg.drop_untagged, data_cfg.clip_info, data_cfg.clip_seconds)
-
-
-__all__ = ["TAGS", "TOP50", "FOLDERS", "CLIP_INFO_COLUMNS", "ClipIndex", "AnnotationError", "build_index",
-           "expected_durations",
-           "index_from_config", "read_annotations", "read_clip_info", "select_tags", "split_rows"]

@@ -36,7 +36,7 @@ class Head(nn.Module):
     @property
     def output_layer(self) -> nn.Linear:
         """The last Dense layer (over the tags)."""
-        return self.net[-1]
+        return self.net[-1]  # type: ignore[return-value]  # built as nn.Linear above
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

@@ -11,13 +11,13 @@ Known discrepancy, made explicit by ``embedding_relu``: torchvggish keeps a ReLU
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
 # torchvggish.make_layers(): channels of each 3x3 conv, "M" = 2x2 max-pool.
-_LAYOUT = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M")
+_LAYOUT: tuple[int | str, ...] = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M")
 _TIME, _FREQ = 6, 4  # conv map size for a (96, 64) patch after four 2x2 pools
 
 
@@ -40,7 +40,7 @@ class VGGish(nn.Module):
         layers: list[nn.Module] = []
         channels = 1
         for v in _LAYOUT:
-            if v == "M":
+            if isinstance(v, str):  # "M"
                 layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
             else:
                 out = max(1, round(v * width))

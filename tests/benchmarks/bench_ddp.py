@@ -18,7 +18,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from tests.http_server import free_port  # noqa: E402
+from tests.helpers.http_server import free_port  # noqa: E402
 
 STEPS, BATCH, EPOCHS = 12, 32, 3
 

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from mtt.data.download import PARTS, _extract  # noqa: E402
 from mtt.hub import DownloadError, download  # noqa: E402
-from tests.http_server import closed_port_url  # noqa: E402
+from tests.helpers.http_server import closed_port_url  # noqa: E402
 
 
 def offline_failure(tries: int = 5) -> None:

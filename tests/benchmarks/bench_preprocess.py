@@ -1,7 +1,7 @@
 """End-to-end preprocessing throughput: ``mtt.preprocess`` vs the source report's way.
 
 Run: ``python tests/benchmarks/bench_preprocess.py [N]``. Generates N (default 64) distinct
-29.1 s, 16 kHz mono mp3 clips (``mtt.data.synth.render_clip`` + ``write_mp3``) and a tree in
+29.1 s, 16 kHz mono mp3 clips (``mtt.data.embedded.render_clip`` + ``write_mp3``) and a tree in
 MTAT's layout that names each file 4 times (hard links: 4N clips to decode, without 4x the
 generation time), then times, on the same 4N files and on all cores:
 
@@ -35,7 +35,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout, uninstalled
 
 from mtt.config import FeaturesConfig  # noqa: E402
-from mtt.data.index import FOLDERS, build_index  # noqa: E402
+from mtt.data.index import build_index  # noqa: E402
+from mtt.data.mtat import FOLDERS  # noqa: E402
 from mtt.preprocess import build_feature_store  # noqa: E402
 
 SECONDS, SR, MTAT_CLIPS = 29.1, 16000, 25_863
@@ -46,7 +47,8 @@ RECIPES = [{"guitar", "slow"}, {"piano"}, {"drums", "fast"}, {"violin", "female"
 # The synthesiser (scipy) is imported where it is used: spawned workers re-import this script,
 # and its imports would count in both contenders' start-up.
 def _render(job: tuple[int, str]) -> None:
-    from mtt.data.synth import complete_tags, render_clip, write_mp3
+    from mtt.data.embedded import complete_tags, render_clip
+    from mtt.data.mtat import write_mp3
 
     k, path = job
     tags = complete_tags(RECIPES[k % len(RECIPES)])
@@ -66,7 +68,8 @@ def make_tree(root: Path, n: int) -> list[Path]:
 
 def link_tree(src_root: Path, root: Path, files: list[Path], copies: int) -> None:
     """Annotations for ``copies`` names per file under ``root`` (hard links: the same bytes)."""
-    from mtt.data.synth import complete_tags, write_annotations
+    from mtt.data.embedded import complete_tags
+    from mtt.data.mtat import write_annotations
 
     rows = []
     for c in range(copies):

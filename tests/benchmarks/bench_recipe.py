@@ -31,7 +31,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from mtt.config import CONF_DIR, SynthConfig  # noqa: E402
-from mtt.data.synth import ensure_dataset  # noqa: E402
+from mtt.data.embedded import ensure_dataset  # noqa: E402
 from mtt.probe import run_probe  # noqa: E402
 from mtt.tracking import MlflowTracker  # noqa: E402
 from mtt.train import train  # noqa: E402

@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,9 +19,10 @@ import soundfile as sf
 
 from mtt.audio import load_audio
 from mtt.config import REPO_ROOT, SynthConfig
-from mtt.data.index import FOLDERS, STANDARD_SPLIT, build_index
-from mtt.data.synth import (CLIP_INFO_COLUMNS, MARKER, SYNTH_TAGS, _plan, complete_tags, ensure_dataset,
-                            render_clip, write_annotations, write_clip_info, write_mp3)
+from mtt.data.embedded import MARKER, SYNTH_TAGS, complete_tags, ensure_dataset, render_clip
+from mtt.data.embedded.plan import _plan
+from mtt.data.index import STANDARD_SPLIT, build_index
+from mtt.data.mtat import CLIP_INFO_COLUMNS, FOLDERS, write_annotations, write_clip_info, write_mp3
 from mtt.data.tags import TAGS, TOP50
 
 SR = 16000
@@ -275,7 +276,7 @@ def test_bad_config_is_named(tmp_path, field, value):
         ensure_dataset(tmp_path / "toy", cfg, progress=False)
 
 
-GENERATE = ("import sys; from mtt.config import SynthConfig; from mtt.data.synth import ensure_dataset; "
+GENERATE = ("import sys; from mtt.config import SynthConfig; from mtt.data.embedded import ensure_dataset; "
             "ensure_dataset(sys.argv[1], SynthConfig(int(sys.argv[2]), 1.0, 0), progress=sys.argv[3] == '1'); "
             "print('done')")
 

@@ -19,7 +19,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tests.http_server import free_port
+from tests.helpers.http_server import free_port
 
 
 class MlflowServer:
@@ -54,7 +54,7 @@ class MlflowServer:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     self.stop()
                     tail = (self.folder / "mlflow-server.log").read_text(errors="replace")[-2000:]
-                    raise RuntimeError(f"mlflow server did not start on {self.uri}:\n{tail}")
+                    raise RuntimeError(f"mlflow server did not start on {self.uri}:\n{tail}") from None
                 time.sleep(0.25)
 
     def stop(self) -> None:
@@ -64,7 +64,7 @@ class MlflowServer:
             self.proc.wait(timeout=30)
         self.proc = None
 
-    def __enter__(self) -> "MlflowServer":
+    def __enter__(self) -> MlflowServer:
         self.start()
         return self
 

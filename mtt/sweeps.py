@@ -1,0 +1,108 @@
+"""The launching process's Hydra callback (conf/config.yaml ``hydra.callbacks``): it prepares the
+MLflow store before jobs fan out and, for a sweep, ends the sweep's parent runs with the grouped
+summary of their children.
+
+Apart from ``mtt.tracking`` because it needs both the store (``mtt.tracking``) and the comparison
+(``mtt.compare``, which reads the store through ``mtt.tracking``): here, neither imports the other
+back.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from mtt.compare import sweep_summary
+from mtt.config import exit_if_invalid
+from mtt.fs import atomic_write_bytes
+from mtt.tracking import (
+    SWEEP_FILE,
+    _task_overrides,
+    end_with_summary,
+    prepare_store,
+    running_sweep_parents,
+    sweep_targets,
+    swept_value_errors,
+)
+
+
+class PrepareTracking(Callback):
+    """Hydra callback (conf/config.yaml ``hydra.callbacks``) in the launching process.
+
+    Before any job starts (single runs and sweeps, any launcher) it creates the store and the
+    experiment (``prepare_store``). A sweep (``-m``) is ONE parent MLflow run per experiment its
+    jobs log to (created by the first job, ``sweep_parent``): every job's run is its child (tag
+    ``mlflow.parentRunId``); the parent carries the sweep's overrides and ``sweep_id``. When the
+    sweep ends, this callback writes the grouped summary of the children into each parent
+    (``mtt.compare``: ``<group>/test_roc_auc_mean`` ... metrics and ``summary.json``) and ends it.
+    A sweep that fails or is interrupted still ends its parents (FAILED / KILLED, with the
+    summary of the children that finished).
+
+    First of all it checks the config's values, and a sweep's every swept value: a bad one ends
+    the launch with exit status 2 before any store, run or job (``mtt.config.exit_if_invalid``).
+    """
+
+    def __init__(self) -> None:
+        self._sweep: tuple[str, list[str | None]] | None = None  # sweep id, tracking URIs
+        self._interrupted = False
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._prepare(config)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._prepare(config, swept_value_errors(_task_overrides(config)))
+        if int(os.environ.get("RANK", "0")) != 0:
+            return
+        uris = sorted({u for u, _ in sweep_targets(config.tracking, _task_overrides(config))}, key=str)
+        self._sweep = (str(config.hydra.sweep.dir), uris)
+        record = json.dumps({"overrides": " ".join(_task_overrides(config))}).encode()
+        atomic_write_bytes(Path(self._sweep[0]) / SWEEP_FILE, record)  # for the jobs that create parents
+        previous = sys.excepthook
+
+        def note_interrupt(kind, value, tb):  # Hydra re-raises Ctrl-C; other errors end in exit(1)
+            self._interrupted = self._interrupted or issubclass(kind, KeyboardInterrupt)
+            previous(kind, value, tb)
+
+        sys.excepthook = note_interrupt
+        atexit.register(self._end_parents, None)  # a failed or interrupted sweep skips the end hook
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._end_parents("FINISHED")
+
+    def _end_parents(self, status: str | None) -> None:
+        if self._sweep is None:
+            return
+        (sweep, uris), self._sweep = self._sweep, None
+        bootstrap = status is not None
+        if status is None:  # at exit, without on_multirun_end: the sweep did not finish
+            status = "KILLED" if self._interrupted else "FAILED"
+        for uri in uris:
+            for run_id in running_sweep_parents(uri, sweep):
+                # At interpreter exit no thread pool takes work, and MLflow downloads
+                # artifacts through one: the summary of a broken sweep has no bootstrap.
+                end_parent_run(uri, run_id, status, bootstrap)
+
+    @staticmethod
+    def _prepare(config: DictConfig, swept_errors: Sequence[str] = ()) -> None:
+        exit_if_invalid(config, swept_errors)  # before the store exists: a bad value leaves nothing
+        if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 touches the store
+            return
+        for uri, experiment in sweep_targets(config.tracking, _task_overrides(config)):
+            prepare_store(uri, experiment)
+
+
+def end_parent_run(uri: str | None, run_id: str, status: str, bootstrap: bool = True) -> None:
+    """Summarise a sweep's children into its parent run and end it with ``status``."""
+    try:
+        summary = sweep_summary(uri, run_id, bootstrap)
+    except LookupError as e:  # no finished child to summarise (or a refused mix): say so, still end
+        summary = {"error": str(e)}
+    end_with_summary(uri, run_id, summary, status)
