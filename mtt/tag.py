@@ -50,7 +50,10 @@ def load_run_model(run_id: str, tracking_uri: str | None = None) -> tuple[Tagger
         except (MlflowException, OSError) as exc:
             raise TagError(f"run {run_id}: has no best checkpoint (checkpoint/{BEST_WEIGHTS}, "
                            f"checkpoint/{BEST_META}); did it finish an epoch? ({_first_line(exc)})") from None
-        cfg = OmegaConf.load(config_path)
+        # Over the schema: a run recorded before a key existed gets its default (the old behaviour).
+        from mtt.config import Config
+
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(config_path))
     tags = list(meta["tags"])
     model = build_model(cfg, len(tags))
     model.load_state_dict(state)

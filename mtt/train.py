@@ -24,13 +24,15 @@ from tqdm import tqdm
 from mtt import distributed
 from mtt.backbone_cache import build_backbone_cache, cache_key
 from mtt.data.index import ClipIndex, index_from_config
-from mtt.checkpoint import BEST_META, BEST_WEIGHTS, TrainState, drop_last, load_best, load_last, run_dir, save_best, save_last
+from mtt.checkpoint import BEST_META, BEST_WEIGHTS, TrainState, drop_last, last_epoch, load_best, load_last, run_dir, \
+    save_best, save_last
 from mtt.config import validate
 from mtt.metrics import per_tag_table, tagging_metrics
 from mtt.models import Tagger, build_model
 from mtt.models.pooling import log_alphas, project_constraints
 from mtt.models.weights import WeightsInfo, load_state_dict, resolve_weights
 from mtt.preprocess import build_feature_store
+from mtt.schedule import Phases
 from mtt.records import PREDICTIONS, per_tag_csv, plot_curves, provenance, save_predictions, digest_test_set
 from mtt.stats import run_intervals
 from mtt.store import PatchStore
@@ -103,7 +105,7 @@ def clip_probabilities(model: Tagger, inputs: PatchStore, split: Split, cfg, dev
     if cfg.eval.aggregate not in reduce:
         raise ValueError(f"eval.aggregate={cfg.eval.aggregate!r}: expected mean or max")
     for x, owner in eval_batches(inputs, split.clip_ids, cfg.eval.batch_size, cfg.eval.patches_per_clip,
-                                 cfg.trainer.seed):
+                                 cfg.trainer.seed, spacing=cfg.eval.spacing):
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             logits = model(x.to(device, non_blocking=True), from_backbone=from_backbone)
         probs = model.probabilities(logits).cpu().numpy().astype(np.float64)
@@ -320,13 +322,14 @@ def train(cfg, tracker, d: distributed.Dist = distributed.Dist()) -> dict[str, f
     if cfg.head.bias_init == "prior":  # from the training labels, before any step
         model.init_output_bias(train_split.labels)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+    folder = run_dir(cfg.paths.cache, tracker.run_id)
+    phases = Phases(t, lr_schedule)  # trainer.optimizer, and trainer.phases (mtt.schedule)
+    optimizer = phases.optimizer_at(params, last_epoch(folder) if tracker.resumed else 0)
     scheduler = None
     if lr_schedule == "plateau":
         # threshold 0: "better" means what it means for early stopping and the best checkpoint
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=t.lr_factor,
                                                                patience=t.lr_patience, threshold=0.0)
-    folder = run_dir(cfg.paths.cache, tracker.run_id)
     state = TrainState()
     if tracker.resumed:
         state = load_last(folder, model, optimizer, scheduler)
@@ -341,8 +344,13 @@ def train(cfg, tracker, d: distributed.Dist = distributed.Dist()) -> dict[str, f
     evaluate_split = functools.partial(split_probabilities, d, model, inputs, cfg=cfg, device=device,
                                        from_backbone=from_backbone, amp=amp)
     meta = {"monitor": t.monitor, "tags": list(index.tags), "config": OmegaConf.to_container(cfg, resolve=True)}
+    def reload_best() -> None:
+        distributed.barrier(d)  # rank 0 saved it
+        model.load_state_dict(load_best(folder)[0])
+
     epoch = state.epoch + 1
     while epoch < t.epochs and not patience_spent(state, patience):
+        optimizer = phases.enter(epoch, optimizer, params, reload_best)
         local = train_epoch(model, stream, optimizer, steps, epoch, cfg, device, from_backbone, frozen, amp, forward)
         distributed.sync_buffers(d, model)  # every rank evaluates (and rank 0 saves) one model
         # Every rank ran the same number of equal-sized steps: the mean of means is the mean.
