@@ -344,7 +344,8 @@ def train(cfg, tracker, d: distributed.Dist = distributed.Dist()) -> dict[str, f
     evaluate_split = functools.partial(split_probabilities, d, model, inputs, cfg=cfg, device=device,
                                        from_backbone=from_backbone, amp=amp)
     meta = {"monitor": t.monitor, "tags": list(index.tags), "config": OmegaConf.to_container(cfg, resolve=True)}
-    def reload_best() -> None:
+
+    def reload_best() -> None:  # a phase of trainer.phases that starts from the best checkpoint
         distributed.barrier(d)  # rank 0 saved it
         model.load_state_dict(load_best(folder)[0])
 

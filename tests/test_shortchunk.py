@@ -132,6 +132,19 @@ def test_phases_switch_optimiser_and_rate_and_a_resume_gets_the_phase_of_its_epo
     assert Phases(compose_cfg([]).trainer).setting_at(150) == ("adam", 1e-3)
 
 
+def test_a_run_follows_its_phases_and_logs_each_epochs_rate(cache_dir, tmp_path):
+    """Through train(): epoch 0 Adam at trainer.lr, epoch 1 SGD from the best checkpoint, epoch 2 a
+    lower SGD rate; the `lr` metric records what each epoch trained with."""
+    uri = f"sqlite:///{tmp_path}/m.db"
+    cfg = compose_cfg([*TINY, "trainer.epochs=3", "trainer.patience=null", "trainer.lr_schedule=phases",
+                       "trainer.nesterov=true", "trainer.phases=[{epoch:1,optimizer:sgd,lr:0.01,reload_best:true},"
+                       "{epoch:2,lr:0.002}]", f"tracking.uri={uri}"], cache=cache_dir)
+    with MlflowTracker(uri, "phases", "p") as tracker:
+        train(cfg, tracker)
+    lrs = [m.value for m in sorted(MlflowClient(uri).get_metric_history(tracker.run_id, "lr"), key=lambda m: m.step)]
+    assert lrs == [pytest.approx(1e-3), pytest.approx(0.01), pytest.approx(0.002)]
+
+
 def test_it_learns_on_tiny_data_through_the_same_records_as_vggish(cache_dir, tmp_path):
     """A few epochs on the 72 tiny training clips: the validation loss falls, and the run has the
     records of a VGGish run (test metrics with intervals, predictions, per-tag table)."""
