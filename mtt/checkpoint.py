@@ -122,6 +122,12 @@ def has_last(folder: str | Path) -> bool:
     return (Path(folder) / LAST).is_file()
 
 
+def last_epoch(folder: Path) -> int:
+    """The epoch ``folder/last.pt`` was saved after, without reading its tensors (memory-mapped):
+    a resume builds the optimiser that epoch trained with before loading its state."""
+    return int(torch.load(folder / LAST, map_location="cpu", weights_only=True, mmap=True)["epoch"])
+
+
 def load_last(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
               scheduler=None) -> TrainState:
     """Restore model, optimiser, scheduler and RNG states from ``folder/last.pt``; returns the

@@ -15,7 +15,7 @@ the difference on the shared test clips and a verdict: "A better" / "B better" w
 excludes 0, else "not distinguishable at 95%".
 
 Runs are only ranked when they share the evaluation protocol (split, tag set, evaluation
-aggregation, feature store, test clips); otherwise the command refuses, naming the key that
+aggregation, test clips; not the feature store, which belongs to the model: see ``PROTOCOL``); otherwise the command refuses, naming the key that
 differs (``--allow-mixed`` prints them anyway, marked). Reference runs (``mtt.probe``) are
 labelled rows. A reading tool (argparse, no Hydra): it never changes the store, except that
 ``--register NAME`` registers the best group's best run (by its monitored validation metric) as
@@ -62,9 +62,15 @@ BOOTSTRAPPED = ("test_roc_auc", "test_pr_auc")  # intervals over clips and seeds
 # The table's metrics: the validation score of the selected epoch, then the test scores.
 TABLE_METRICS = ("selected_val_roc_auc", "test_roc_auc", "test_pr_auc", "test_accuracy", "test_accuracy_all_negative")
 # What must be equal for two runs' test scores to be comparable: (where, key).
+# The feature store (tag feature_store) is NOT among them: it is part of the model (its front end),
+# not of how the model is scored. Two runs whose split, tag set and test clips with their labels
+# (test_clips_sha256, a digest of the clip ids and label matrix actually scored) are equal answer the
+# same test questions, whatever their inputs were computed with; that is the comparison a
+# transfer-versus-scratch sweep exists for (VGGish log-mel patches against Won et al.'s mel-dB
+# chunks: necessarily two stores). A store missing clips shows up as another test digest.
 PROTOCOL = (("params", "data.split"), ("params", "data.tags"), ("params", "data.drop_untagged"),
             ("params", "eval.aggregate"), ("params", "eval.patches_per_clip"),
-            ("tags", "feature_store"), ("tags", "test_clips_sha256"))
+            ("tags", "test_clips_sha256"))
 
 
 class ProtocolError(LookupError):
@@ -485,6 +491,13 @@ def plot_curves(series: dict[str, dict[str, dict]], out: Path, title: str) -> Pa
     fig.suptitle(title)
     fig.tight_layout()
     out = Path(out)
+    if out.exists() and not out.is_file():  # /dev/null or a pipe: write into it, never rename onto it
+        try:
+            with open(out, "wb") as f:
+                fig.savefig(f, format="png", dpi=DPI)
+        finally:
+            plt.close(fig)
+        return out
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         atomic_replace(out, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))

@@ -55,8 +55,13 @@ class DataConfig:
 
 @dataclass
 class FeaturesConfig:
-    """VGGish log-mel front end (Google's vggish_params) and where its patches are stored."""
+    """The front end (by default VGGish's log-mel, Google's vggish_params) and where its patches
+    are stored. ``name`` picks the front end (mtt.features.FRONT_ENDS); the feature store is keyed
+    by every value here but ``store`` and ``workers``."""
 
+    # vggish: log(mel + log_offset), HTK mel, no centring (Google's reference) | mel_db: torchaudio's
+    # MelSpectrogram (centred frames, n_fft = window) then AmplitudeToDB (Won et al. 2020)
+    name: str = "vggish"
     sample_rate: int = 16000
     window_seconds: float = 0.025
     hop_seconds: float = 0.010
@@ -72,7 +77,10 @@ class FeaturesConfig:
 
 @dataclass
 class BackboneConfig:
-    name: str = "vggish"
+    name: str = "vggish"  # a registered backbone (mtt.models.registry)
+    # The module that registers `name` when imported (e.g. a backbone of your own, on PYTHONPATH);
+    # null = the built-in backbones (vggish, shortchunk, shortchunk_res). CONTRIBUTING.md.
+    module: Optional[str] = None
     # none (random init) | audioset (official torchvggish file, downloaded once) | a local path
     weights: str = "none"
     url: str = "https://github.com/harritaylor/torchvggish/releases/download/v0.1/vggish-10086976.pth"
@@ -87,7 +95,7 @@ class BackboneConfig:
 
 @dataclass
 class PoolConfig:
-    name: str = "gap"  # gap | autopool
+    name: str = "gap"  # gap | autopool | max (global max over time and frequency)
     alpha_init: float = 0.0  # autopool: 0 = mean pooling
     constraint: str = "none"  # autopool: none | cap (alpha projected into [-alpha_max, alpha_max] after each step)
     alpha_max: float = 10.0
@@ -96,6 +104,9 @@ class PoolConfig:
 
 @dataclass
 class HeadConfig:
+    # bn_dropout_dense: blocks of (BatchNorm, Dropout, Dense), the report's | dense_bn: (Dense,
+    # BatchNorm, ReLU, Dropout) blocks then the output Dense (Won et al. 2020's short-chunk CNN)
+    name: str = "bn_dropout_dense"
     blocks: int = 2  # BatchNorm + Dropout + Dense blocks; all but the last Dense have a ReLU
     width: int = 256  # hidden width of every block but the last
     dropout: float = 0.2
@@ -130,6 +141,19 @@ class EvalConfig:
     aggregate: str = "mean"  # how patch probabilities become a clip's: mean | max
     patches_per_clip: Optional[int] = None  # None = all patches (clip-level); 1 = report's
     batch_size: int = 128
+    # Which patches_per_clip patches: random (a fixed, seeded subset) | even (evenly spaced over
+    # the clip, as Won et al. 2020 average 16 evenly spaced chunks)
+    spacing: str = "random"
+
+
+@dataclass
+class PhaseConfig:
+    """From ``epoch`` on (epochs count from 0), train with ``optimizer`` (null: keep) at ``lr``."""
+
+    epoch: int = MISSING
+    lr: float = MISSING
+    optimizer: Optional[str] = None  # adam | sgd | null (the one before)
+    reload_best: bool = False  # start the phase from the best checkpoint so far (Won et al. do)
 
 
 @dataclass
@@ -138,6 +162,9 @@ class TrainerConfig:
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 0.0
+    optimizer: str = "adam"  # adam | sgd (the first phase's; trainer.phases may switch)
+    momentum: float = 0.9  # sgd only
+    nesterov: bool = False  # sgd only
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 autocast on CUDA) | fp32 | bf16
@@ -148,8 +175,9 @@ class TrainerConfig:
     # maximum); null = train all epochs (the report's fixed schedules).
     patience: Optional[int] = 10
     # Learning-rate schedule: none | plateau (multiply the lr by lr_factor after lr_patience
-    # epochs without a better `monitor`).
+    # epochs without a better `monitor`) | phases (trainer.phases: optimiser and lr by epoch).
     lr_schedule: str = "plateau"
+    phases: list[PhaseConfig] = field(default_factory=list)
     lr_patience: int = 3
     lr_factor: float = 0.3
     progress: bool = True
@@ -256,6 +284,7 @@ RULES: dict[str, Rule] = {
     "data.synth.clips_per_folder": integer(1),
     "data.synth.seconds": number(0.1, 600),
     "data.synth.seed": integer(0),
+    "features.name": one_of("vggish", "mel_db"),
     "features.sample_rate": integer(1),
     "features.window_seconds": number(0, lo_open=True),
     "features.hop_seconds": number(0, lo_open=True),
@@ -268,11 +297,12 @@ RULES: dict[str, Rule] = {
     "features.workers": integer(0),
     "backbone.finetune_last": integer(0, 6),  # VGGish has 6 conv layers
     "backbone.width": number(0, lo_open=True),
-    "pool.name": one_of("gap", "autopool"),
+    "pool.name": one_of("gap", "autopool", "max"),
     "pool.alpha_init": Rule(_is_number, "a finite number"),
     "pool.constraint": one_of("none", "cap"),
     "pool.alpha_max": number(0, lo_open=True),
     "pool.alpha_l2": number(0),
+    "head.name": one_of("bn_dropout_dense", "dense_bn"),
     "head.blocks": integer(1),
     "head.width": integer(1),
     "head.dropout": number(0, 1, hi_open=True),
@@ -292,16 +322,21 @@ RULES: dict[str, Rule] = {
     "eval.aggregate": one_of("mean", "max"),
     "eval.patches_per_clip": or_null(integer(1)),
     "eval.batch_size": integer(1),
+    "eval.spacing": one_of("random", "even"),
     "trainer.epochs": integer(1),
     "trainer.batch_size": integer(1),
     "trainer.lr": number(0, lo_open=True),
     "trainer.weight_decay": number(0),
+    "trainer.optimizer": one_of("adam", "sgd"),
+    "trainer.momentum": number(0, 1, hi_open=True),
     "trainer.seed": integer(0, 2**32 - 1),  # numpy's seed range
     "trainer.device": pattern(r"auto|cpu|cuda(:[0-9]+)?", "auto, cpu, cuda or cuda:N"),
     "trainer.precision": one_of("auto", "fp32", "bf16"),
     "trainer.monitor": one_of(*MONITORS),
     "trainer.patience": or_null(integer(1)),
-    "trainer.lr_schedule": one_of("none", "plateau"),
+    "trainer.lr_schedule": one_of("none", "plateau", "phases"),
+    "trainer.phases": Rule(lambda v: isinstance(v, (list, tuple, ListConfig)) and all(_phase_ok(p) for p in v),
+                           "a list of {epoch: an integer >= 1, lr: a number > 0, optimizer: adam, sgd or null}"),
     "trainer.lr_patience": integer(0),
     "trainer.lr_factor": number(0, 1, lo_open=True, hi_open=True),
     "probe.C": Rule(lambda v: isinstance(v, (list, tuple, ListConfig)) and len(v) > 0
@@ -309,6 +344,13 @@ RULES: dict[str, Rule] = {
     "tracking.experiment": pattern(r".*\S.*", "a non-empty name"),
     "tracking.flush_timeout_s": number(0),
 }
+
+
+
+def _phase_ok(p) -> bool:
+    return (_is_int(p.get("epoch")) and p["epoch"] >= 1 and _is_number(p.get("lr")) and p["lr"] > 0
+            and p.get("optimizer") in (None, "adam", "sgd"))
+
 
 _ABSENT = object()
 
@@ -348,6 +390,16 @@ def config_errors(cfg) -> list[str]:
                           f"fmin < fmax <= sample_rate / 2 = {f.sample_rate / 2:g}")
     if cfg.steps.policy == "fixed" and cfg.steps.n is None:
         errors.append("steps.n=null: expected an integer >= 1 with steps.policy=fixed")
+    t = cfg.trainer
+    epochs = [p.epoch for p in t.phases] if check_value("trainer.phases", t.phases) is None else None
+    if t.lr_schedule == "phases" and epochs is not None and (not epochs or epochs != sorted(set(epochs))):
+        errors.append(f"trainer.phases={_show(epochs)} (epochs): expected a non-empty list in increasing "
+                      "epoch order with trainer.lr_schedule=phases")
+    if t.nesterov and t.momentum == 0:
+        errors.append("trainer.nesterov=true, trainer.momentum=0.0: expected a momentum > 0 for Nesterov")
+    from mtt.models.registry import backbone_errors  # here, not at the top: it imports torch
+
+    errors += backbone_errors(cfg)
     return [e for e in errors if e]
 
 

@@ -61,7 +61,7 @@ def clip_probabilities(model: Tagger, inputs: PatchStore, split: Split, cfg, dev
     if cfg.eval.aggregate not in reduce:
         raise ValueError(f"eval.aggregate={cfg.eval.aggregate!r}: expected mean or max")
     for x, owner in eval_batches(inputs, split.clip_ids, cfg.eval.batch_size, cfg.eval.patches_per_clip,
-                                 cfg.trainer.seed):
+                                 cfg.trainer.seed, spacing=cfg.eval.spacing):
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             logits = model(x.to(device, non_blocking=True), from_backbone=from_backbone)
         probs = model.probabilities(logits).cpu().numpy().astype(np.float64)

@@ -47,7 +47,40 @@ def mel_matrix(cfg: FeaturesConfig, n_bins: int) -> torch.Tensor:
     return torch.from_numpy(weights)
 
 
-class LogMelFrontEnd(torch.nn.Module):
+class PatchFrontEnd(torch.nn.Module):
+    """What every front end shares: ``cfg`` (FeaturesConfig), ``frames(n_samples)`` and
+    ``patches(waveforms, n_patches)`` per front end; the patch count and shape checks here.
+
+    forward: ``(batch, samples)`` waveforms at ``cfg.sample_rate`` ->
+    float32 ``(batch, n_patches, patch_frames, n_mels)`` = (batch, patch, time, mel).
+    """
+
+    cfg: FeaturesConfig
+
+    def frames(self, n_samples: int) -> int:
+        raise NotImplementedError
+
+    def patches(self, waveforms: torch.Tensor, n_patches: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def n_patches(self, n_samples: int) -> int:
+        """Complete patches in a clip of ``n_samples`` (no partial patch is ever padded)."""
+        frames = self.frames(n_samples)
+        p, ph = self.cfg.patch_frames, self.cfg.patch_hop_frames
+        return 0 if frames < p else 1 + (frames - p) // ph
+
+    def forward(self, waveforms: torch.Tensor) -> torch.Tensor:
+        """``(batch, samples)`` -> float32 ``(batch, n_patches, patch_frames, n_mels)``."""
+        if waveforms.dim() != 2:
+            raise ValueError(f"expected (batch, samples), got shape {tuple(waveforms.shape)}")
+        batch, n = waveforms.shape
+        n_patches = self.n_patches(n)
+        if n_patches == 0:
+            return torch.zeros(batch, 0, self.cfg.patch_frames, self.cfg.n_mels, device=waveforms.device)
+        return self.patches(waveforms, n_patches)
+
+
+class LogMelFrontEnd(PatchFrontEnd):
     """Batched VGGish log-mel patches; window and mel matrix are buffers, so ``.to(device)``
     moves the whole computation.
 
@@ -86,21 +119,13 @@ class LogMelFrontEnd(torch.nn.Module):
         mel = mel_matrix(cfg, self.n_fft // 2 + 1).float()
         self.register_buffer("mel", mel, persistent=False)
 
-    def n_patches(self, n_samples: int) -> int:
-        """Complete patches in a clip of ``n_samples`` (no padding anywhere, as the reference)."""
-        frames = 0 if n_samples < self.win else 1 + (n_samples - self.win) // self.hop
-        p, ph = self.cfg.patch_frames, self.cfg.patch_hop_frames
-        return 0 if frames < p else 1 + (frames - p) // ph
+    def frames(self, n_samples: int) -> int:
+        """Complete windows only (no padding anywhere, as the reference)."""
+        return 0 if n_samples < self.win else 1 + (n_samples - self.win) // self.hop
 
-    def forward(self, waveforms: torch.Tensor) -> torch.Tensor:
-        """``(batch, samples)`` -> float32 ``(batch, n_patches, patch_frames, n_mels)``."""
-        if waveforms.dim() != 2:
-            raise ValueError(f"expected (batch, samples), got shape {tuple(waveforms.shape)}")
-        batch, n = waveforms.shape
+    def patches(self, waveforms: torch.Tensor, n_patches: int) -> torch.Tensor:
+        batch = waveforms.shape[0]
         p, ph = self.cfg.patch_frames, self.cfg.patch_hop_frames
-        n_patches = self.n_patches(n)
-        if n_patches == 0:
-            return self.mel.new_zeros(batch, 0, p, self.cfg.n_mels)
         # Only frames inside whole patches (the reference drops the rest too).
         n_frames = (n_patches - 1) * ph + p
         # On CPU ~1000 frames at a time: the float64 spectra of a whole 29 s clip take 12 MB,
@@ -129,8 +154,59 @@ class LogMelFrontEnd(torch.nn.Module):
         return torch.log(magnitude @ self.mel + self.cfg.log_offset)
 
 
+class MelDbFrontEnd(PatchFrontEnd):
+    """torchaudio's ``MelSpectrogram`` then ``AmplitudeToDB``, as Won et al. 2020 compute the input
+    of their short-chunk CNNs (``features=shortchunk``: 16 kHz, n_fft = window = 512, hop 256,
+    128 HTK mel bands 0-8000 Hz, power 2, ``10 log10(max(x, 1e-10))``), in 2-D patches.
+
+    Frames are centred (torchaudio's default: the clip is reflect-padded by n_fft / 2 at both
+    ends), so a chunk of ``s`` samples has ``1 + s // hop`` frames: 231 for their 59,049-sample
+    chunk. They compute each chunk's spectrogram on its own; here the clip's is computed once and
+    cut into ``patch_frames``-frame patches every ``patch_hop_frames``, so only a patch's first and
+    last two frames can differ from theirs (real neighbours instead of reflected ones).
+
+    forward: ``(batch, samples)`` waveforms at ``cfg.sample_rate`` ->
+    float32 ``(batch, n_patches, patch_frames, n_mels)`` = (batch, patch, time, mel).
+    """
+
+    def __init__(self, cfg: FeaturesConfig):
+        super().__init__()
+        import torchaudio.transforms as T
+
+        self.cfg = cfg
+        self.n_fft = int(round(cfg.sample_rate * cfg.window_seconds))
+        self.hop = int(round(cfg.sample_rate * cfg.hop_seconds))
+        self.spec = T.MelSpectrogram(sample_rate=cfg.sample_rate, n_fft=self.n_fft, hop_length=self.hop,
+                                     f_min=cfg.fmin, f_max=cfg.fmax, n_mels=cfg.n_mels)
+        self.to_db = T.AmplitudeToDB()
+
+    def frames(self, n_samples: int) -> int:
+        """Centred frames: ``1 + n // hop`` (the reflect padding needs more than n_fft / 2 samples)."""
+        return 1 + n_samples // self.hop if n_samples > self.n_fft // 2 else 0
+
+    def patches(self, waveforms: torch.Tensor, n_patches: int) -> torch.Tensor:
+        p, ph = self.cfg.patch_frames, self.cfg.patch_hop_frames
+        db = self.to_db(self.spec(waveforms.float()))  # (batch, mel, frames)
+        frames = db[..., :(n_patches - 1) * ph + p]
+        # unfold puts the window last: (batch, mel, patch, time) -> (batch, patch, time, mel)
+        return frames.unfold(-1, p, ph).permute(0, 2, 3, 1).contiguous()
+
+
+# features.name -> front end class (FeaturesConfig) with n_patches(samples) and the forward above.
+FRONT_ENDS = {"vggish": LogMelFrontEnd, "mel_db": MelDbFrontEnd}
+
+
+def build_front_end(cfg: FeaturesConfig) -> torch.nn.Module:
+    """The front end ``cfg.name`` names (a config without the key is VGGish's)."""
+    name = getattr(cfg, "name", "vggish")
+    if name not in FRONT_ENDS:
+        raise ValueError(f"features.name={name!r}: expected one of {sorted(FRONT_ENDS)}")
+    return FRONT_ENDS[name](cfg)
+
+
 def log_mel_patches(waveform, sample_rate: int, cfg: FeaturesConfig | None = None) -> torch.Tensor:
-    """VGGish log-mel patches of one mono clip, as the reference ``waveform_to_examples``.
+    """The patches of one mono clip under ``cfg`` (by default VGGish's log-mel, as the reference
+    ``waveform_to_examples``).
 
     Args:
         waveform: 1-D numpy array or tensor ``(samples,)``; resampled (see :func:`resample`)
@@ -144,5 +220,5 @@ def log_mel_patches(waveform, sample_rate: int, cfg: FeaturesConfig | None = Non
         raise ValueError(f"expected a 1-D mono waveform (samples,), got shape {tuple(waveform.shape)}")
     x = torch.as_tensor(waveform)
     x = resample(x if x.is_floating_point() else x.float(), sample_rate, cfg.sample_rate)
-    front = LogMelFrontEnd(cfg).to(x.device)
+    front = build_front_end(cfg).to(x.device)
     return front(x[None])[0]

@@ -56,7 +56,12 @@ _MIN_CLIPS_FOR_WORKERS = 64
 def frontend_params(cfg: FeaturesConfig) -> dict:
     """The parameters that determine the patches (not where they are stored)."""
     params: dict = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else asdict(cfg)  # type: ignore[assignment]
-    return {k: v for k, v in params.items() if k not in ("store", "workers")}
+    params = {k: v for k, v in params.items() if k not in ("store", "workers")}
+    # VGGish's stores were keyed before `name` existed: leaving the default out keeps their keys
+    # and fingerprints, so no existing store is recomputed or compared as another front end.
+    if params.get("name") == "vggish":
+        del params["name"]
+    return params
 
 
 def store_path(index: ClipIndex, cfg: FeaturesConfig) -> Path:
@@ -72,9 +77,9 @@ _FRONT_ENDS: dict[str, object] = {}  # per process: params key -> LogMelFrontEnd
 def _front_end(params: dict):
     key = params_key(params)
     if key not in _FRONT_ENDS:
-        from mtt.features import LogMelFrontEnd
+        from mtt.features import build_front_end
 
-        _FRONT_ENDS[key] = LogMelFrontEnd(FeaturesConfig(**params))
+        _FRONT_ENDS[key] = build_front_end(FeaturesConfig(**params))
     return _FRONT_ENDS[key]
 
 
@@ -151,7 +156,8 @@ def _remove_temporaries(folder: Path) -> int:
 def build_feature_store(index: ClipIndex, cfg: FeaturesConfig, progress: bool = True) -> PatchStore:
     """Compute (or resume, or just open) the feature store of every clip in ``index``.
 
-    Returns the finished ``PatchStore`` whose items are ``(96, 64)`` float16 log-mel patches.
+    Returns the finished ``PatchStore`` whose items are ``(patch_frames, n_mels)`` float16 patches
+    of the front end ``cfg.name`` (VGGish: ``(96, 64)`` log-mel).
     """
     path = store_path(index, cfg)
     store = _finished_store(path, index)

@@ -75,13 +75,13 @@ class ClipTagger:
     def probabilities(self, wave: np.ndarray) -> np.ndarray:
         """Mono samples ``(samples,)`` at ``sample_rate`` -> float64 ``(n_tags,)``."""
         from mtt.audio import AudioDecodeError
-        from mtt.features import LogMelFrontEnd
+        from mtt.features import build_front_end
 
-        front = LogMelFrontEnd(_features(self.cfg))
+        front = build_front_end(_features(self.cfg))  # the run's own (features.name: vggish, mel_db)
         x = torch.from_numpy(np.array(wave, dtype=np.float32))  # a copy: inputs may be read-only
         if x.dim() != 1:
             raise ValueError(f"samples: expected mono (samples,), got shape {tuple(x.shape)}")
-        patches = front(x[None])[0].half().float()  # (n, 96, 64), as the feature store holds them
+        patches = front(x[None])[0].half().float()  # (n, frames, bands), as the feature store holds them
         if len(patches) == 0:
             raise AudioDecodeError(f"shorter than one {self.cfg.features.patch_frames}-frame patch "
                                    f"({len(x) / self.sample_rate:.2f} s)")
@@ -128,7 +128,10 @@ def build_tagger(meta: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> 
 
     from mtt.models import build_model
 
-    cfg = OmegaConf.create(dict(meta["config"]))
+    from mtt.config import Config
+
+    # Over the schema: a run recorded before a key existed gets its default (the old behaviour).
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), dict(meta["config"]))
     tags = [str(t) for t in meta["tags"]]
     cached = meta.get("cached_backbone")
     if cached is None:  # a checkpoint's best.json: what mtt.train.prepare decides by default

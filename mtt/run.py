@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 
 
 def run_name(overrides: list[str], seed: bool = True) -> str:
-    """``+head=autopool trainer.epochs=2`` -> ``head=autopool,epochs=2`` (the last key part);
+    """``+head=autopool trainer.epochs=2`` -> ``head=autopool,epochs=2`` (the last key part;
+    ``+experiment/anchors/arms=x`` -> ``arms=x``);
     ``seed=False`` leaves ``trainer.seed`` out (the name of the run's group)."""
     parts = []
     for o in overrides:
@@ -30,7 +31,8 @@ def run_name(overrides: list[str], seed: bool = True) -> str:
             continue
         if not seed and key == "trainer.seed":
             continue
-        parts.append(f"{key.split('.')[-1]}={value}")
+        # the last part of a key or of a nested group (+experiment/anchors/arms -> arms)
+        parts.append(f"{key.split('.')[-1].split('/')[-1]}={value}")
     return ",".join(parts) or "default"
 
 

@@ -26,11 +26,15 @@ from mtt.store import PatchStore
 WEIGHTS = ("uniform", "length")
 
 
-def clip_rows(store: PatchStore, clip_id: int, limit: int | None, seed: int) -> np.ndarray:
+def clip_rows(store: PatchStore, clip_id: int, limit: int | None, seed: int, spacing: str = "random") -> np.ndarray:
     """Row numbers of a clip's patches; with ``limit`` a fixed random subset (the report kept
-    one random patch per clip), chosen by ``seed`` and the clip id so it never changes."""
+    one random patch per clip), chosen by ``seed`` and the clip id so it never changes, or with
+    ``spacing="even"`` ``limit`` evenly spaced patches from the first to the last (Won et al.
+    2020 average 16 evenly spaced chunks)."""
     rows = np.arange(store.rows(clip_id).start, store.rows(clip_id).stop)
-    if limit is not None and len(rows) > limit:
+    if limit is not None and len(rows) > limit and spacing == "even":
+        rows = rows[np.round(np.linspace(0, len(rows) - 1, limit)).astype(int)]
+    elif limit is not None and len(rows) > limit:
         rng = np.random.default_rng([seed, int(clip_id)])
         rows = np.sort(rng.choice(rows, size=limit, replace=False))
     return rows
@@ -225,12 +229,12 @@ def train_loader(store: PatchStore, clip_ids: np.ndarray, labels: np.ndarray, cf
 
 
 def eval_batches(store: PatchStore, clip_ids: np.ndarray, batch_size: int, limit: int | None = None,
-                 seed: int = 0) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
-    """Every patch (or ``limit`` fixed patches) of every clip, in order.
+                 seed: int = 0, spacing: str = "random") -> Iterator[tuple[torch.Tensor, np.ndarray]]:
+    """Every patch (or ``limit`` fixed patches, ``spacing`` random or even) of every clip, in order.
 
     Yields ``(x (B, *item) float32, clip (B,) int)`` where ``clip`` indexes ``clip_ids``.
     """
-    rows = [clip_rows(store, c, limit, seed) for c in clip_ids]
+    rows = [clip_rows(store, c, limit, seed, spacing) for c in clip_ids]
     owner = np.concatenate([np.full(len(r), i) for i, r in enumerate(rows)]) if rows else np.zeros(0, int)
     flat = np.concatenate(rows) if rows else np.zeros(0, int)
     for s in range(0, len(flat), batch_size):

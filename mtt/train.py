@@ -29,6 +29,7 @@ from mtt.checkpoint import (
     BEST_WEIGHTS,
     TrainState,
     drop_last,
+    last_epoch,
     load_best,
     load_last,
     run_dir,
@@ -46,6 +47,7 @@ from mtt.models.pooling import log_alphas, project_constraints
 from mtt.models.weights import WeightsInfo, load_state_dict, resolve_weights
 from mtt.preprocess import build_feature_store
 from mtt.records import dataset_inputs, plot_curves, run_note, versions
+from mtt.schedule import Phases
 from mtt.store import PatchStore
 from mtt.streams import epoch_counts, steps_per_epoch, train_loader
 
@@ -223,6 +225,8 @@ class Run:
     state: TrainState  # where the run is (resumed from the last checkpoint, or fresh)
     selection: str  # best_val: test the best validation epoch; last: the last one
     patience: int | None  # early stopping, None = never
+    phases: Phases  # the optimiser of each epoch (trainer.optimizer, trainer.phases: mtt.schedule)
+    params: list  # the trained parameters, for an optimiser a phase builds
 
     def evaluate(self, split: Split) -> np.ndarray:
         """Clip probabilities ``(clips, n_tags)`` of ``split`` (across the ranks under torchrun)."""
@@ -276,13 +280,14 @@ def start(cfg, tracker, p: Prepared, d: distributed.Dist) -> Run:
     if cfg.head.bias_init == "prior":  # from the training labels, before any step
         model.init_output_bias(p.train.labels)
     params = [w for w in model.parameters() if w.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+    folder = run_dir(cfg.paths.cache, tracker.run_id)
+    phases = Phases(t, lr_schedule)  # trainer.optimizer, and trainer.phases (mtt.schedule)
+    optimizer = phases.optimizer_at(params, last_epoch(folder) if tracker.resumed else 0)
     scheduler = None
     if lr_schedule == "plateau":
         # threshold 0: "better" means what it means for early stopping and the best checkpoint
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=t.lr_factor,
                                                                patience=t.lr_patience, threshold=0.0)
-    folder = run_dir(cfg.paths.cache, tracker.run_id)
     state = TrainState()
     if tracker.resumed:
         state = load_last(folder, model, optimizer, scheduler)
@@ -294,7 +299,7 @@ def start(cfg, tracker, p: Prepared, d: distributed.Dist) -> Run:
                           distributed.local_batch(d, t.batch_size), t.seed, pin_memory=p.device.type == "cuda")
     skip_batches(stream, steps * (state.epoch + 1))
     return Run(cfg, d, p, optimizer, scheduler, stream, distributed.wrap(d, model, p.device), steps, folder, state,
-               selection, patience)
+               selection, patience, phases, params)
 
 
 def fit(run: Run, tracker) -> None:
@@ -303,8 +308,14 @@ def fit(run: Run, tracker) -> None:
     cfg, d, p, state = run.cfg, run.d, run.p, run.state
     t = cfg.trainer
     meta = {"monitor": t.monitor, "tags": list(p.index.tags), "config": OmegaConf.to_container(cfg, resolve=True)}
+
+    def reload_best() -> None:  # a phase of trainer.phases that starts from the best checkpoint
+        distributed.barrier(d)  # rank 0 saved it
+        p.model.load_state_dict(load_best(run.folder)[0])
+
     epoch = state.epoch + 1
     while epoch < t.epochs and not patience_spent(state, run.patience):
+        run.optimizer = run.phases.enter(epoch, run.optimizer, run.params, reload_best)
         local = train_epoch(run, epoch)
         distributed.sync_buffers(d, p.model)  # every rank evaluates (and rank 0 saves) one model
         # Every rank ran the same number of equal-sized steps: the mean of means is the mean.

@@ -4,6 +4,8 @@ protocol guard, output formats and plotted curves."""
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import matplotlib.image
 import numpy as np
@@ -29,11 +31,12 @@ def _probs(strength: float, seed: int) -> np.ndarray:
     return 1 / (1 + np.exp(-(strength * SIGNAL + noise)))
 
 
-def log_run(uri, experiment, group, seed, probs, tmp_path, tags_set="all", reference=None, config=None, val=None):
+def log_run(uri, experiment, group, seed, probs, tmp_path, tags_set="all", reference=None, config=None, val=None,
+            feature_store="fs1", test_digest=None):
     """A finished run as mtt.run logs one: group tags, protocol params/tags, curves, test metrics
     and test_predictions.npz."""
     tags = {"mtt.group": group, "mtt.group_name": f"head={group}", "config_hash": config or f"{group}-{seed}",
-            "feature_store": "fs1", "test_clips_sha256": digest_test_set(CLIPS, LABELS)}
+            "feature_store": feature_store, "test_clips_sha256": test_digest or digest_test_set(CLIPS, LABELS)}
     if reference:
         tags["mtt.reference"] = reference
     with MlflowTracker(uri, experiment, f"head={group},seed={seed}", tags=tags) as t:
@@ -150,6 +153,31 @@ def test_mixed_tag_sets_are_refused_naming_the_key(store, tmp_path, capsys):
     assert main(["mixed", "--tracking-uri", uri, "--allow-mixed", "--out", str(tmp_path / "m.png")]) == 0
     text = capsys.readouterr().out
     assert "* evaluated under another protocol: data.tags: all vs top50" in text
+
+
+def test_front_ends_are_compared_on_the_same_test_clips_but_not_on_others(store, tmp_path, capsys):
+    """Transfer versus scratch: two backbones with their own front ends (two feature stores) are
+    one protocol when split, tags and the scored test clips are equal; another test set is not."""
+    uri, _ = store
+    for seed in range(3):
+        log_run(uri, "fronts", "vggish", seed, _probs(2.0, 50 + seed), tmp_path, feature_store="logmel-store")
+        log_run(uri, "fronts", "shortchunk", seed, _probs(1.0, 60 + seed), tmp_path, feature_store="meldb-store")
+    out = _json(["fronts", "--tracking-uri", uri, "--out", "/dev/null"], capsys)
+    assert sorted((g["name"], g["n"]) for g in out["groups"]) == [("head=shortchunk", 3), ("head=vggish", 3)]
+    assert out["mixed_protocol"] == {}
+    other = digest_test_set(CLIPS[:-1], LABELS[:-1])  # one test clip fewer
+    log_run(uri, "fronts", "subset", 0, _probs(1.0, 70), tmp_path, feature_store="meldb-store", test_digest=other)
+    assert main(["fronts", "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err
+    assert "test_clips_sha256" in err and "--allow-mixed" in err
+
+
+def test_out_dev_null_stays_a_device(store, capsys):
+    """``--out /dev/null`` (as these tests pass) must not rename a PNG onto it: run as root that
+    replaced the machine's /dev/null with a regular file."""
+    uri, _ = store
+    assert main(["exp", "--tracking-uri", uri, "--out", os.devnull]) == 0
+    assert stat.S_ISCHR(os.stat(os.devnull).st_mode)
 
 
 def test_a_rerun_of_the_same_config_and_seed_counts_once(store, tmp_path, capsys):

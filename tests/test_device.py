@@ -67,3 +67,25 @@ def test_precision_and_layout_are_what_the_backbone_computes_in(cache_dir, tmp_p
     assert convs.seen and set(convs.seen) == {(dtype, channels_last == "true")}
     assert metrics["train_loss"] == MlflowClient(uri).get_metric_history(tracker.run_id, "train_loss")[0].value
     assert MlflowClient(uri).get_run(tracker.run_id).data.params["derived.device"] == "cpu"
+
+
+@pytest.mark.parametrize("precision, channels_last, dtype", [("bf16", "true", torch.bfloat16),
+                                                             ("fp32", "false", torch.float32)])
+def test_the_short_chunk_resnet_computes_in_the_same_precision_and_layout(cache_dir, tmp_path, precision,
+                                                                         channels_last, dtype):
+    """The same CUDA path for the from-scratch backbone: every convolution of its 7 residual
+    blocks (shortcuts included) runs in the configured dtype and layout, through its transposes."""
+    from test_shortchunk import SMALL
+
+    class SpatialConvCalls(ConvCalls):  # its late blocks are 1 x 1 or 1 wide, where the layouts coincide
+        def _hook(self, module, args, output):
+            if isinstance(module, torch.nn.Conv2d) and min(args[0].shape[2:]) > 1:
+                super()._hook(module, args, output)
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    cfg = compose_cfg([*TINY, *SMALL, f"trainer.precision={precision}", f"trainer.channels_last={channels_last}",
+                       "steps=fixed", "steps.n=2", f"tracking.uri={uri}"], cache=cache_dir)
+    with MlflowTracker(uri, "device", precision) as tracker, SpatialConvCalls() as convs:
+        metrics = train(cfg, tracker)
+    assert len(convs.seen) >= 20 and set(convs.seen) == {(dtype, channels_last == "true")}
+    assert metrics["train_loss"] == MlflowClient(uri).get_metric_history(tracker.run_id, "train_loss")[0].value

@@ -20,6 +20,7 @@ BAD = {
     "data.synth.clips_per_folder": ("data.synth.clips_per_folder=0", "0", "an integer >= 1"),
     "data.synth.seconds": ("data.synth.seconds=0.01", "0.01", "a number in [0.1, 600]"),
     "data.synth.seed": ("data.synth.seed=-1", "-1", "an integer >= 0"),
+    "features.name": ("features.name=mfcc", "mfcc", "one of vggish, mel_db"),
     "features.sample_rate": ("features.sample_rate=0", "0", "an integer >= 1"),
     "features.window_seconds": ("features.window_seconds=0", "0.0", "a number > 0"),
     "features.hop_seconds": ("features.hop_seconds=-0.01", "-0.01", "a number > 0"),
@@ -37,6 +38,7 @@ BAD = {
     "pool.constraint": ("pool.constraint=clip", "clip", "one of none, cap"),
     "pool.alpha_max": ("pool.alpha_max=0", "0.0", "a number > 0"),
     "pool.alpha_l2": ("pool.alpha_l2=-0.1", "-0.1", "a number >= 0"),
+    "head.name": ("head.name=mlp", "mlp", "one of bn_dropout_dense, dense_bn"),
     "head.blocks": ("head.blocks=0", "0", "an integer >= 1"),
     "head.width": ("head.width=0", "0", "an integer >= 1"),
     "head.dropout": ("head.dropout=1.0", "1.0", "a number in [0, 1)"),
@@ -53,16 +55,21 @@ BAD = {
     "eval.aggregate": ("eval.aggregate=median", "median", "one of mean, max"),
     "eval.patches_per_clip": ("eval.patches_per_clip=-1", "-1", "an integer >= 1, or null"),
     "eval.batch_size": ("eval.batch_size=0", "0", "an integer >= 1"),
+    "eval.spacing": ("eval.spacing=middle", "middle", "one of random, even"),
     "trainer.epochs": ("trainer.epochs=0", "0", "an integer >= 1"),
     "trainer.batch_size": ("trainer.batch_size=0", "0", "an integer >= 1"),
     "trainer.lr": ("trainer.lr=-1", "-1.0", "a number > 0"),
     "trainer.weight_decay": ("trainer.weight_decay=-0.001", "-0.001", "a number >= 0"),
+    "trainer.optimizer": ("trainer.optimizer=rmsprop", "rmsprop", "one of adam, sgd"),
+    "trainer.momentum": ("trainer.momentum=1.0", "1.0", "a number in [0, 1)"),
     "trainer.seed": ("trainer.seed=-3", "-3", "an integer in [0, 4294967295]"),
     "trainer.device": ("trainer.device=gpu", "gpu", "auto, cpu, cuda or cuda:N"),
     "trainer.precision": ("trainer.precision=fp16", "fp16", "one of auto, fp32, bf16"),
     "trainer.monitor": ("trainer.monitor=val_auc", "val_auc", "one of val_roc_auc, val_pr_auc"),
     "trainer.patience": ("trainer.patience=0", "0", "an integer >= 1, or null"),
     "trainer.lr_schedule": ("trainer.lr_schedule=cosine", "cosine", "one of none, plateau"),
+    "trainer.phases": ("trainer.phases=[{epoch:0,lr:0.001}]", "[{'epoch': 0, 'lr': 0.001, 'optimizer': None, 'reload_best': False}]",
+                       "a list of {epoch: an integer >= 1, lr: a number > 0, optimizer: adam, sgd or null}"),
     "trainer.lr_patience": ("trainer.lr_patience=-1", "-1", "an integer >= 0"),
     "trainer.lr_factor": ("trainer.lr_factor=1.0", "1.0", "a number in (0, 1)"),
     "probe.C": ("probe.C=[]", "[]", "a non-empty list of numbers > 0"),
@@ -92,13 +99,32 @@ def test_values_that_depend_on_each_other():
     assert config_errors(compose_cfg(["features.fmax=9000"]))  # above Nyquist for 16 kHz
     assert config_errors(compose_cfg(["steps=fixed", "steps.n=null"])) == [
         "steps.n=null: expected an integer >= 1 with steps.policy=fixed"]
+    assert config_errors(compose_cfg(["trainer.lr_schedule=phases"])) == [
+        "trainer.phases=[] (epochs): expected a non-empty list in increasing epoch order with trainer.lr_schedule=phases"]
+    assert config_errors(compose_cfg(["trainer.lr_schedule=phases", "trainer.phases=[{epoch:9,lr:0.1},{epoch:3,lr:0.1}]"])) == [
+        "trainer.phases=[9,3] (epochs): expected a non-empty list in increasing epoch order with trainer.lr_schedule=phases"]
+    assert config_errors(compose_cfg(["trainer.nesterov=true", "trainer.momentum=0"])) == [
+        "trainer.nesterov=true, trainer.momentum=0.0: expected a momentum > 0 for Nesterov"]
+    # A backbone is checked against its registry entry: its name, its front end, its own limits.
+    unknown = config_errors(compose_cfg(["backbone.name=resnet50"]))[0]  # (a test may have registered more)
+    assert unknown.startswith("backbone.name=resnet50: not a registered backbone; registered: ")
+    assert {"shortchunk", "shortchunk_res", "vggish"} <= set(unknown.split("registered: ")[1].split(" (")[0].split(", "))
+    assert config_errors(compose_cfg(["backbone.name=shortchunk_res", "backbone.freeze=false"])) == [
+        "features.name=vggish: backbone.name=shortchunk_res consumes features.name=mel_db patches "
+        "(choose its YAML: backbone=shortchunk_res)"]
+    assert config_errors(compose_cfg(["backbone=shortchunk_res", "backbone.weights=audioset"])) == [
+        "backbone.weights=audioset: shortchunk_res has no published AudioSet weights (those at backbone.url "
+        "are VGGish's); use none or the path of a state dict"]
+    assert config_errors(compose_cfg(["backbone.module=no_such_module"]))[0].startswith(
+        "backbone.module=no_such_module: cannot be imported")
     both = str(pytest.raises(ConfigError, validate, compose_cfg(["trainer.lr=0", "trainer.epochs=0"])).value)
     assert "trainer.lr=0.0" in both and "trainer.epochs=0" in both and "\n" not in both
 
 
 @pytest.mark.parametrize("overrides", [[], TINY, ["data=mtat", "data.root=/data/mtat"], ["+head=autopool"],
                                        ["+head=autopool3", "pool.constraint=cap"], ["steps=fixed"],
-                                       ["trainer.device=cuda:1", "trainer.precision=bf16", "stream.rate=0.5"]]
+                                       ["trainer.device=cuda:1", "trainer.precision=bf16", "stream.rate=0.5"],
+                                       ["backbone=shortchunk_res"], ["backbone=shortchunk"]]
                          + [[f"+experiment={name}"] for name in PRESETS])
 def test_defaults_options_and_presets_are_valid(overrides):
     assert config_errors(compose_cfg(overrides)) == []

@@ -1,4 +1,5 @@
-"""The tagger: VGGish conv backbone -> pooling -> head, built from config by ``build_model``."""
+"""The tagger: backbone -> pooling -> head, assembled by name from config by ``build_model``
+(the registries: mtt.models.registry for backbones, ``POOLS``, ``HEADS``)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtt.models.head import Head
+from mtt.models.head import build_head
 from mtt.models.pooling import build_pool
-from mtt.models.vggish import VGGish, freeze, load_torchvggish_state_dict
+from mtt.models.registry import get_backbone
 
 # Output activations over the tag logits. sigmoid treats tags as independent (right for
 # multi-label); softmax makes them compete for one unit of probability mass, which is what the
@@ -20,23 +21,25 @@ OUTPUTS = {"sigmoid": torch.sigmoid, "softmax": lambda z: torch.softmax(z, dim=-
 
 
 class Tagger(nn.Module):
-    """``(B, 96, 64)`` log-mel patches -> ``(B, n_tags)`` logits.
+    """Patches ``(B, frames, mels)`` (VGGish: ``(B, 96, 64)`` log-mel) -> ``(B, n_tags)`` logits.
 
     ``forward(x, from_backbone=True)`` takes backbone outputs ``(B, C, T, F)`` instead (the frozen
-    backbone cache), so the same module serves both paths.
+    backbone cache), so the same module serves both paths. ``encode_fn(backbone, x)`` is the
+    backbone spec's ``encode`` (by default the backbone's forward).
     """
 
-    def __init__(self, backbone: VGGish, pool: nn.Module, head: Head, output: str = "sigmoid"):
+    def __init__(self, backbone: nn.Module, pool: nn.Module, head: nn.Module, output: str = "sigmoid",
+                 encode_fn=None):
         super().__init__()
         if output not in OUTPUTS:
             raise ValueError(f"head.output={output!r}: expected one of {sorted(OUTPUTS)}")
         self.backbone, self.pool, self.head, self.output = backbone, pool, head, output
+        self._encode = encode_fn
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Backbone output ``(B, C, T, F)``: the conv map, or the 128-d embedding as ``(B, 128, 1, 1)``."""
-        if self.backbone.embeddings is not None:
-            return self.backbone.embed(x)[:, :, None, None]
-        return self.backbone(x)
+        """Backbone output ``(B, C, T, F)`` (VGGish: the conv map, or the 128-d embedding as
+        ``(B, 128, 1, 1)``)."""
+        return self._encode(self.backbone, x) if self._encode is not None else self.backbone(x)
 
     def forward(self, x: torch.Tensor, from_backbone: bool = False) -> torch.Tensor:
         fmap = x if from_backbone else self.encode(x)
@@ -72,18 +75,23 @@ class Tagger(nn.Module):
 
 
 def build_model(cfg, n_tags: int, state_dict: Mapping[str, torch.Tensor] | None = None) -> Tagger:
-    """Build the tagger of ``cfg`` (backbone, pool, head sections) for ``n_tags`` tags.
+    """Build the tagger of ``cfg`` for ``n_tags`` tags: the backbone registered as
+    ``backbone.name`` (mtt.models.registry), ``pool.name`` and ``head.name``, sized from the
+    backbone's output shape for a ``(features.patch_frames, features.n_mels)`` patch.
 
-    ``state_dict`` holds pretrained VGGish weights in torchvggish's layout (``None``: random
-    init). The backbone is frozen per ``backbone.freeze`` / ``backbone.finetune_last``.
+    ``state_dict`` holds pretrained backbone weights in the layout the backbone loads (VGGish:
+    torchvggish's; ``None``: random init). The backbone is frozen per ``backbone.freeze`` /
+    ``backbone.finetune_last``.
     """
     b = cfg.backbone
-    backbone = VGGish(width=b.width, embeddings=b.embeddings, embedding_relu=b.embedding_relu)
+    spec = get_backbone(b.name, b.get("module"))
+    item_shape = (cfg.features.patch_frames, cfg.features.n_mels)
+    backbone = spec.build(b, item_shape)
     if state_dict is not None:
-        load_torchvggish_state_dict(backbone, state_dict)
+        spec.load_weights(backbone, state_dict)
     if b.freeze:
-        freeze(backbone, b.finetune_last)
-    channels = 128 if b.embeddings else backbone.out_channels
+        spec.freeze(backbone, b.finetune_last)
+    channels = spec.output_shape(backbone, item_shape)[0]
     pool = build_pool(cfg.pool, channels)
-    head = Head(channels, n_tags, cfg.head.blocks, cfg.head.width, cfg.head.dropout)
-    return Tagger(backbone, pool, head, cfg.head.output)
+    head = build_head(cfg.head, channels, n_tags)
+    return Tagger(backbone, pool, head, cfg.head.output, encode_fn=spec.encode)

@@ -15,6 +15,14 @@ class GlobalAveragePool(nn.Module):
         return x.mean(dim=(2, 3))
 
 
+class GlobalMaxPool(nn.Module):
+    """Max over time and frequency: ``(B, C, T, F) -> (B, C)`` (Won et al. 2020's short-chunk
+    CNNs, whose frequency axis is 1 by then: a max over time)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.amax(dim=(2, 3))
+
+
 class AutoPool(nn.Module):
     """AutoPool (McFee, Salamon & Bello, 2018): adaptive soft-max pooling over time.
 
@@ -64,15 +72,20 @@ def project_constraints(model: nn.Module) -> None:
             module.project_()
 
 
+# pool.name -> builder(pool config, channels); mtt.config.RULES lists the names a config may use.
+POOLS = {
+    "gap": lambda cfg, channels: GlobalAveragePool(),
+    "max": lambda cfg, channels: GlobalMaxPool(),
+    "autopool": lambda cfg, channels: AutoPool(channels, cfg.alpha_init, cfg.constraint, cfg.alpha_max,
+                                               cfg.alpha_l2),
+}
+
+
 def build_pool(cfg, channels: int) -> nn.Module:
-    """``cfg`` is the ``pool`` config (name gap | autopool)."""
-    builders = {
-        "gap": lambda: GlobalAveragePool(),
-        "autopool": lambda: AutoPool(channels, cfg.alpha_init, cfg.constraint, cfg.alpha_max, cfg.alpha_l2),
-    }
-    if cfg.name not in builders:
-        raise ValueError(f"pool.name={cfg.name!r}: expected one of {sorted(builders)}")
-    return builders[cfg.name]()
+    """``cfg`` is the ``pool`` config (name gap | autopool | max)."""
+    if cfg.name not in POOLS:
+        raise ValueError(f"pool.name={cfg.name!r}: expected one of {sorted(POOLS)}")
+    return POOLS[cfg.name](cfg, channels)
 
 
 def alpha_summary(pool: nn.Module) -> dict | None:

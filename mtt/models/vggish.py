@@ -16,6 +16,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from mtt.models.registry import BackboneSpec, register_backbone, strict_load
+
 # torchvggish.make_layers(): channels of each 3x3 conv, "M" = 2x2 max-pool.
 _LAYOUT: tuple[int | str, ...] = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M")
 _TIME, _FREQ = 6, 4  # conv map size for a (96, 64) patch after four 2x2 pools
@@ -88,20 +90,7 @@ def load_torchvggish_state_dict(model: VGGish, state_dict: Mapping[str, torch.Te
     """
     if model.embeddings is None:
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith("embeddings.")}
-    expected = model.state_dict()
-    missing = sorted(expected.keys() - state_dict.keys())
-    unexpected = sorted(state_dict.keys() - expected.keys())
-    mismatched = [f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
-                  for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
-    if missing or unexpected or mismatched:
-        raise ValueError(
-            "state dict does not fit this VGGish"
-            + (f"; missing keys: {missing}" if missing else "")
-            + (f"; unexpected keys: {unexpected}" if unexpected else "")
-            + (f"; shape mismatches: {mismatched}" if mismatched else "")
-            + ("" if not mismatched else " (pretrained weights need width=1.0)")
-        )
-    model.load_state_dict(state_dict)
+    strict_load(model, state_dict, mismatch_hint="(pretrained weights need width=1.0)")
 
 
 def freeze(model: VGGish, finetune_last: int = 0) -> None:
@@ -117,3 +106,21 @@ def freeze(model: VGGish, finetune_last: int = 0) -> None:
     model.requires_grad_(False)
     for conv in convs[len(convs) - finetune_last:]:
         conv.requires_grad_(True)
+
+
+def _output_shape(model: VGGish, item_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Four 2x2 max-pools: ``(C, frames // 16, mels // 16)``, or the embedding as ``(128, 1, 1)``."""
+    if model.embeddings is not None:
+        return (128, 1, 1)
+    return (model.out_channels, item_shape[0] // 16, item_shape[1] // 16)
+
+
+def _encode(model: VGGish, x: torch.Tensor) -> torch.Tensor:
+    """The conv map, or the 128-d embedding as ``(B, 128, 1, 1)``."""
+    return model.embed(x)[:, :, None, None] if model.embeddings is not None else model(x)
+
+
+register_backbone(BackboneSpec(
+    name="vggish", front_end="vggish",
+    build=lambda b, item_shape: VGGish(width=b.width, embeddings=b.embeddings, embedding_relu=b.embedding_relu),
+    output_shape=_output_shape, load_weights=load_torchvggish_state_dict, freeze=freeze, encode=_encode))

@@ -1,0 +1,136 @@
+"""Backbones by name: the small interface ``build_model`` assembles a tagger from.
+
+A backbone module registers a ``BackboneSpec`` when it is imported (``register_backbone``); the
+config names it (``backbone.name``) and, for a backbone outside mtt, the module that registers it
+(``backbone.module``, imported here). Pools (``mtt.models.pooling.POOLS``) and heads
+(``mtt.models.head.HEADS``) are registries of builders in the same way. CONTRIBUTING.md has the
+recipe for a new backbone: one module and one YAML under conf/backbone/.
+
+What a backbone declares:
+
+- ``front_end``: the ``features.name`` whose patches it consumes. The feature store is keyed by
+  every ``features.*`` value (mtt.preprocess.store_path), so a backbone's YAML selects its
+  ``features`` option and the patches it trains on are stored once, resumable, like VGGish's.
+- ``build(backbone_cfg, item_shape)``: an ``nn.Module`` mapping patches ``(B, frames, mels)`` to
+  a map ``(B, C, T, F)`` = (batch, channels, time, freq) that a pool reduces to ``(B, C)``.
+- ``output_shape(module, item_shape)``: that map's ``(C, T, F)`` for one patch (the pool and
+  head are sized from it); by default measured with one forward of a zero patch.
+- ``load_weights(module, state_dict)``: load a pretrained state dict (``backbone.weights``),
+  raising ``ValueError`` naming what does not fit; ``freeze(module, finetune_last)``.
+- ``encode(module, x)``: what the pool reads (VGGish may append its embedding layers); by default
+  the module's forward.
+- ``config_errors(cfg)``: one line per config value this backbone cannot work with, reported
+  with the schema's own errors before any work (mtt.config.config_errors).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import torch
+from torch import nn
+
+
+def measured_output_shape(module: nn.Module, item_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """``(C, T, F)`` of ``module``'s output for one zero patch of ``item_shape``, measured in eval
+    mode (batch norm in training mode refuses a batch of one) and without gradients."""
+    was_training = module.training
+    param = next(module.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    try:
+        module.eval()
+        with torch.no_grad():
+            return tuple(module(torch.zeros(1, *item_shape, device=device)).shape[1:])
+    finally:
+        module.train(was_training)
+
+
+def freeze_all(module: nn.Module, finetune_last: int = 0) -> None:
+    """``requires_grad=False`` everywhere; backbones without layer-wise fine-tuning accept only 0."""
+    if finetune_last:
+        raise ValueError(f"backbone.finetune_last={finetune_last}: this backbone fine-tunes all or nothing")
+    module.requires_grad_(False)
+
+
+def strict_load(module: nn.Module, state_dict: Mapping[str, torch.Tensor], mismatch_hint: str = "") -> None:
+    """``load_state_dict`` naming missing and unexpected keys and shape mismatches in one error
+    (``mismatch_hint`` is appended when shapes differ)."""
+    expected = module.state_dict()
+    missing = sorted(expected.keys() - state_dict.keys())
+    unexpected = sorted(state_dict.keys() - expected.keys())
+    mismatched = [f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+                  for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
+    if missing or unexpected or mismatched:
+        raise ValueError(f"state dict does not fit this {type(module).__name__}"
+                         + (f"; missing keys: {missing}" if missing else "")
+                         + (f"; unexpected keys: {unexpected}" if unexpected else "")
+                         + (f"; shape mismatches: {mismatched}" if mismatched else "")
+                         + (f" {mismatch_hint}" if mismatched and mismatch_hint else ""))
+    module.load_state_dict(state_dict)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    front_end: str  # the features.name it consumes
+    build: Callable  # (backbone_cfg, item_shape) -> nn.Module
+    output_shape: Callable = measured_output_shape  # (module, item_shape) -> (C, T, F)
+    load_weights: Callable = strict_load  # (module, state_dict) -> None
+    freeze: Callable = freeze_all  # (module, finetune_last) -> None
+    encode: Callable = field(default=lambda module, x: module(x))  # (module, x) -> (B, C, T, F)
+    config_errors: Callable = field(default=lambda cfg: [])  # (cfg) -> list[str]
+
+
+_BACKBONES: dict[str, BackboneSpec] = {}
+# Imported before a lookup without backbone.module, so the built-ins need no config key.
+BUILTIN_MODULES = ("mtt.models.vggish", "mtt.models.shortchunk")
+
+
+def register_backbone(spec: BackboneSpec) -> BackboneSpec:
+    """Make ``spec`` buildable as ``backbone.name=<spec.name>`` (call it at import time).
+    Registering a name again replaces it (a re-imported module)."""
+    _BACKBONES[spec.name] = spec
+    return spec
+
+
+def backbone_names() -> list[str]:
+    for module in BUILTIN_MODULES:
+        importlib.import_module(module)
+    return sorted(_BACKBONES)
+
+
+def get_backbone(name: str, module: str | None = None) -> BackboneSpec:
+    """The spec registered as ``name``, importing ``module`` first when given. ``LookupError``
+    (one line) names the key and what is registered."""
+    if module:
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise LookupError(f"backbone.module={module}: cannot be imported ({e}); it must be on "
+                              "PYTHONPATH and register the backbone") from e
+    names = backbone_names()
+    if name not in _BACKBONES:
+        where = f" after importing backbone.module={module}" if module else ""
+        raise LookupError(f"backbone.name={name}: not a registered backbone{where}; registered: "
+                          f"{', '.join(names)} (a backbone of your own: set backbone.module, CONTRIBUTING.md)")
+    return _BACKBONES[name]
+
+
+def backbone_errors(cfg) -> list[str]:
+    """What keeps ``cfg``'s backbone from being built: an unknown name or module, a front end
+    other than the one it consumes, or its own ``config_errors``."""
+    try:
+        spec = get_backbone(cfg.backbone.name, cfg.backbone.get("module"))
+    except LookupError as e:
+        return [str(e)]
+    errors = []
+    if cfg.features.name != spec.front_end:
+        errors.append(f"features.name={cfg.features.name}: backbone.name={spec.name} consumes "
+                      f"features.name={spec.front_end} patches (choose its YAML: backbone={spec.name})")
+    return errors + list(spec.config_errors(cfg))
+
+
+__all__ = ["BUILTIN_MODULES", "BackboneSpec", "backbone_errors", "backbone_names", "freeze_all", "get_backbone",
+           "measured_output_shape", "register_backbone", "strict_load"]

@@ -1,0 +1,133 @@
+"""Short-chunk CNNs of Won et al. 2020, trained from scratch: ``shortchunk_res`` and ``shortchunk``.
+
+Won, Ferraro, Bogdanov & Serra, "Evaluation of CNN-based automatic music tagging models", SMC
+2020; code: github.com/minzwon/sota-music-tagging-models (``training/model.py``
+``ShortChunkCNN_Res`` / ``ShortChunkCNN``, ``training/modules.py`` ``Res_2d`` / ``Conv_2d``).
+
+The backbone here is their model from the spectrogram's batch norm to the last block; the front
+end (16 kHz, 128-band mel, FFT 512, hop 256, 0-8000 Hz, dB) is ``features=shortchunk``
+(mtt.features.MelDbFrontEnd: stored once in the feature store, not recomputed on every step), the
+global max pool is ``pool=max`` and their dense layers are ``head.name=dense_bn`` (Dense 512 ->
+512, BatchNorm, ReLU, Dropout 0.5, Dense 512 -> tags), all selected by conf/backbone/*.yaml.
+
+Module names follow theirs (``spec_bn``, ``layer1`` ... ``layer7``, ``conv_1``, ``bn_1``, ...)
+and the convolutions run in their (mel, time) orientation, so the backbone part of one of their
+``best_model.pth`` state dicts loads as it is (``load_weights``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from mtt.models.registry import BackboneSpec, register_backbone, strict_load
+
+CHANNELS = (1, 128, 128, 256, 256, 256, 256, 512)  # input, then the output of each of 7 blocks
+
+
+class Res2d(nn.Module):
+    """``Res_2d``: 3x3 conv (stride) -> BN -> ReLU -> 3x3 conv -> BN, plus a shortcut 3x3 conv
+    (stride) -> BN when the shape changes, ReLU after the sum. ``(B, cin, H, W) -> (B, cout,
+    ceil(H / stride), ceil(W / stride))``."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 2):
+        super().__init__()
+        self.conv_1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1)
+        self.bn_1 = nn.BatchNorm2d(cout)
+        self.conv_2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.bn_2 = nn.BatchNorm2d(cout)
+        self.diff = stride != 1 or cin != cout
+        if self.diff:
+            self.conv_3 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1)
+            self.bn_3 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn_2(self.conv_2(self.relu(self.bn_1(self.conv_1(x)))))
+        shortcut = self.bn_3(self.conv_3(x)) if self.diff else x
+        return self.relu(shortcut + out)
+
+
+class Conv2d(nn.Module):
+    """``Conv_2d``: 3x3 conv -> BN -> ReLU -> 2x2 max-pool. ``(B, cin, H, W) -> (B, cout, H // 2, W // 2)``."""
+
+    def __init__(self, cin: int, cout: int, pooling: int = 2):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, padding=1)
+        self.bn = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU()
+        self.mp = nn.MaxPool2d(pooling)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mp(self.relu(self.bn(self.conv(x))))
+
+
+class ShortChunkCNN(nn.Module):
+    """dB mel patches ``(B, frames, mels)`` -> ``(B, C, T, F)`` = (batch, channels, time, freq).
+
+    ``BatchNorm2d(1)`` on the spectrogram, then 7 blocks (``Res2d`` with stride 2 when
+    ``residual``, else ``Conv2d`` with 2x2 max-pooling) of ``CHANNELS`` times ``width`` (1.0 is
+    the paper's). For the paper's (231 frames, 128 mels) chunk of 59,049 samples the map is
+    ``(512, 2, 1)`` with residuals (each stride-2 block: ``ceil(n / 2)``) and ``(512, 1, 1)``
+    without (each pool: ``n // 2``).
+    """
+
+    def __init__(self, residual: bool = True, width: float = 1.0):
+        super().__init__()
+        if width <= 0:
+            raise ValueError(f"width must be positive, got {width}")
+        channels = [CHANNELS[0], *(max(1, round(c * width)) for c in CHANNELS[1:])]
+        block = Res2d if residual else Conv2d
+        self.residual = residual
+        self.spec_bn = nn.BatchNorm2d(1)
+        for i in range(7):
+            setattr(self, f"layer{i + 1}", block(channels[i], channels[i + 1]))
+        self.out_channels = channels[-1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 3:
+            raise ValueError(f"expected (batch, time, mel) patches, got shape {tuple(x.shape)}")
+        # Their orientation, (B, 1, mel, time), so that their kernels load unchanged.
+        h = self.spec_bn(x.transpose(1, 2).unsqueeze(1))
+        for i in range(7):
+            h = getattr(self, f"layer{i + 1}")(h)
+        return h.transpose(2, 3)  # (B, C, mel, time) -> (B, C, time, mel)
+
+
+def output_shape(model: ShortChunkCNN, item_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """``(C, T, F)`` after 7 halvings of ``(frames, mels)``: ``ceil`` (stride 2) or ``floor`` (pool)."""
+    halve = (lambda n: math.ceil(n / 2)) if model.residual else (lambda n: n // 2)
+    t, f = item_shape
+    for _ in range(7):
+        t, f = halve(t), halve(f)
+    return (model.out_channels, t, f)
+
+
+def load_weights(model: ShortChunkCNN, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Load the backbone from a state dict of this module or of a whole sota-music-tagging-models
+    ``ShortChunkCNN(_Res)`` (their ``best_model.pth``): keys outside the backbone (their ``spec.*``
+    front end, ``dense1``, ``bn``, ``dense2``) are ignored, every backbone key must fit."""
+    mine = {name for name, _ in model.named_children()}  # spec_bn, layer1 ... layer7
+    strict_load(model, {k: v for k, v in state_dict.items() if k.split(".")[0] in mine})
+
+
+def _errors(name: str):
+    def errors(cfg) -> list[str]:
+        out = []
+        if cfg.backbone.weights == "audioset":
+            out.append(f"backbone.weights=audioset: {name} has no published AudioSet weights (those at "
+                       "backbone.url are VGGish's); use none or the path of a state dict")
+        if cfg.backbone.embeddings:
+            out.append(f"backbone.embeddings=true: {name} has no embedding layers (VGGish's)")
+        return out
+    return errors
+
+
+for _name, _residual in (("shortchunk_res", True), ("shortchunk", False)):
+    register_backbone(BackboneSpec(
+        name=_name, front_end="mel_db",
+        build=lambda b, item_shape, residual=_residual: ShortChunkCNN(residual=residual, width=b.width),
+        output_shape=output_shape, load_weights=load_weights, config_errors=_errors(_name)))

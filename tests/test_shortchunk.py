@@ -1,0 +1,167 @@
+"""Won et al. 2020's short-chunk CNNs (mtt/models/shortchunk.py) and their front end: the paper's
+shapes and parameter count, their mel-dB input, their training recipe's options, and learning."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torchaudio.transforms as T
+from mlflow.tracking import MlflowClient
+
+from conftest import LEARNABLE, TINY, compose_cfg
+from mtt.config import FeaturesConfig
+from mtt.features import MelDbFrontEnd
+from mtt.models import build_model
+from mtt.schedule import Phases
+from mtt.streams import clip_rows
+from mtt.tracking import MlflowTracker
+from mtt.train import train
+
+CHUNK = 59049  # the paper's input: 3.69 s at 16 kHz
+# Small enough for 2 s generated clips and 2 CPU cores: 32-frame patches of 32 mel bands, 1/8 width.
+SMALL = ["backbone=shortchunk_res", "features.patch_frames=32", "features.patch_hop_frames=16", "features.n_mels=32"]
+
+
+def shortchunk_features() -> FeaturesConfig:
+    cfg = compose_cfg(["backbone=shortchunk_res"])
+    return FeaturesConfig(**{k: v for k, v in cfg.features.items()})
+
+
+def test_the_front_end_is_torchaudio_mel_then_db_on_the_papers_chunk():
+    """One 59,049-sample chunk is one (231 frames, 128 mels) patch equal to what the paper's model
+    computes from it (MelSpectrogram(16 kHz, n_fft 512, 0-8000 Hz, 128 mels) -> AmplitudeToDB)."""
+    cfg = shortchunk_features()
+    wave = torch.from_numpy(np.random.default_rng(0).normal(scale=0.1, size=(1, CHUNK)).astype(np.float32))
+    patches = MelDbFrontEnd(cfg)(wave)
+    assert patches.shape == (1, 1, 231, 128)
+    theirs = T.AmplitudeToDB()(T.MelSpectrogram(sample_rate=16000, n_fft=512, f_min=0.0, f_max=8000.0, n_mels=128)(wave))
+    torch.testing.assert_close(patches[0, 0], theirs[0].T)
+    # A 29.1 s MTAT clip: 1 + 465,600 // 256 = 1,819 frames, 1 + (1819 - 231) // 99 = 17 patches.
+    assert MelDbFrontEnd(cfg).n_patches(int(29.1 * 16000)) == 17
+
+
+def conv(cin: int, cout: int) -> int:
+    return 9 * cin * cout + cout  # 3x3 kernel + bias
+
+
+def bn(c: int) -> int:
+    return 2 * c  # weight + bias
+
+
+def paper_parameter_count(residual: bool, n_tags: int) -> int:
+    """From the paper's layer list: BatchNorm2d(1); 7 blocks 1->128->128->256->256->256->256->512,
+    each (3x3 conv, BN, 3x3 conv, BN, shortcut 3x3 conv, BN) with residuals, (3x3 conv, BN)
+    without; Dense 512->512, BN, Dense 512->n_tags."""
+    channels = [1, 128, 128, 256, 256, 256, 256, 512]
+    total = bn(1)
+    for cin, cout in zip(channels, channels[1:]):
+        if residual:
+            total += conv(cin, cout) + bn(cout) + conv(cout, cout) + bn(cout) + conv(cin, cout) + bn(cout)
+        else:
+            total += conv(cin, cout) + bn(cout)
+    return total + (512 * 512 + 512) + bn(512) + (512 * n_tags + n_tags)
+
+
+@pytest.mark.parametrize("backbone, residual, fmap", [("shortchunk_res", True, (512, 2, 1)),
+                                                      ("shortchunk", False, (512, 1, 1))])
+def test_the_papers_shapes_and_parameter_count(backbone, residual, fmap):
+    model = build_model(compose_cfg([f"backbone={backbone}"]), n_tags=50).eval()
+    x = torch.randn(2, 231, 128)  # two (time, mel) chunks of 59,049 samples
+    with torch.no_grad():
+        assert tuple(model.encode(x).shape) == (2, *fmap)  # the frequency axis is 1 after the blocks
+        assert tuple(model(x).shape) == (2, 50)
+    assert sum(p.numel() for p in model.parameters()) == paper_parameter_count(residual, 50)
+    # 12.1 M and 3.7 M, the sizes the paper's figures give for the two models
+    assert round(paper_parameter_count(True, 50) / 1e6, 1) == 12.1
+    assert round(paper_parameter_count(False, 50) / 1e6, 1) == 3.7
+
+
+def test_every_block_has_the_shortcut_because_every_block_halves():
+    model = build_model(compose_cfg(["backbone=shortchunk_res"]), n_tags=50)
+    blocks = [getattr(model.backbone, f"layer{i}") for i in range(1, 8)]
+    assert all(b.diff and b.conv_1.stride == (2, 2) and b.conv_3.stride == (2, 2) for b in blocks)
+    head = [type(m).__name__ for m in model.head.net]
+    assert head == ["Linear", "BatchNorm1d", "ReLU", "Dropout", "Linear"] and model.head.net[3].p == 0.5
+
+
+def test_a_state_dict_of_theirs_loads_into_the_backbone():
+    """Their best_model.pth holds the front end's buffers and the dense layers too; the backbone
+    takes its own keys and refuses a file that misses one."""
+    model = build_model(compose_cfg(["backbone=shortchunk_res"]), n_tags=50)
+    theirs = {f"{k}": v.clone() + 1 for k, v in model.backbone.state_dict().items()}
+    theirs.update({"spec.mel_scale.fb": torch.zeros(257, 128), "dense1.weight": torch.zeros(512, 512)})
+    from mtt.models.shortchunk import load_weights
+
+    load_weights(model.backbone, theirs)
+    assert torch.equal(model.backbone.layer7.conv_3.weight, theirs["layer7.conv_3.weight"])
+    del theirs["layer3.bn_2.weight"]
+    with pytest.raises(ValueError, match="missing keys: \\['layer3.bn_2.weight'\\]"):
+        load_weights(model.backbone, theirs)
+
+
+def test_even_spacing_picks_evenly_spaced_chunks_from_first_to_last(cache_dir):
+    class Store:  # clip 7 owns rows 10..26 (17 chunks, as a 29.1 s clip)
+        def rows(self, clip_id):
+            return slice(10, 27)
+
+    rows = clip_rows(Store(), 7, limit=16, seed=0, spacing="even")
+    assert len(rows) == 16 and rows[0] == 10 and rows[-1] == 26 and np.all(np.diff(rows) >= 1)
+    assert list(clip_rows(Store(), 7, limit=3, seed=0, spacing="even")) == [10, 18, 26]
+
+
+def test_phases_switch_optimiser_and_rate_and_a_resume_gets_the_phase_of_its_epoch():
+    cfg = compose_cfg(["+experiment=anchors/shortchunk_res"])
+    phases, params = Phases(cfg.trainer), [torch.nn.Parameter(torch.zeros(3))]
+    assert [phases.setting_at(e) for e in (0, 79, 80, 99, 100, 119, 120, 199)] == [
+        ("adam", 1e-4), ("adam", 1e-4), ("sgd", 1e-3), ("sgd", 1e-3), ("sgd", 1e-4), ("sgd", 1e-4),
+        ("sgd", 1e-5), ("sgd", 1e-5)]
+    opt = phases.optimizer_at(params, 0)
+    assert isinstance(opt, torch.optim.Adam) and opt.defaults["weight_decay"] == 1e-4
+    reloads = []
+    assert phases.enter(79, opt, params, lambda: reloads.append(79)) is opt and reloads == []
+    sgd = phases.enter(80, opt, params, lambda: reloads.append(80))
+    assert isinstance(sgd, torch.optim.SGD) and reloads == [80]
+    assert sgd.defaults["nesterov"] and sgd.defaults["momentum"] == 0.9 and sgd.param_groups[0]["lr"] == 1e-3
+    assert phases.enter(100, sgd, params, lambda: reloads.append(100)) is sgd and sgd.param_groups[0]["lr"] == 1e-4
+    # A run killed after epoch 85 resumes with an SGD optimiser, which its saved state fits.
+    assert isinstance(phases.optimizer_at(params, 85), torch.optim.SGD)
+    # Without lr_schedule=phases the phases are ignored (the default recipe: Adam throughout).
+    assert Phases(compose_cfg([]).trainer).setting_at(150) == ("adam", 1e-3)
+
+
+def test_a_run_follows_its_phases_and_logs_each_epochs_rate(cache_dir, tmp_path):
+    """Through train(): epoch 0 Adam at trainer.lr, epoch 1 SGD from the best checkpoint, epoch 2 a
+    lower SGD rate; the `lr` metric records what each epoch trained with."""
+    uri = f"sqlite:///{tmp_path}/m.db"
+    cfg = compose_cfg([*TINY, "trainer.epochs=3", "trainer.patience=null", "trainer.lr_schedule=phases",
+                       "trainer.nesterov=true", "trainer.phases=[{epoch:1,optimizer:sgd,lr:0.01,reload_best:true},"
+                       "{epoch:2,lr:0.002}]", f"tracking.uri={uri}"], cache=cache_dir)
+    with MlflowTracker(uri, "phases", "p") as tracker:
+        train(cfg, tracker)
+    lrs = [m.value for m in sorted(MlflowClient(uri).get_metric_history(tracker.run_id, "lr"), key=lambda m: m.step)]
+    assert lrs == [pytest.approx(1e-3), pytest.approx(0.01), pytest.approx(0.002)]
+
+
+def test_it_learns_on_tiny_data_through_the_same_records_as_vggish(cache_dir, tmp_path):
+    """A few epochs on the 72 tiny training clips: the validation loss falls, and the run has the
+    records of a VGGish run (test metrics with intervals, predictions, per-tag table)."""
+    uri = f"sqlite:///{tmp_path}/m.db"
+    cfg = compose_cfg([*LEARNABLE, *SMALL, "backbone.width=0.125", "head.width=64", "trainer.epochs=6",
+                       "trainer.patience=null", "trainer.lr_schedule=none", f"tracking.uri={uri}"], cache=cache_dir)
+    with MlflowTracker(uri, "shortchunk", "learns") as tracker:
+        metrics = train(cfg, tracker)
+    client = MlflowClient(uri)
+    val_loss = [m.value for m in client.get_metric_history(tracker.run_id, "val_loss")]
+    assert len(val_loss) == 6 and min(val_loss[1:]) < val_loss[0] * 0.9, val_loss
+    assert metrics["test_roc_auc"] > 0.6, metrics
+    run = client.get_run(tracker.run_id)
+    assert {"test_roc_auc_ci95_low", "test_pr_auc_ci95_high", "selected_val_roc_auc"} <= set(run.data.metrics)
+    assert run.data.params["backbone.name"] == "shortchunk_res" and run.data.params["features.name"] == "mel_db"
+    artifacts = {a.path for a in client.list_artifacts(tracker.run_id)}
+    assert {"test_predictions.npz", "per_tag_test.csv", "config.yaml"} <= artifacts
+    assert run.data.tags["test_clips"] == str(len(np.load(client.download_artifacts(
+        tracker.run_id, "test_predictions.npz", str(tmp_path)))["clip_ids"]))
+    assert math.isfinite(metrics["test_pr_auc"])
