@@ -8,7 +8,7 @@ import json
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import TINY, run_module, sweep_children
+from tests.helpers import TINY, run_module, sweep_children
 from test_shortchunk import SMALL
 
 

@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from tests.helpers import TINY, compose_cfg
 from mtt.audio import load_audio
-from mtt.data.index import index_from_config
+from mtt.data.datasets import index_from_config
 from mtt.records import load_predictions
 from mtt.tracking import MlflowTracker, download_artifacts
 from mtt.train import train

@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from tests.helpers import TINY, compose_cfg
 from mtt.compare import main as compare_main
-from mtt.data.index import index_from_config
+from mtt.data.datasets import index_from_config
 from mtt.records import load_predictions
 from mtt.tag import main as tag_main
 from mtt.tracking import MlflowTracker, download_artifacts

@@ -8,7 +8,7 @@ import textwrap
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import TINY, compose_cfg, run_module
+from tests.helpers import TINY, compose_cfg, run_module
 from mtt.models import build_model
 from mtt.models.registry import backbone_errors, get_backbone
 
@@ -73,7 +73,7 @@ def test_a_backbone_defined_in_the_test_trains_through_mtt_run(backbone_dir, cac
     """``python -m mtt.run backbone=one_conv`` with the test's conf folder on Hydra's search path
     and its module on PYTHONPATH: nothing in mtt names it."""
     uri = f"sqlite:///{backbone_dir}/m.db"
-    from mtt.config import REPO_ROOT
+    from mtt.paths import REPO_ROOT
 
     run_module(["mtt.run", f"hydra.searchpath=[file://{backbone_dir / 'conf'}]", "backbone=one_conv", *TINY, "backbone.width=1.0",
                 "trainer.epochs=2", f"paths.cache={cache_dir}", f"tracking.uri={uri}"],

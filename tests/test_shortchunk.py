@@ -11,7 +11,7 @@ import torch
 import torchaudio.transforms as T
 from mlflow.tracking import MlflowClient
 
-from conftest import LEARNABLE, TINY, compose_cfg
+from tests.helpers import LEARNABLE, TINY, compose_cfg
 from mtt.config import FeaturesConfig
 from mtt.features import MelDbFrontEnd
 from mtt.models import build_model

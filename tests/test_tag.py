@@ -81,7 +81,7 @@ def test_run_without_checkpoint_is_a_clear_error(tmp_path, capsys):
 def tiny_run(tmp_path_factory, cache_dir):
     """A tiny finished run: (tracking URI, run id, its test predictions, their audio files)."""
     from tests.helpers import compose_cfg
-    from mtt.data.index import index_from_config
+    from mtt.data.datasets import index_from_config
     from mtt.records import load_predictions
     from mtt.tracking import MlflowTracker, download_artifacts
     from mtt.train import train

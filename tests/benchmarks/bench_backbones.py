@@ -19,7 +19,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 import torch  # noqa: E402
 
-from conftest import compose_cfg  # noqa: E402
+from tests.helpers import compose_cfg  # noqa: E402
 from mtt.models import build_model  # noqa: E402
 from mtt.train import autocast_dtype  # noqa: E402
 
