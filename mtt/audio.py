@@ -78,8 +78,10 @@ def load_audio(path: str | Path, sample_rate: int = 16000) -> np.ndarray:
     except (sf.LibsndfileError, RuntimeError, OSError, ValueError) as exc:
         # libsndfile says "File does not exist or is not a regular file" for any file it cannot
         # parse, so the message says what it usually means here before quoting it.
-        raise AudioDecodeError(f"{path}: cannot decode audio: not an audio file, or truncated before "
-                               f"its first complete frame (libsndfile: {exc})") from exc
+        raise AudioDecodeError(
+            f"{path}: cannot decode audio: not an audio file, or truncated before "
+            f"its first complete frame (libsndfile: {exc})"
+        ) from exc
     if data.shape[0] == 0:
         raise AudioDecodeError(f"{path}: no audio samples")
     wave = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
@@ -89,7 +91,9 @@ def load_audio(path: str | Path, sample_rate: int = 16000) -> np.ndarray:
 
 
 # What to install when no audioread backend can read a file (audioread finds ffmpeg on PATH).
-INSTALL_FFMPEG = "install ffmpeg (Debian/Ubuntu: apt-get install ffmpeg; macOS: brew install ffmpeg; conda: conda install ffmpeg)"
+INSTALL_FFMPEG = (
+    "install ffmpeg (Debian/Ubuntu: apt-get install ffmpeg; macOS: brew install ffmpeg; conda: conda install ffmpeg)"
+)
 
 
 def decode_audio(path: str | Path, sample_rate: int = 16000) -> np.ndarray:
@@ -112,13 +116,16 @@ def decode_audio(path: str | Path, sample_rate: int = 16000) -> np.ndarray:
 
     backends = audioread.available_backends()  # the stdlib wav/aiff reader, and ffmpeg if on PATH
     if audioread.ffdec.FFmpegAudioFile not in backends:
-        raise AudioDecodeError(f"{path}: cannot decode audio: libsndfile does not read it and ffmpeg, "
-                               f"which would, is not on PATH; {INSTALL_FFMPEG}") from sndfile_error
+        raise AudioDecodeError(
+            f"{path}: cannot decode audio: libsndfile does not read it and ffmpeg, "
+            f"which would, is not on PATH; {INSTALL_FFMPEG}"
+        ) from sndfile_error
     try:
         reader = audioread.audio_open(str(path), backends)
     except (audioread.DecodeError, OSError, EOFError) as exc:  # NoBackendError: every backend refused
-        raise AudioDecodeError(f"{path}: cannot decode audio: neither libsndfile nor ffmpeg reads it (not an "
-                               f"audio file, or truncated)") from exc
+        raise AudioDecodeError(
+            f"{path}: cannot decode audio: neither libsndfile nor ffmpeg reads it (not an audio file, or truncated)"
+        ) from exc
     with reader, warnings.catch_warnings():
         # librosa deprecates its audioread path for 1.0 (FutureWarning); pinned to 0.11 here.
         warnings.simplefilter("ignore", FutureWarning)

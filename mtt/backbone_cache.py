@@ -35,23 +35,35 @@ def parameters_sha256(module: torch.nn.Module) -> str:
 
 def channels_last(module: torch.nn.Module) -> bool:
     """Whether the module's conv weights are in channels-last (NHWC) memory format."""
-    return any(p.dim() == 4 and p.shape[1] > 1 and p.is_contiguous(memory_format=torch.channels_last)
-               and not p.is_contiguous() for p in module.parameters())
+    return any(
+        p.dim() == 4 and p.shape[1] > 1 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+        for p in module.parameters()
+    )
 
 
-def compute_settings(device: torch.device, autocast_dtype: torch.dtype | None,
-                     backbone: torch.nn.Module | None = None) -> dict:
+def compute_settings(
+    device: torch.device, autocast_dtype: torch.dtype | None, backbone: torch.nn.Module | None = None
+) -> dict:
     """How the outputs are computed, which changes their values (not only their speed): the
     device type (CUDA convolutions may use TF32), the autocast dtype (bf16 conv maps differ from
     fp32 ones by far more than float16 storage rounds away) and the memory format."""
-    return {"device": device.type, "dtype": str(autocast_dtype or torch.float32).removeprefix("torch."),
-            "tf32": device.type == "cuda" and bool(torch.backends.cudnn.allow_tf32),
-            "channels_last": backbone is not None and channels_last(backbone)}
+    return {
+        "device": device.type,
+        "dtype": str(autocast_dtype or torch.float32).removeprefix("torch."),
+        "tf32": device.type == "cuda" and bool(torch.backends.cudnn.allow_tf32),
+        "channels_last": backbone is not None and channels_last(backbone),
+    }
 
 
-def cache_key(store: PatchStore, weights_sha256: str | None, backbone_cfg,
-              backbone: torch.nn.Module | None = None, *, device: torch.device = torch.device("cpu"),
-              autocast_dtype: torch.dtype | None = None) -> dict:
+def cache_key(
+    store: PatchStore,
+    weights_sha256: str | None,
+    backbone_cfg,
+    backbone: torch.nn.Module | None = None,
+    *,
+    device: torch.device = torch.device("cpu"),
+    autocast_dtype: torch.dtype | None = None,
+) -> dict:
     """Everything that determines the cached outputs: features, weights, backbone settings and
     how the build computes (``compute_settings``: pass the ``device`` and ``autocast_dtype`` that
     ``build_backbone_cache`` is given, which checks that they agree).
@@ -67,16 +79,28 @@ def cache_key(store: PatchStore, weights_sha256: str | None, backbone_cfg,
         weights = f"random-init:{parameters_sha256(backbone)}"
     else:
         weights = weights_sha256
-    return {"features": store.fingerprint, "weights": weights,
-            "width": float(backbone_cfg.width), "embeddings": bool(backbone_cfg.embeddings),
-            "embedding_relu": bool(backbone_cfg.embedding_relu),
-            "compute": compute_settings(device, autocast_dtype, backbone), "format": 2}
+    return {
+        "features": store.fingerprint,
+        "weights": weights,
+        "width": float(backbone_cfg.width),
+        "embeddings": bool(backbone_cfg.embeddings),
+        "embedding_relu": bool(backbone_cfg.embedding_relu),
+        "compute": compute_settings(device, autocast_dtype, backbone),
+        "format": 2,
+    }
 
 
 @torch.no_grad()
-def build_backbone_cache(store: PatchStore, encode, key: dict, root: str | Path,
-                         device: torch.device, batch_size: int = 256, progress: bool = True,
-                         autocast_dtype: torch.dtype | None = None) -> PatchStore:
+def build_backbone_cache(
+    store: PatchStore,
+    encode,
+    key: dict,
+    root: str | Path,
+    device: torch.device,
+    batch_size: int = 256,
+    progress: bool = True,
+    autocast_dtype: torch.dtype | None = None,
+) -> PatchStore:
     """Run ``encode`` (``(B, 96, 64) -> (B, C, T, F)``) over every patch of ``store`` once.
 
     Returns the finished cache store (opened from disk if it already exists). Concurrent callers
@@ -86,9 +110,11 @@ def build_backbone_cache(store: PatchStore, encode, key: dict, root: str | Path,
     asked = compute_settings(device, autocast_dtype)
     keyed = key.get("compute", {})
     if {k: keyed.get(k) for k in ("device", "dtype")} != {k: asked[k] for k in ("device", "dtype")}:
-        raise ValueError(f"build_backbone_cache: the key was made for {keyed.get('device')}/{keyed.get('dtype')} "
-                         f"but the build computes on {asked['device']}/{asked['dtype']}; pass the same "
-                         "device and autocast_dtype to cache_key")
+        raise ValueError(
+            f"build_backbone_cache: the key was made for {keyed.get('device')}/{keyed.get('dtype')} "
+            f"but the build computes on {asked['device']}/{asked['dtype']}; pass the same "
+            "device and autocast_dtype to cache_key"
+        )
     path = Path(root).expanduser() / params_key(key)
     if (path / MANIFEST).is_file():
         return PatchStore(path)
@@ -98,8 +124,16 @@ def build_backbone_cache(store: PatchStore, encode, key: dict, root: str | Path,
         return _build(store, encode, key, path, device, batch_size, progress, autocast_dtype)
 
 
-def _build(store: PatchStore, encode, key: dict, path: Path, device: torch.device, batch_size: int,
-           progress: bool, autocast_dtype: torch.dtype | None) -> PatchStore:
+def _build(
+    store: PatchStore,
+    encode,
+    key: dict,
+    path: Path,
+    device: torch.device,
+    batch_size: int,
+    progress: bool,
+    autocast_dtype: torch.dtype | None,
+) -> PatchStore:
     """``build_backbone_cache`` under its lock: resume from ``progress.json`` or start."""
     path.mkdir(parents=True, exist_ok=True)
     total = store.patches.shape[0]

@@ -67,12 +67,18 @@ def rng_state() -> dict[str, Any]:
     """torch, numpy and python RNG states as tensors / ints (``weights_only``-loadable)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     version, internal, py_gauss = random.getstate()
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)),  # type: ignore[attr-defined]
-                      "pos": int(pos),
-                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
-            "python": {"version": version, "internal": list(internal), "gauss": py_gauss}}
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),  # type: ignore[attr-defined]
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
+        "python": {"version": version, "internal": list(internal), "gauss": py_gauss},
+    }
 
 
 def set_rng_state(state: Mapping[str, Any]) -> None:
@@ -99,15 +105,23 @@ class TrainState:
     last_timestamp: int = 0
 
 
-def save_last(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainState,
-              scheduler=None) -> Path:
+def save_last(
+    folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainState, scheduler=None
+) -> Path:
     """Write the full training state after ``state.epoch`` to ``folder/last.pt`` (with the
     learning-rate scheduler's state when there is one)."""
-    payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state(),
-               "scheduler": scheduler.state_dict() if scheduler is not None else {},
-               "epoch": state.epoch, "best_score": state.best_score, "best_epoch": state.best_epoch,
-               "history": state.history, "last_metrics": state.last_metrics,
-               "last_timestamp": state.last_timestamp}
+    payload = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "rng": rng_state(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else {},
+        "epoch": state.epoch,
+        "best_score": state.best_score,
+        "best_epoch": state.best_epoch,
+        "history": state.history,
+        "last_metrics": state.last_metrics,
+        "last_timestamp": state.last_timestamp,
+    }
     path = folder / LAST
     atomic_replace(path, lambda p: torch.save(payload, p))
     return path
@@ -128,8 +142,7 @@ def last_epoch(folder: Path) -> int:
     return int(torch.load(folder / LAST, map_location="cpu", weights_only=True, mmap=True)["epoch"])
 
 
-def load_last(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-              scheduler=None) -> TrainState:
+def load_last(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler=None) -> TrainState:
     """Restore model, optimiser, scheduler and RNG states from ``folder/last.pt``; returns the
     train state."""
     payload = torch.load(folder / LAST, map_location="cpu", weights_only=True)
@@ -138,9 +151,14 @@ def load_last(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optim
     if scheduler is not None and payload.get("scheduler"):
         scheduler.load_state_dict(payload["scheduler"])
     set_rng_state(payload["rng"])
-    return TrainState(epoch=payload["epoch"], best_score=payload["best_score"], best_epoch=payload["best_epoch"],
-                      history={k: list(v) for k, v in payload["history"].items()},
-                      last_metrics=dict(payload["last_metrics"]), last_timestamp=payload["last_timestamp"])
+    return TrainState(
+        epoch=payload["epoch"],
+        best_score=payload["best_score"],
+        best_epoch=payload["best_epoch"],
+        history={k: list(v) for k, v in payload["history"].items()},
+        last_metrics=dict(payload["last_metrics"]),
+        last_timestamp=payload["last_timestamp"],
+    )
 
 
 # Keys that do not change what a run computes, so a resume may differ in them.

@@ -68,9 +68,14 @@ TABLE_METRICS = ("selected_val_roc_auc", "test_roc_auc", "test_pr_auc", "test_ac
 # same test questions, whatever their inputs were computed with; that is the comparison a
 # transfer-versus-scratch sweep exists for (VGGish log-mel patches against Won et al.'s mel-dB
 # chunks: necessarily two stores). A store missing clips shows up as another test digest.
-PROTOCOL = (("params", "data.split"), ("params", "data.tags"), ("params", "data.drop_untagged"),
-            ("params", "eval.aggregate"), ("params", "eval.patches_per_clip"),
-            ("tags", "test_clips_sha256"))
+PROTOCOL = (
+    ("params", "data.split"),
+    ("params", "data.tags"),
+    ("params", "data.drop_untagged"),
+    ("params", "eval.aggregate"),
+    ("params", "eval.patches_per_clip"),
+    ("tags", "test_clips_sha256"),
+)
 
 
 class ProtocolError(LookupError):
@@ -102,8 +107,12 @@ class Group:
         epochs = p.get("trainer.epochs", "?")
         if None not in trained and None not in best:
             epochs = f"{np.mean(best) + 1:.0f}/{np.mean(trained):.0f}"
-        return {"head": f"{p.get('head.blocks', '?')}x{p.get('head.output', '?')[:3]}", "pool": p.get("pool.name", "?"),
-                "steps": f"{p.get('steps.policy', '?')}", "epochs": epochs}
+        return {
+            "head": f"{p.get('head.blocks', '?')}x{p.get('head.output', '?')[:3]}",
+            "pool": p.get("pool.name", "?"),
+            "steps": f"{p.get('steps.policy', '?')}",
+            "epochs": epochs,
+        }
 
 
 @dataclass
@@ -120,19 +129,35 @@ class Comparison:
     png: Path | None = None
 
     def to_json(self) -> dict:
-        return {"experiment": self.experiment, "test_clips": self.test_clips, "resamples": self.resamples,
-                "level": LEVEL, "best": self.best.name if self.best else None,
-                "mixed_protocol": self.mixed,
-                "groups": [{"name": g.name, "id": g.id, "reference": g.reference, "n": len(g.runs),
-                            "runs": [r["run_id"] for r in g.runs], "mixed_protocol": g.mixed,
-                            "metrics": {m: {k: v for k, v in s.items()} for m, s in g.stats.items()}}
-                           for g in self.groups],
-                "pairs": [{"a": d.a, "b": d.b, "metric": d.metric, "diff": d.diff, "ci95": [d.low, d.high],
-                           "verdict": d.verdict} for d in self.pairs],
-                "skipped": [{"run_id": r["run_id"], "name": r["name"], "status": r["status"]} for r in self.skipped]}
+        return {
+            "experiment": self.experiment,
+            "test_clips": self.test_clips,
+            "resamples": self.resamples,
+            "level": LEVEL,
+            "best": self.best.name if self.best else None,
+            "mixed_protocol": self.mixed,
+            "groups": [
+                {
+                    "name": g.name,
+                    "id": g.id,
+                    "reference": g.reference,
+                    "n": len(g.runs),
+                    "runs": [r["run_id"] for r in g.runs],
+                    "mixed_protocol": g.mixed,
+                    "metrics": {m: {k: v for k, v in s.items()} for m, s in g.stats.items()},
+                }
+                for g in self.groups
+            ],
+            "pairs": [
+                {"a": d.a, "b": d.b, "metric": d.metric, "diff": d.diff, "ci95": [d.low, d.high], "verdict": d.verdict}
+                for d in self.pairs
+            ],
+            "skipped": [{"run_id": r["run_id"], "name": r["name"], "status": r["status"]} for r in self.skipped],
+        }
 
 
 # ------------------------------------------------------------------------------------ reading
+
 
 def load_runs(experiment: str, uri: str | None = None, parent: str | None = None) -> list[dict]:
     """The experiment's runs (or one sweep's: the children of ``parent``), trained runs oldest
@@ -187,8 +212,10 @@ def check_protocol(runs: Sequence[dict], allow_mixed: bool) -> dict[str, list[st
             mixed[key] = values
     if mixed and not allow_mixed:
         key, values = next(iter(mixed.items()))
-        raise ProtocolError(f"runs differ in their evaluation protocol: {key} is {' vs '.join(values)}; their "
-                            f"scores are not comparable (pass --allow-mixed to print them anyway, marked)")
+        raise ProtocolError(
+            f"runs differ in their evaluation protocol: {key} is {' vs '.join(values)}; their "
+            f"scores are not comparable (pass --allow-mixed to print them anyway, marked)"
+        )
     return mixed
 
 
@@ -233,6 +260,7 @@ def _fetch_predictions(uri: str | None, runs: Sequence[dict], folder: Path) -> d
 
 # ------------------------------------------------------------------------------------ statistics
 
+
 def _metric(run: dict, name: str) -> float | None:
     m = run["metrics"]
     if name == "selected_val_roc_auc" and name not in m:  # older runs: the last epoch's
@@ -257,9 +285,14 @@ def group_stats(group: Group, scorer: Scorer, clips: np.ndarray | None, seed: in
         values = np.array([v for v in (_metric(r, metric) for r in group.runs) if v is not None])
         if len(values) == 0:
             continue
-        stats = {"n": len(values), "mean": float(values.mean()),
-                 "std": float(values.std(ddof=1)) if len(values) > 1 else float("nan"),
-                 "values": values.tolist(), "ci95": _t_interval(values), "ci_kind": "t over seeds"}
+        stats = {
+            "n": len(values),
+            "mean": float(values.mean()),
+            "std": float(values.std(ddof=1)) if len(values) > 1 else float("nan"),
+            "values": values.tolist(),
+            "ci95": _t_interval(values),
+            "ci_kind": "t over seeds",
+        }
         have = [r["run_id"] for r in group.runs if r["run_id"] in scorer.predictions]
         if metric in BOOTSTRAPPED and clips is not None and len(have) == len(group.runs):
             k = BOOTSTRAPPED.index(metric)
@@ -299,9 +332,16 @@ def find_group(groups: Sequence[Group], key: str) -> Group:
     return matches[0]
 
 
-def build(experiment: str, uri: str | None = None, pairs: Sequence[tuple[str, str]] = (), allow_mixed: bool = False,
-          parent: str | None = None, resamples: int = RESAMPLES, seed: int = 0,
-          bootstrap: bool = True) -> Comparison:
+def build(
+    experiment: str,
+    uri: str | None = None,
+    pairs: Sequence[tuple[str, str]] = (),
+    allow_mixed: bool = False,
+    parent: str | None = None,
+    resamples: int = RESAMPLES,
+    seed: int = 0,
+    bootstrap: bool = True,
+) -> Comparison:
     """Read the runs, check their protocol, group them, compute intervals and paired differences
     (``bootstrap=False``: without reading predictions, so no bootstrap intervals or pairs)."""
     runs = load_runs(experiment, uri, parent)
@@ -336,14 +376,19 @@ def build(experiment: str, uri: str | None = None, pairs: Sequence[tuple[str, st
     for g in groups:
         group_stats(g, scorer, clips, seed)
     best = best_group(groups)
-    chosen = [(find_group(groups, a), find_group(groups, b)) for a, b in pairs] if pairs else \
-        [(g, best) for g in groups if best is not None and g is not best]
+    chosen = (
+        [(find_group(groups, a), find_group(groups, b)) for a, b in pairs]
+        if pairs
+        else [(g, best) for g in groups if best is not None and g is not best]
+    )
     diffs = [d for a, b in chosen for d in pair(a, b, scorer, seed)]
-    return Comparison(experiment, groups, diffs, best, len(clips) if clips is not None else None, resamples,
-                      skipped, mixed)
+    return Comparison(
+        experiment, groups, diffs, best, len(clips) if clips is not None else None, resamples, skipped, mixed
+    )
 
 
 # ------------------------------------------------------------------------------------ output
+
 
 def _fmt(stats: dict | None, digits: int = 4) -> str:
     if not stats:
@@ -357,8 +402,19 @@ def _fmt(stats: dict | None, digits: int = 4) -> str:
     return out
 
 
-HEADERS = ("group", "n", "head", "pool", "steps", "epochs", "val_roc_auc (selected)", "test_roc_auc", "test_pr_auc",
-           "test_acc", "all_neg_acc")
+HEADERS = (
+    "group",
+    "n",
+    "head",
+    "pool",
+    "steps",
+    "epochs",
+    "val_roc_auc (selected)",
+    "test_roc_auc",
+    "test_pr_auc",
+    "test_acc",
+    "all_neg_acc",
+)
 
 
 def table_rows(c: Comparison) -> list[list[str]]:
@@ -366,27 +422,41 @@ def table_rows(c: Comparison) -> list[list[str]]:
     for g in c.groups:
         d = g.describe()
         label = g.label + (" *" if g.mixed else "")
-        rows.append([label, str(len(g.runs)), d["head"], d["pool"], d["steps"], d["epochs"],
-                     _fmt(g.stats.get("selected_val_roc_auc")), _fmt(g.stats.get("test_roc_auc")),
-                     _fmt(g.stats.get("test_pr_auc")), _fmt({**g.stats["test_accuracy"], "ci95": None})
-                     if "test_accuracy" in g.stats else "-",
-                     f"{g.stats['test_accuracy_all_negative']['mean']:.4f}" if "test_accuracy_all_negative" in g.stats
-                     else "-"])
+        rows.append(
+            [
+                label,
+                str(len(g.runs)),
+                d["head"],
+                d["pool"],
+                d["steps"],
+                d["epochs"],
+                _fmt(g.stats.get("selected_val_roc_auc")),
+                _fmt(g.stats.get("test_roc_auc")),
+                _fmt(g.stats.get("test_pr_auc")),
+                _fmt({**g.stats["test_accuracy"], "ci95": None}) if "test_accuracy" in g.stats else "-",
+                f"{g.stats['test_accuracy_all_negative']['mean']:.4f}"
+                if "test_accuracy_all_negative" in g.stats
+                else "-",
+            ]
+        )
     return rows
 
 
 def _notes(c: Comparison) -> list[str]:
     seeds = sorted({len(g.runs) for g in c.groups})
     per_group = f"{seeds[0]}" if len(seeds) == 1 else f"{seeds[0]} to {seeds[-1]}"
-    lines = [f"{len(c.groups)} groups, {sum(len(g.runs) for g in c.groups)} runs ({per_group} seed(s) per group); "
-             f"test set: {c.test_clips if c.test_clips is not None else '?'} clips shared by "
-             f"every run; mean ± std over seeds [95% interval: test AUCs bootstrap over clips and seeds, "
-             f"{c.resamples} resamples; other metrics Student's t over seeds]"]
+    lines = [
+        f"{len(c.groups)} groups, {sum(len(g.runs) for g in c.groups)} runs ({per_group} seed(s) per group); "
+        f"test set: {c.test_clips if c.test_clips is not None else '?'} clips shared by "
+        f"every run; mean ± std over seeds [95% interval: test AUCs bootstrap over clips and seeds, "
+        f"{c.resamples} resamples; other metrics Student's t over seeds]"
+    ]
     if c.best is not None:
         lines.append(f"best group by mean validation ROC-AUC of the selected epochs: {c.best.name}")
     if c.mixed:
-        lines.append("* evaluated under another protocol: " + "; ".join(f"{k}: {' vs '.join(v)}"
-                                                                         for k, v in c.mixed.items()))
+        lines.append(
+            "* evaluated under another protocol: " + "; ".join(f"{k}: {' vs '.join(v)}" for k, v in c.mixed.items())
+        )
     superseded = [r for r in c.skipped if r["status"] == "superseded"]
     others = [r for r in c.skipped if r["status"] != "superseded"]
     if superseded:
@@ -395,8 +465,11 @@ def _notes(c: Comparison) -> list[str]:
         from collections import Counter
 
         counts = Counter(r["status"] for r in others)
-        listed = ", ".join(f"{r['label']} ({r['status']})" for r in others) if len(others) <= 4 else \
-            ", ".join(f"{n} {status}" for status, n in counts.most_common())
+        listed = (
+            ", ".join(f"{r['label']} ({r['status']})" for r in others)
+            if len(others) <= 4
+            else ", ".join(f"{n} {status}" for status, n in counts.most_common())
+        )
         lines.append(f"not compared ({len(others)} runs): {listed}")
     return lines
 
@@ -419,8 +492,10 @@ def format_markdown(c: Comparison) -> str:
     out += [""] + [f"{n}." if not n.endswith(".") else n for n in _notes(c)]
     if c.pairs:
         out += ["", "| difference | metric | value | 95% interval | verdict |", "|---|---|---|---|---|"]
-        out += [f"| {d.a} - {d.b} | {d.metric} | {d.diff:+.4f} | [{d.low:+.4f}, {d.high:+.4f}] | {d.verdict} |"
-                for d in c.pairs]
+        out += [
+            f"| {d.a} - {d.b} | {d.metric} | {d.diff:+.4f} | [{d.low:+.4f}, {d.high:+.4f}] | {d.verdict} |"
+            for d in c.pairs
+        ]
     return "\n".join(out)
 
 
@@ -430,19 +505,33 @@ def _tex(s: str) -> str:
 
 def format_latex(c: Comparison) -> str:
     cols = ("group", "n", "val ROC-AUC", "test ROC-AUC", "test PR-AUC")
-    out = [r"\begin{table}[t]", r"\centering", r"\begin{tabular}{lrlll}", r"\toprule",
-           " & ".join(cols) + r" \\", r"\midrule"]
+    out = [
+        r"\begin{table}[t]",
+        r"\centering",
+        r"\begin{tabular}{lrlll}",
+        r"\toprule",
+        " & ".join(cols) + r" \\",
+        r"\midrule",
+    ]
     for g in c.groups:
         cells = [g.label, str(len(g.runs))] + [_fmt(g.stats.get(m), 3) for m in TABLE_METRICS[:3]]
         out.append(" & ".join(_tex(x) for x in cells) + r" \\")
-    out += [r"\bottomrule", r"\end{tabular}",
-            r"\caption{" + _tex(f"{c.experiment}: mean ± std over seeds and 95% interval (test AUCs: bootstrap over "
-                               f"the {c.test_clips} test clips and the seeds, {c.resamples} resamples).") + "}",
-            r"\end{table}"]
+    out += [
+        r"\bottomrule",
+        r"\end{tabular}",
+        r"\caption{"
+        + _tex(
+            f"{c.experiment}: mean ± std over seeds and 95% interval (test AUCs: bootstrap over "
+            f"the {c.test_clips} test clips and the seeds, {c.resamples} resamples)."
+        )
+        + "}",
+        r"\end{table}",
+    ]
     return "\n".join(out)
 
 
 # ------------------------------------------------------------------------------------ curves
+
 
 def curves(groups: Sequence[Group], metrics: Sequence[str], uri: str | None = None) -> dict[str, dict[str, dict]]:
     """``metric -> group name -> {"steps", "mean", "low", "high", "n"}``: the per-epoch mean over
@@ -458,10 +547,14 @@ def curves(groups: Sequence[Group], metrics: Sequence[str], uri: str | None = No
                     by_step.setdefault(step, []).append(v)
             if by_step:
                 steps = sorted(by_step)
-                out[m][g.label] = {"steps": steps, "mean": [float(np.mean(by_step[s])) for s in steps],
-                                   "low": [float(np.min(by_step[s])) for s in steps],
-                                   "high": [float(np.max(by_step[s])) for s in steps],
-                                   "n": [len(by_step[s]) for s in steps], "reference": bool(g.reference)}
+                out[m][g.label] = {
+                    "steps": steps,
+                    "mean": [float(np.mean(by_step[s])) for s in steps],
+                    "low": [float(np.min(by_step[s])) for s in steps],
+                    "high": [float(np.max(by_step[s])) for s in steps],
+                    "n": [len(by_step[s]) for s in steps],
+                    "reference": bool(g.reference),
+                }
     return out
 
 
@@ -481,7 +574,7 @@ def plot_curves(series: dict[str, dict[str, dict]], out: Path, title: str) -> Pa
             if s["reference"] and len(s["steps"]) == 1:
                 ax.axhline(s["mean"][0], linestyle="--", linewidth=1, color="gray", label=label)
                 continue
-            line, = ax.plot(s["steps"], s["mean"], marker="o", markersize=2, label=f"{label} (n={max(s['n'])})")
+            (line,) = ax.plot(s["steps"], s["mean"], marker="o", markersize=2, label=f"{label} (n={max(s['n'])})")
             ax.fill_between(s["steps"], s["low"], s["high"], alpha=0.2, color=line.get_color())
         ax.set_title(metric)
         ax.set_xlabel("epoch")
@@ -513,25 +606,34 @@ def default_png(uri: str | None, experiment: str) -> Path:
     resolved = resolve_uri(uri)
     parsed = urlparse(resolved)
     if parsed.scheme == "sqlite" and resolved.startswith("sqlite:///"):
-        return Path(resolved[len("sqlite:///"):]).parent / name
+        return Path(resolved[len("sqlite:///") :]).parent / name
     if parsed.scheme in ("file", ""):
         return Path(parsed.path or resolved) / name
     return Path.cwd() / name
 
 
-def compare(experiment: str, metrics: Sequence[str] = DEFAULT_METRICS, out: str | Path | None = None,
-            uri: str | None = None, **kwargs) -> Comparison:
+def compare(
+    experiment: str,
+    metrics: Sequence[str] = DEFAULT_METRICS,
+    out: str | Path | None = None,
+    uri: str | None = None,
+    **kwargs,
+) -> Comparison:
     """``build`` the comparison of ``experiment`` and write its curves PNG."""
     c = build(experiment, uri, **kwargs)
     c.series = curves(c.groups, metrics, uri)
-    c.png = plot_curves(c.series, Path(out) if out else default_png(uri, experiment),
-                        f"{experiment}: {len(c.groups)} groups, {sum(len(g.runs) for g in c.groups)} runs")
+    c.png = plot_curves(
+        c.series,
+        Path(out) if out else default_png(uri, experiment),
+        f"{experiment}: {len(c.groups)} groups, {sum(len(g.runs) for g in c.groups)} runs",
+    )
     return c
 
 
 def best_run(group: Group) -> dict:
     """The run of ``group`` whose own monitored validation metric (``trainer.monitor``) was best
     at its selected epoch (``selected_<monitor>``; a loss: the lowest). Never a test metric."""
+
     def score(r: dict) -> float:
         monitor = r["params"].get("trainer.monitor", "val_roc_auc")
         v = _metric(r, f"selected_{monitor}")
@@ -553,12 +655,14 @@ def register_best(c: Comparison, name: str, uri: str | None = None) -> tuple[int
         raise LookupError(f"experiment {experiment!r} has no trained group with a validation score to register")
     g, run = c.best, best_run(c.best)
     monitor = run["params"].get("trainer.monitor", "val_roc_auc")
-    lines = [f"Best group of experiment {experiment!r} by mean validation ROC-AUC of the selected epochs: "
-             f"{g.name} ({len(g.runs)} seed(s); {c.test_clips if c.test_clips is not None else '?'} test clips).",
-             *(f"{m}: {_fmt(g.stats.get(m))}" for m in TABLE_METRICS[:3] if m in g.stats),
-             f"This version: run {run['run_id']} ({run['label']}), the group's best by its monitored "
-             f"selected_{monitor} = {_metric(run, f'selected_{monitor}')}; test_roc_auc = "
-             f"{_metric(run, 'test_roc_auc')}."]
+    lines = [
+        f"Best group of experiment {experiment!r} by mean validation ROC-AUC of the selected epochs: "
+        f"{g.name} ({len(g.runs)} seed(s); {c.test_clips if c.test_clips is not None else '?'} test clips).",
+        *(f"{m}: {_fmt(g.stats.get(m))}" for m in TABLE_METRICS[:3] if m in g.stats),
+        f"This version: run {run['run_id']} ({run['label']}), the group's best by its monitored "
+        f"selected_{monitor} = {_metric(run, f'selected_{monitor}')}; test_roc_auc = "
+        f"{_metric(run, 'test_roc_auc')}.",
+    ]
     tags = {"mtt.experiment": experiment, "mtt.group": g.id, "mtt.group_name": g.name, "monitor": monitor}
     version = register(uri, name, run["run_id"], "\n".join(lines), tags)
     return version, run
@@ -572,28 +676,47 @@ def sweep_summary(uri: str | None, parent_run_id: str, bootstrap: bool = True) -
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mtt.compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("experiment", help="MLflow experiment name (e.g. report, demo)")
-    parser.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS),
-                        help="per-epoch metrics to plot (default: %(default)s)")
-    parser.add_argument("--pair", nargs=2, action="append", metavar=("A", "B"), default=[],
-                        help="groups to test against each other (name or id prefix; repeatable); "
-                             "default: each group against the best")
+    parser.add_argument(
+        "--metrics", nargs="+", default=list(DEFAULT_METRICS), help="per-epoch metrics to plot (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--pair",
+        nargs=2,
+        action="append",
+        metavar=("A", "B"),
+        default=[],
+        help="groups to test against each other (name or id prefix; repeatable); default: each group against the best",
+    )
     parser.add_argument("--format", choices=("text", "json", "markdown", "latex"), default="text")
-    parser.add_argument("--allow-mixed", action="store_true",
-                        help="list runs evaluated under different protocols anyway (marked *)")
+    parser.add_argument(
+        "--allow-mixed", action="store_true", help="list runs evaluated under different protocols anyway (marked *)"
+    )
     parser.add_argument("--parent", help="only the child runs of this sweep's parent run")
     parser.add_argument("--resamples", type=int, default=RESAMPLES, help="bootstrap resamples (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default %(default)s)")
     parser.add_argument("--out", help="PNG path (default: compare-<experiment>.png next to the store)")
     parser.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else <repo>/mlflow.db)")
-    parser.add_argument("--register", metavar="NAME",
-                        help="register the best run of the best group (by validation) as a new version of model NAME")
+    parser.add_argument(
+        "--register",
+        metavar="NAME",
+        help="register the best run of the best group (by validation) as a new version of model NAME",
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # stdout is the table
     if args.resamples < 100:
         parser.error(f"--resamples must be at least 100, got {args.resamples}")
     try:
-        c = compare(args.experiment, args.metrics, args.out, args.tracking_uri, pairs=[tuple(p) for p in args.pair],
-                    allow_mixed=args.allow_mixed, parent=args.parent, resamples=args.resamples, seed=args.seed)
+        c = compare(
+            args.experiment,
+            args.metrics,
+            args.out,
+            args.tracking_uri,
+            pairs=[tuple(p) for p in args.pair],
+            allow_mixed=args.allow_mixed,
+            parent=args.parent,
+            resamples=args.resamples,
+            seed=args.seed,
+        )
     except LookupError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -615,8 +738,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         except LookupError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        print(f"registered run {run['run_id']} ({run['label']}) as version {version} of model "
-              f"{args.register!r}: models:/{args.register}/{version}", file=sys.stderr)
+        print(
+            f"registered run {run['run_id']} ({run['label']}) as version {version} of model "
+            f"{args.register!r}: models:/{args.register}/{version}",
+            file=sys.stderr,
+        )
     return 0
 
 

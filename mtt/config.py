@@ -220,13 +220,13 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Values: the schema's types say what a key may hold, these rules what it may be. A value
 # outside them fails when the config is composed (``validate``), naming the key, the value and
 # what is allowed, instead of dividing by zero, streaming forever or failing after the MLflow
 # run was created.
 # ---------------------------------------------------------------------------------------------
+
 
 class ConfigError(ValueError):
     """A config value outside what its key allows (the message is one line)."""
@@ -254,8 +254,7 @@ def integer(lo: int, hi: int | None = None) -> Rule:
 
 def number(lo: float, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False) -> Rule:
     def ok(v) -> bool:
-        return (_is_number(v) and (v > lo if lo_open else v >= lo)
-                and (hi is None or (v < hi if hi_open else v <= hi)))
+        return _is_number(v) and (v > lo if lo_open else v >= lo) and (hi is None or (v < hi if hi_open else v <= hi))
 
     if hi is None:
         return Rule(ok, f"a number {'>' if lo_open else '>='} {lo:g}")
@@ -314,8 +313,10 @@ RULES: dict[str, Rule] = {
     # null would never replace an active clip: training would see only n_active clips, forever.
     "stream.rate": Rule(number(0, lo_open=True).ok, "a number > 0 (null never replaces an active clip)"),
     # exhaustive ends the stream once every clip was drawn from: training needs an endless one.
-    "stream.mode": Rule(one_of("with_replacement", "single_active").ok,
-                        "one of with_replacement, single_active (exhaustive would end the endless stream)"),
+    "stream.mode": Rule(
+        one_of("with_replacement", "single_active").ok,
+        "one of with_replacement, single_active (exhaustive would end the endless stream)",
+    ),
     "stream.patches_per_clip": or_null(integer(1)),
     "stream.num_workers": integer(0),
     "stream.weights": one_of("uniform", "length"),
@@ -335,21 +336,29 @@ RULES: dict[str, Rule] = {
     "trainer.monitor": one_of(*MONITORS),
     "trainer.patience": or_null(integer(1)),
     "trainer.lr_schedule": one_of("none", "plateau", "phases"),
-    "trainer.phases": Rule(lambda v: isinstance(v, (list, tuple, ListConfig)) and all(_phase_ok(p) for p in v),
-                           "a list of {epoch: an integer >= 1, lr: a number > 0, optimizer: adam, sgd or null}"),
+    "trainer.phases": Rule(
+        lambda v: isinstance(v, (list, tuple, ListConfig)) and all(_phase_ok(p) for p in v),
+        "a list of {epoch: an integer >= 1, lr: a number > 0, optimizer: adam, sgd or null}",
+    ),
     "trainer.lr_patience": integer(0),
     "trainer.lr_factor": number(0, 1, lo_open=True, hi_open=True),
-    "probe.C": Rule(lambda v: isinstance(v, (list, tuple, ListConfig)) and len(v) > 0
-                    and all(_is_number(c) and c > 0 for c in v), "a non-empty list of numbers > 0"),
+    "probe.C": Rule(
+        lambda v: isinstance(v, (list, tuple, ListConfig)) and len(v) > 0 and all(_is_number(c) and c > 0 for c in v),
+        "a non-empty list of numbers > 0",
+    ),
     "tracking.experiment": pattern(r".*\S.*", "a non-empty name"),
     "tracking.flush_timeout_s": number(0),
 }
 
 
-
 def _phase_ok(p) -> bool:
-    return (_is_int(p.get("epoch")) and p["epoch"] >= 1 and _is_number(p.get("lr")) and p["lr"] > 0
-            and p.get("optimizer") in (None, "adam", "sgd"))
+    return (
+        _is_int(p.get("epoch"))
+        and p["epoch"] >= 1
+        and _is_number(p.get("lr"))
+        and p["lr"] > 0
+        and p.get("optimizer") in (None, "adam", "sgd")
+    )
 
 
 _ABSENT = object()
@@ -386,15 +395,19 @@ def config_errors(cfg) -> list[str]:
     f = cfg.features
     if _is_number(f.fmin) and _is_number(f.fmax) and _is_int(f.sample_rate):
         if not f.fmin < f.fmax <= f.sample_rate / 2:
-            errors.append(f"features.fmin={_show(f.fmin)}, features.fmax={_show(f.fmax)}: expected "
-                          f"fmin < fmax <= sample_rate / 2 = {f.sample_rate / 2:g}")
+            errors.append(
+                f"features.fmin={_show(f.fmin)}, features.fmax={_show(f.fmax)}: expected "
+                f"fmin < fmax <= sample_rate / 2 = {f.sample_rate / 2:g}"
+            )
     if cfg.steps.policy == "fixed" and cfg.steps.n is None:
         errors.append("steps.n=null: expected an integer >= 1 with steps.policy=fixed")
     t = cfg.trainer
     epochs = [p.epoch for p in t.phases] if check_value("trainer.phases", t.phases) is None else None
     if t.lr_schedule == "phases" and epochs is not None and (not epochs or epochs != sorted(set(epochs))):
-        errors.append(f"trainer.phases={_show(epochs)} (epochs): expected a non-empty list in increasing "
-                      "epoch order with trainer.lr_schedule=phases")
+        errors.append(
+            f"trainer.phases={_show(epochs)} (epochs): expected a non-empty list in increasing "
+            "epoch order with trainer.lr_schedule=phases"
+        )
     if t.nesterov and t.momentum == 0:
         errors.append("trainer.nesterov=true, trainer.momentum=0.0: expected a momentum > 0 for Nesterov")
     from mtt.models.registry import backbone_errors  # here, not at the top: it imports torch

@@ -108,7 +108,7 @@ def gather(d: Dist, value: Any) -> list[Any]:
 
 def shard(d: Dist, n: int) -> np.ndarray:
     """This rank's row numbers out of ``n``: ``rank, rank + world, ...``."""
-    return np.arange(n)[d.rank::d.world]
+    return np.arange(n)[d.rank :: d.world]
 
 
 def gather_rows(d: Dist, n: int, compute: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:

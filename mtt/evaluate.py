@@ -50,8 +50,15 @@ def split_of(index: ClipIndex, store: PatchStore, name: str) -> Split:
 
 
 @torch.no_grad()
-def clip_probabilities(model: Tagger, inputs: PatchStore, split: Split, cfg, device: torch.device,
-                       from_backbone: bool, amp: torch.dtype | None) -> np.ndarray:
+def clip_probabilities(
+    model: Tagger,
+    inputs: PatchStore,
+    split: Split,
+    cfg,
+    device: torch.device,
+    from_backbone: bool,
+    amp: torch.dtype | None,
+) -> np.ndarray:
     """Clip-level probabilities ``(clips, n_tags)``: every patch's, aggregated per clip (mean or max)."""
     model.eval()
     n, n_tags = len(split.clip_ids), split.labels.shape[1]
@@ -60,8 +67,14 @@ def clip_probabilities(model: Tagger, inputs: PatchStore, split: Split, cfg, dev
     reduce = {"mean": np.add.at, "max": np.maximum.at}
     if cfg.eval.aggregate not in reduce:
         raise ValueError(f"eval.aggregate={cfg.eval.aggregate!r}: expected mean or max")
-    for x, owner in eval_batches(inputs, split.clip_ids, cfg.eval.batch_size, cfg.eval.patches_per_clip,
-                                 cfg.trainer.seed, spacing=cfg.eval.spacing):
+    for x, owner in eval_batches(
+        inputs,
+        split.clip_ids,
+        cfg.eval.batch_size,
+        cfg.eval.patches_per_clip,
+        cfg.trainer.seed,
+        spacing=cfg.eval.spacing,
+    ):
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             logits = model(x.to(device, non_blocking=True), from_backbone=from_backbone)
         probs = model.probabilities(logits).cpu().numpy().astype(np.float64)
@@ -81,10 +94,19 @@ def clip_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
     return out
 
 
-def split_probabilities(d: distributed.Dist, model: Tagger, inputs: PatchStore, split: Split, cfg,
-                        device: torch.device, from_backbone: bool, amp: torch.dtype | None) -> np.ndarray:
+def split_probabilities(
+    d: distributed.Dist,
+    model: Tagger,
+    inputs: PatchStore,
+    split: Split,
+    cfg,
+    device: torch.device,
+    from_backbone: bool,
+    amp: torch.dtype | None,
+) -> np.ndarray:
     """``clip_probabilities`` of a whole split; under torchrun each rank computes every
     world-th clip and the ranks exchange results, so each clip is evaluated exactly once."""
+
     def part(rows: np.ndarray) -> np.ndarray:
         sub = Split(split.clip_ids[rows], split.labels[rows], split.declared)
         return clip_probabilities(model, inputs, sub, cfg, device, from_backbone, amp)
@@ -100,16 +122,18 @@ def monitor_score(metrics: dict[str, float], monitor: str) -> float:
     return -math.inf if math.isnan(score) else score
 
 
-def log_test(tracker, tags, split: Split, probs: np.ndarray, step: int, seed: int,
-             extra: dict[str, float] | None = None) -> dict[str, float]:
+def log_test(
+    tracker, tags, split: Split, probs: np.ndarray, step: int, seed: int, extra: dict[str, float] | None = None
+) -> dict[str, float]:
     """Score the test split and record it: ``test_*`` metrics with their bootstrap intervals
     (resampling the test clips, seeded), the clip probabilities (``test_predictions.npz``), the
     per-tag table and the test set's digest. Returns the ``test_*`` metrics."""
     final = {f"test_{k}": v for k, v in clip_metrics(split.labels, probs).items()}
     intervals = run_intervals(split.labels, probs, seed=seed)
     tracker.log_metrics({**final, **intervals, **(extra or {})}, step=step)
-    tracker.set_tags({"test_clips_sha256": digest_test_set(split.clip_ids, split.labels),
-                      "test_clips": len(split.clip_ids)})
+    tracker.set_tags(
+        {"test_clips_sha256": digest_test_set(split.clip_ids, split.labels), "test_clips": len(split.clip_ids)}
+    )
     tracker.log_text(per_tag_csv(per_tag_table(tags, split.labels, probs)), "per_tag_test.csv")
     with tempfile.TemporaryDirectory() as tmp:
         path = save_predictions(Path(tmp) / PREDICTIONS, split.clip_ids, tags, probs, split.labels)

@@ -35,8 +35,7 @@ def mel_matrix(cfg: FeaturesConfig, n_bins: int) -> torch.Tensor:
     """
     nyquist = cfg.sample_rate / 2.0
     if not 0.0 <= cfg.fmin < cfg.fmax <= nyquist:
-        raise ValueError(f"need 0 <= fmin < fmax <= Nyquist ({nyquist}), got "
-                         f"fmin={cfg.fmin}, fmax={cfg.fmax}")
+        raise ValueError(f"need 0 <= fmin < fmax <= Nyquist ({nyquist}), got fmin={cfg.fmin}, fmax={cfg.fmax}")
     bins_mel = _hz_to_mel(np.linspace(0.0, nyquist, n_bins))[:, None]
     edges = np.linspace(_hz_to_mel(cfg.fmin), _hz_to_mel(cfg.fmax), cfg.n_mels + 2)
     lower, center, upper = edges[:-2], edges[1:-1], edges[2:]
@@ -136,7 +135,7 @@ class LogMelFrontEnd(PatchFrontEnd):
         log_mel = self.mel.new_empty(batch, n_frames, self.cfg.n_mels)
         for start in range(0, n_frames, block):
             stop = min(start + block, n_frames)
-            log_mel[:, start:stop] = self._log_mel(waveforms[:, start * self.hop:], stop - start)
+            log_mel[:, start:stop] = self._log_mel(waveforms[:, start * self.hop :], stop - start)
         # unfold puts the window last: (batch, patch, mel, time) -> (batch, patch, time, mel)
         return log_mel.unfold(1, p, ph).transpose(-1, -2).contiguous()
 
@@ -176,8 +175,14 @@ class MelDbFrontEnd(PatchFrontEnd):
         self.cfg = cfg
         self.n_fft = int(round(cfg.sample_rate * cfg.window_seconds))
         self.hop = int(round(cfg.sample_rate * cfg.hop_seconds))
-        self.spec = T.MelSpectrogram(sample_rate=cfg.sample_rate, n_fft=self.n_fft, hop_length=self.hop,
-                                     f_min=cfg.fmin, f_max=cfg.fmax, n_mels=cfg.n_mels)
+        self.spec = T.MelSpectrogram(
+            sample_rate=cfg.sample_rate,
+            n_fft=self.n_fft,
+            hop_length=self.hop,
+            f_min=cfg.fmin,
+            f_max=cfg.fmax,
+            n_mels=cfg.n_mels,
+        )
         self.to_db = T.AmplitudeToDB()
 
     def frames(self, n_samples: int) -> int:
@@ -187,7 +192,7 @@ class MelDbFrontEnd(PatchFrontEnd):
     def patches(self, waveforms: torch.Tensor, n_patches: int) -> torch.Tensor:
         p, ph = self.cfg.patch_frames, self.cfg.patch_hop_frames
         db = self.to_db(self.spec(waveforms.float()))  # (batch, mel, frames)
-        frames = db[..., :(n_patches - 1) * ph + p]
+        frames = db[..., : (n_patches - 1) * ph + p]
         # unfold puts the window last: (batch, mel, patch, time) -> (batch, patch, time, mel)
         return frames.unfold(-1, p, ph).permute(0, 2, 3, 1).contiguous()
 

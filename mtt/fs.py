@@ -86,6 +86,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def save_npy_atomic(path: str | Path, array: np.ndarray) -> None:
     """``np.save`` through ``atomic_replace``: never a partial .npy."""
+
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:  # a file object: np.save would append .npy to the name
             np.save(f, array, allow_pickle=False)

@@ -34,8 +34,16 @@ class DownloadError(RuntimeError):
     without the URL and destination, for callers that phrase their own message.
     """
 
-    def __init__(self, message: str, *, url: str, dest: Path | None = None, reason: str,
-                 status: int | None = None, detail: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        url: str,
+        dest: Path | None = None,
+        reason: str,
+        status: int | None = None,
+        detail: str | None = None,
+    ):
         super().__init__(message)
         self.url = url
         self.dest = dest
@@ -81,9 +89,17 @@ def _total_from_headers(resp, status: int, offset: int) -> int | None:
     return int(length) + (offset if status == 206 else 0)
 
 
-def download(url: str, dest: Path, *, sha256: str | None = None, sha256_prefix: str | None = None,
-             size: int | None = None, progress: bool = True, timeout: float = 30.0,
-             retries: int = 3) -> Path:
+def download(
+    url: str,
+    dest: Path,
+    *,
+    sha256: str | None = None,
+    sha256_prefix: str | None = None,
+    size: int | None = None,
+    progress: bool = True,
+    timeout: float = 30.0,
+    retries: int = 3,
+) -> Path:
     """Download ``url`` to ``dest`` (resuming, verified, atomic) and return ``dest``.
 
     Args:
@@ -102,12 +118,29 @@ def download(url: str, dest: Path, *, sha256: str | None = None, sha256_prefix: 
     if dest.exists() and _verifies(dest, size, sha256, sha256_prefix):
         return dest
     with locked(dest.with_name(f".{dest.name}.lock")):  # one writer of dest.part at a time
-        return _download_locked(url, dest, sha256=sha256, sha256_prefix=sha256_prefix, size=size,
-                                progress=progress, timeout=timeout, retries=retries)
+        return _download_locked(
+            url,
+            dest,
+            sha256=sha256,
+            sha256_prefix=sha256_prefix,
+            size=size,
+            progress=progress,
+            timeout=timeout,
+            retries=retries,
+        )
 
 
-def _download_locked(url: str, dest: Path, *, sha256: str | None, sha256_prefix: str | None,
-                     size: int | None, progress: bool, timeout: float, retries: int) -> Path:
+def _download_locked(
+    url: str,
+    dest: Path,
+    *,
+    sha256: str | None,
+    sha256_prefix: str | None,
+    size: int | None,
+    progress: bool,
+    timeout: float,
+    retries: int,
+) -> Path:
     """``download`` under its lock: look again (another process may have finished it), fetch."""
     if dest.exists():
         if _verifies(dest, size, sha256, sha256_prefix):
@@ -119,8 +152,13 @@ def _download_locked(url: str, dest: Path, *, sha256: str | None, sha256_prefix:
     def reject(what: str, expected, actual) -> DownloadError:
         part.unlink(missing_ok=True)
         detail = f"{what} mismatch, expected {expected}, got {actual}"
-        return DownloadError(f"{url}: {detail}; deleted the download (destination {dest})",
-                             url=url, dest=dest, reason="mismatch", detail=detail)
+        return DownloadError(
+            f"{url}: {detail}; deleted the download (destination {dest})",
+            url=url,
+            dest=dest,
+            reason="mismatch",
+            detail=detail,
+        )
 
     got = part.stat().st_size
     if total is not None and got != total:
@@ -135,8 +173,9 @@ def _download_locked(url: str, dest: Path, *, sha256: str | None, sha256_prefix:
     return dest
 
 
-def _fetch(url: str, dest: Path, part: Path, *, size: int | None, progress: bool, timeout: float,
-           retries: int) -> int | None:
+def _fetch(
+    url: str, dest: Path, part: Path, *, size: int | None, progress: bool, timeout: float, retries: int
+) -> int | None:
     """Fill ``part`` with the remote file; return its full size when the server stated one."""
     attempt = 0
     while True:
@@ -145,8 +184,7 @@ def _fetch(url: str, dest: Path, part: Path, *, size: int | None, progress: bool
             part.unlink()
             offset = 0
         try:
-            done, total, received, error = _attempt(url, part, offset, progress=progress,
-                                                    timeout=timeout)
+            done, total, received, error = _attempt(url, part, offset, progress=progress, timeout=timeout)
         except urllib.error.HTTPError as e:
             if e.code == 416 and offset > 0:  # our Range starts at or past the end
                 m = _UNSATISFIED_RANGE.match(e.headers.get("Content-Range", "") if e.headers else "")
@@ -156,16 +194,26 @@ def _fetch(url: str, dest: Path, part: Path, *, size: int | None, progress: bool
                 continue
             if e.code >= 500 and attempt < retries:
                 attempt += 1
-                time.sleep(min(0.5 * 2 ** attempt, 8.0))
+                time.sleep(min(0.5 * 2**attempt, 8.0))
                 continue
-            raise DownloadError(f"{url}: HTTP {e.code} {e.reason} (destination {dest})",
-                                url=url, dest=dest, reason="http", status=e.code,
-                                detail=f"HTTP {e.code} {e.reason}") from None
+            raise DownloadError(
+                f"{url}: HTTP {e.code} {e.reason} (destination {dest})",
+                url=url,
+                dest=dest,
+                reason="http",
+                status=e.code,
+                detail=f"HTTP {e.code} {e.reason}",
+            ) from None
         except urllib.error.URLError as e:
             # Failed to connect at all (refused, DNS, timeout): retrying would only make an
             # offline machine wait longer, so say so at once.
-            raise DownloadError(f"cannot reach {url} ({e.reason}); destination {dest}",
-                                url=url, dest=dest, reason="offline", detail=str(e.reason)) from None
+            raise DownloadError(
+                f"cannot reach {url} ({e.reason}); destination {dest}",
+                url=url,
+                dest=dest,
+                reason="offline",
+                detail=str(e.reason),
+            ) from None
         except (OSError, http.client.HTTPException) as e:
             # Connected, then the server closed or reset before answering.
             done, total, received, error = False, None, 0, e
@@ -173,15 +221,17 @@ def _fetch(url: str, dest: Path, part: Path, *, size: int | None, progress: bool
             return total
         if attempt >= retries:
             detail = f"connection dropped {attempt + 1} times (last: {error})"
-            raise DownloadError(f"{url}: {detail}; kept {part} to resume later",
-                                url=url, dest=dest, reason="incomplete", detail=detail)
+            raise DownloadError(
+                f"{url}: {detail}; kept {part} to resume later", url=url, dest=dest, reason="incomplete", detail=detail
+            )
         attempt += 1
         if received == 0:  # no progress at all: back off before hammering the server again
-            time.sleep(min(0.5 * 2 ** attempt, 8.0))
+            time.sleep(min(0.5 * 2**attempt, 8.0))
 
 
-def _attempt(url: str, part: Path, offset: int, *, progress: bool,
-             timeout: float) -> tuple[bool, int | None, int, Exception | str | None]:
+def _attempt(
+    url: str, part: Path, offset: int, *, progress: bool, timeout: float
+) -> tuple[bool, int | None, int, Exception | str | None]:
     """One request, appending to ``part`` from ``offset``.
 
     -> (complete, full size or None, bytes received in this attempt, why it stopped early).
@@ -202,10 +252,19 @@ def _attempt(url: str, part: Path, offset: int, *, progress: bool,
             offset = 0
         total = _total_from_headers(resp, status, offset)
         received, error = 0, None
-        with open(part, "ab" if offset else "wb") as f, tqdm(
-            total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
-            desc=part.name.removesuffix(".part"), disable=not progress, leave=False,
-        ) as bar:
+        with (
+            open(part, "ab" if offset else "wb") as f,
+            tqdm(
+                total=total,
+                initial=offset,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=part.name.removesuffix(".part"),
+                disable=not progress,
+                leave=False,
+            ) as bar,
+        ):
             try:
                 while chunk := resp.read(CHUNK):
                     f.write(chunk)

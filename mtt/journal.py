@@ -107,8 +107,9 @@ class Journal:
         self._next = seq + 1
         return seq
 
-    def append_files(self, source: str | Path, artifact_path: str | None, name: str | None = None,
-                     text: str | None = None) -> int:
+    def append_files(
+        self, source: str | Path, artifact_path: str | None, name: str | None = None, text: str | None = None
+    ) -> int:
         """An ``artifacts`` entry: a copy of file or folder ``source`` (or ``text`` written to a
         file ``name``), taken now, to be uploaded under ``artifact_path``; returns its ``seq``.
 
@@ -149,8 +150,9 @@ class Journal:
                     break  # an unparsable last line: torn as well (garbage after a power cut)
                 raise JournalError(f"{self.path}: line {len(entries) + 1} is not JSON") from None
             if entry.get("seq") != len(entries):
-                raise JournalError(f"{self.path}: line {len(entries) + 1} has seq {entry.get('seq')}, "
-                                   f"expected {len(entries)}")
+                raise JournalError(
+                    f"{self.path}: line {len(entries) + 1} has seq {entry.get('seq')}, expected {len(entries)}"
+                )
             entries.append(entry)
             pos = end + 1
         return entries, pos

@@ -22,8 +22,10 @@ def tagging_metrics(y_true: np.ndarray, y_prob: np.ndarray, threshold: float = 0
     """
     y_true = np.asarray(y_true).astype(np.int64)
     y_prob = np.asarray(y_prob, dtype=np.float64)
-    out = {"accuracy": float(((y_prob >= threshold) == (y_true == 1)).mean()),
-           "accuracy_all_negative": float((y_true == 0).mean())}
+    out = {
+        "accuracy": float(((y_prob >= threshold) == (y_true == 1)).mean()),
+        "accuracy_all_negative": float((y_true == 0).mean()),
+    }
     cols = scorable(y_true)
     if len(cols):
         out["roc_auc"] = float(roc_auc_score(y_true[:, cols], y_prob[:, cols], average="macro"))
@@ -39,7 +41,12 @@ def per_tag_table(tags, y_true: np.ndarray, y_prob: np.ndarray) -> list[dict]:
     for j, tag in enumerate(tags):
         t, p = y_true[:, j].astype(int), y_prob[:, j]
         ok = 0 < t.sum() < len(t)
-        rows.append({"tag": tag, "positives": int(t.sum()),
-                     "roc_auc": float(roc_auc_score(t, p)) if ok else float("nan"),
-                     "pr_auc": float(average_precision_score(t, p)) if ok else float("nan")})
+        rows.append(
+            {
+                "tag": tag,
+                "positives": int(t.sum()),
+                "roc_auc": float(roc_auc_score(t, p)) if ok else float("nan"),
+                "pr_auc": float(average_precision_score(t, p)) if ok else float("nan"),
+            }
+        )
     return rows

@@ -66,8 +66,7 @@ def frontend_params(cfg: FeaturesConfig) -> dict:
 
 def store_path(index: ClipIndex, cfg: FeaturesConfig) -> Path:
     # format 2: the manifest records every clip's decoded duration (and the truncated clips)
-    key = params_key({"frontend": frontend_params(cfg), "root": str(index.root.resolve()),
-                      "format": 2})
+    key = params_key({"frontend": frontend_params(cfg), "root": str(index.root.resolve()), "format": 2})
     return Path(cfg.store).expanduser() / f"{index.root.name}-{key}"
 
 
@@ -191,11 +190,14 @@ def _build_feature_store(path: Path, index: ClipIndex, cfg: FeaturesConfig, prog
         log.info("removed %d temporary file(s) left by an interrupted run in %s", stale, path)
     params = frontend_params(cfg)
     old = set(int(c) for c in store.clip_ids) if store is not None else set()
-    jobs = [(c, str(index.audio_path(i)), str(shards / f"{c}.npy"), params)
-            for i, c in enumerate(clip_ids)
-            if c not in old and not (shards / f"{c}.npy").exists() and not (shards / f"{c}.failed").exists()]
-    log.info("computing %d of %d clips (%d done before) into %s", len(jobs), len(clip_ids),
-             len(clip_ids) - len(jobs), path)
+    jobs = [
+        (c, str(index.audio_path(i)), str(shards / f"{c}.npy"), params)
+        for i, c in enumerate(clip_ids)
+        if c not in old and not (shards / f"{c}.npy").exists() and not (shards / f"{c}.failed").exists()
+    ]
+    log.info(
+        "computing %d of %d clips (%d done before) into %s", len(jobs), len(clip_ids), len(clip_ids) - len(jobs), path
+    )
     if jobs:
         workers = cfg.workers or os.cpu_count() or 1
         bar = tqdm(total=len(jobs), desc="log-mel features", unit="clip", disable=not progress)
@@ -211,8 +213,10 @@ def _build_feature_store(path: Path, index: ClipIndex, cfg: FeaturesConfig, prog
                 torch.set_num_threads(threads)
         else:
             # Chunks of 8 clips keep the inter-process traffic small while the bar still moves.
-            with _start_method("forkserver"), ProcessPoolExecutor(workers, mp_context=_worker_context(),
-                                     initializer=_init_worker) as pool:
+            with (
+                _start_method("forkserver"),
+                ProcessPoolExecutor(workers, mp_context=_worker_context(), initializer=_init_worker) as pool,
+            ):
                 for _ in pool.map(_extract, jobs, chunksize=8):
                     bar.update()
         bar.close()
@@ -234,15 +238,30 @@ def _build_feature_store(path: Path, index: ClipIndex, cfg: FeaturesConfig, prog
 
     item_shape = (cfg.patch_frames, cfg.n_mels)
     (path / MANIFEST).unlink(missing_ok=True)
-    store = pack(path, counts, load, item_shape, params, failed, progress=progress,
-                 extra={"seconds": seconds, "truncated": truncated})
+    store = pack(
+        path,
+        counts,
+        load,
+        item_shape,
+        params,
+        failed,
+        progress=progress,
+        extra={"seconds": seconds, "truncated": truncated},
+    )
     shutil.rmtree(shards, ignore_errors=True)
     if failed:
-        log.warning("%d clip(s) could not be decoded and were skipped (listed in %s):\n  %s",
-                    len(failed), path / MANIFEST, "\n  ".join(failed.values()))
+        log.warning(
+            "%d clip(s) could not be decoded and were skipped (listed in %s):\n  %s",
+            len(failed),
+            path / MANIFEST,
+            "\n  ".join(failed.values()),
+        )
     if truncated:
-        log.warning("%d clip(s) are shorter than expected by more than one patch (kept, listed under "
-                    "'truncated' in %s)", len(truncated), path / MANIFEST)
+        log.warning(
+            "%d clip(s) are shorter than expected by more than one patch (kept, listed under 'truncated' in %s)",
+            len(truncated),
+            path / MANIFEST,
+        )
     return store
 
 
@@ -255,8 +274,11 @@ def truncated_clips(index: ClipIndex, seconds: dict[str, float], patch_seconds: 
     for row, clip_id in enumerate(index.clip_ids):
         expected, decoded = float(index.expected_seconds[row]), seconds.get(str(int(clip_id)))
         if decoded is not None and decoded < expected - patch_seconds:  # NaN expected: never
-            out[str(int(clip_id))] = {"file": index.paths[row], "expected_seconds": round(expected, 3),
-                                      "decoded_seconds": round(decoded, 3)}
+            out[str(int(clip_id))] = {
+                "file": index.paths[row],
+                "expected_seconds": round(expected, 3),
+                "decoded_seconds": round(decoded, 3),
+            }
     return out
 
 
@@ -268,19 +290,27 @@ def summary(store: PatchStore, seconds: float | None = None) -> str:
     fingerprint."""
     short = int((store.counts == 0).sum())
     truncated = sorted(store.truncated.items(), key=lambda kv: int(kv[0]))
-    lines = [f"feature store: {store.path}",
-             f"  {len(store)} clips, {store.patches.shape[0]} patches of {store.item_shape}, "
-             f"{short} shorter than one patch (kept with 0 patches, not trained on), "
-             f"{len(truncated)} truncated, {len(store.failed)} failed, fingerprint {store.fingerprint}"
-             + (f", {seconds:.1f} s" if seconds is not None else "")]
+    lines = [
+        f"feature store: {store.path}",
+        f"  {len(store)} clips, {store.patches.shape[0]} patches of {store.item_shape}, "
+        f"{short} shorter than one patch (kept with 0 patches, not trained on), "
+        f"{len(truncated)} truncated, {len(store.failed)} failed, fingerprint {store.fingerprint}"
+        + (f", {seconds:.1f} s" if seconds is not None else ""),
+    ]
     if store.failed:
         lines.append(f"  {len(store.failed)} clip(s) could not be decoded (skipped, listed in the manifest):")
-        lines += [f"    {clip_id}: {reason}" for clip_id, reason in sorted(store.failed.items(), key=lambda kv: int(kv[0]))]
+        lines += [
+            f"    {clip_id}: {reason}" for clip_id, reason in sorted(store.failed.items(), key=lambda kv: int(kv[0]))
+        ]
     if truncated:
-        lines.append(f"  {len(truncated)} clip(s) shorter than expected by more than one patch (kept with the "
-                     "patches they have, listed under 'truncated' in the manifest):")
-        lines += [f"    {clip_id}: {t['file']}: {t['decoded_seconds']:g} s of {t['expected_seconds']:g} s"
-                  for clip_id, t in truncated[:_LISTED]]
+        lines.append(
+            f"  {len(truncated)} clip(s) shorter than expected by more than one patch (kept with the "
+            "patches they have, listed under 'truncated' in the manifest):"
+        )
+        lines += [
+            f"    {clip_id}: {t['file']}: {t['decoded_seconds']:g} s of {t['expected_seconds']:g} s"
+            for clip_id, t in truncated[:_LISTED]
+        ]
         if len(truncated) > _LISTED:
             lines.append(f"    ... and {len(truncated) - _LISTED} more")
     return "\n".join(lines)

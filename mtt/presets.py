@@ -50,7 +50,7 @@ class ExperimentPresets(ConfigSource):
         if config_path == GROUP:
             return self.root
         if config_path.startswith(GROUP + "/"):
-            return self.root / config_path[len(GROUP) + 1:]
+            return self.root / config_path[len(GROUP) + 1 :]
         return None
 
     def available(self) -> bool:
@@ -73,9 +73,12 @@ class ExperimentPresets(ConfigSource):
         text = inner.read_text(encoding="utf-8")
         from omegaconf import OmegaConf
 
-        return ConfigResult(config=OmegaConf.create(text) if text.strip() else OmegaConf.create({}),
-                            path=f"{self.scheme()}://{self.root}", provider=self.provider,
-                            header=ConfigSource._get_header_dict(text[:512]))
+        return ConfigResult(
+            config=OmegaConf.create(text) if text.strip() else OmegaConf.create({}),
+            path=f"{self.scheme()}://{self.root}",
+            provider=self.provider,
+            header=ConfigSource._get_header_dict(text[:512]),
+        )
 
     def list(self, config_path: str, results_filter: Optional[ObjectType]) -> builtins.list[str]:
         want_groups = results_filter in (None, ObjectType.GROUP)
@@ -93,7 +96,7 @@ class ExperimentPresets(ConfigSource):
             for dirpath, dirnames, filenames in os.walk(inner):
                 dirnames[:] = [d for d in dirnames if not d.startswith((".", "__"))]
                 rel = Path(dirpath).relative_to(inner)
-                out += [(rel / f[:-len(_EXT)]).as_posix() for f in filenames if f.endswith(_EXT)]
+                out += [(rel / f[: -len(_EXT)]).as_posix() for f in filenames if f.endswith(_EXT)]
         return sorted(set(out))
 
 

@@ -91,8 +91,9 @@ class LinearProbe:
         return out
 
 
-def fit_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
-              strengths) -> tuple[LinearProbe, list[dict[str, float]]]:
+def fit_probe(
+    x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, strengths
+) -> tuple[LinearProbe, list[dict[str, float]]]:
     """Fit a probe per regularisation strength, keep the best by validation macro ROC-AUC.
 
     Returns the chosen probe and one ``{"C", "val_roc_auc", ...}`` record per strength.
@@ -127,28 +128,52 @@ def run_probe(cfg, tracker, d: distributed.Dist = distributed.Dist()) -> dict[st
     train, valid = p.train, p.valid
     if p.valid_is_test:  # the report split: choose the strength on training clips held out
         train, valid = carve_validation(p.train, CARVED_FRACTION, cfg.trainer.seed)
-    tracker.set_tags({REFERENCE_TAG: REFERENCE, "selection": "best_val",
-                      "probe_validation": "carved_from_train" if p.valid_is_test else "valid_split"})
-    derived = {"train_clips": len(train.clip_ids), "val_clips": len(valid.clip_ids),
-               "test_clips": len(p.test.clip_ids), "n_tags": len(p.index.tags), "device": str(p.device),
-               "embedding_dim": 2 * p.inputs.item_shape[0], "steps_per_epoch": 0,
-               "truncated_clips": len(p.store.truncated)}
-    log_records(cfg, tracker, derived, p.weights, p.store, {"train": train, "valid": valid, "test": p.test},
-                kind="linear probe")
-    emb = {name: clip_embeddings(p.inputs, s.clip_ids) for name, s in
-           (("train", train), ("valid", valid), ("test", p.test))}
+    tracker.set_tags(
+        {
+            REFERENCE_TAG: REFERENCE,
+            "selection": "best_val",
+            "probe_validation": "carved_from_train" if p.valid_is_test else "valid_split",
+        }
+    )
+    derived = {
+        "train_clips": len(train.clip_ids),
+        "val_clips": len(valid.clip_ids),
+        "test_clips": len(p.test.clip_ids),
+        "n_tags": len(p.index.tags),
+        "device": str(p.device),
+        "embedding_dim": 2 * p.inputs.item_shape[0],
+        "steps_per_epoch": 0,
+        "truncated_clips": len(p.store.truncated),
+    }
+    log_records(
+        cfg, tracker, derived, p.weights, p.store, {"train": train, "valid": valid, "test": p.test}, kind="linear probe"
+    )
+    emb = {
+        name: clip_embeddings(p.inputs, s.clip_ids)
+        for name, s in (("train", train), ("valid", valid), ("test", p.test))
+    }
     probe, scores = fit_probe(emb["train"], train.labels, emb["valid"], valid.labels, list(cfg.probe.C))
     for i, rec in enumerate(scores):  # the validation curve over strengths, for the record
         tracker.log_metrics({"probe_C": rec["C"], "probe_val_roc_auc": rec["val_roc_auc"]}, step=i)
     tracker.log_params({"probe.selected_C": probe.C})
     val = {f"val_{k}": v for k, v in clip_metrics(valid.labels, probe.predict(emb["valid"])).items()}
     selected = {f"selected_{k}": v for k, v in val.items()}
-    test = log_test(tracker, p.index.tags, p.test, probe.predict(emb["test"]), step=0, seed=cfg.trainer.seed,
-                    extra={**val, **selected})
+    test = log_test(
+        tracker,
+        p.index.tags,
+        p.test,
+        probe.predict(emb["test"]),
+        step=0,
+        seed=cfg.trainer.seed,
+        extra={**val, **selected},
+    )
     metrics = {**val, **selected, **test, "probe_seconds": time.perf_counter() - start}
     tracker.log_metrics({"probe_seconds": metrics["probe_seconds"]}, step=0)
-    log.info("linear probe (C=%g): %s", probe.C,
-             " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith(("val_roc", "test_")) and "_ci" not in k))
+    log.info(
+        "linear probe (C=%g): %s",
+        probe.C,
+        " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith(("val_roc", "test_")) and "_ci" not in k),
+    )
     return metrics
 
 

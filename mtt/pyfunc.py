@@ -36,14 +36,20 @@ import json
 import os
 import tempfile
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 import mlflow.models
 import mlflow.pyfunc
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from mtt.models import Tagger
 
 META = "tagger.json"
 MODEL_PATH = "model"  # the artifact path in every run
@@ -51,8 +57,7 @@ CODE_FILE = Path(__file__).with_name("pyfunc_code.py")
 FORMAT = 1  # of tagger.json
 # Packages the model needs at load time, pinned to what this environment runs; mtt itself must
 # be importable too (it is in this repository's venv; `mlflow models serve --env-manager local`).
-REQUIREMENTS = ("mlflow", "torch", "torchaudio", "numpy", "pandas", "omegaconf", "safetensors", "soundfile",
-                "librosa")
+REQUIREMENTS = ("mlflow", "torch", "torchaudio", "numpy", "pandas", "omegaconf", "safetensors", "soundfile", "librosa")
 
 
 @dataclass
@@ -62,7 +67,7 @@ class ClipTagger:
     ``cached_backbone``: the run evaluated from a frozen backbone's float16 cache.
     """
 
-    model: torch.nn.Module  # mtt.models.Tagger, eval mode, CPU
+    model: Tagger  # eval mode, CPU
     tags: list[str]
     cfg: Any  # the run's resolved config (OmegaConf)
     cached_backbone: bool
@@ -83,12 +88,13 @@ class ClipTagger:
             raise ValueError(f"samples: expected mono (samples,), got shape {tuple(x.shape)}")
         patches = front(x[None])[0].half().float()  # (n, frames, bands), as the feature store holds them
         if len(patches) == 0:
-            raise AudioDecodeError(f"shorter than one {self.cfg.features.patch_frames}-frame patch "
-                                   f"({len(x) / self.sample_rate:.2f} s)")
+            raise AudioDecodeError(
+                f"shorter than one {self.cfg.features.patch_frames}-frame patch ({len(x) / self.sample_rate:.2f} s)"
+            )
         size = int(self.cfg.eval.batch_size)
         probs = []
         for i in range(0, len(patches), size):
-            fmap = self.model.encode(patches[i:i + size])
+            fmap = self.model.encode(patches[i : i + size])
             if self.cached_backbone:
                 fmap = fmap.half().float()
             probs.append(self.model.probabilities(self.model(fmap, from_backbone=True)).numpy().astype(np.float64))
@@ -126,9 +132,8 @@ def build_tagger(meta: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> 
     and tags; ``cached_backbone`` then follows the config) and its state dict."""
     from omegaconf import OmegaConf
 
-    from mtt.models import build_model
-
     from mtt.config import Config
+    from mtt.models import build_model
 
     # Over the schema: a run recorded before a key existed gets its default (the old behaviour).
     cfg = OmegaConf.merge(OmegaConf.structured(Config), dict(meta["config"]))
@@ -145,11 +150,11 @@ def load_tagger(model_uri: str, tracking_uri: str | None = None) -> ClipTagger:
     """The ``ClipTagger`` of a logged model: ``runs:/<run_id>/model``, ``models:/NAME/VERSION``
     (or ``models:/NAME/latest``) or a local folder, loaded through ``mlflow.pyfunc.load_model``
     (what serving loads). Raises ``MlflowException`` when there is no such model."""
-    from mtt.tracking import resolve_uri
-
     # MLflow 3.17 resolves models:/ URIs against the global registry URI (which follows the
     # tracking URI), whatever URI is passed down: set it for this call only.
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    from mtt.tracking import resolve_uri
 
     with _use_tracking_uri(resolve_uri(tracking_uri)), _quiet_copies():
         model = mlflow.pyfunc.load_model(str(model_uri))
@@ -158,11 +163,13 @@ def load_tagger(model_uri: str, tracking_uri: str | None = None) -> ClipTagger:
 
 # ------------------------------------------------------------------------------------ MLflow
 
+
 def input_schema():
     from mlflow.types.schema import Array, ColSpec, DataType, Schema
 
-    return Schema([ColSpec(DataType.binary, "audio", required=False),
-                   ColSpec(Array(DataType.double), "samples", required=False)])
+    return Schema(
+        [ColSpec(DataType.binary, "audio", required=False), ColSpec(Array(DataType.double), "samples", required=False)]
+    )
 
 
 def signature(tags: list[str]):
@@ -194,7 +201,7 @@ def _requirements() -> list[str]:
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=".*type hints to the `predict` method", category=UserWarning)
 
-    class TaggerModel(mlflow.pyfunc.PythonModel):
+    class TaggerModel(mlflow.pyfunc.PythonModel):  # type: ignore[name-defined]  # mlflow's lazy attribute
         """The pyfunc model; ``pyfunc_code.py`` hands one to MLflow (``set_model``)."""
 
         def load_context(self, context) -> None:
@@ -207,7 +214,7 @@ with warnings.catch_warnings():
             return predict(self.tagger, model_input)
 
 
-def predict(tagger: ClipTagger, frame) -> "pd.DataFrame":  # noqa: F821
+def predict(tagger: ClipTagger, frame) -> pd.DataFrame:
     """One row of tag probabilities per input row (``audio`` bytes or ``samples``)."""
     import base64
 
@@ -220,8 +227,10 @@ def predict(tagger: ClipTagger, frame) -> "pd.DataFrame":  # noqa: F821
         has_audio = audio is not None and not (isinstance(audio, float) and np.isnan(audio))
         has_samples = samples is not None and not (isinstance(samples, float) and np.isnan(samples))
         if has_audio == has_samples:
-            raise ValueError(f"row {i}: give exactly one of 'audio' (encoded file bytes) or 'samples' "
-                             f"(mono float32 at {tagger.sample_rate} Hz)")
+            raise ValueError(
+                f"row {i}: give exactly one of 'audio' (encoded file bytes) or 'samples' "
+                f"(mono float32 at {tagger.sample_rate} Hz)"
+            )
         if has_audio:
             data = base64.b64decode(audio) if isinstance(audio, str) else bytes(audio)
             rows.append(tagger.tag_bytes(data))
@@ -236,19 +245,34 @@ def save_tagger(out: str | Path, weights: str | Path, meta: Mapping[str, Any], c
     out = Path(out)
     with tempfile.TemporaryDirectory() as tmp:
         meta_path = Path(tmp) / META
-        meta_path.write_text(json.dumps({"format": FORMAT, "config": meta["config"], "tags": list(meta["tags"]),
-                                         "cached_backbone": bool(cached_backbone),
-                                         "epoch": meta.get("epoch"), "monitor": meta.get("monitor")}, indent=1))
+        meta_path.write_text(
+            json.dumps(
+                {
+                    "format": FORMAT,
+                    "config": meta["config"],
+                    "tags": list(meta["tags"]),
+                    "cached_backbone": bool(cached_backbone),
+                    "epoch": meta.get("epoch"),
+                    "monitor": meta.get("monitor"),
+                },
+                indent=1,
+            )
+        )
         sample_rate = int(meta["config"]["features"]["sample_rate"])
         with _quiet_copies():
             mlflow.pyfunc.save_model(
-                str(out), python_model=str(CODE_FILE),
+                str(out),
+                python_model=str(CODE_FILE),
                 artifacts={"weights": str(weights), "tagger": str(meta_path)},
                 signature=signature(list(meta["tags"])),
                 input_example=_example_frame(sample_rate),
                 pip_requirements=_requirements(),
-                metadata={"mtt.input": f"one of: audio (encoded file bytes, base64 in JSON), samples (mono float32 "
-                                       f"at {sample_rate} Hz)", "mtt.output": "one probability per tag"})
+                metadata={
+                    "mtt.input": f"one of: audio (encoded file bytes, base64 in JSON), samples (mono float32 "
+                    f"at {sample_rate} Hz)",
+                    "mtt.output": "one probability per tag",
+                },
+            )
     return out
 
 
@@ -282,18 +306,27 @@ def log_tagger(tracker, checkpoint: str | Path, cached_backbone: bool) -> None:
 
     checkpoint = Path(checkpoint)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = save_tagger(Path(tmp) / MODEL_PATH, checkpoint / BEST_WEIGHTS,
-                             json.loads((checkpoint / BEST_META).read_text()), cached_backbone)
+        folder = save_tagger(
+            Path(tmp) / MODEL_PATH,
+            checkpoint / BEST_WEIGHTS,
+            json.loads((checkpoint / BEST_META).read_text()),
+            cached_backbone,
+        )
         tracker.log_artifacts(folder, MODEL_PATH)
         flavors = mlflow.models.Model.load(str(folder)).flavors
     # What mlflow's log_model records (without the signature: a tag holds at most 8000 characters).
-    record = {"run_id": tracker.run_id, "artifact_path": MODEL_PATH, "flavors": flavors,
-              "utc_time_created": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")}
+    record = {
+        "run_id": tracker.run_id,
+        "artifact_path": MODEL_PATH,
+        "flavors": flavors,
+        "utc_time_created": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f"),
+    }
     tracker.set_tags({"mlflow.log-model.history": json.dumps([record])})
 
 
-def register(tracking_uri: str | None, name: str, run_id: str, description: str,
-             tags: Mapping[str, str] | None = None) -> int:
+def register(
+    tracking_uri: str | None, name: str, run_id: str, description: str, tags: Mapping[str, str] | None = None
+) -> int:
     """Register run ``run_id``'s ``model/`` as a new version of registered model ``name`` (created
     if missing) with ``description``; returns the version number (``models:/NAME/<n>``)."""
     from mlflow.exceptions import MlflowException
@@ -304,8 +337,10 @@ def register(tracking_uri: str | None, name: str, run_id: str, description: str,
     uri = resolve_uri(tracking_uri)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     if not any(a.path == f"{MODEL_PATH}/MLmodel" for a in client.list_artifacts(run_id, MODEL_PATH)):
-        raise LookupError(f"run {run_id} has no {MODEL_PATH}/ (an MLflow model; runs log one since mtt logged "
-                          f"models), so it cannot be registered")
+        raise LookupError(
+            f"run {run_id} has no {MODEL_PATH}/ (an MLflow model; runs log one since mtt logged "
+            f"models), so it cannot be registered"
+        )
     try:
         client.create_registered_model(name)
     except MlflowException as exc:
@@ -313,6 +348,7 @@ def register(tracking_uri: str | None, name: str, run_id: str, description: str,
             raise
     # Where the run's model/ lies (what mlflow.register_model records for runs:/ URIs).
     source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{MODEL_PATH}"
-    version = client.create_model_version(name, source, run_id=run_id, description=description,
-                                          tags={k: str(v) for k, v in (tags or {}).items()})
+    version = client.create_model_version(
+        name, source, run_id=run_id, description=description, tags={k: str(v) for k, v in (tags or {}).items()}
+    )
     return int(version.version)

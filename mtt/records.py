@@ -29,9 +29,12 @@ GIT_COMMIT, GIT_DIRTY = "mlflow.source.git.commit", "mlflow.source.git.dirty"
 
 def git_state(repo: Path = REPO_ROOT) -> dict[str, str]:
     """``GIT_COMMIT`` and ``GIT_DIRTY`` of the code that runs; ``unknown`` outside a git checkout."""
+
     def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
-                              check=True, timeout=30).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", str(repo), *args], capture_output=True, text=True, check=True, timeout=30
+        ).stdout.strip()
+
     try:
         commit = git("rev-parse", "HEAD")
         # Untracked files count: a new module the run imports changes what ran.
@@ -76,34 +79,52 @@ def dataset_inputs(data, fingerprint: str, splits: Mapping[str, np.ndarray]) -> 
     for context, clip_ids in splits.items():
         ids = np.asarray(clip_ids, dtype=np.int64)
         digest = hashlib.sha256(fingerprint.encode() + b"|" + context.encode() + b"|" + ids.tobytes()).hexdigest()
-        out.append({"name": dataset_name(data), "digest": digest[:16], "source_type": "local",
-                    "source": json.dumps({"uri": str(data.root)}),
-                    "profile": json.dumps({"feature_store": fingerprint, "split": context, "clips": len(ids)}),
-                    "context": context})
+        out.append(
+            {
+                "name": dataset_name(data),
+                "digest": digest[:16],
+                "source_type": "local",
+                "source": json.dumps({"uri": str(data.root)}),
+                "profile": json.dumps({"feature_store": fingerprint, "split": context, "clips": len(ids)}),
+                "context": context,
+            }
+        )
     return out
 
 
 def run_note(cfg, derived: Mapping, kind: str = "trained tagger") -> str:
     """One paragraph for the run page (``mlflow.note.content``): model, steps, data, selection."""
     head, pool, data = cfg.head, cfg.pool, cfg.data
-    pooling = (f"AutoPool (alpha initialised at {pool.alpha_init:g}, constraint {pool.constraint})"
-               if pool.name == "autopool" else "global average pooling")
-    backbone = "frozen" if cfg.backbone.freeze and cfg.backbone.finetune_last == 0 else \
-        (f"last {cfg.backbone.finetune_last} conv layers fine-tuned" if cfg.backbone.freeze else "fine-tuned")
+    pooling = (
+        f"AutoPool (alpha initialised at {pool.alpha_init:g}, constraint {pool.constraint})"
+        if pool.name == "autopool"
+        else "global average pooling"
+    )
+    backbone = (
+        "frozen"
+        if cfg.backbone.freeze and cfg.backbone.finetune_last == 0
+        else (f"last {cfg.backbone.finetune_last} conv layers fine-tuned" if cfg.backbone.freeze else "fine-tuned")
+    )
     weights = "AudioSet weights" if cfg.backbone.weights != "none" else "random weights"
     if kind == "linear probe":
         model = f"Linear probe (logistic regression per tag) on the {backbone} VGGish ({weights})"
         schedule = f"L2 strength chosen among {list(cfg.probe.C)} on validation"
     else:
-        model = (f"VGGish ({backbone}, {weights}, width x{cfg.backbone.width:g}) with {pooling} and a "
-                 f"{head.blocks}-block {head.output} head (width {head.width}, dropout {head.dropout:g})")
+        model = (
+            f"VGGish ({backbone}, {weights}, width x{cfg.backbone.width:g}) with {pooling} and a "
+            f"{head.blocks}-block {head.output} head (width {head.width}, dropout {head.dropout:g})"
+        )
         steps = f"{cfg.steps.policy}" + (f" (n={cfg.steps.n})" if cfg.steps.policy == "fixed" else "")
-        schedule = (f"{derived.get('steps_per_epoch')} steps per epoch (steps policy {steps}), at most "
-                    f"{cfg.trainer.epochs} epochs, batch {cfg.trainer.batch_size}, lr {cfg.trainer.lr:g}, "
-                    f"checkpoint chosen by {cfg.trainer.monitor}")
+        schedule = (
+            f"{derived.get('steps_per_epoch')} steps per epoch (steps policy {steps}), at most "
+            f"{cfg.trainer.epochs} epochs, batch {cfg.trainer.batch_size}, lr {cfg.trainer.lr:g}, "
+            f"checkpoint chosen by {cfg.trainer.monitor}"
+        )
     clips = f"{derived.get('train_clips')} train / {derived.get('val_clips')} valid / {derived.get('test_clips')} test clips"
-    return (f"{model}; {schedule}. Data: {dataset_name(data)} ({data.tags} tags: {derived.get('n_tags')}, "
-            f"{data.split} split, {clips}) from {data.root}; seed {cfg.trainer.seed}.")
+    return (
+        f"{model}; {schedule}. Data: {dataset_name(data)} ({data.tags} tags: {derived.get('n_tags')}, "
+        f"{data.split} split, {clips}) from {data.root}; seed {cfg.trainer.seed}."
+    )
 
 
 def per_tag_csv(rows: Sequence[Mapping]) -> str:
@@ -116,20 +137,32 @@ def per_tag_csv(rows: Sequence[Mapping]) -> str:
 
 
 # One PNG per curve family: (file, title, metric names, y label).
-PLOTS = [("loss.png", "Loss (train: patch level; validation: clip level)", ["train_loss", "val_loss"],
-          "binary cross-entropy"),
-         ("accuracy.png", "Binary accuracy (train: patch level; validation: clip level)",
-          ["train_accuracy", "val_accuracy", "val_accuracy_all_negative"], "accuracy over (item, tag) cells"),
-         ("auc.png", "Macro AUC (validation)", ["val_roc_auc", "val_pr_auc"], "AUC")]
+PLOTS = [
+    (
+        "loss.png",
+        "Loss (train: patch level; validation: clip level)",
+        ["train_loss", "val_loss"],
+        "binary cross-entropy",
+    ),
+    (
+        "accuracy.png",
+        "Binary accuracy (train: patch level; validation: clip level)",
+        ["train_accuracy", "val_accuracy", "val_accuracy_all_negative"],
+        "accuracy over (item, tag) cells",
+    ),
+    ("auc.png", "Macro AUC (validation)", ["val_roc_auc", "val_pr_auc"], "AUC"),
+]
 
 # Legend entries that say what a curve measures where its name alone would mislead: train and
 # validation share an axis but are not the same quantity. train_*: the mean over the epoch's
 # steps of patch-level values, with dropout on (and AutoPool's alpha penalty in the loss); val_*:
 # each clip's aggregated patch probabilities, in eval mode.
-LABELS = {"train_loss": "train_loss (patches, dropout, + alpha penalty)",
-          "val_loss": "val_loss (clips, eval mode)",
-          "train_accuracy": "train_accuracy (patches, dropout)",
-          "val_accuracy": "val_accuracy (clips, eval mode)"}
+LABELS = {
+    "train_loss": "train_loss (patches, dropout, + alpha penalty)",
+    "val_loss": "val_loss (clips, eval mode)",
+    "train_accuracy": "train_accuracy (patches, dropout)",
+    "val_accuracy": "val_accuracy (clips, eval mode)",
+}
 
 
 def plot_curves(history: Mapping[str, Sequence[float]], folder: Path) -> list[Path]:
@@ -174,9 +207,13 @@ class Predictions:
 
 def save_predictions(path: Path, clip_ids, tags, probabilities, labels) -> Path:
     """Write ``test_predictions.npz``: numpy arrays only (tag names as a unicode array), no pickle."""
-    np.savez_compressed(path, clip_ids=np.asarray(clip_ids, dtype=np.int64), tags=np.asarray(list(tags), dtype=str),
-                        probabilities=np.asarray(probabilities, dtype=np.float64),
-                        labels=np.asarray(labels, dtype=np.uint8))
+    np.savez_compressed(
+        path,
+        clip_ids=np.asarray(clip_ids, dtype=np.int64),
+        tags=np.asarray(list(tags), dtype=str),
+        probabilities=np.asarray(probabilities, dtype=np.float64),
+        labels=np.asarray(labels, dtype=np.uint8),
+    )
     return Path(path)
 
 

@@ -68,8 +68,9 @@ def _prefixed(prefix: str | None, name: str) -> str:
     return prefix if name == "default" else f"{prefix},{name}"
 
 
-def tracked(cfg, job, name_prefix: str | None = None, resumable: bool = False,
-            entry: str = "mtt.run") -> dict[str, float]:
+def tracked(
+    cfg, job, name_prefix: str | None = None, resumable: bool = False, entry: str = "mtt.run"
+) -> dict[str, float]:
     """Run ``job(cfg, tracker, dist)`` inside one MLflow run of ``cfg.tracking`` (under torchrun:
     rank 0 tracks, the other ranks get a tracker that logs nothing) and return its metrics.
 
@@ -83,8 +84,7 @@ def tracked(cfg, job, name_prefix: str | None = None, resumable: bool = False,
     from mtt.tracking import MlflowTracker, sweep_parent
 
     hc = HydraConfig.get()
-    tags = {f"choice.{k}": v for k, v in hc.runtime.choices.items()
-            if v is not None and not k.startswith("hydra/")}
+    tags = {f"choice.{k}": v for k, v in hc.runtime.choices.items() if v is not None and not k.startswith("hydra/")}
     tags["overrides"] = " ".join(hc.overrides.task)
     tags["sweep_id"] = sweep_id(hc)
     tags["config_hash"] = config_hash(cfg)
@@ -101,8 +101,15 @@ def tracked(cfg, job, name_prefix: str | None = None, resumable: bool = False,
     try:
         if d.main:  # only rank 0 talks to MLflow; the others learn its run id
             resume = resume_target(cfg, tags["config_hash"]) if resumable else None
-            with MlflowTracker(cfg.tracking.uri, cfg.tracking.experiment, name, tags, resume_run_id=resume,
-                               cache=cfg.paths.cache, flush_timeout_s=cfg.tracking.flush_timeout_s) as tracker:
+            with MlflowTracker(
+                cfg.tracking.uri,
+                cfg.tracking.experiment,
+                name,
+                tags,
+                resume_run_id=resume,
+                cache=cfg.paths.cache,
+                flush_timeout_s=cfg.tracking.flush_timeout_s,
+            ) as tracker:
                 distributed.broadcast(d, (tracker.run_id, tracker.resumed))
                 return job(cfg, tracker, d)
         run_id, resumed = distributed.broadcast(d, None)

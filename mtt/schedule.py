@@ -14,7 +14,7 @@ the state always meets an optimiser of its own kind.
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -53,8 +53,9 @@ class Phases:
         kind, lr = self.setting_at(max(epoch, 0))
         return make_optimizer(kind, params, lr, self.t)
 
-    def enter(self, epoch: int, optimizer: torch.optim.Optimizer, params: list,
-              reload_best: Callable[[], None]) -> torch.optim.Optimizer:
+    def enter(
+        self, epoch: int, optimizer: torch.optim.Optimizer, params: list, reload_best: Callable[[], None]
+    ) -> torch.optim.Optimizer:
         """Called before epoch ``epoch`` trains: at a phase's first epoch, reload the best model
         if the phase says so, then a new optimiser (another kind) or the new lr (same kind).
         Returns the optimiser to train with."""
@@ -66,10 +67,11 @@ class Phases:
             reload_best()
         kind, lr = self.setting_at(epoch)
         before, _ = self.setting_at(epoch - 1)
-        log.info("epoch %d: phase %s lr=%g%s", epoch, kind, lr, " from the best checkpoint" if phase.reload_best else "")
+        log.info(
+            "epoch %d: phase %s lr=%g%s", epoch, kind, lr, " from the best checkpoint" if phase.reload_best else ""
+        )
         if kind != before:
             return make_optimizer(kind, params, lr, self.t)
         for group in optimizer.param_groups:
             group["lr"] = lr
         return optimizer
-

@@ -33,7 +33,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Optional
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -58,7 +58,7 @@ class OptunaSweeperConf:
     seed: int = 0  # TPE sampler's seed
     n_startup_trials: int = 10  # random trials before TPE models the results (Optuna's default)
     # key: Hydra sweep expression, e.g. trainer.lr: tag(log, interval(1e-4, 1e-2))
-    params: Dict[str, str] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict)
 
 
 def register_sweeper() -> None:
@@ -73,7 +73,7 @@ def distribution(override: Override):
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
     if override.is_choice_sweep() or override.is_range_sweep():
-        return CategoricalDistribution(list(override.sweep_iterator(transformer=Transformer.encode)))
+        return CategoricalDistribution(list(override.sweep_iterator(transformer=Transformer.encode)))  # type: ignore[arg-type]  # scalars
     if override.is_interval_sweep():
         value = override.value()
         assert isinstance(value, IntervalSweep)
@@ -81,15 +81,17 @@ def distribution(override: Override):
         if "int" in value.tags or (isinstance(value.start, int) and isinstance(value.end, int)):
             return IntDistribution(int(value.start), int(value.end), log=log_scale)
         return FloatDistribution(float(value.start), float(value.end), log=log_scale)
-    raise ValueError(f"hydra/sweeper=optuna: cannot search {override.input_line!r} "
-                     "(use choice(...), range(...) or interval(a, b))")
+    raise ValueError(
+        f"hydra/sweeper=optuna: cannot search {override.input_line!r} (use choice(...), range(...) or interval(a, b))"
+    )
 
 
-def search_space(params: Dict[str, str], arguments: List[str]) -> tuple[dict, list[str]]:
+def search_space(params: dict[str, str], arguments: list[str]) -> tuple[dict, list[str]]:
     """``({key: distribution}, fixed overrides)`` from the sweeper's params and the command line."""
     parser = OverridesParser.create()
-    space = {o.get_key_element(): distribution(o)
-             for o in parser.parse_overrides([f"{k}={v}" for k, v in params.items()])}
+    space = {
+        o.get_key_element(): distribution(o) for o in parser.parse_overrides([f"{k}={v}" for k, v in params.items()])
+    }
     fixed = []
     for o in parser.parse_overrides(list(arguments)):
         key = o.get_key_element()
@@ -108,7 +110,7 @@ def default_storage(config: DictConfig) -> str:
     from mtt.tracking import resolve_uri
 
     uri = resolve_uri(config.tracking.uri)
-    folder = Path(uri[len("sqlite:///"):]).parent if uri.startswith("sqlite:///") else Path(config.paths.cache)
+    folder = Path(uri[len("sqlite:///") :]).parent if uri.startswith("sqlite:///") else Path(config.paths.cache)
     folder.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{folder.resolve() / STUDY_DB}"
 
@@ -120,8 +122,16 @@ def study_name(config: DictConfig, name: str) -> str:
 class OptunaSweeper(Sweeper):
     """See the module doc. Hydra calls ``setup`` and then ``sweep`` with the task overrides."""
 
-    def __init__(self, n_trials: int, direction: Optional[str], study_name: str, storage: Optional[str],
-                 seed: int, n_startup_trials: int, params: Optional[Dict[str, str]] = None):
+    def __init__(
+        self,
+        n_trials: int,
+        direction: Optional[str],
+        study_name: str,
+        storage: Optional[str],
+        seed: int,
+        n_startup_trials: int,
+        params: Optional[dict[str, str]] = None,
+    ):
         if n_trials < 1:
             raise ValueError(f"hydra.sweeper.n_trials={n_trials}: expected an integer >= 1")
         if direction not in (None, "maximize", "minimize"):
@@ -132,8 +142,9 @@ class OptunaSweeper(Sweeper):
 
     def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
         self.config, self.hydra_context = config, hydra_context  # validate_batch_is_legal reads them
-        self.launcher = Plugins.instance().instantiate_launcher(hydra_context=hydra_context,
-                                                                task_function=task_function, config=config)
+        self.launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=hydra_context, task_function=task_function, config=config
+        )
 
     def _open_study(self, space: dict, fixed: list[str]):
         import optuna
@@ -144,19 +155,34 @@ class OptunaSweeper(Sweeper):
         storage = self.storage or default_storage(self.config)
         name = study_name(self.config, self.name)
         # What the study searches: a resumed study must search the same, or its trials mean nothing.
-        what = json.dumps({"space": {k: distribution_to_json(d) for k, d in sorted(space.items())},
-                           "fixed": sorted(fixed), "monitor": monitor, "direction": direction}, sort_keys=True)
-        study = optuna.create_study(study_name=name, storage=storage, direction=direction, load_if_exists=True)
+        what = json.dumps(
+            {
+                "space": {k: distribution_to_json(d) for k, d in sorted(space.items())},
+                "fixed": sorted(fixed),
+                "monitor": monitor,
+                "direction": direction,
+            },
+            sort_keys=True,
+        )
+        study = optuna.create_study(
+            study_name=name,
+            storage=storage,
+            direction=direction,  # type: ignore[arg-type]  # 'maximize' or 'minimize'
+            load_if_exists=True,
+        )
         # Seeded by the history too: a resumed study's sampler must not draw the first run's
         # random start-up points again.
-        study.sampler = optuna.samplers.TPESampler(seed=self.seed + len(study.trials),
-                                                   n_startup_trials=self.n_startup_trials)
+        study.sampler = optuna.samplers.TPESampler(
+            seed=self.seed + len(study.trials), n_startup_trials=self.n_startup_trials
+        )
         known = study.user_attrs.get("search")
         if known is None:
             study.set_user_attr("search", what)
         elif known != what:
-            raise ValueError(f"Optuna study {name!r} in {storage} searches {known}, not {what}: "
-                             f"choose another hydra.sweeper.study_name for a new search")
+            raise ValueError(
+                f"Optuna study {name!r} in {storage} searches {known}, not {what}: "
+                f"choose another hydra.sweeper.study_name for a new search"
+            )
         return study, storage
 
     @staticmethod
@@ -183,7 +209,7 @@ class OptunaSweeper(Sweeper):
         interrupted = set(study.user_attrs.get("interrupted", []))
         return sum(1 for t in study.get_trials(deepcopy=False, states=done) if t.number not in interrupted)
 
-    def sweep(self, arguments: List[str]) -> None:
+    def sweep(self, arguments: list[str]) -> None:
         import optuna
 
         space, fixed = search_space(self.params, arguments)
@@ -192,8 +218,14 @@ class OptunaSweeper(Sweeper):
         study, storage = self._open_study(space, fixed)
         requeued = self._requeue_interrupted(study)
         done = self.finished(study)
-        log.info("Optuna study %s in %s: %d of %d trials finished%s", study.study_name, storage, done,
-                 self.n_trials, f", {requeued} interrupted trial(s) asked again" if requeued else "")
+        log.info(
+            "Optuna study %s in %s: %d of %d trials finished%s",
+            study.study_name,
+            storage,
+            done,
+            self.n_trials,
+            f", {requeued} interrupted trial(s) asked again" if requeued else "",
+        )
         n_jobs = max(1, int(OmegaConf.select(self.config, "hydra.launcher.n_jobs", default=1) or 1))
         while done < self.n_trials:
             trials = [study.ask(space) for _ in range(min(n_jobs, self.n_trials - done))]
@@ -215,8 +247,13 @@ class OptunaSweeper(Sweeper):
 
     def _write_results(self, study, storage: str) -> None:
         complete = [t for t in study.trials if t.state.name == "COMPLETE"]
-        result = {"study": study.study_name, "storage": storage, "direction": study.direction.name.lower(),
-                  "trials": len(study.trials), "complete": len(complete)}
+        result = {
+            "study": study.study_name,
+            "storage": storage,
+            "direction": study.direction.name.lower(),
+            "trials": len(study.trials),
+            "complete": len(complete),
+        }
         if complete:
             best = study.best_trial
             result.update(best_trial=best.number, best_value=best.value, best_params=best.params)

@@ -43,9 +43,11 @@ def exposure_warning(host: str, auth: str | None) -> str | None:
     """The warning for a server anyone on the network can write to, or None."""
     if auth or is_loopback(host):
         return None
-    return (f"warning: the MLflow server will listen on {host} without authentication: anyone who can "
-            "reach this port can create, change and delete runs. Use SERVER_AUTH=basic (MLflow's login; "
-            "docs/scaling-out.md) or keep SERVER_HOST=127.0.0.1 behind an SSH tunnel.")
+    return (
+        f"warning: the MLflow server will listen on {host} without authentication: anyone who can "
+        "reach this port can create, change and delete runs. Use SERVER_AUTH=basic (MLflow's login; "
+        "docs/scaling-out.md) or keep SERVER_HOST=127.0.0.1 behind an SSH tunnel."
+    )
 
 
 def write_auth_config(state: Path, auth_db: str, permission: str) -> Path:
@@ -56,11 +58,13 @@ def write_auth_config(state: Path, auth_db: str, permission: str) -> Path:
     """
     path = state / AUTH_CONFIG
     if not path.is_file():
-        text = ("[mlflow]\n"
-                f"default_permission = {permission}\n"
-                f"database_uri = {auth_db}\n"
-                "admin_username = admin\n"
-                "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+        text = (
+            "[mlflow]\n"
+            f"default_permission = {permission}\n"
+            f"database_uri = {auth_db}\n"
+            "admin_username = admin\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        )
         atomic_write_bytes(path, text.encode())
     return path
 
@@ -79,8 +83,20 @@ def flask_secret(state: Path) -> str:
 
 def server_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     """The ``mlflow server`` command line and the environment it runs with."""
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", args.db,
-           "--artifacts-destination", args.artifacts, "--host", args.host, "--port", str(args.port)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        args.db,
+        "--artifacts-destination",
+        args.artifacts,
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+    ]
     if args.allowed_hosts:
         cmd += ["--allowed-hosts", args.allowed_hosts]
     env = dict(os.environ)
@@ -103,8 +119,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--allowed-hosts", default="", help="Host headers to accept beyond localhost and private IPs")
     p.add_argument("--auth", choices=["none", "basic"], default="none", help="basic: MLflow's login")
     p.add_argument("--auth-db", default="", help="users and permissions store (default: <state>/basic_auth.db)")
-    p.add_argument("--auth-permission", choices=["READ", "EDIT", "MANAGE", "NO_PERMISSIONS"], default="EDIT",
-                   help="what a signed-in user may do where nobody granted otherwise (default: %(default)s)")
+    p.add_argument(
+        "--auth-permission",
+        choices=["READ", "EDIT", "MANAGE", "NO_PERMISSIONS"],
+        default="EDIT",
+        help="what a signed-in user may do where nobody granted otherwise (default: %(default)s)",
+    )
     p.add_argument("--state", default="mlflow-server", help="folder for the auth config and secret")
     args = p.parse_args(argv)
     args.auth = None if args.auth == "none" else args.auth

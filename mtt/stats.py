@@ -71,7 +71,9 @@ def _tag_auc(scores: np.ndarray, positive: np.ndarray, weights: np.ndarray) -> t
     return np.where(ok, roc, np.nan), np.where(ok, ap, np.nan)
 
 
-def macro_auc_under_weights(labels: np.ndarray, probs: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def macro_auc_under_weights(
+    labels: np.ndarray, probs: np.ndarray, weights: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Macro ROC-AUC and PR-AUC ``(B,)`` of ``probs`` ``(n, tags)`` against 0/1 ``labels`` under
     each resample of ``weights`` ``(B, n)``: the mean over the tags that have both classes in
     that resample."""
@@ -100,15 +102,20 @@ def interval(values: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def run_intervals(labels: np.ndarray, probs: np.ndarray, resamples: int = RESAMPLES, seed: int = 0,
-                  level: float = LEVEL) -> dict[str, float]:
+def run_intervals(
+    labels: np.ndarray, probs: np.ndarray, resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL
+) -> dict[str, float]:
     """``test_roc_auc_ci95_low`` ... ``test_pr_auc_ci95_high`` of one run's test predictions:
     the bootstrap over its test clips."""
     roc, ap = macro_auc_under_weights(labels, probs, bootstrap_weights(len(labels), resamples, seed))
     pct = round(level * 100)
     (rl, rh), (pl, ph) = interval(roc, level), interval(ap, level)
-    return {f"test_roc_auc_ci{pct}_low": rl, f"test_roc_auc_ci{pct}_high": rh,
-            f"test_pr_auc_ci{pct}_low": pl, f"test_pr_auc_ci{pct}_high": ph}
+    return {
+        f"test_roc_auc_ci{pct}_low": rl,
+        f"test_roc_auc_ci{pct}_high": rh,
+        f"test_pr_auc_ci{pct}_low": pl,
+        f"test_pr_auc_ci{pct}_high": ph,
+    }
 
 
 def seed_resampled_means(per_run: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -145,12 +152,22 @@ class Difference:
         return f"not distinguishable at {round(self.level * 100)}%"
 
     def line(self) -> str:
-        return (f"{self.a} - {self.b} = {self.diff:+.4f} [{self.low:+.4f}, {self.high:+.4f}] "
-                f"({self.metric}): {self.verdict}")
+        return (
+            f"{self.a} - {self.b} = {self.diff:+.4f} [{self.low:+.4f}, {self.high:+.4f}] "
+            f"({self.metric}): {self.verdict}"
+        )
 
 
-def difference(a_boot: np.ndarray, b_boot: np.ndarray, a_point: float, b_point: float, names: tuple[str, str],
-               metric: str, seed: int = 0, level: float = LEVEL) -> Difference:
+def difference(
+    a_boot: np.ndarray,
+    b_boot: np.ndarray,
+    a_point: float,
+    b_point: float,
+    names: tuple[str, str],
+    metric: str,
+    seed: int = 0,
+    level: float = LEVEL,
+) -> Difference:
     """``mean(A) - mean(B)`` of ``metric`` with its interval.
 
     ``a_boot``/``b_boot`` are ``(runs, B)``: each run's metric under the SAME ``B`` resamples of
@@ -164,9 +181,15 @@ def difference(a_boot: np.ndarray, b_boot: np.ndarray, a_point: float, b_point: 
     return Difference(metric, names[0], names[1], float(a_point - b_point), low, high, level)
 
 
-def paired_difference(labels: np.ndarray, group_a: list[np.ndarray], group_b: list[np.ndarray],
-                      names: tuple[str, str], resamples: int = RESAMPLES, seed: int = 0,
-                      level: float = LEVEL) -> dict[str, Difference]:
+def paired_difference(
+    labels: np.ndarray,
+    group_a: list[np.ndarray],
+    group_b: list[np.ndarray],
+    names: tuple[str, str],
+    resamples: int = RESAMPLES,
+    seed: int = 0,
+    level: float = LEVEL,
+) -> dict[str, Difference]:
     """``difference`` of macro ROC-AUC and PR-AUC for two groups of runs given their test
     probabilities ``(n, tags)`` (one array per run, rows aligned with ``labels``)."""
     weights = bootstrap_weights(len(labels), resamples, seed)

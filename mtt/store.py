@@ -106,9 +106,16 @@ class PatchStore:
         return self.patches[self.rows(clip_id)]
 
 
-def pack(path: Path, counts: Mapping[int, int], load: Callable[[int], np.ndarray],
-         item_shape: tuple[int, ...], params: Mapping, failed: Mapping[str, str] | None = None,
-         progress: bool = False, extra: Mapping | None = None) -> PatchStore:
+def pack(
+    path: Path,
+    counts: Mapping[int, int],
+    load: Callable[[int], np.ndarray],
+    item_shape: tuple[int, ...],
+    params: Mapping,
+    failed: Mapping[str, str] | None = None,
+    progress: bool = False,
+    extra: Mapping | None = None,
+) -> PatchStore:
     """Pack per-clip arrays into a finished store.
 
     ``counts`` maps clip_id -> n_patches (in store order) and ``load(clip_id)`` returns that
@@ -123,28 +130,44 @@ def pack(path: Path, counts: Mapping[int, int], load: Callable[[int], np.ndarray
     total = int(sizes.sum())
     tmp = path / ".patches.npy.tmp"
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(total, *item_shape))
-    for c, s, n in tqdm(list(zip(clip_ids, starts, sizes)), desc=f"pack {path.name}", unit="clip",
-                        disable=not progress, leave=False):
+    for c, s, n in tqdm(
+        list(zip(clip_ids, starts, sizes)), desc=f"pack {path.name}", unit="clip", disable=not progress, leave=False
+    ):
         if n:
-            out[s:s + n] = load(c)
+            out[s : s + n] = load(c)
     out.flush()
     del out
     durable_replace(tmp, path / "patches.npy")
-    table = np.stack([np.asarray(clip_ids, dtype=np.int64), starts, sizes], axis=1) if clip_ids \
+    table = (
+        np.stack([np.asarray(clip_ids, dtype=np.int64), starts, sizes], axis=1)
+        if clip_ids
         else np.zeros((0, 3), dtype=np.int64)
+    )
     return finalize(path, table, params, item_shape, failed, extra)
 
 
-def finalize(path: Path, table: np.ndarray, params: Mapping, item_shape: tuple[int, ...],
-             failed: Mapping[str, str] | None = None, extra: Mapping | None = None) -> PatchStore:
+def finalize(
+    path: Path,
+    table: np.ndarray,
+    params: Mapping,
+    item_shape: tuple[int, ...],
+    failed: Mapping[str, str] | None = None,
+    extra: Mapping | None = None,
+) -> PatchStore:
     """Write ``clips.npy`` and then the manifest next to a complete ``patches.npy``.
 
     The fingerprint hashes the clip table and the parameters.
     """
     save_npy_atomic(path / "clips.npy", table)
     digest = hashlib.sha256(table.tobytes() + json.dumps(params, sort_keys=True, default=str).encode())
-    manifest = {"params": dict(params), "n_clips": int(table.shape[0]), "n_patches": int(table[:, 2].sum()),
-                "item_shape": list(item_shape), "failed": dict(failed or {}),
-                "fingerprint": digest.hexdigest()[:16], **dict(extra or {})}
+    manifest = {
+        "params": dict(params),
+        "n_clips": int(table.shape[0]),
+        "n_patches": int(table[:, 2].sum()),
+        "item_shape": list(item_shape),
+        "failed": dict(failed or {}),
+        "fingerprint": digest.hexdigest()[:16],
+        **dict(extra or {}),
+    }
     atomic_write_bytes(path / MANIFEST, json.dumps(manifest, indent=1, default=str).encode())
     return PatchStore(path)

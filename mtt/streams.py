@@ -98,8 +98,9 @@ class WeightedMux(pescador.StochasticMux):
         super()._new_stream(idx)
 
 
-def patch_mux(store: PatchStore, clip_ids: np.ndarray, cfg, seed: int,
-              mux_seed: np.random.SeedSequence | None = None) -> WeightedMux:
+def patch_mux(
+    store: PatchStore, clip_ids: np.ndarray, cfg, seed: int, mux_seed: np.random.SeedSequence | None = None
+) -> WeightedMux:
     """The training mux over ``clip_ids``: it yields ``(store row, index into clip_ids)``.
 
     ``cfg`` is the ``stream`` config. Each clip's generator is seeded by (seed, clip id), so a
@@ -118,9 +119,14 @@ def patch_mux(store: PatchStore, clip_ids: np.ndarray, cfg, seed: int,
         streamers.append(pescador.Streamer(_rows_of_clip, rows, pos, _SharedRng([seed, int(clip_id), 1])))
         sizes.append(len(rows))
     mux_seed = mux_seed if mux_seed is not None else worker_seed(seed, 0, 1)
-    return WeightedMux(streamers, n_active=min(cfg.n_active, len(streamers)), rate=cfg.rate,
-                                  mode=cfg.mode, weights=mux_weights(cfg.weights, np.array(sizes)),
-                                  random_state=int(mux_seed.generate_state(1)[0]))
+    return WeightedMux(
+        streamers,
+        n_active=min(cfg.n_active, len(streamers)),
+        rate=cfg.rate,
+        mode=cfg.mode,
+        weights=mux_weights(cfg.weights, np.array(sizes)),
+        random_state=int(mux_seed.generate_state(1)[0]),
+    )
 
 
 class RowReader:
@@ -164,8 +170,9 @@ class RowReader:
             os.close(self._fd)
 
 
-def batches(mux: pescador.StochasticMux, store: PatchStore, labels: np.ndarray,
-            batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def batches(
+    mux: pescador.StochasticMux, store: PatchStore, labels: np.ndarray, batch_size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless ``(x (B, *item) float32, y (B, n_tags) float32)`` batches from a ``patch_mux``.
 
     ``labels`` ``(n_clips, n_tags)`` is aligned with the mux's ``clip_ids``. The mux yields only
@@ -176,8 +183,9 @@ def batches(mux: pescador.StochasticMux, store: PatchStore, labels: np.ndarray,
     labels = np.asarray(labels, dtype=np.float32)
     items = mux.iterate()
     while True:
-        picked = np.fromiter((v for _, item in zip(range(batch_size), items) for v in item), dtype=np.int64,
-                             count=2 * batch_size).reshape(batch_size, 2)
+        picked = np.fromiter(
+            (v for _, item in zip(range(batch_size), items) for v in item), dtype=np.int64, count=2 * batch_size
+        ).reshape(batch_size, 2)
         x = reader.read(picked[:, 0]).astype(np.float32)
         yield torch.from_numpy(x), torch.from_numpy(labels[picked[:, 1]])
 
@@ -195,8 +203,7 @@ class PatchStream(IterableDataset):
     each worker in turn) is a pure function of the seed and the number of workers.
     """
 
-    def __init__(self, store: PatchStore, clip_ids: np.ndarray, labels: np.ndarray, cfg,
-                 batch_size: int, seed: int):
+    def __init__(self, store: PatchStore, clip_ids: np.ndarray, labels: np.ndarray, cfg, batch_size: int, seed: int):
         self.store, self.clip_ids, self.labels = store, np.asarray(clip_ids), np.asarray(labels)
         self.cfg, self.batch_size, self.seed = cfg, batch_size, seed
 
@@ -208,8 +215,15 @@ class PatchStream(IterableDataset):
         return batches(mux, self.store, self.labels[shard], self.batch_size)
 
 
-def train_loader(store: PatchStore, clip_ids: np.ndarray, labels: np.ndarray, cfg, batch_size: int,
-                 seed: int, pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def train_loader(
+    store: PatchStore,
+    clip_ids: np.ndarray,
+    labels: np.ndarray,
+    cfg,
+    batch_size: int,
+    seed: int,
+    pin_memory: bool = False,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """An endless iterator of training batches (take ``steps_per_epoch`` of them per epoch).
 
     ``cfg.num_workers`` DataLoader workers (at most one per clip) each stream a disjoint shard;
@@ -223,13 +237,25 @@ def train_loader(store: PatchStore, clip_ids: np.ndarray, labels: np.ndarray, cf
     # The loader's own generator: without one, iter(loader) draws its base seed from torch's
     # global RNG, which shifts every later dropout mask, so a run resumed from a checkpoint's
     # RNG state would no longer train like the uninterrupted run.
-    loader = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                        persistent_workers=workers > 0, generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        persistent_workers=workers > 0,
+        generator=torch.Generator().manual_seed(seed),
+    )
     return iter(loader)
 
 
-def eval_batches(store: PatchStore, clip_ids: np.ndarray, batch_size: int, limit: int | None = None,
-                 seed: int = 0, spacing: str = "random") -> Iterator[tuple[torch.Tensor, np.ndarray]]:
+def eval_batches(
+    store: PatchStore,
+    clip_ids: np.ndarray,
+    batch_size: int,
+    limit: int | None = None,
+    seed: int = 0,
+    spacing: str = "random",
+) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
     """Every patch (or ``limit`` fixed patches, ``spacing`` random or even) of every clip, in order.
 
     Yields ``(x (B, *item) float32, clip (B,) int)`` where ``clip`` indexes ``clip_ids``.
@@ -238,12 +264,13 @@ def eval_batches(store: PatchStore, clip_ids: np.ndarray, batch_size: int, limit
     owner = np.concatenate([np.full(len(r), i) for i, r in enumerate(rows)]) if rows else np.zeros(0, int)
     flat = np.concatenate(rows) if rows else np.zeros(0, int)
     for s in range(0, len(flat), batch_size):
-        x = np.asarray(store.patches[flat[s:s + batch_size]], dtype=np.float32)
-        yield torch.from_numpy(x), owner[s:s + batch_size]
+        x = np.asarray(store.patches[flat[s : s + batch_size]], dtype=np.float32)
+        yield torch.from_numpy(x), owner[s : s + batch_size]
 
 
-def steps_per_epoch(policy: str, batch_size: int, declared: int, cached: int, patches: int,
-                    n: int | None = None) -> int:
+def steps_per_epoch(
+    policy: str, batch_size: int, declared: int, cached: int, patches: int, n: int | None = None
+) -> int:
     """Optimiser steps per epoch under a policy (see conf/steps/)."""
     counts = {"declared": declared, "cached": cached, "patches": patches}
     if policy == "fixed":
@@ -264,8 +291,9 @@ class EpochCounts:
     patches: int  # the patches of those clips the stream draws from (at most patches_per_clip each)
 
 
-def epoch_counts(declared: int, clip_ids: np.ndarray, store: PatchStore,
-                 patches_per_clip: int | None = None) -> EpochCounts:
+def epoch_counts(
+    declared: int, clip_ids: np.ndarray, store: PatchStore, patches_per_clip: int | None = None
+) -> EpochCounts:
     """Counts for ``steps_per_epoch``: ``clip_ids`` are the train clips that have features.
 
     ``patches_per_clip`` is ``stream.patches_per_clip``: with 1 (the report's single random

@@ -50,8 +50,9 @@ def sync_one(journal, uri: str | None, out) -> str:
     try:
         with journal.shipping_lock(blocking=False):
             check_reachable(target)
-            with tqdm(total=len(pending), unit="entry", desc=f"run {header['run_id'][:8]}", leave=False,
-                      disable=None) as bar:
+            with tqdm(
+                total=len(pending), unit="entry", desc=f"run {header['run_id'][:8]}", leave=False, disable=None
+            ) as bar:
                 first = pending[0]["seq"]
                 shipped = ship_to(target, journal, lambda seq: bar.update(seq - first + 1 - bar.n))
     except BlockingIOError:
@@ -79,10 +80,12 @@ def sync(path: str | Path, uri: str | None = None, out=print) -> dict[str, int]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mtt.sync", description=__doc__.split("\n\n")[0])
-    parser.add_argument("path", nargs="?", default=None,
-                        help="a journal, a run folder or a folder to search (default: paths.cache)")
-    parser.add_argument("--tracking-uri", default=None,
-                        help="ship to this store instead of the one each journal records")
+    parser.add_argument(
+        "path", nargs="?", default=None, help="a journal, a run folder or a folder to search (default: paths.cache)"
+    )
+    parser.add_argument(
+        "--tracking-uri", default=None, help="ship to this store instead of the one each journal records"
+    )
     args = parser.parse_args(argv)
     path = Path(args.path or default_cache())
     if not path.exists():
@@ -90,8 +93,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     counts = sync(path, args.tracking_uri)
     total = sum(counts.values())
-    print(f"{total} journal(s) under {path}: {counts['shipped']} shipped, {counts['current']} already "
-          f"shipped, {counts['busy']} being shipped by a running process, {counts['failed']} failed")
+    print(
+        f"{total} journal(s) under {path}: {counts['shipped']} shipped, {counts['current']} already "
+        f"shipped, {counts['busy']} being shipped by a running process, {counts['failed']} failed"
+    )
     return 1 if counts["failed"] else 0
 
 

@@ -40,8 +40,25 @@ import numpy as np
 from mtt.audio import AudioDecodeError
 
 # What a folder walk picks up (case-insensitive): what libsndfile or ffmpeg decode.
-AUDIO_EXTENSIONS = (".mp3", ".wav", ".flac", ".ogg", ".oga", ".opus", ".m4a", ".mp4", ".aac", ".alac", ".aif",
-                    ".aiff", ".wma", ".au", ".caf", ".webm", ".mka")
+AUDIO_EXTENSIONS = (
+    ".mp3",
+    ".wav",
+    ".flac",
+    ".ogg",
+    ".oga",
+    ".opus",
+    ".m4a",
+    ".mp4",
+    ".aac",
+    ".alac",
+    ".aif",
+    ".aiff",
+    ".wma",
+    ".au",
+    ".caf",
+    ".webm",
+    ".mka",
+)
 
 
 class TagError(RuntimeError):
@@ -85,8 +102,10 @@ def load_run(run_id: str, tracking_uri: str | None = None):
             folder = download_artifacts(tracking_uri, run_id, "checkpoint", Path(tmp) / "ckpt")
             state, meta = load_best(folder)
         except (MlflowException, OSError) as exc:
-            raise TagError(f"run {run_id}: has no {MODEL_PATH}/ and no best checkpoint (checkpoint/{BEST_WEIGHTS}, "
-                           f"checkpoint/{BEST_META}); did it finish an epoch? ({_first_line(exc)})") from None
+            raise TagError(
+                f"run {run_id}: has no {MODEL_PATH}/ and no best checkpoint (checkpoint/{BEST_WEIGHTS}, "
+                f"checkpoint/{BEST_META}); did it finish an epoch? ({_first_line(exc)})"
+            ) from None
         cfg = OmegaConf.to_container(OmegaConf.load(config_path), resolve=True)
     return build_tagger({"config": cfg, "tags": meta["tags"]}, state)
 
@@ -113,8 +132,9 @@ def top_k(probs: np.ndarray, tags: list[str], k: int) -> list[tuple[str, float]]
     return [(tags[i], float(probs[i])) for i in order]
 
 
-def render(results: list[tuple[str, np.ndarray]], errors: list[tuple[str, str]], tags: list[str], k: int,
-           fmt: str, model: str) -> str:
+def render(
+    results: list[tuple[str, np.ndarray]], errors: list[tuple[str, str]], tags: list[str], k: int, fmt: str, model: str
+) -> str:
     """The output document of ``results`` ``[(file, probabilities (n_tags,))]`` in ``fmt``."""
     if fmt == "csv":
         buf = io.StringIO()
@@ -123,10 +143,19 @@ def render(results: list[tuple[str, np.ndarray]], errors: list[tuple[str, str]],
         writer.writerows([f, *(f"{p:.6f}" for p in probs)] for f, probs in results)
         return buf.getvalue()
     if fmt == "json":
-        doc = {"model": model, "tags": tags,
-               "files": [{"file": f, "top": [[t, p] for t, p in top_k(probs, tags, k)],
-                          "probabilities": dict(zip(tags, map(float, probs)))} for f, probs in results],
-               "errors": [{"file": f, "error": e} for f, e in errors]}
+        doc = {
+            "model": model,
+            "tags": tags,
+            "files": [
+                {
+                    "file": f,
+                    "top": [[t, p] for t, p in top_k(probs, tags, k)],
+                    "probabilities": dict(zip(tags, map(float, probs))),
+                }
+                for f, probs in results
+            ],
+            "errors": [{"file": f, "error": e} for f, e in errors],
+        }
         return json.dumps(doc, indent=1) + "\n"
     lines = []
     for f, probs in results:
@@ -146,8 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=5, help="tags per file in text and json (default %(default)s)")
     parser.add_argument("--format", choices=("text", "csv", "json"), default="text")
     parser.add_argument("--output", help="write here (atomically) instead of stdout")
-    parser.add_argument("--tracking-uri", default=None,
-                        help="default: $MLFLOW_TRACKING_URI, else the repo's mlflow.db")
+    parser.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else the repo's mlflow.db")
     args = parser.parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # stdout is the tag list
     if args.top_k < 1:

@@ -64,15 +64,17 @@ def check_reachable(uri: str, timeout: float = 10.0) -> None:
             resp.read()
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise ConnectionError(f"MLflow tracking server {uri} is not reachable ({reason}); start it "
-                              f"(make mlflow-server) or set tracking.uri / MLFLOW_TRACKING_URI") from exc
+        raise ConnectionError(
+            f"MLflow tracking server {uri} is not reachable ({reason}); start it "
+            f"(make mlflow-server) or set tracking.uri / MLFLOW_TRACKING_URI"
+        ) from exc
 
 
 def artifact_root(uri: str) -> str | None:
     """Where a local store keeps artifacts: beside the sqlite file, never in the working directory
     (MLflow's default for a database store is ``./mlruns``). Servers decide for themselves."""
     if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):])
+        db = Path(uri[len("sqlite:///") :])
         return (db.parent / "mlartifacts").resolve().as_uri()
     return None
 
@@ -90,8 +92,9 @@ def ensure_experiment(client: MlflowClient, name: str) -> str:
         return exp.experiment_id
     root = artifact_root(client.tracking_uri)
     try:
-        return client.create_experiment(name, artifact_location=f"{root}/{name}" if root else None,
-                                        tags=EXPERIMENT_KIND)
+        return client.create_experiment(
+            name, artifact_location=f"{root}/{name}" if root else None, tags=EXPERIMENT_KIND
+        )
     except Exception:  # another process created it first
         exp = client.get_experiment_by_name(name)
         if exp is None:
@@ -115,9 +118,11 @@ def prepare_store(uri: str | None, experiment: str) -> str:
     except MlflowException as e:
         status = e.get_http_status_code()
         if status in (401, 403):  # a server with MLflow's login (make mlflow-server SERVER_AUTH=basic)
-            raise PermissionError(f"MLflow tracking server {resolve_uri(uri)} refused the request (HTTP {status}): "
-                                  "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a user "
-                                  "allowed to log runs") from None
+            raise PermissionError(
+                f"MLflow tracking server {resolve_uri(uri)} refused the request (HTTP {status}): "
+                "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a user "
+                "allowed to log runs"
+            ) from None
         raise
     return ensure_experiment(client, experiment)
 
@@ -146,8 +151,11 @@ def swept_value_errors(task_overrides: list[str]) -> list[str]:
         # expanding its glob needs Hydra's config loader, which a callback does not have. An
         # interval (an Optuna search space) has no values to list.
         if o.is_sweep_override() and o.key_or_group in RULES and not o.is_interval_sweep():
-            errors += [e for v in o.sweep_iterator()
-                       if not (isinstance(v, str) and "${" in v) and (e := check_value(o.key_or_group, v))]
+            errors += [
+                e
+                for v in o.sweep_iterator()
+                if not (isinstance(v, str) and "${" in v) and (e := check_value(o.key_or_group, v))
+            ]
     return errors
 
 
@@ -177,8 +185,11 @@ def sweep_parent(uri: str | None, experiment: str, sweep_id: str) -> str:
             overrides = json.loads((Path(sweep_id) / SWEEP_FILE).read_text())["overrides"]
         except (OSError, ValueError, KeyError):  # a launcher without our callback
             overrides = ""
-        run = client.create_run(exp_id, run_name=f"sweep {overrides}"[:250],
-                                tags={SWEEP_TAG: "true", "overrides": overrides, "sweep_id": sweep_id})
+        run = client.create_run(
+            exp_id,
+            run_name=f"sweep {overrides}"[:250],
+            tags={SWEEP_TAG: "true", "overrides": overrides, "sweep_id": sweep_id},
+        )
         client.log_batch(run.info.run_id, params=[Param("sweep.overrides", overrides[:_MAX_PARAM])])
         return run.info.run_id
 
@@ -200,8 +211,11 @@ def running_sweep_parents(uri: str | None, sweep: str) -> list[str]:
     """The run ids of sweep ``sweep``'s parent runs at ``uri`` that are still RUNNING."""
     client = MlflowClient(tracking_uri=resolve_uri(uri))
     experiments = [e.experiment_id for e in client.search_experiments()]
-    return [run.info.run_id for run in (client.search_runs(experiments, f"tags.sweep_id = '{sweep}'") if experiments else [])
-            if run.data.tags.get(SWEEP_TAG) == "true" and run.info.status == "RUNNING"]
+    return [
+        run.info.run_id
+        for run in (client.search_runs(experiments, f"tags.sweep_id = '{sweep}'") if experiments else [])
+        if run.data.tags.get(SWEEP_TAG) == "true" and run.info.status == "RUNNING"
+    ]
 
 
 def end_with_summary(uri: str | None, run_id: str, summary: dict, status: str) -> None:
@@ -217,10 +231,12 @@ def end_with_summary(uri: str | None, run_id: str, summary: dict, status: str) -
                     metrics.append(Metric(f"{metric_key(group['name'])}/{metric}_{k}", float(stats[k]), now, 0))
             lo, hi = stats.get("ci95") or (None, None)
             if lo is not None and not math.isnan(lo):
-                metrics += [Metric(f"{metric_key(group['name'])}/{metric}_ci95_low", lo, now, 0),
-                            Metric(f"{metric_key(group['name'])}/{metric}_ci95_high", hi, now, 0)]
+                metrics += [
+                    Metric(f"{metric_key(group['name'])}/{metric}_ci95_low", lo, now, 0),
+                    Metric(f"{metric_key(group['name'])}/{metric}_ci95_high", hi, now, 0),
+                ]
     for i in range(0, len(metrics), 1000):
-        client.log_batch(run_id, metrics=metrics[i:i + 1000])
+        client.log_batch(run_id, metrics=metrics[i : i + 1000])
     client.log_text(run_id, json.dumps(summary, indent=1), "summary.json")
     client.set_terminated(run_id, status)
 
@@ -229,8 +245,12 @@ def child_runs(uri: str | None, parent_run_id: str) -> list[dict[str, Any]]:
     """The runs whose ``mlflow.parentRunId`` is ``parent_run_id``, as ``read_runs`` dicts."""
     client = MlflowClient(tracking_uri=resolve_uri(uri))
     parent = client.get_run(parent_run_id)
-    runs = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'",
-                              max_results=50000, order_by=["attributes.start_time ASC"])
+    runs = client.search_runs(
+        [parent.info.experiment_id],
+        f"tags.mlflow.parentRunId = '{parent_run_id}'",
+        max_results=50000,
+        order_by=["attributes.start_time ASC"],
+    )
     return [_as_dict(r) for r in runs]
 
 
@@ -257,8 +277,9 @@ def resumable_runs(uri: str | None, experiment: str, config_hash: str) -> list[s
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return []
-    runs = client.search_runs([exp.experiment_id], f"tags.config_hash = '{config_hash}'",
-                              order_by=["attributes.start_time DESC"])
+    runs = client.search_runs(
+        [exp.experiment_id], f"tags.config_hash = '{config_hash}'", order_by=["attributes.start_time DESC"]
+    )
     return [r.info.run_id for r in runs if r.info.status in ("RUNNING", "KILLED", "FAILED")]
 
 
@@ -305,8 +326,13 @@ def _batches(entries: list[dict]) -> Iterator[list[dict]]:
         # A param logged twice with different values must reach the store as two requests, so
         # that its write-once rule rejects the second, as a direct call would.
         clash = any(params.get(key, v) != v for key, v in e.get("params", {}).items())
-        if group and (not data or clash or n_metrics + m > _BATCH_METRICS or n_keys + k > _BATCH_PARAMS_TAGS
-                      or group[-1]["kind"] not in ("params", "tags", "metrics")):
+        if group and (
+            not data
+            or clash
+            or n_metrics + m > _BATCH_METRICS
+            or n_keys + k > _BATCH_PARAMS_TAGS
+            or group[-1]["kind"] not in ("params", "tags", "metrics")
+        ):
             yield group
             group, n_metrics, n_keys, params = [], 0, 0, {}
         group.append(e)
@@ -325,10 +351,16 @@ def _send(client: MlflowClient, run_id: str, folder: Path, group: list[dict]) ->
         client.log_artifacts(run_id, str(folder / e["dir"]), e["artifact_path"])
         return
     if e["kind"] == "inputs":  # the store keeps one input per dataset and run: shipping again adds none
-        client.log_inputs(run_id, [DatasetInput(Dataset(d["name"], d["digest"], d["source_type"], d["source"],
-                                                        None, d.get("profile")),
-                                                [InputTag("mlflow.data.context", d["context"])])
-                                   for d in e["datasets"]])
+        client.log_inputs(
+            run_id,
+            [
+                DatasetInput(
+                    Dataset(d["name"], d["digest"], d["source_type"], d["source"], None, d.get("profile")),
+                    [InputTag("mlflow.data.context", d["context"])],
+                )
+                for d in e["datasets"]
+            ],
+        )
         return
     if e["kind"] == "status":
         if e["status"] == "RUNNING":
@@ -347,9 +379,13 @@ def _send(client: MlflowClient, run_id: str, folder: Path, group: list[dict]) ->
     keys = [Param(k, v) for k, v in params.items()] + [RunTag(k, v) for k, v in tags.items()]
     while keys or metrics:
         part, keys = keys[:_BATCH_PARAMS_TAGS], keys[_BATCH_PARAMS_TAGS:]
-        chunk, metrics = metrics[:_BATCH_METRICS - len(part)], metrics[_BATCH_METRICS - len(part):]
-        client.log_batch(run_id, metrics=chunk, params=[p for p in part if isinstance(p, Param)],
-                         tags=[t for t in part if isinstance(t, RunTag)])
+        chunk, metrics = metrics[: _BATCH_METRICS - len(part)], metrics[_BATCH_METRICS - len(part) :]
+        client.log_batch(
+            run_id,
+            metrics=chunk,
+            params=[p for p in part if isinstance(p, Param)],
+            tags=[t for t in part if isinstance(t, RunTag)],
+        )
 
 
 def ship(client: MlflowClient, journal: Journal, on_ack: Callable[[int], None] | None = None) -> int:
@@ -434,14 +470,19 @@ class Shipper(threading.Thread):
                 if rejected(exc):
                     raise
                 if self.failing is None:
-                    log.warning("tracking store %s unreachable (%s); journaling to %s and retrying in the "
-                                "background", self.client.tracking_uri, _short(exc), self.journal.path)
+                    log.warning(
+                        "tracking store %s unreachable (%s); journaling to %s and retrying in the background",
+                        self.client.tracking_uri,
+                        _short(exc),
+                        self.journal.path,
+                    )
                 self.failing = exc
                 with self._cond:
                     nudged = self._cond.wait_for(lambda: self._nudge or self._abandon, timeout=delay)
                     self._nudge = False
-                delay = _RETRY_FIRST_S if nudged else min(delay * 2, _RETRY_MAX_ENDING_S if self._ending
-                                                          else _RETRY_MAX_S)
+                delay = (
+                    _RETRY_FIRST_S if nudged else min(delay * 2, _RETRY_MAX_ENDING_S if self._ending else _RETRY_MAX_S)
+                )
                 continue
             if self.failing is not None:
                 log.info("tracking store %s reachable again; journal shipped", self.client.tracking_uri)
@@ -481,9 +522,16 @@ class MlflowTracker:
     and the ``mtt.sync`` command that ships it.
     """
 
-    def __init__(self, uri: str | None, experiment: str, run_name: str | None = None,
-                 tags: Mapping[str, str] | None = None, resume_run_id: str | None = None,
-                 cache: str | Path | None = None, flush_timeout_s: float = 120.0):
+    def __init__(
+        self,
+        uri: str | None,
+        experiment: str,
+        run_name: str | None = None,
+        tags: Mapping[str, str] | None = None,
+        resume_run_id: str | None = None,
+        cache: str | Path | None = None,
+        flush_timeout_s: float = 120.0,
+    ):
         self.uri = resolve_uri(uri)
         self.experiment = experiment
         self.run_name = run_name
@@ -506,21 +554,31 @@ class MlflowTracker:
         if self.resumed:
             run = self.client.get_run(self._resume_run_id)
             if run.info.experiment_id != self.experiment_id:
-                raise ValueError(f"run {self._resume_run_id} belongs to experiment {run.info.experiment_id}, "
-                                 f"not {self.experiment!r}")
+                raise ValueError(
+                    f"run {self._resume_run_id} belongs to experiment {run.info.experiment_id}, not {self.experiment!r}"
+                )
             self.run_id = run.info.run_id
             resumes = int(run.data.tags.get("resumes", 0))
         else:
-            run = self.client.create_run(self.experiment_id, run_name=self.run_name,
-                                         tags={k: str(v) for k, v in self.tags.items()})
+            run = self.client.create_run(
+                self.experiment_id, run_name=self.run_name, tags={k: str(v) for k, v in self.tags.items()}
+            )
             self.run_id = run.info.run_id
         self._open_journal()
         if self.resumed:
             # A journaled status, not a direct call: the killed process's pending entries (its
             # own status among them) reach the store first. Count the resumes the journal holds
             # too, in case the store has not seen the last one yet.
-            resumes = max([resumes, *(int(e["tags"]["resumes"]) for e in self.journal.entries()
-                                      if e["kind"] == "tags" and "resumes" in e["tags"])])
+            resumes = max(
+                [
+                    resumes,
+                    *(
+                        int(e["tags"]["resumes"])
+                        for e in self.journal.entries()
+                        if e["kind"] == "tags" and "resumes" in e["tags"]
+                    ),
+                ]
+            )
             self._write(self.journal.append("status", status="RUNNING", end_time=None))
             # The run keeps its original tags (overrides, sweep id); only count the resumes.
             self.set_tags({"resumes": resumes + 1})
@@ -535,8 +593,9 @@ class MlflowTracker:
             self._temporary = Path(tempfile.mkdtemp(prefix="mtt-journal-"))
             folder = self._temporary / self.run_id
         self.journal = Journal(folder)
-        self.journal.open({"uri": self.uri, "run_id": self.run_id, "experiment_id": self.experiment_id,
-                           "experiment": self.experiment})
+        self.journal.open(
+            {"uri": self.uri, "run_id": self.run_id, "experiment_id": self.experiment_id, "experiment": self.experiment}
+        )
         self._shipper = Shipper(self.client, self.journal, self.journal.entries()[-1]["seq"])
         self._shipper.start()
 
@@ -570,10 +629,19 @@ class MlflowTracker:
                 shutil.rmtree(self._temporary, ignore_errors=True)
             return True
         error = self._shipper.error  # else unreachable: the cause was logged when the outage began
-        reason = f"did not take the journal ({_short(error)})" if error else \
-            f"unreachable for {self.flush_timeout_s:g} s after the run"
-        log.warning("tracking store %s %s; run %s is journaled in %s; ship it with: %s", self.uri, reason,
-                    self.run_id, self.journal.path, sync_command(self.uri, self.journal))
+        reason = (
+            f"did not take the journal ({_short(error)})"
+            if error
+            else f"unreachable for {self.flush_timeout_s:g} s after the run"
+        )
+        log.warning(
+            "tracking store %s %s; run %s is journaled in %s; ship it with: %s",
+            self.uri,
+            reason,
+            self.run_id,
+            self.journal.path,
+            sync_command(self.uri, self.journal),
+        )
         return False
 
     def log_params(self, params: Mapping[str, Any]) -> None:
@@ -586,8 +654,11 @@ class MlflowTracker:
     def log_metrics(self, metrics: Mapping[str, float], step: int, timestamp: int | None = None) -> None:
         """Log one step. With the same ``timestamp`` a repeated call adds no second point (resume)."""
         now = timestamp if timestamp is not None else now_ms()
-        items = [{"key": k, "value": float(v), "step": int(step), "timestamp": now}
-                 for k, v in metrics.items() if not math.isnan(v)]
+        items = [
+            {"key": k, "value": float(v), "step": int(step), "timestamp": now}
+            for k, v in metrics.items()
+            if not math.isnan(v)
+        ]
         if items:
             self._write(self.journal.append("metrics", metrics=items))
 
@@ -610,8 +681,8 @@ def download_artifacts(uri: str | None, run_id: str, artifact_path: str, dst: st
     """Download one artifact (file or folder) of ``run_id`` under ``dst``; returns its local path."""
     from mlflow.artifacts import download_artifacts as _download
 
-    return _download(run_id=run_id, artifact_path=artifact_path, dst_path=str(dst),
-                     tracking_uri=resolve_uri(uri))
+    return _download(run_id=run_id, artifact_path=artifact_path, dst_path=str(dst), tracking_uri=resolve_uri(uri))
+
 
 def try_download_artifact(uri: str | None, run_id: str, artifact_path: str, dst: str | Path) -> str | None:
     """``download_artifacts``, or None when the run has no such artifact."""
@@ -640,9 +711,15 @@ def read_runs(uri: str | None, experiment: str) -> list[dict[str, Any]]:
 
 
 def _as_dict(r) -> dict[str, Any]:
-    return {"run_id": r.info.run_id, "name": r.info.run_name, "status": r.info.status,
-            "start_time": r.info.start_time, "params": dict(r.data.params), "metrics": dict(r.data.metrics),
-            "tags": dict(r.data.tags)}
+    return {
+        "run_id": r.info.run_id,
+        "name": r.info.run_name,
+        "status": r.info.status,
+        "start_time": r.info.start_time,
+        "params": dict(r.data.params),
+        "metrics": dict(r.data.metrics),
+        "tags": dict(r.data.tags),
+    }
 
 
 def metric_history(uri: str | None, run_id: str, key: str) -> list[tuple[int, float]]:

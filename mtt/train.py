@@ -66,8 +66,7 @@ def resolve_device(spec: str) -> torch.device:
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """Mixed precision: bf16 autocast on CUDA for ``auto``; None means full fp32."""
-    choices = {"fp32": None, "bf16": torch.bfloat16,
-               "auto": torch.bfloat16 if device.type == "cuda" else None}
+    choices = {"fp32": None, "bf16": torch.bfloat16, "auto": torch.bfloat16 if device.type == "cuda" else None}
     if precision not in choices:
         raise ValueError(f"trainer.precision={precision!r}: expected one of {sorted(choices)}")
     return choices[precision]
@@ -97,8 +96,7 @@ def train_epoch(run: Run, epoch: int) -> dict[str, float]:
         model.backbone.eval()
     loss_sum = correct = cells = 0.0
     # Epochs are numbered from 0 everywhere: this bar, the log lines, MLflow's steps, best_epoch.
-    bar = tqdm(range(run.steps), desc=f"epoch {epoch}/{t.epochs - 1}", unit="step", disable=not t.progress,
-               leave=False)
+    bar = tqdm(range(run.steps), desc=f"epoch {epoch}/{t.epochs - 1}", unit="step", disable=not t.progress, leave=False)
     for step in bar:
         x, y = next(run.stream)
         x, y = x.to(p.device, non_blocking=True), y.to(p.device, non_blocking=True)
@@ -106,8 +104,9 @@ def train_epoch(run: Run, epoch: int) -> dict[str, float]:
             logits = run.forward(x, from_backbone=p.from_backbone)
         loss = model.loss(logits, y)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch} step {step}; stopping "
-                                     f"(trainer.lr={t.lr} too high?)")
+            raise FloatingPointError(
+                f"loss is {loss.item()} at epoch {epoch} step {step}; stopping (trainer.lr={t.lr} too high?)"
+            )
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         run.optimizer.step()
@@ -131,18 +130,28 @@ def skip_batches(stream, n: int) -> None:
         next(stream)
 
 
-def log_records(cfg, tracker, derived: dict, weights, store: PatchStore, splits: dict[str, Split],
-                kind: str = "trained tagger") -> None:
+def log_records(
+    cfg, tracker, derived: dict, weights, store: PatchStore, splits: dict[str, Split], kind: str = "trained tagger"
+) -> None:
     """Everything a reader needs to trust the run later (params, library versions, config.yaml,
     the data of each split as MLflow dataset inputs, the run page's note; the code version is
     tagged when the run is created, ``mtt.run.tracked``)."""
     tracker.log_params(OmegaConf.to_container(cfg, resolve=True))
     tracker.log_params({f"derived.{k}": v for k, v in derived.items()})
-    tracker.set_tags({"backbone_pretrained": weights.path is not None, "weights_source": weights.source,
-                      "weights_sha256": weights.sha256 or "", "feature_store": store.fingerprint,
-                      "seed": cfg.trainer.seed, "device": derived["device"],
-                      "steps_policy": cfg.steps.policy, "steps_per_epoch": derived["steps_per_epoch"],
-                      "mlflow.note.content": run_note(cfg, derived, kind), **versions()})
+    tracker.set_tags(
+        {
+            "backbone_pretrained": weights.path is not None,
+            "weights_source": weights.source,
+            "weights_sha256": weights.sha256 or "",
+            "feature_store": store.fingerprint,
+            "seed": cfg.trainer.seed,
+            "device": derived["device"],
+            "steps_policy": cfg.steps.policy,
+            "steps_per_epoch": derived["steps_per_epoch"],
+            "mlflow.note.content": run_note(cfg, derived, kind),
+            **versions(),
+        }
+    )
     tracker.log_inputs(dataset_inputs(cfg.data, store.fingerprint, {k: s.clip_ids for k, s in splits.items()}))
     tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
 
@@ -199,8 +208,9 @@ def prepare(cfg, d: distributed.Dist = distributed.Dist(), cache: bool | None = 
         inputs = store
         if from_backbone:
             key = cache_key(store, weights.sha256, cfg.backbone, model.backbone, device=device, autocast_dtype=amp)
-            inputs = build_backbone_cache(store, model.encode, key, f"{cfg.paths.cache}/backbone", device,
-                                          progress=t.progress, autocast_dtype=amp)
+            inputs = build_backbone_cache(
+                store, model.encode, key, f"{cfg.paths.cache}/backbone", device, progress=t.progress, autocast_dtype=amp
+            )
     splits = [split_of(index, store, s) for s in ("train", "valid", "test")]
     if len(splits[0].clip_ids) == 0:
         raise RuntimeError(f"no training clips with features under {cfg.data.root}")
@@ -252,15 +262,22 @@ def start(cfg, tracker, p: Prepared, d: distributed.Dist) -> Run:
     resumed run's state from its last checkpoint, with its stream where the killed one was."""
     t = cfg.trainer
     counts = epoch_counts(p.train.declared, p.train.clip_ids, p.store, cfg.stream.patches_per_clip)
-    steps = steps_per_epoch(cfg.steps.policy, t.batch_size, counts.declared, counts.cached, counts.patches,
-                            cfg.steps.n)
+    steps = steps_per_epoch(cfg.steps.policy, t.batch_size, counts.declared, counts.cached, counts.patches, cfg.steps.n)
     mine = distributed.shard(d, len(p.train.clip_ids))  # this rank's training clips
     shards = distributed.gather(d, p.train.clip_ids[mine].tolist())
-    derived = {"steps_per_epoch": steps, "train_clips": len(p.train.clip_ids),
-               "train_clips_declared": p.train.declared, "train_patches": counts.patches,
-               "val_clips": len(p.valid.clip_ids), "test_clips": len(p.test.clip_ids),
-               "n_tags": len(p.index.tags), "device": str(p.device), "backbone_cached": p.from_backbone,
-               "world_size": d.world, "truncated_clips": len(p.store.truncated)}
+    derived = {
+        "steps_per_epoch": steps,
+        "train_clips": len(p.train.clip_ids),
+        "train_clips_declared": p.train.declared,
+        "train_patches": counts.patches,
+        "val_clips": len(p.valid.clip_ids),
+        "test_clips": len(p.test.clip_ids),
+        "n_tags": len(p.index.tags),
+        "device": str(p.device),
+        "backbone_cached": p.from_backbone,
+        "world_size": d.world,
+        "truncated_clips": len(p.store.truncated),
+    }
     if not tracker.resumed:  # a resumed run has its records already (MLflow params are write-once)
         log_records(cfg, tracker, derived, p.weights, p.store, {"train": p.train, "valid": p.valid, "test": p.test})
         if d.active:
@@ -272,8 +289,13 @@ def start(cfg, tracker, p: Prepared, d: distributed.Dist) -> Run:
     selection = "last" if p.valid_is_test else "best_val"
     patience, lr_schedule = (None, "none") if p.valid_is_test else (t.patience, t.lr_schedule)
     if p.valid_is_test and (t.patience is not None or t.lr_schedule != "none"):
-        log.warning("data.split=%s has no validation split (valid == test): ignoring trainer.patience=%s and "
-                    "trainer.lr_schedule=%s, and testing the last epoch", cfg.data.split, t.patience, t.lr_schedule)
+        log.warning(
+            "data.split=%s has no validation split (valid == test): ignoring trainer.patience=%s and "
+            "trainer.lr_schedule=%s, and testing the last epoch",
+            cfg.data.split,
+            t.patience,
+            t.lr_schedule,
+        )
     if not tracker.resumed:
         tracker.set_tags({"selection": selection})
     model = p.model
@@ -286,8 +308,9 @@ def start(cfg, tracker, p: Prepared, d: distributed.Dist) -> Run:
     scheduler = None
     if lr_schedule == "plateau":
         # threshold 0: "better" means what it means for early stopping and the best checkpoint
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=t.lr_factor,
-                                                               patience=t.lr_patience, threshold=0.0)
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="max", factor=t.lr_factor, patience=t.lr_patience, threshold=0.0
+        )
     state = TrainState()
     if tracker.resumed:
         state = load_last(folder, model, optimizer, scheduler)
@@ -295,11 +318,32 @@ def start(cfg, tracker, p: Prepared, d: distributed.Dist) -> Run:
         # with their original timestamp, which MLflow stores once.
         tracker.log_metrics(state.last_metrics, step=state.epoch, timestamp=state.last_timestamp)
         log.info("resuming run %s after epoch %d", tracker.run_id, state.epoch)
-    stream = train_loader(p.inputs, p.train.clip_ids[mine], p.train.labels[mine], cfg.stream,
-                          distributed.local_batch(d, t.batch_size), t.seed, pin_memory=p.device.type == "cuda")
+    stream = train_loader(
+        p.inputs,
+        p.train.clip_ids[mine],
+        p.train.labels[mine],
+        cfg.stream,
+        distributed.local_batch(d, t.batch_size),
+        t.seed,
+        pin_memory=p.device.type == "cuda",
+    )
     skip_batches(stream, steps * (state.epoch + 1))
-    return Run(cfg, d, p, optimizer, scheduler, stream, distributed.wrap(d, model, p.device), steps, folder, state,
-               selection, patience, phases, params)
+    return Run(
+        cfg,
+        d,
+        p,
+        optimizer,
+        scheduler,
+        stream,
+        distributed.wrap(d, model, p.device),
+        steps,
+        folder,
+        state,
+        selection,
+        patience,
+        phases,
+        params,
+    )
 
 
 def fit(run: Run, tracker) -> None:
@@ -340,8 +384,13 @@ def fit(run: Run, tracker) -> None:
         tracker.log_metrics(metrics, step=epoch, timestamp=state.last_timestamp)
         epoch += 1
     if patience_spent(state, run.patience):
-        log.info("early stop after epoch %d: %s has not improved for %d epochs (best epoch %d)",
-                 state.epoch, t.monitor, run.patience, state.best_epoch)
+        log.info(
+            "early stop after epoch %d: %s has not improved for %d epochs (best epoch %d)",
+            state.epoch,
+            t.monitor,
+            run.patience,
+            state.best_epoch,
+        )
 
 
 def test(run: Run, tracker) -> dict[str, float]:
@@ -362,15 +411,25 @@ def test(run: Run, tracker) -> dict[str, float]:
     # that epoch's validation metrics beside them (selected_val_*: what a comparison may rank by).
     end = state.epoch + 1
     selected = {f"selected_{k}": v[state.best_epoch] for k, v in state.history.items() if k.startswith("val_")}
-    final = log_test(tracker, p.index.tags, p.test, probs, step=end, seed=run.cfg.trainer.seed,
-                     extra={"best_epoch": state.best_epoch, "epochs_trained": end, **selected})
+    final = log_test(
+        tracker,
+        p.index.tags,
+        p.test,
+        probs,
+        step=end,
+        seed=run.cfg.trainer.seed,
+        extra={"best_epoch": state.best_epoch, "epochs_trained": end, **selected},
+    )
     log_alphas(p.model.pool, tracker, step=end)  # AutoPool's learned alphas (no-op for GAP)
-    log.info("test (%s epoch %d): %s", run.selection, state.best_epoch,
-             " ".join(f"{k}={v:.4f}" for k, v in final.items() if "_ci" not in k))
+    log.info(
+        "test (%s epoch %d): %s",
+        run.selection,
+        state.best_epoch,
+        " ".join(f"{k}={v:.4f}" for k, v in final.items() if "_ci" not in k),
+    )
     log_plots(tracker, state)
     distributed.barrier(d)
     if d.main:
         drop_last(run.folder)
     best_metrics = {k: v[state.best_epoch] for k, v in state.history.items()}
     return {**best_metrics, **final, **selected, "best_epoch": state.best_epoch, "epochs_trained": end}
-

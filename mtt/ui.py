@@ -24,14 +24,17 @@ def experiment_links(uri: str, base: str) -> list[tuple[str, str]]:
     from mtt.tracking import resolve_uri
 
     uri = resolve_uri(uri)
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).exists():
         return []
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
     experiments = sorted(client.search_experiments(), key=lambda e: -(e.last_update_time or 0))
-    return [(e.name, runs_table_url(base, e.experiment_id)) for e in experiments
-            if client.search_runs([e.experiment_id], max_results=1)]
+    return [
+        (e.name, runs_table_url(base, e.experiment_id))
+        for e in experiments
+        if client.search_runs([e.experiment_id], max_results=1)
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -78,8 +78,7 @@ def model_of(cfg):
 
 
 def cache_dir_of(cfg, store, model, weights):
-    return cfg.paths.cache + "/backbone/" + params_key(cache_key(store, weights.sha256, cfg.backbone,
-                                                                 model.backbone))
+    return cfg.paths.cache + "/backbone/" + params_key(cache_key(store, weights.sha256, cfg.backbone, model.backbone))
 
 
 def run(cfg, name: str):
@@ -114,8 +113,7 @@ def test_other_weights_other_cache_and_cache_equals_live_backbone(tmp_path, cach
         store = store_of(cfg)
         model, weights = model_of(cfg)
         key = cache_key(store, weights.sha256, cfg.backbone, model.backbone)
-        cache = build_backbone_cache(store, model.encode, key, tmp_path / "bb", torch.device("cpu"),
-                                     progress=False)
+        cache = build_backbone_cache(store, model.encode, key, tmp_path / "bb", torch.device("cpu"), progress=False)
         with torch.no_grad():
             live = model.encode(torch.from_numpy(np.asarray(store.patches, dtype=np.float32))).numpy()
         got = np.asarray(cache.patches, dtype=np.float32)
@@ -127,8 +125,9 @@ def test_other_weights_other_cache_and_cache_equals_live_backbone(tmp_path, cach
         caches.append((cache, live))
     (a, live_a), (b, live_b) = caches
     assert a.path != b.path and a.fingerprint != b.fingerprint
-    assert sorted(p.name for p in (tmp_path / "bb").iterdir() if not p.name.startswith(".")) == \
-        sorted([a.path.name, b.path.name])
+    assert sorted(p.name for p in (tmp_path / "bb").iterdir() if not p.name.startswith(".")) == sorted(
+        [a.path.name, b.path.name]
+    )
     assert not np.allclose(live_a, live_b, atol=1e-3 * np.abs(live_a).max())  # really other outputs
 
 
@@ -151,19 +150,28 @@ def test_precision_and_device_are_in_the_key(tmp_path, cache_dir):
     store = store_of(cfg)
     model, _ = model_of(cfg)
     cpu = torch.device("cpu")
-    keys = {dtype: cache_key(store, None, cfg.backbone, model.backbone, device=cpu, autocast_dtype=dtype)
-            for dtype in (None, torch.bfloat16)}
+    keys = {
+        dtype: cache_key(store, None, cfg.backbone, model.backbone, device=cpu, autocast_dtype=dtype)
+        for dtype in (None, torch.bfloat16)
+    }
     assert keys[None] != keys[torch.bfloat16]
     assert cache_key(store, None, cfg.backbone, model.backbone, device=torch.device("cuda")) != keys[None]
-    fp32, bf16 = (build_backbone_cache(store, model.encode, keys[dtype], tmp_path / "bb", cpu, progress=False,
-                                       autocast_dtype=dtype) for dtype in (None, torch.bfloat16))
+    fp32, bf16 = (
+        build_backbone_cache(
+            store, model.encode, keys[dtype], tmp_path / "bb", cpu, progress=False, autocast_dtype=dtype
+        )
+        for dtype in (None, torch.bfloat16)
+    )
     assert fp32.path != bf16.path
     assert not np.array_equal(np.asarray(fp32.patches), np.asarray(bf16.patches))
-    assert (fp32.manifest["params"]["compute"]["dtype"], bf16.manifest["params"]["compute"]["dtype"]) == \
-        ("float32", "bfloat16")
+    assert (fp32.manifest["params"]["compute"]["dtype"], bf16.manifest["params"]["compute"]["dtype"]) == (
+        "float32",
+        "bfloat16",
+    )
     with pytest.raises(ValueError, match="float32 but the build computes on cpu/bfloat16"):
-        build_backbone_cache(store, model.encode, keys[None], tmp_path / "other", cpu, progress=False,
-                             autocast_dtype=torch.bfloat16)
+        build_backbone_cache(
+            store, model.encode, keys[None], tmp_path / "other", cpu, progress=False, autocast_dtype=torch.bfloat16
+        )
 
 
 def test_interrupted_build_resumes_to_the_same_cache(tmp_path, cache_dir):

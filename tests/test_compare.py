@@ -31,25 +31,55 @@ def _probs(strength: float, seed: int) -> np.ndarray:
     return 1 / (1 + np.exp(-(strength * SIGNAL + noise)))
 
 
-def log_run(uri, experiment, group, seed, probs, tmp_path, tags_set="all", reference=None, config=None, val=None,
-            feature_store="fs1", test_digest=None):
+def log_run(
+    uri,
+    experiment,
+    group,
+    seed,
+    probs,
+    tmp_path,
+    tags_set="all",
+    reference=None,
+    config=None,
+    val=None,
+    feature_store="fs1",
+    test_digest=None,
+):
     """A finished run as mtt.run logs one: group tags, protocol params/tags, curves, test metrics
     and test_predictions.npz."""
-    tags = {"mtt.group": group, "mtt.group_name": f"head={group}", "config_hash": config or f"{group}-{seed}",
-            "feature_store": feature_store, "test_clips_sha256": test_digest or digest_test_set(CLIPS, LABELS)}
+    tags = {
+        "mtt.group": group,
+        "mtt.group_name": f"head={group}",
+        "config_hash": config or f"{group}-{seed}",
+        "feature_store": feature_store,
+        "test_clips_sha256": test_digest or digest_test_set(CLIPS, LABELS),
+    }
     if reference:
         tags["mtt.reference"] = reference
     with MlflowTracker(uri, experiment, f"head={group},seed={seed}", tags=tags) as t:
-        t.log_params({"head": {"blocks": 2, "output": "sigmoid"}, "pool": {"name": "gap"}, "steps": {"policy": "patches"},
-                      "trainer": {"epochs": 3, "seed": seed},
-                      "data": {"split": "standard", "tags": tags_set, "drop_untagged": True},
-                      "eval": {"aggregate": "mean", "patches_per_clip": None}})
+        t.log_params(
+            {
+                "head": {"blocks": 2, "output": "sigmoid"},
+                "pool": {"name": "gap"},
+                "steps": {"policy": "patches"},
+                "trainer": {"epochs": 3, "seed": seed},
+                "data": {"split": "standard", "tags": tags_set, "drop_untagged": True},
+                "eval": {"aggregate": "mean", "patches_per_clip": None},
+            }
+        )
         curve = val or [0.6 + 0.1 * e + 0.01 * seed for e in range(3)]
         for step, v in enumerate(curve):
             t.log_metrics({"val_roc_auc": v, "val_loss": 1 - v}, step=step)
         m = {f"test_{k}": v for k, v in tagging_metrics(LABELS, probs).items()}
-        t.log_metrics({**m, "selected_val_roc_auc": max(curve), "best_epoch": int(np.argmax(curve)),
-                       "epochs_trained": len(curve)}, step=3)
+        t.log_metrics(
+            {
+                **m,
+                "selected_val_roc_auc": max(curve),
+                "best_epoch": int(np.argmax(curve)),
+                "epochs_trained": len(curve),
+            },
+            step=3,
+        )
         path = save_predictions(tmp_path / f"{t.run_id}.npz", CLIPS, TAGS, probs, LABELS)
         t.log_artifact(path.rename(path.with_name(PREDICTIONS)))
         path.with_name(PREDICTIONS).unlink()
@@ -67,8 +97,9 @@ def store(tmp_path_factory):
         good = _probs(2.0, seed)
         logged.setdefault("good", []).append(log_run(uri, "exp", "good", seed, good, tmp)[1])
         logged.setdefault("same", []).append(log_run(uri, "exp", "same", seed, good, tmp, val=[0.5, 0.55, 0.5])[1])
-        logged.setdefault("weak", []).append(log_run(uri, "exp", "weak", seed, _probs(0.6, 10 + seed), tmp,
-                                                     val=[0.5, 0.52, 0.51])[1])
+        logged.setdefault("weak", []).append(
+            log_run(uri, "exp", "weak", seed, _probs(0.6, 10 + seed), tmp, val=[0.5, 0.52, 0.51])[1]
+        )
     log_run(uri, "exp", "probe", 0, _probs(1.0, 20), tmp, reference="linear_probe", val=[0.7])
     return uri, logged
 
@@ -87,7 +118,11 @@ def test_groups_have_n_mean_std_and_intervals(store, capsys):
     for name in ("good", "same", "weak"):
         g = groups[f"head={name}"]["metrics"]["test_roc_auc"]
         values = [m["test_roc_auc"] for m in logged[name]]
-        assert g["n"] == 3 and g["mean"] == pytest.approx(np.mean(values)) and g["std"] == pytest.approx(np.std(values, ddof=1))
+        assert (
+            g["n"] == 3
+            and g["mean"] == pytest.approx(np.mean(values))
+            and g["std"] == pytest.approx(np.std(values, ddof=1))
+        )
         assert g["ci95"][0] < g["mean"] < g["ci95"][1] and g["ci_kind"] == "bootstrap over clips and seeds"
     assert groups["head=probe"]["reference"] == "linear_probe" and groups["head=probe"]["n"] == 1
     # The best group is chosen by validation (good: 0.82), never by a test metric.
@@ -108,8 +143,10 @@ def test_default_pairs_against_the_best_with_verdicts(store, capsys):
 def test_chosen_pair(store, capsys):
     uri, _ = store
     out = _json(["exp", "--tracking-uri", uri, "--out", "/dev/null", "--pair", "head=weak", "head=same"], capsys)
-    assert [(p["a"], p["b"], p["metric"]) for p in out["pairs"]] == [("head=weak", "head=same", "test_roc_auc"),
-                                                                    ("head=weak", "head=same", "test_pr_auc")]
+    assert [(p["a"], p["b"], p["metric"]) for p in out["pairs"]] == [
+        ("head=weak", "head=same", "test_roc_auc"),
+        ("head=weak", "head=same", "test_pr_auc"),
+    ]
     assert all(p["verdict"] == "head=same better" for p in out["pairs"])
     assert main(["exp", "--tracking-uri", uri, "--pair", "head=nope", "head=same"]) == 2
     assert "head=nope" in capsys.readouterr().err

@@ -22,10 +22,14 @@ def test_a_registered_dataset_is_what_its_name_selects(tmp_path, monkeypatch):
     @datasets.register("two_clips")
     def two_clips(data_cfg, progress):
         seen.append((data_cfg.root, progress))
-        return ClipIndex(root=tmp_path, tags=("rock",), clip_ids=np.array([1, 2]), paths=("0/a.mp3", "c/b.mp3"),
-                         labels=np.array([[1], [0]], dtype=np.uint8), splits={"train": np.array([0]),
-                                                                               "valid": np.array([1]),
-                                                                               "test": np.array([1])})
+        return ClipIndex(
+            root=tmp_path,
+            tags=("rock",),
+            clip_ids=np.array([1, 2]),
+            paths=("0/a.mp3", "c/b.mp3"),
+            labels=np.array([[1], [0]], dtype=np.uint8),
+            splits={"train": np.array([0]), "valid": np.array([1]), "test": np.array([1])},
+        )
 
     index = datasets.index_from_config(SimpleNamespace(name="two_clips", root=str(tmp_path)), progress=False)
     assert seen == [(str(tmp_path), False)] and index.tags == ("rock",)

@@ -17,9 +17,9 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from mtt.backbone_cache import build_backbone_cache, cache_key
-from mtt.paths import REPO_ROOT
 from mtt.data.datasets import index_from_config
 from mtt.models import build_model
+from mtt.paths import REPO_ROOT
 from mtt.preprocess import build_feature_store
 from mtt.tracking import download_artifacts
 from mtt.train import clip_metrics, clip_probabilities, split_of
@@ -44,15 +44,19 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-
 @pytest.mark.slow
 def test_torchrun_two_processes(tmp_path, cache_dir):
     uri = f"sqlite:///{tmp_path}/ddp.db"
     overrides = [*TINY, "trainer.epochs=3", f"paths.cache={cache_dir}", "tracking.experiment=ddp"]
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    proc = subprocess.run([torchrun, "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "mtt.run", *overrides],
-                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "MLFLOW_TRACKING_URI": uri},
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [torchrun, "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "mtt.run", *overrides],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "MLFLOW_TRACKING_URI": uri},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     client = MlflowClient(uri)
@@ -77,8 +81,14 @@ def test_torchrun_two_processes(tmp_path, cache_dir):
     model = build_model(cfg, len(index.tags))
     model.load_state_dict(load_file(best))
     model.backbone.to(memory_format=torch.channels_last)  # as the run laid it out: the same cache key
-    cache = build_backbone_cache(store, model.encode, cache_key(store, None, cfg.backbone, model.backbone),
-                                 f"{cache_dir}/backbone", torch.device("cpu"), progress=False)
+    cache = build_backbone_cache(
+        store,
+        model.encode,
+        cache_key(store, None, cfg.backbone, model.backbone),
+        f"{cache_dir}/backbone",
+        torch.device("cpu"),
+        progress=False,
+    )
     cpu = torch.device("cpu")
     for split, step in (("test", None), ("valid", int(run.data.metrics["best_epoch"]))):
         # test_*: of the best checkpoint; val_* at the best epoch: of the same weights. Both were
@@ -90,8 +100,11 @@ def test_torchrun_two_processes(tmp_path, cache_dir):
         for key, value in single.items():
             if np.isnan(value):
                 continue
-            logged = run.data.metrics[f"test_{key}"] if step is None else \
-                {m.step: m.value for m in client.get_metric_history(run.info.run_id, f"val_{key}")}[step]
+            logged = (
+                run.data.metrics[f"test_{key}"]
+                if step is None
+                else {m.step: m.value for m in client.get_metric_history(run.info.run_id, f"val_{key}")}[step]
+            )
             assert logged == pytest.approx(value, abs=1e-5), f"{prefix}_{key}"
 
 
@@ -101,15 +114,28 @@ def test_torchrun_run_resumes_after_sigkill(tmp_path, cache_dir):
     import time
 
     uri = f"sqlite:///{tmp_path}/resume.db"
-    args = [*TINY, "trainer.epochs=4", "trainer.deterministic=true", "steps=fixed", "steps.n=40",
-            f"paths.cache={cache_dir}", "tracking.experiment=ddp-resume"]
+    args = [
+        *TINY,
+        "trainer.epochs=4",
+        "trainer.deterministic=true",
+        "steps=fixed",
+        "steps.n=40",
+        f"paths.cache={cache_dir}",
+        "tracking.experiment=ddp-resume",
+    ]
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "MLFLOW_TRACKING_URI": uri}
 
     def launch(*extra):
-        return subprocess.Popen([torchrun, "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "mtt.run",
-                                 *args, *extra], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        return subprocess.Popen(
+            [torchrun, "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "mtt.run", *args, *extra],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
 
     client = MlflowClient(uri)
     proc, run_id, deadline = launch(), None, time.monotonic() + 300

@@ -54,14 +54,25 @@ class ConvCalls:
         self._handle.remove()
 
 
-@pytest.mark.parametrize("precision, channels_last, dtype", [("bf16", "true", torch.bfloat16),
-                                                             ("fp32", "false", torch.float32)])
+@pytest.mark.parametrize(
+    "precision, channels_last, dtype", [("bf16", "true", torch.bfloat16), ("fp32", "false", torch.float32)]
+)
 def test_precision_and_layout_are_what_the_backbone_computes_in(cache_dir, tmp_path, precision, channels_last, dtype):
     """The mixed-precision path (as on CUDA) runs for real under CPU autocast: every convolution
     of the live backbone computes in the configured dtype and memory layout."""
     uri = f"sqlite:///{tmp_path}/m.db"
-    cfg = compose_cfg([*TINY, f"trainer.precision={precision}", f"trainer.channels_last={channels_last}",
-                       "backbone.cache=false", "steps=fixed", "steps.n=2", f"tracking.uri={uri}"], cache=cache_dir)
+    cfg = compose_cfg(
+        [
+            *TINY,
+            f"trainer.precision={precision}",
+            f"trainer.channels_last={channels_last}",
+            "backbone.cache=false",
+            "steps=fixed",
+            "steps.n=2",
+            f"tracking.uri={uri}",
+        ],
+        cache=cache_dir,
+    )
     with MlflowTracker(uri, "device", precision) as tracker, ConvCalls() as convs:
         metrics = train(cfg, tracker)
     assert convs.seen and set(convs.seen) == {(dtype, channels_last == "true")}
@@ -69,10 +80,12 @@ def test_precision_and_layout_are_what_the_backbone_computes_in(cache_dir, tmp_p
     assert MlflowClient(uri).get_run(tracker.run_id).data.params["derived.device"] == "cpu"
 
 
-@pytest.mark.parametrize("precision, channels_last, dtype", [("bf16", "true", torch.bfloat16),
-                                                             ("fp32", "false", torch.float32)])
-def test_the_short_chunk_resnet_computes_in_the_same_precision_and_layout(cache_dir, tmp_path, precision,
-                                                                         channels_last, dtype):
+@pytest.mark.parametrize(
+    "precision, channels_last, dtype", [("bf16", "true", torch.bfloat16), ("fp32", "false", torch.float32)]
+)
+def test_the_short_chunk_resnet_computes_in_the_same_precision_and_layout(
+    cache_dir, tmp_path, precision, channels_last, dtype
+):
     """The same CUDA path for the from-scratch backbone: every convolution of its 7 residual
     blocks (shortcuts included) runs in the configured dtype and layout, through its transposes."""
     from test_shortchunk import SMALL
@@ -83,8 +96,18 @@ def test_the_short_chunk_resnet_computes_in_the_same_precision_and_layout(cache_
                 super()._hook(module, args, output)
 
     uri = f"sqlite:///{tmp_path}/m.db"
-    cfg = compose_cfg([*TINY, *SMALL, f"trainer.precision={precision}", f"trainer.channels_last={channels_last}",
-                       "steps=fixed", "steps.n=2", f"tracking.uri={uri}"], cache=cache_dir)
+    cfg = compose_cfg(
+        [
+            *TINY,
+            *SMALL,
+            f"trainer.precision={precision}",
+            f"trainer.channels_last={channels_last}",
+            "steps=fixed",
+            "steps.n=2",
+            f"tracking.uri={uri}",
+        ],
+        cache=cache_dir,
+    )
     with MlflowTracker(uri, "device", precision) as tracker, SpatialConvCalls() as convs:
         metrics = train(cfg, tracker)
     assert len(convs.seen) >= 20 and set(convs.seen) == {(dtype, channels_last == "true")}

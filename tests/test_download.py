@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mtt.paths import REPO_ROOT
 from mtt.data.download import (
     ANNOTATIONS,
     CLIP_INFO,
@@ -31,6 +30,7 @@ from mtt.data.index import build_index
 from mtt.data.mtat import AnnotationError
 from mtt.data.tags import TAGS, TOP50
 from mtt.hub import DownloadError
+from mtt.paths import REPO_ROOT
 from tests.helpers.http_server import FileServer, _flip_middle, closed_port_url
 
 FOLDERS = ("0", "1", "f")
@@ -48,11 +48,17 @@ def _fake_mtat(entries: dict[str, bytes] | None = None) -> tuple[dict[str, bytes
     Clips are random bytes stored uncompressed, so any flipped byte in their data fails the CRC.
     """
     rng = np.random.default_rng(0)
-    clips = entries if entries is not None else {
-        f"{folder}/artist_{folder}-album-0{i}-title-{30 * i}-{30 * i + 29}.mp3":
-            rng.integers(0, 256, int(rng.integers(4000, 9000)), dtype=np.uint8).tobytes()
-        for folder in FOLDERS for i in range(4)
-    }
+    clips = (
+        entries
+        if entries is not None
+        else {
+            f"{folder}/artist_{folder}-album-0{i}-title-{30 * i}-{30 * i + 29}.mp3": rng.integers(
+                0, 256, int(rng.integers(4000, 9000)), dtype=np.uint8
+            ).tobytes()
+            for folder in FOLDERS
+            for i in range(4)
+        }
+    )
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
         for folder in sorted({p.split("/")[0] for p in clips} & set("0123456789abcdef")):
@@ -61,10 +67,22 @@ def _fake_mtat(entries: dict[str, bytes] | None = None) -> tuple[dict[str, bytes
             zf.writestr(path, data)
     archive = buf.getvalue()
     cut = [0, len(archive) // 3, 2 * len(archive) // 3, len(archive)]
-    served = {name: archive[cut[i]:cut[i + 1]] for i, name in enumerate(PARTS)}
+    served = {name: archive[cut[i] : cut[i + 1]] for i, name in enumerate(PARTS)}
     rows = [["clip_id", *TAGS, "mp3_path"]]
-    info = [["clip_id", "track_number", "title", "artist", "album", "url", "segmentStart",
-             "segmentEnd", "original_url", "mp3_path"]]
+    info = [
+        [
+            "clip_id",
+            "track_number",
+            "title",
+            "artist",
+            "album",
+            "url",
+            "segmentStart",
+            "segmentEnd",
+            "original_url",
+            "mp3_path",
+        ]
+    ]
     for clip_id, path in enumerate(clips, start=2):
         labels = ["0"] * len(TAGS)
         labels[TAGS.index(TOP50[clip_id % len(TOP50)])] = "1"
@@ -116,8 +134,9 @@ def test_downloads_verifies_and_extracts_the_tree(tmp_path, mtat):
     assert all(server.count(name) == 1 for name in FILES)
     assert server.count("SHA256SUMS") == 1 and server.count("MD5SUMS") == 0
     record = json.loads((root / MARKER).read_text())["files"]
-    assert {n: (f["digest"], f["digest_source"]) for n, f in record.items()} == \
-        {n: (d, server.url + "SHA256SUMS") for n, d in sums(served).items()}
+    assert {n: (f["digest"], f["digest_source"]) for n, f in record.items()} == {
+        n: (d, server.url + "SHA256SUMS") for n, d in sums(served).items()
+    }
 
 
 def test_rerun_after_success_makes_no_request(tmp_path, mtat):
@@ -290,18 +309,24 @@ def test_command_line_downloads_into_data_root(tmp_path, mtat):
     cache, root = tmp_path / "cache", tmp_path / "mtat"
     (tmp_path / "SHA256SUMS").write_bytes(with_manifest(served)["SHA256SUMS"])
     with FileServer(served) as server:
-        env = {**os.environ, "MTT_MTAT_URL": server.url, "MTT_CACHE": str(cache),
-               "MTT_MTAT_CHECKSUMS": str(tmp_path / "SHA256SUMS")}
+        env = {
+            **os.environ,
+            "MTT_MTAT_URL": server.url,
+            "MTT_CACHE": str(cache),
+            "MTT_MTAT_CHECKSUMS": str(tmp_path / "SHA256SUMS"),
+        }
         cmd = [sys.executable, "-m", "mtt.data.download", "data=mtat"]
-        done = subprocess.run(cmd + [f"data.root={root}"], cwd=REPO_ROOT, env=env,
-                              capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            cmd + [f"data.root={root}"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120
+        )
         assert done.returncode == 0, done.stderr
         assert str(root) in done.stdout
         _assert_extracted(root, served, clips)
         # data.root is mandatory for data=mtat, and data=toy is refused rather than generated.
         missing = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
-        toy = subprocess.run(cmd[:-1] + ["data=toy"], cwd=REPO_ROOT, env=env, capture_output=True,
-                             text=True, timeout=120)
+        toy = subprocess.run(
+            cmd[:-1] + ["data=toy"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120
+        )
     assert missing.returncode != 0 and "data.root" in missing.stderr
     assert toy.returncode != 0 and "data=mtat" in toy.stderr
     assert not list(cache.glob("toy*"))

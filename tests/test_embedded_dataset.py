@@ -42,6 +42,7 @@ def read_tsv(path: Path) -> list[list[str]]:
 
 # ------------------------------------------------------------------------------------------ tags
 
+
 def test_synth_tags_are_standard_mtat_tags():
     assert 12 <= len(SYNTH_TAGS) <= 20
     assert set(SYNTH_TAGS) <= set(TAGS) and set(SYNTH_TAGS) <= set(TOP50)
@@ -54,23 +55,45 @@ def test_complete_tags_adds_what_the_audio_implies():
     assert complete_tags({"ambient"}) == {"ambient", "slow", "no vocals"}
 
 
-@pytest.mark.parametrize("tags", [
-    {"guitar"}, {"piano", "fast"}, {"violin", "slow", "quiet"}, {"flute", "loud"}, {"harpsichord"},
-    {"sitar", "male"}, {"synth", "techno", "female", "fast"}, {"ambient", "female"}, {"drums"},
-    {"piano", "drums", "male", "slow", "loud"}, set(),
-])
+@pytest.mark.parametrize(
+    "tags",
+    [
+        {"guitar"},
+        {"piano", "fast"},
+        {"violin", "slow", "quiet"},
+        {"flute", "loud"},
+        {"harpsichord"},
+        {"sitar", "male"},
+        {"synth", "techno", "female", "fast"},
+        {"ambient", "female"},
+        {"drums"},
+        {"piano", "drums", "male", "slow", "loud"},
+        set(),
+    ],
+)
 def test_render_clip_length_dtype_range(tags):
     wave = render_clip(complete_tags(tags), 1.0, SR, np.random.default_rng(0))
     assert wave.shape == (SR,) and wave.dtype == np.float32
     assert np.all(np.isfinite(wave)) and np.abs(wave).max() <= 1.0
-    assert np.sqrt(np.mean(wave ** 2)) > 1e-3  # not silent: even an empty recipe has its noise floor
+    assert np.sqrt(np.mean(wave**2)) > 1e-3  # not silent: even an empty recipe has its noise floor
     assert render_clip(complete_tags(tags), 0.5, 22050, np.random.default_rng(0)).shape == (11025,)
 
 
 @pytest.mark.parametrize("tempo", [set(), {"slow"}, {"fast"}])
 def test_every_part_renders_at_every_tempo_even_when_very_short(tempo):
-    parts = [{"guitar"}, {"piano"}, {"violin"}, {"flute"}, {"harpsichord"}, {"sitar"}, {"synth"},
-             {"drums"}, {"techno"}, {"female"}, {"male"}] + ([{"ambient"}] if "fast" not in tempo else [])
+    parts = [
+        {"guitar"},
+        {"piano"},
+        {"violin"},
+        {"flute"},
+        {"harpsichord"},
+        {"sitar"},
+        {"synth"},
+        {"drums"},
+        {"techno"},
+        {"female"},
+        {"male"},
+    ] + ([{"ambient"}] if "fast" not in tempo else [])
     for part in parts:
         for seed, seconds in enumerate((0.1, 0.1, 0.1, 0.1, 1.0)):
             wave = render_clip(complete_tags(part | tempo), seconds, SR, np.random.default_rng(seed))
@@ -86,23 +109,27 @@ def test_render_clip_is_a_function_of_the_rng():
 
 
 def test_loudness_tags_are_levels():
-    rms = {level: np.sqrt(np.mean(render_clip(complete_tags({"piano", *extra}), 2.0, SR,
-                                              np.random.default_rng(1)) ** 2))
-           for level, extra in (("quiet", {"quiet"}), ("normal", set()), ("loud", {"loud"}))}
+    rms = {
+        level: np.sqrt(np.mean(render_clip(complete_tags({"piano", *extra}), 2.0, SR, np.random.default_rng(1)) ** 2))
+        for level, extra in (("quiet", {"quiet"}), ("normal", set()), ("loud", {"loud"}))
+    }
     assert rms["quiet"] * 3 < rms["normal"] and rms["normal"] * 1.5 < rms["loud"]
 
 
-@pytest.mark.parametrize("tags, message", [
-    ({"guitar", "no vocals", "jazz"}, "'jazz' is an MTAT tag the generator cannot render"),
-    ({"guitar", "no vocals", "kazoo"}, "'kazoo' is not an MTAT tag"),
-    ({"techno", "no vocals"}, r"also carries \['beat', 'electronic'\]"),
-    ({"guitar"}, r"also carries \['no vocals'\]"),
-    ({"guitar", "piano", "no vocals"}, "at most one instrument"),
-    ({"guitar", "electronic", "no vocals"}, "'electronic' is only rendered together with"),
-    ({"guitar", "female", "vocal", "no vocals"}, "conflict"),
-    ({"ambient", "slow", "drums", "beat", "no vocals"}, "'ambient'"),
-    ({"guitar", "fast", "slow", "no vocals"}, "at most one tempo"),
-])
+@pytest.mark.parametrize(
+    "tags, message",
+    [
+        ({"guitar", "no vocals", "jazz"}, "'jazz' is an MTAT tag the generator cannot render"),
+        ({"guitar", "no vocals", "kazoo"}, "'kazoo' is not an MTAT tag"),
+        ({"techno", "no vocals"}, r"also carries \['beat', 'electronic'\]"),
+        ({"guitar"}, r"also carries \['no vocals'\]"),
+        ({"guitar", "piano", "no vocals"}, "at most one instrument"),
+        ({"guitar", "electronic", "no vocals"}, "'electronic' is only rendered together with"),
+        ({"guitar", "female", "vocal", "no vocals"}, "conflict"),
+        ({"ambient", "slow", "drums", "beat", "no vocals"}, "'ambient'"),
+        ({"guitar", "fast", "slow", "no vocals"}, "at most one tempo"),
+    ],
+)
 def test_render_clip_rejects_bad_tags(tags, message):
     with pytest.raises(ValueError, match=message):
         render_clip(tags, 1.0, SR, np.random.default_rng(0))
@@ -118,6 +145,7 @@ def test_render_clip_rejects_a_bare_string_and_bad_sizes():
 
 
 # ----------------------------------------------------------------------------------- the plan
+
 
 @pytest.mark.parametrize("seed", range(5))
 def test_default_size_has_every_tag_in_every_split(seed):
@@ -151,6 +179,7 @@ def test_songs_are_consecutive_segments():
 
 
 # -------------------------------------------------------------------------------------- format
+
 
 def test_annotations_are_exactly_mtat_format(tiny_root):
     path = tiny_root / "annotations_final.csv"
@@ -218,12 +247,12 @@ def test_same_seed_same_bytes_and_audio(tiny_root, tmp_path):
         assert (again / name).read_bytes() == (tiny_root / name).read_bytes(), name
     for path in build_index(tiny_root).paths:
         assert np.array_equal(load_audio(again / path), load_audio(tiny_root / path)), path
-    other = ensure_dataset(tmp_path / "other", SynthConfig(TINY.clips_per_folder, TINY.seconds, 1),
-                           progress=False)
+    other = ensure_dataset(tmp_path / "other", SynthConfig(TINY.clips_per_folder, TINY.seconds, 1), progress=False)
     assert (other / "annotations_final.csv").read_bytes() != (tiny_root / "annotations_final.csv").read_bytes()
 
 
 # ------------------------------------------------------------------------------ ensure_dataset
+
 
 def snapshot(root: Path) -> dict[str, int]:
     return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted(root.rglob("*"))}
@@ -268,23 +297,31 @@ def test_foreign_folder_is_not_replaced(tmp_path):
     assert (root / "thesis.tex").read_text() == "precious"
 
 
-@pytest.mark.parametrize("field, value", [("clips_per_folder", 0), ("seconds", -1.0), ("seed", -3),
-                                          ("clips_per_folder", 2.5)])
+@pytest.mark.parametrize(
+    "field, value", [("clips_per_folder", 0), ("seconds", -1.0), ("seed", -3), ("clips_per_folder", 2.5)]
+)
 def test_bad_config_is_named(tmp_path, field, value):
     cfg = SynthConfig(**{**vars(TINY), field: value})
     with pytest.raises(ValueError, match=f"synth.{field}="):
         ensure_dataset(tmp_path / "toy", cfg, progress=False)
 
 
-GENERATE = ("import sys; from mtt.config import SynthConfig; from mtt.data.embedded import ensure_dataset; "
-            "ensure_dataset(sys.argv[1], SynthConfig(int(sys.argv[2]), 1.0, 0), progress=sys.argv[3] == '1'); "
-            "print('done')")
+GENERATE = (
+    "import sys; from mtt.config import SynthConfig; from mtt.data.embedded import ensure_dataset; "
+    "ensure_dataset(sys.argv[1], SynthConfig(int(sys.argv[2]), 1.0, 0), progress=sys.argv[3] == '1'); "
+    "print('done')"
+)
 
 
 def spawn(root: Path, clips_per_folder: int, progress: bool = False) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    return subprocess.Popen([sys.executable, "-c", GENERATE, str(root), str(clips_per_folder), str(int(progress))],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", GENERATE, str(root), str(clips_per_folder), str(int(progress))],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_killed_generation_leaves_nothing_that_reads_as_complete(tmp_path):
@@ -316,6 +353,7 @@ def test_concurrent_callers_share_one_generation(tmp_path):
 
 
 # ------------------------------------------------------------------------------------- writers
+
 
 def test_write_annotations_names_an_unknown_tag(tmp_path):
     with pytest.raises(ValueError, match=r"clip 7 has tag 'kazoo'"):
@@ -350,6 +388,7 @@ def test_write_mp3_round_trip_and_errors(tmp_path):
 
 
 # ------------------------------------------------------------------------------- learnability
+
 
 def clip_features(wave: np.ndarray, mel: np.ndarray) -> np.ndarray:
     """Per-clip summary of VGGish's front end (25 ms Hann windows, 10 ms hop, |STFT| through 64
@@ -387,8 +426,7 @@ def test_default_dataset_is_learnable(tmp_path):
     generated = time.perf_counter() - start
     idx = build_index(root)
     mel = librosa.filters.mel(sr=SR, n_fft=512, n_mels=64, fmin=125, fmax=7500, htk=True, norm=None)
-    x = np.stack([clip_features(load_audio(idx.audio_path(i)).astype(np.float64), mel)
-                  for i in range(len(idx.paths))])
+    x = np.stack([clip_features(load_audio(idx.audio_path(i)).astype(np.float64), mel) for i in range(len(idx.paths))])
     y = idx.labels[:, [idx.tags.index(t) for t in SYNTH_TAGS]]
     train, valid, test = (idx.splits[s] for s in ("train", "valid", "test"))
     for rows in (valid, test):  # both classes of every tag in valid and test
@@ -399,7 +437,9 @@ def test_default_dataset_is_learnable(tmp_path):
         clf = LogisticRegression(C=0.3, max_iter=5000).fit(scaler.transform(x[train]), y[train, j])
         aucs[tag] = roc_auc_score(y[test, j], clf.predict_proba(scaler.transform(x[test]))[:, 1])
     macro = float(np.mean(list(aucs.values())))
-    print(f"generated {len(idx.paths)} clips in {generated:.1f} s; test macro ROC-AUC {macro:.4f}; "
-          + ", ".join(f"{t} {a:.2f}" for t, a in sorted(aucs.items(), key=lambda kv: kv[1])))
+    print(
+        f"generated {len(idx.paths)} clips in {generated:.1f} s; test macro ROC-AUC {macro:.4f}; "
+        + ", ".join(f"{t} {a:.2f}" for t, a in sorted(aucs.items(), key=lambda kv: kv[1]))
+    )
     assert macro >= 0.95, aucs
     assert min(aucs.values()) >= 0.8, aucs

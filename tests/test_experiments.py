@@ -18,36 +18,95 @@ EXPERIMENTS = REPO_ROOT / "experiments"
 REPORT = ["report/autopool", "report/prelim", "report/revised_steps", "report/three_blocks"]
 # What the report did, per experiment (each preset's opening comment and docs/recipe-and-report.md "Reproducing the
 # report" say where the values come from); the same keys are checked in MLflow.
-COMMON = {"head.output": "softmax", "data.split": "report", "data.tags": "all", "data.drop_untagged": False,
-          "stream.patches_per_clip": 1, "eval.patches_per_clip": 1, "trainer.batch_size": 32,
-          "tracking.experiment": "report", "backbone.freeze": True, "head.bias_init": "zero",
-          "trainer.patience": None, "trainer.lr_schedule": "none", "trainer.lr": 0.001}
+COMMON = {
+    "head.output": "softmax",
+    "data.split": "report",
+    "data.tags": "all",
+    "data.drop_untagged": False,
+    "stream.patches_per_clip": 1,
+    "eval.patches_per_clip": 1,
+    "trainer.batch_size": 32,
+    "tracking.experiment": "report",
+    "backbone.freeze": True,
+    "head.bias_init": "zero",
+    "trainer.patience": None,
+    "trainer.lr_schedule": "none",
+    "trainer.lr": 0.001,
+}
 EXPECTED = {
     "report/prelim": {**COMMON, "steps.policy": "declared", "head.blocks": 2, "pool.name": "gap", "trainer.epochs": 12},
-    "report/revised_steps": {**COMMON, "steps.policy": "cached", "head.blocks": 2, "pool.name": "gap",
-                             "trainer.epochs": 12},
-    "report/three_blocks": {**COMMON, "steps.policy": "cached", "head.blocks": 3, "pool.name": "gap",
-                            "trainer.epochs": 5},
-    "report/autopool": {**COMMON, "steps.policy": "cached", "head.blocks": 2, "pool.name": "autopool",
-                        "trainer.epochs": 12},
-    "modern": {"head.output": "sigmoid", "data.tags": "top50", "data.split": "standard", "eval.patches_per_clip": None,
-               "eval.aggregate": "mean", "tracking.experiment": "modern", "backbone.weights": "none"},
+    "report/revised_steps": {
+        **COMMON,
+        "steps.policy": "cached",
+        "head.blocks": 2,
+        "pool.name": "gap",
+        "trainer.epochs": 12,
+    },
+    "report/three_blocks": {
+        **COMMON,
+        "steps.policy": "cached",
+        "head.blocks": 3,
+        "pool.name": "gap",
+        "trainer.epochs": 5,
+    },
+    "report/autopool": {
+        **COMMON,
+        "steps.policy": "cached",
+        "head.blocks": 2,
+        "pool.name": "autopool",
+        "trainer.epochs": 12,
+    },
+    "modern": {
+        "head.output": "sigmoid",
+        "data.tags": "top50",
+        "data.split": "standard",
+        "eval.patches_per_clip": None,
+        "eval.aggregate": "mean",
+        "tracking.experiment": "modern",
+        "backbone.weights": "none",
+    },
     # An Optuna search (tests/test_search.py runs it): AutoPool, so that its alpha can be searched.
     "search": {"pool.name": "autopool", "tracking.experiment": "search", "head.blocks": 2},
     # Won et al. 2020's recipe (the preset's header cites where each value comes from)
-    "anchors/shortchunk_res": {"backbone.name": "shortchunk_res", "backbone.freeze": False, "features.name": "mel_db",
-                               "features.patch_frames": 231, "pool.name": "max", "head.name": "dense_bn",
-                               "head.width": 512, "head.dropout": 0.5, "trainer.batch_size": 16, "trainer.epochs": 200,
-                               "trainer.optimizer": "adam", "trainer.lr": 1e-4, "trainer.weight_decay": 1e-4,
-                               "trainer.lr_schedule": "phases", "trainer.nesterov": True, "trainer.monitor": "val_loss",
-                               "trainer.patience": None, "eval.patches_per_clip": 16, "eval.spacing": "even",
-                               "data.tags": "top50", "steps.policy": "cached"},
+    "anchors/shortchunk_res": {
+        "backbone.name": "shortchunk_res",
+        "backbone.freeze": False,
+        "features.name": "mel_db",
+        "features.patch_frames": 231,
+        "pool.name": "max",
+        "head.name": "dense_bn",
+        "head.width": 512,
+        "head.dropout": 0.5,
+        "trainer.batch_size": 16,
+        "trainer.epochs": 200,
+        "trainer.optimizer": "adam",
+        "trainer.lr": 1e-4,
+        "trainer.weight_decay": 1e-4,
+        "trainer.lr_schedule": "phases",
+        "trainer.nesterov": True,
+        "trainer.monitor": "val_loss",
+        "trainer.patience": None,
+        "eval.patches_per_clip": 16,
+        "eval.spacing": "even",
+        "data.tags": "top50",
+        "steps.policy": "cached",
+    },
     "anchors/transfer_vs_scratch": {"tracking.experiment": "transfer_vs_scratch"},
     # its arms, swept by it: both scored over every chunk of the same top-50 test clips
-    "anchors/arms/vggish_gap3": {"backbone.name": "vggish", "head.blocks": 3, "data.tags": "top50",
-                                 "eval.patches_per_clip": None, "tracking.experiment": "transfer_vs_scratch"},
-    "anchors/arms/shortchunk_res": {"backbone.name": "shortchunk_res", "trainer.batch_size": 16, "data.tags": "top50",
-                                    "eval.patches_per_clip": None, "tracking.experiment": "transfer_vs_scratch"},
+    "anchors/arms/vggish_gap3": {
+        "backbone.name": "vggish",
+        "head.blocks": 3,
+        "data.tags": "top50",
+        "eval.patches_per_clip": None,
+        "tracking.experiment": "transfer_vs_scratch",
+    },
+    "anchors/arms/shortchunk_res": {
+        "backbone.name": "shortchunk_res",
+        "trainer.batch_size": 16,
+        "data.tags": "top50",
+        "eval.patches_per_clip": None,
+        "tracking.experiment": "transfer_vs_scratch",
+    },
 }
 ARMS = [name for name in EXPECTED if name.startswith("anchors/arms/")]
 
@@ -124,8 +183,11 @@ def report_sweep(tmp_path_factory, cache_dir):
     work = tmp_path_factory.mktemp("sweep")
     uri = f"sqlite:///{work}/mlflow.db"
     tiny = [o for o in TINY if not o.startswith("trainer.epochs")]
-    run_module(["mtt.run", "-m", "+experiment=glob(report/*)", *tiny, f"paths.cache={cache_dir}"],
-               env={"MLFLOW_TRACKING_URI": uri}, cwd=work)
+    run_module(
+        ["mtt.run", "-m", "+experiment=glob(report/*)", *tiny, f"paths.cache={cache_dir}"],
+        env={"MLFLOW_TRACKING_URI": uri},
+        cwd=work,
+    )
     return work, uri
 
 
@@ -155,7 +217,7 @@ def test_compare_reads_the_report_sweep(report_sweep):
     proc = run_module(["mtt.compare", "report", "--tracking-uri", uri, "--out", str(out)], cwd=work)
     lines = proc.stdout.splitlines()
     rule = next(i for i, line in enumerate(lines) if line.startswith("---"))
-    rows = [line for line in lines[rule + 1:] if line.startswith("experiment=")]
+    rows = [line for line in lines[rule + 1 :] if line.startswith("experiment=")]
     assert len(rows) == 4 and str(out) in proc.stdout  # four presets: four groups of one seed each
     assert all(row.split()[1] == "1" and ("2xsof" in row or "3xsof" in row) for row in rows)
     assert sum("3xsof" in row for row in rows) == 1 and sum("autopool" in row for row in rows) == 1

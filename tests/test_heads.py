@@ -82,8 +82,19 @@ def test_training_keeps_capped_alphas_within_the_cap(tiny_cfg):
     from mtt.tracking import MlflowTracker
     from mtt.train import train
 
-    cfg = compose_cfg([*TINY, "+head=autopool", "pool.constraint=cap", "pool.alpha_max=0.01", "trainer.lr=0.5",
-                       "steps=fixed", "steps.n=3", f"tracking.uri={tiny_cfg.tracking.uri}"], cache=tiny_cfg.paths.cache)
+    cfg = compose_cfg(
+        [
+            *TINY,
+            "+head=autopool",
+            "pool.constraint=cap",
+            "pool.alpha_max=0.01",
+            "trainer.lr=0.5",
+            "steps=fixed",
+            "steps.n=3",
+            f"tracking.uri={tiny_cfg.tracking.uri}",
+        ],
+        cache=tiny_cfg.paths.cache,
+    )
     with MlflowTracker(cfg.tracking.uri, "cap", "cap") as tracker:
         train(cfg, tracker)
     metrics = MlflowClient(cfg.tracking.uri).get_run(tracker.run_id).data.metrics
@@ -103,10 +114,13 @@ def dense(a, b):
     return a * b + b
 
 
-@pytest.mark.parametrize("blocks, expected", [
-    (2, bn(512) + dense(512, 256) + bn(256) + dense(256, 50)),
-    (3, bn(512) + dense(512, 256) + bn(256) + dense(256, 256) + bn(256) + dense(256, 50)),
-])
+@pytest.mark.parametrize(
+    "blocks, expected",
+    [
+        (2, bn(512) + dense(512, 256) + bn(256) + dense(256, 50)),
+        (3, bn(512) + dense(512, 256) + bn(256) + dense(256, 256) + bn(256) + dense(256, 50)),
+    ],
+)
 def test_head_parameter_counts(blocks, expected):
     head = Head(512, 50, blocks=blocks, width=256)
     assert sum(p.numel() for p in head.parameters()) == expected

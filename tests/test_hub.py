@@ -77,10 +77,14 @@ def test_resumes_a_part_file_left_by_an_earlier_run(tmp_path):
     assert [r.range for r in server.requests] == ["bytes=123456-"]
 
 
-@pytest.mark.parametrize("leftover, content", [
-    ("blob.bin.part", DATA),  # killed between the last byte and os.replace: the server answers 416
-    ("blob.bin", DATA[:-1] + b"x"),  # a corrupt file at dest is deleted and fetched again
-], ids=["complete-part", "corrupt-dest"])
+@pytest.mark.parametrize(
+    "leftover, content",
+    [
+        ("blob.bin.part", DATA),  # killed between the last byte and os.replace: the server answers 416
+        ("blob.bin", DATA[:-1] + b"x"),  # a corrupt file at dest is deleted and fetched again
+    ],
+    ids=["complete-part", "corrupt-dest"],
+)
 def test_leftovers_of_earlier_runs_cost_one_request(tmp_path, leftover, content):
     dest = tmp_path / "blob.bin"
     (tmp_path / leftover).write_bytes(content)
@@ -127,8 +131,7 @@ def test_corrupted_bytes_are_caught_by_the_hash(tmp_path):
 def test_wrong_size_raises(tmp_path):
     with FileServer({"blob.bin": DATA}) as server:
         with pytest.raises(DownloadError, match="size mismatch"):
-            download(server.url + "blob.bin", tmp_path / "blob.bin", size=len(DATA) + 1,
-                     progress=False)
+            download(server.url + "blob.bin", tmp_path / "blob.bin", size=len(DATA) + 1, progress=False)
     assert _leftovers(tmp_path) == []
 
 

@@ -54,8 +54,11 @@ def test_standard_split_counts_on_a_16_folder_tree(tmp_path):
     write_mtat_csv(tmp_path / "annotations_final.csv", rows)
     index = build_index(tmp_path, split="standard", drop_untagged=False)
     counts = {s: len(index.splits[s]) for s in ("train", "valid", "test")}
-    assert counts == {"train": sum(10 + i for i in range(12)), "valid": 10 + 12,
-                      "test": sum(10 + i for i in range(13, 16))}
+    assert counts == {
+        "train": sum(10 + i for i in range(12)),
+        "valid": 10 + 12,
+        "test": sum(10 + i for i in range(13, 16)),
+    }
     folders = {s: {index.paths[r][0] for r in index.splits[s]} for s in counts}
     assert folders == {"train": set("0123456789ab"), "valid": {"c"}, "test": set("def")}
 
@@ -80,14 +83,17 @@ def test_report_split_is_first_quarter_test(tmp_path):
     assert index.splits["train"].tolist() == list(range(20, 80))
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda lines: [lines[0].replace('"mp3_path"', '"path"')] + lines[1:], "missing column 'mp3_path'"),
-    (lambda lines: [lines[0], lines[1].replace('"0"', '"2"', 1)] + lines[2:], "expected 0 or 1"),
-    (lambda lines: lines + [lines[1]], "duplicate clip_id"),
-    (lambda lines: [lines[0], lines[1].replace('f/a-b', '../../etc/a-b')] + lines[2:], "escapes the audio root"),
-    (lambda lines: [lines[0], lines[1].replace('f/a-b', '/etc/a-b')] + lines[2:], "escapes the audio root"),
-    (lambda lines: [lines[0], lines[1].rsplit("\t", 3)[0] + "\n"] + lines[2:], "fields, header has"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda lines: [lines[0].replace('"mp3_path"', '"path"')] + lines[1:], "missing column 'mp3_path'"),
+        (lambda lines: [lines[0], lines[1].replace('"0"', '"2"', 1)] + lines[2:], "expected 0 or 1"),
+        (lambda lines: lines + [lines[1]], "duplicate clip_id"),
+        (lambda lines: [lines[0], lines[1].replace("f/a-b", "../../etc/a-b")] + lines[2:], "escapes the audio root"),
+        (lambda lines: [lines[0], lines[1].replace("f/a-b", "/etc/a-b")] + lines[2:], "escapes the audio root"),
+        (lambda lines: [lines[0], lines[1].rsplit("\t", 3)[0] + "\n"] + lines[2:], "fields, header has"),
+    ],
+)
 def test_bad_input_names_file_and_line(tmp_path, mutate, message):
     path = tmp_path / "annotations_final.csv"
     write_mtat_csv(path, [(2, {"guitar"}, "f/a-b-01-c-0-29.mp3"), (5, {"piano"}, "0/d-e-01-f-0-29.mp3")])
@@ -105,16 +111,42 @@ def test_missing_file_is_named(tmp_path):
 
 
 CLIP_INFO_LINES = [
-    ["clip_id", "track_number", "title", "artist", "album", "url", "segmentStart", "segmentEnd",
-     "original_url", "mp3_path"],
-    ["2", "1", "BWV54 - I Aria", "American Bach Soloists", "J.S. Bach Solo Cantatas",
-     "http://www.magnatune.com/artists/albums/abs-bachsolo/", "30", "59",
-     "http://he3.magnatune.com/all/01--BWV54%20-%20I%20Aria--ABS.mp3",
-     "f/american_bach_soloists-j_s__bach_solo_cantatas-01-bwv54__i_aria-30-59.mp3"],
-    ["6", "1", "BWV54 - I Aria", "American Bach Soloists", "J.S. Bach Solo Cantatas",
-     "http://www.magnatune.com/artists/albums/abs-bachsolo/", "88", "117",
-     "http://he3.magnatune.com/all/01--BWV54%20-%20I%20Aria--ABS.mp3",
-     "f/american_bach_soloists-j_s__bach_solo_cantatas-01-bwv54__i_aria-88-117.mp3"],
+    [
+        "clip_id",
+        "track_number",
+        "title",
+        "artist",
+        "album",
+        "url",
+        "segmentStart",
+        "segmentEnd",
+        "original_url",
+        "mp3_path",
+    ],
+    [
+        "2",
+        "1",
+        "BWV54 - I Aria",
+        "American Bach Soloists",
+        "J.S. Bach Solo Cantatas",
+        "http://www.magnatune.com/artists/albums/abs-bachsolo/",
+        "30",
+        "59",
+        "http://he3.magnatune.com/all/01--BWV54%20-%20I%20Aria--ABS.mp3",
+        "f/american_bach_soloists-j_s__bach_solo_cantatas-01-bwv54__i_aria-30-59.mp3",
+    ],
+    [
+        "6",
+        "1",
+        "BWV54 - I Aria",
+        "American Bach Soloists",
+        "J.S. Bach Solo Cantatas",
+        "http://www.magnatune.com/artists/albums/abs-bachsolo/",
+        "88",
+        "117",
+        "http://he3.magnatune.com/all/01--BWV54%20-%20I%20Aria--ABS.mp3",
+        "f/american_bach_soloists-j_s__bach_solo_cantatas-01-bwv54__i_aria-88-117.mp3",
+    ],
 ]
 
 
@@ -142,13 +174,16 @@ def test_reads_generated_clip_info(tmp_path):
     assert info[9]["title"] == 'say "hi"\tthere', "quotes and tabs inside a quoted field survive"
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda ls: [[c for c in ls[0] if c != "artist"], *[r[:3] + r[4:] for r in ls[1:]]], r"missing column.*artist"),
-    (lambda ls: [ls[0], ["x", *ls[1][1:]], ls[2]], "is not an integer"),
-    (lambda ls: [ls[0], ls[1], ls[1]], "duplicate clip_id 2"),
-    (lambda ls: [ls[0], ls[1][:-1] + ["../x.mp3"], ls[2]], "escapes the audio root"),
-    (lambda ls: [ls[0], ls[1][:-2], ls[2]], "fields, header has"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda ls: [[c for c in ls[0] if c != "artist"], *[r[:3] + r[4:] for r in ls[1:]]], r"missing column.*artist"),
+        (lambda ls: [ls[0], ["x", *ls[1][1:]], ls[2]], "is not an integer"),
+        (lambda ls: [ls[0], ls[1], ls[1]], "duplicate clip_id 2"),
+        (lambda ls: [ls[0], ls[1][:-1] + ["../x.mp3"], ls[2]], "escapes the audio root"),
+        (lambda ls: [ls[0], ls[1][:-2], ls[2]], "fields, header has"),
+    ],
+)
 def test_bad_clip_info_names_file_and_line(tmp_path, mutate, message):
     path = tmp_path / "clip_info_final.csv"
     write_clip_info_csv(path, mutate(CLIP_INFO_LINES))
@@ -159,8 +194,12 @@ def test_bad_clip_info_names_file_and_line(tmp_path, mutate, message):
 
 def test_frequency_tag_set_counts_the_annotations(tmp_path):
     # guitar on 3 clips, piano and flute on 2 each (a tie: header order decides), sitar on 1.
-    rows = [(2, {"guitar", "piano"}, "0/a.mp3"), (3, {"guitar", "flute"}, "1/b.mp3"),
-            (4, {"guitar", "piano", "flute", "sitar"}, "2/c.mp3"), (5, set(), "3/d.mp3")]
+    rows = [
+        (2, {"guitar", "piano"}, "0/a.mp3"),
+        (3, {"guitar", "flute"}, "1/b.mp3"),
+        (4, {"guitar", "piano", "flute", "sitar"}, "2/c.mp3"),
+        (5, set(), "3/d.mp3"),
+    ]
     write_mtat_csv(tmp_path / "annotations_final.csv", rows)
     index = build_index(tmp_path, tags="freq3", drop_untagged=False)
     ties = sorted(["piano", "flute"], key=TAGS.index)
@@ -179,7 +218,9 @@ def test_top50_stays_the_published_list(tmp_path):
     write_mtat_csv(tmp_path / "annotations_final.csv", rows)
     index = build_index(tmp_path, tags="top50", drop_untagged=False)
     assert index.tags == TOP50 and index.labels.sum() == 0
-    assert build_index(tmp_path, tags="freq2", drop_untagged=False).tags == tuple(sorted(["lol", "rap"], key=TAGS.index))
+    assert build_index(tmp_path, tags="freq2", drop_untagged=False).tags == tuple(
+        sorted(["lol", "rap"], key=TAGS.index)
+    )
 
 
 def test_top_by_frequency_with_uint8_labels():

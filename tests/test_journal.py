@@ -34,8 +34,10 @@ def write_run(journal: Journal, tmp_path) -> None:
     journal.append("params", params={"trainer.lr": "0.001", "trainer.epochs": "2"})
     journal.append("tags", tags={"phase": "training"})
     for epoch in range(2):
-        journal.append("metrics", metrics=[{"key": "val_loss", "value": 1.0 / (epoch + 1), "step": epoch,
-                                            "timestamp": 1000 + epoch}])
+        journal.append(
+            "metrics",
+            metrics=[{"key": "val_loss", "value": 1.0 / (epoch + 1), "step": epoch, "timestamp": 1000 + epoch}],
+        )
     journal.append("tags", tags={"phase": "done"})
     plots = tmp_path / "plots"
     plots.mkdir()
@@ -50,12 +52,21 @@ def snapshot(uri: str, run_id: str) -> dict:
     client = MlflowClient(uri)
     run = client.get_run(run_id)
     tags = {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")}
-    points = {k: sorted((m.step, m.value, m.timestamp) for m in client.get_metric_history(run_id, k))
-              for k in run.data.metrics}
-    files = sorted(a.path for a in client.list_artifacts(run_id)) + \
-        sorted(a.path for a in client.list_artifacts(run_id, "plots"))
-    return {"status": run.info.status, "end": run.info.end_time, "params": dict(run.data.params), "tags": tags,
-            "points": points, "files": files}
+    points = {
+        k: sorted((m.step, m.value, m.timestamp) for m in client.get_metric_history(run_id, k))
+        for k in run.data.metrics
+    }
+    files = sorted(a.path for a in client.list_artifacts(run_id)) + sorted(
+        a.path for a in client.list_artifacts(run_id, "plots")
+    )
+    return {
+        "status": run.info.status,
+        "end": run.info.end_time,
+        "params": dict(run.data.params),
+        "tags": tags,
+        "points": points,
+        "files": files,
+    }
 
 
 def test_torn_last_line_is_ignored_then_cut_off_when_reopened(tmp_path):

@@ -61,8 +61,9 @@ def test_dataset_inputs_survive_an_outage_and_ship_once(tiny_cfg, tmp_path, monk
     journal.open({"uri": away, "run_id": run_id, "experiment_id": "1", "experiment": "j"})
     shipper = Shipper(MlflowClient(away), journal, 0)
     shipper.start()
-    datasets = dataset_inputs(tiny_cfg.data, "0123456789abcdef",
-                              {"train": np.arange(3), "valid": np.arange(3, 4), "test": np.arange(4, 6)})
+    datasets = dataset_inputs(
+        tiny_cfg.data, "0123456789abcdef", {"train": np.arange(3), "valid": np.arange(3, 4), "test": np.arange(4, 6)}
+    )
     # As MlflowTracker.log_inputs writes them, while the store is away.
     shipper.wrote(journal.append("inputs", datasets=datasets))
     shipper.wrote(journal.append("status", status="FINISHED", end_time=5000))
@@ -107,5 +108,7 @@ def test_make_ui_prints_each_experiments_runs_table(tmp_path, capsys):
     MlflowClient(uri).create_run(exp_id)
     assert ui.main(["--uri", uri, "--base", "http://127.0.0.1:5123"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out == ["MLflow UI: http://127.0.0.1:5123",
-                   f"  demo: http://127.0.0.1:5123/#/experiments/{exp_id}/runs?workflowType=machine_learning"]
+    assert out == [
+        "MLflow UI: http://127.0.0.1:5123",
+        f"  demo: http://127.0.0.1:5123/#/experiments/{exp_id}/runs?workflowType=machine_learning",
+    ]

@@ -29,13 +29,29 @@ from tests.helpers.mlflow_server import MlflowServer
 pytestmark = pytest.mark.slow
 
 # steps.n=200: an epoch takes ~2 s, time enough to kill the server between two epochs.
-ARGS = [*TINY[:-1], "trainer.device=cpu", "trainer.epochs=4", "trainer.deterministic=true", "steps=fixed",
-        "steps.n=200"]
+ARGS = [
+    *TINY[:-1],
+    "trainer.device=cpu",
+    "trainer.epochs=4",
+    "trainer.deterministic=true",
+    "steps=fixed",
+    "steps.n=200",
+]
 # The client gives up on a dead server after ~1 s (default: 7 retries, minutes).
-SHORT_BUDGET = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
-ARTIFACTS = {"config.yaml", "per_tag_test.csv", "checkpoint/best.safetensors", "checkpoint/best.json",
-             "plots/loss.png", "plots/accuracy.png", "plots/auc.png"}
+SHORT_BUDGET = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
+}
+ARTIFACTS = {
+    "config.yaml",
+    "per_tag_test.csv",
+    "checkpoint/best.safetensors",
+    "checkpoint/best.json",
+    "plots/loss.png",
+    "plots/accuracy.png",
+    "plots/auc.png",
+}
 
 
 @pytest.fixture(scope="module")
@@ -47,28 +63,38 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(server, cache_dir) -> dict:
     """Every metric history of the same run without an outage: {key: [(step, value)]}."""
-    run_module(["mtt.run", *ARGS, f"paths.cache={cache_dir}", "tracking.experiment=reference"],
-               env={"MLFLOW_TRACKING_URI": server.uri})
+    run_module(
+        ["mtt.run", *ARGS, f"paths.cache={cache_dir}", "tracking.experiment=reference"],
+        env={"MLFLOW_TRACKING_URI": server.uri},
+    )
     client = MlflowClient(server.uri)
     (run,) = client.search_runs([client.get_experiment_by_name("reference").experiment_id])
     return histories(client, run.info.run_id)
 
 
 def histories(client: MlflowClient, run_id: str) -> dict[str, list[tuple[int, float]]]:
-    return {k: sorted((m.step, m.value) for m in client.get_metric_history(run_id, k))
-            for k in client.get_run(run_id).data.metrics}
+    return {
+        k: sorted((m.step, m.value) for m in client.get_metric_history(run_id, k))
+        for k in client.get_run(run_id).data.metrics
+    }
 
 
 def artifacts(client: MlflowClient, run_id: str) -> set[str]:
     top = client.list_artifacts(run_id)
-    return {a.path for a in top if not a.is_dir} | {b.path for a in top if a.is_dir
-                                                    for b in client.list_artifacts(run_id, a.path)}
+    return {a.path for a in top if not a.is_dir} | {
+        b.path for a in top if a.is_dir for b in client.list_artifacts(run_id, a.path)
+    }
 
 
 def start(args: list[str], uri: str, log: Path) -> subprocess.Popen:
     env = {"PYTHONPATH": str(REPO_ROOT), "MLFLOW_TRACKING_URI": uri, **SHORT_BUDGET}
-    return subprocess.Popen([sys.executable, "-m", "mtt.run", *args], cwd=REPO_ROOT, env={**os.environ, **env},
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "mtt.run", *args],
+        cwd=REPO_ROOT,
+        env={**os.environ, **env},
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+    )
 
 
 def wait(condition, proc: subprocess.Popen | None, what: str, timeout: float = 180):
@@ -115,8 +141,9 @@ def journaled_steps(journal: Path) -> list[int]:
 
 def test_server_back_before_the_run_ends(server, reference, cache_dir, tmp_path):
     server.start()
-    proc = start([*ARGS, f"paths.cache={cache_dir}", "tracking.experiment=back-early"], server.uri,
-                 tmp_path / "out.log")
+    proc = start(
+        [*ARGS, f"paths.cache={cache_dir}", "tracking.experiment=back-early"], server.uri, tmp_path / "out.log"
+    )
     run_id, _ = first_epoch_then_outage(server, proc, "back-early", cache_dir)
     server.start()
     assert proc.wait(timeout=300) == 0, (tmp_path / "out.log").read_text()[-3000:]
@@ -130,8 +157,11 @@ def test_server_back_before_the_run_ends(server, reference, cache_dir, tmp_path)
 
 def test_server_back_after_the_run_ends_then_sync(server, reference, cache_dir, tmp_path):
     server.start()
-    proc = start([*ARGS, f"paths.cache={cache_dir}", "tracking.experiment=back-late",
-                  "tracking.flush_timeout_s=2"], server.uri, tmp_path / "out.log")
+    proc = start(
+        [*ARGS, f"paths.cache={cache_dir}", "tracking.experiment=back-late", "tracking.flush_timeout_s=2"],
+        server.uri,
+        tmp_path / "out.log",
+    )
     run_id, journal = first_epoch_then_outage(server, proc, "back-late", cache_dir)
     assert proc.wait(timeout=300) == 0  # training succeeded: the outage is no failure
     out = (tmp_path / "out.log").read_text()
@@ -159,8 +189,10 @@ def test_server_back_after_the_run_ends_then_sync(server, reference, cache_dir, 
 def record(client: MlflowClient, run_id: str) -> tuple:
     """A run as a second sync could change it: every point with its timestamp, params, tags, status."""
     run = client.get_run(run_id)
-    points = {k: sorted((m.step, m.value, m.timestamp) for m in client.get_metric_history(run_id, k))
-              for k in run.data.metrics}
+    points = {
+        k: sorted((m.step, m.value, m.timestamp) for m in client.get_metric_history(run_id, k))
+        for k in run.data.metrics
+    }
     return points, run.data.params, run.data.tags, run.info.status, run.info.end_time, artifacts(client, run_id)
 
 
@@ -179,7 +211,7 @@ def test_killed_during_the_outage_sync_then_resume(server, reference, cache_dir,
     client = MlflowClient(server.uri)
     assert client.get_run(run_id).info.status == "RUNNING"  # killed hard: resumable
     val_loss = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "val_loss"))
-    assert val_loss == reference["val_loss"][:last + 1]  # everything up to its last epoch
+    assert val_loss == reference["val_loss"][: last + 1]  # everything up to its last epoch
 
     run_module(["mtt.run", *args, "trainer.resume=true"], env={"MLFLOW_TRACKING_URI": server.uri, **SHORT_BUDGET})
     runs = client.search_runs([client.get_experiment_by_name("killed").experiment_id])

@@ -13,22 +13,35 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mtt.paths import REPO_ROOT
 from mtt.data.embedded import complete_tags, render_clip
 from mtt.data.index import build_index
 from mtt.data.mtat import FOLDERS, write_annotations, write_mp3
+from mtt.paths import REPO_ROOT
 from mtt.preprocess import build_feature_store, store_path, summary
 from mtt.store import MANIFEST, PatchStore
 from tests.helpers import compose_cfg, run_module
 
 SR = 16000
 # Tag sets the synthesiser renders, all within the published top 50 (data=mtat uses top50).
-RECIPES = [{"guitar", "slow"}, {"piano"}, {"drums", "fast"}, {"violin", "female"}, {"techno"},
-           {"flute", "quiet"}, {"harpsichord"}, {"sitar", "male"}]
+RECIPES = [
+    {"guitar", "slow"},
+    {"piano"},
+    {"drums", "fast"},
+    {"violin", "female"},
+    {"techno"},
+    {"flute", "quiet"},
+    {"harpsichord"},
+    {"sitar", "male"},
+]
 
 
-def make_tree(root: Path, n_clips: int, seconds: float, extra: dict[str, bytes] | None = None,
-              short: dict[str, float] | None = None) -> list[tuple[int, frozenset, str]]:
+def make_tree(
+    root: Path,
+    n_clips: int,
+    seconds: float,
+    extra: dict[str, bytes] | None = None,
+    short: dict[str, float] | None = None,
+) -> list[tuple[int, frozenset, str]]:
     """An MTAT-format tree: ``n_clips`` distinct rendered clips spread over the 16 folders, plus
     ``extra`` files written verbatim (bad mp3s) and ``short`` clips of the given lengths."""
     rows = []
@@ -79,13 +92,20 @@ def test_sigkill_midway_then_rerun_equals_an_uninterrupted_run(tmp_path):
     shards = killed_path / "shards"
 
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "mtt.preprocess", *args], cwd=REPO_ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mtt.preprocess", *args],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while proc.poll() is None and time.monotonic() < deadline:
-            if shards.is_dir() and any(e.name.endswith(".npy") and not e.name.startswith(".")
-                                       for e in os.scandir(shards)):
+            if shards.is_dir() and any(
+                e.name.endswith(".npy") and not e.name.startswith(".") for e in os.scandir(shards)
+            ):
                 break  # a first clip is stored (temporaries start with a dot)
             time.sleep(0.002)
         assert proc.poll() is None, "preprocessing finished before it could be killed: make the tree bigger"
@@ -122,8 +142,7 @@ def test_temporaries_and_partial_shards_are_never_read(tmp_path):
     make_tree(root, 6, seconds=2.0)
     cfg = compose_cfg(mtat_overrides(root, tmp_path / "store"))
     index = build_index(root, tags="top50")
-    reference = build_feature_store(index, compose_cfg(mtat_overrides(root, tmp_path / "ref")).features,
-                                    progress=False)
+    reference = build_feature_store(index, compose_cfg(mtat_overrides(root, tmp_path / "ref")).features, progress=False)
     path = store_path(index, cfg.features)
     (path / "shards").mkdir(parents=True)
     first = int(index.clip_ids[0])
@@ -143,17 +162,29 @@ def test_undecodable_and_short_clips_are_reported_and_training_runs_on_the_rest(
     root.mkdir()
     good = root / "good.mp3"
     write_mp3(good, render_clip(complete_tags({"guitar"}), 3.0, SR, np.random.default_rng(99)))
-    bad = {"6/norine_braun-now_and_zen-08-gently-117-146.mp3": b"",  # MTAT's own empty files
-           "8/cut-before-the-first-frame-0-29.mp3": good.read_bytes()[:200],
-           "9/not-audio-0-29.mp3": b"<html><body>404 Not Found</body></html>\n" * 20}
+    bad = {
+        "6/norine_braun-now_and_zen-08-gently-117-146.mp3": b"",  # MTAT's own empty files
+        "8/cut-before-the-first-frame-0-29.mp3": good.read_bytes()[:200],
+        "9/not-audio-0-29.mp3": b"<html><body>404 Not Found</body></html>\n" * 20,
+    }
     rows = make_tree(root, 16, seconds=2.0, extra=bad, short={"2/very-short-0-1.mp3": 0.5})
     good.unlink()
     bad_ids = {str(c) for c, _, rel in rows if rel in bad}
     short_id = next(c for c, _, rel in rows if rel.startswith("2/very-short"))
 
-    cfg = compose_cfg([*mtat_overrides(root, tmp_path / "store"), "data.synth=null", "backbone.width=0.125",
-                       "head.width=16", "trainer.epochs=1", "trainer.progress=false", "trainer.device=cpu",
-                       f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"], cache=tmp_path / "cache")
+    cfg = compose_cfg(
+        [
+            *mtat_overrides(root, tmp_path / "store"),
+            "data.synth=null",
+            "backbone.width=0.125",
+            "head.width=16",
+            "trainer.epochs=1",
+            "trainer.progress=false",
+            "trainer.device=cpu",
+            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        ],
+        cache=tmp_path / "cache",
+    )
     store = build_feature_store(build_index(root, tags="top50"), cfg.features, progress=False)
     assert set(store.failed) == bad_ids
     assert "empty file" in store.failed[next(c for c in bad_ids if int(c) == rows[16][0])]
@@ -195,14 +226,39 @@ def test_truncated_clips_are_reported_kept_and_counted_in_the_run(tmp_path):
     rows = make_tree(root, 16, seconds=4.0)
     cut_id, _, cut_rel = rows[0]  # folder 0: a training clip
     data = (root / cut_rel).read_bytes()
-    (root / cut_rel).write_bytes(data[:int(len(data) * 0.4)])  # about 1.6 of its 4 s
+    (root / cut_rel).write_bytes(data[: int(len(data) * 0.4)])  # about 1.6 of its 4 s
     # clip_info says 4 s for all clips but the last, which falls back to data.clip_seconds.
-    write_clip_info(root / "clip_info_final.csv", [
-        {"clip_id": c, "track_number": 1, "title": "t", "artist": "a", "album": "b", "url": "u",
-         "segmentStart": 10, "segmentEnd": 14, "original_url": "o", "mp3_path": rel} for c, _, rel in rows[:-1]])
-    cfg = compose_cfg([*mtat_overrides(root, tmp_path / "store"), "data.clip_seconds=4.0", "backbone.width=0.125",
-                       "head.width=16", "trainer.epochs=1", "trainer.progress=false", "trainer.device=cpu",
-                       f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"], cache=tmp_path / "cache")
+    write_clip_info(
+        root / "clip_info_final.csv",
+        [
+            {
+                "clip_id": c,
+                "track_number": 1,
+                "title": "t",
+                "artist": "a",
+                "album": "b",
+                "url": "u",
+                "segmentStart": 10,
+                "segmentEnd": 14,
+                "original_url": "o",
+                "mp3_path": rel,
+            }
+            for c, _, rel in rows[:-1]
+        ],
+    )
+    cfg = compose_cfg(
+        [
+            *mtat_overrides(root, tmp_path / "store"),
+            "data.clip_seconds=4.0",
+            "backbone.width=0.125",
+            "head.width=16",
+            "trainer.epochs=1",
+            "trainer.progress=false",
+            "trainer.device=cpu",
+            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        ],
+        cache=tmp_path / "cache",
+    )
     index = index_from_config(cfg.data)
     assert index.expected_seconds.tolist() == [4.0] * 16
     store = build_feature_store(index, cfg.features, progress=False)
@@ -250,6 +306,7 @@ def test_the_store_builds_with_worker_processes_inside_a_joblib_worker(tmp_path)
     from joblib import Parallel, delayed
 
     make_tree(tmp_path / "mtat", 64, 1.0)  # enough clips for the worker pool
-    (n,) = Parallel(n_jobs=2, backend="loky")(delayed(_build_in_worker)(str(tmp_path / "mtat"), str(tmp_path / "c"))
-                                              for _ in range(1))
+    (n,) = Parallel(n_jobs=2, backend="loky")(
+        delayed(_build_in_worker)(str(tmp_path / "mtat"), str(tmp_path / "c")) for _ in range(1)
+    )
     assert n == 64

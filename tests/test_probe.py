@@ -79,8 +79,9 @@ def test_probe_run_is_a_labelled_reference_with_the_trained_runs_metric_names(ca
 @pytest.mark.slow
 def test_cli_probe_logs_into_the_experiment(tmp_path, cache_dir):
     uri = f"sqlite:///{tmp_path}/x.db"
-    run_module(["mtt.probe", *TINY, f"paths.cache={cache_dir}", "tracking.experiment=demo"],
-               env={"MLFLOW_TRACKING_URI": uri})
+    run_module(
+        ["mtt.probe", *TINY, f"paths.cache={cache_dir}", "tracking.experiment=demo"], env={"MLFLOW_TRACKING_URI": uri}
+    )
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("demo").experiment_id])
     assert run.info.status == "FINISHED" and run.info.run_name.startswith("linear_probe,")

@@ -14,12 +14,12 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.helpers import TINY, compose_cfg
 from mtt.audio import load_audio
 from mtt.data.datasets import index_from_config
 from mtt.records import load_predictions
 from mtt.tracking import MlflowTracker, download_artifacts
 from mtt.train import train
+from tests.helpers import TINY, compose_cfg
 
 
 def trained_run(tmp_path: Path, cache: Path, overrides: list[str] = ()) -> tuple[str, str, object]:
@@ -41,7 +41,9 @@ def clips_of(uri: str, run_id: str, cfg, tmp_path: Path):
 
 # The default (frozen backbone read from its float16 cache, mean over patches) and a fine-tuned
 # backbone (no cache) with max aggregation: both numeric paths of evaluation.
-@pytest.mark.parametrize("overrides", [[], ["backbone.freeze=false", "eval.aggregate=max"]], ids=["cached", "finetuned"])
+@pytest.mark.parametrize(
+    "overrides", [[], ["backbone.freeze=false", "eval.aggregate=max"]], ids=["cached", "finetuned"]
+)
 def test_logged_model_predicts_what_the_run_evaluated(tmp_path, cache_dir, monkeypatch, overrides):
     uri, run_id, cfg = trained_run(tmp_path, cache_dir, overrides)
     client = MlflowClient(uri)
@@ -55,8 +57,10 @@ def test_logged_model_predicts_what_the_run_evaluated(tmp_path, cache_dir, monke
     assert mlmodel["flavors"]["python_function"]["model_code_path"].endswith("pyfunc_code.py")
     assert "python_model" not in mlmodel["flavors"]["python_function"]
     inputs = json.loads(mlmodel["signature"]["inputs"])
-    assert [(c["name"], c["type"], c["required"]) for c in inputs] == [("audio", "binary", False),
-                                                                      ("samples", "array", False)]
+    assert [(c["name"], c["type"], c["required"]) for c in inputs] == [
+        ("audio", "binary", False),
+        ("samples", "array", False),
+    ]
     pred, paths = clips_of(uri, run_id, cfg, tmp_path)
     assert [c["name"] for c in json.loads(mlmodel["signature"]["outputs"])] == list(pred.tags)
     # The runs table lists the model (MLflow's log-model history tag).
@@ -83,8 +87,10 @@ def test_a_row_needs_exactly_one_input(tmp_path, cache_dir, monkeypatch):
     uri, run_id, cfg = trained_run(tmp_path, cache_dir)
     tagger = load_run(run_id, uri)
     wav = example_wav(cfg.features.sample_rate)
-    for frame in (pd.DataFrame({"audio": [wav], "samples": [np.zeros(16000, np.float32)]}),
-                  pd.DataFrame({"audio": [None]})):
+    for frame in (
+        pd.DataFrame({"audio": [wav], "samples": [np.zeros(16000, np.float32)]}),
+        pd.DataFrame({"audio": [None]}),
+    ):
         with pytest.raises(ValueError, match="exactly one of 'audio'"):
             predict(tagger, frame)
     with pytest.raises(Exception, match="shorter than one 96-frame patch"):

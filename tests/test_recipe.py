@@ -21,6 +21,7 @@ from tests.helpers import LEARNABLE, compose_cfg
 def learnable(cache_dir, tmp_path):
     def make(*extra: str):
         return compose_cfg([*LEARNABLE, f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", *extra], cache=cache_dir)
+
     return make
 
 
@@ -73,7 +74,7 @@ def test_early_stopping_ends_patience_epochs_after_the_best(learnable):
     val = _history(cfg.tracking.uri, tracker.run_id, "val_roc_auc")
     assert len(val) == trained < 40, "6 validation clips saturate long before 40 epochs"
     assert trained - 1 - best == 3  # stopped exactly when the patience was spent
-    assert all(v <= val[best] for v in val[best + 1:])
+    assert all(v <= val[best] for v in val[best + 1 :])
 
 
 def test_without_patience_every_epoch_is_trained(learnable):
@@ -101,7 +102,8 @@ def test_plateau_schedule_cuts_the_rate_after_epochs_without_improvement(learnab
         assert lr[e] == pytest.approx(expected), (e, lr, val)
 
 
-@pytest.mark.parametrize("epoch,best,patience,spent", [(5, 2, 3, True), (4, 2, 3, False), (9, 0, None, False),
-                                                        (0, -1, 0, False)])
+@pytest.mark.parametrize(
+    "epoch,best,patience,spent", [(5, 2, 3, True), (4, 2, 3, False), (9, 0, None, False), (0, -1, 0, False)]
+)
 def test_patience_rule(epoch, best, patience, spent):
     assert patience_spent(TrainState(epoch=epoch, best_epoch=best), patience) is spent

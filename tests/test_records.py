@@ -22,6 +22,7 @@ def test_git_state_of_a_folder_outside_git_is_unknown(tmp_path):
 def test_git_state_sees_a_dirty_tree(tmp_path):
     def git(*a):
         subprocess.run(["git", "-C", str(tmp_path), *a], check=True, capture_output=True)
+
     git("init", "-q")
     (tmp_path / "a.py").write_text("x = 1\n")
     git("add", "a.py")
@@ -34,8 +35,15 @@ def test_git_state_sees_a_dirty_tree(tmp_path):
 
 def test_versions_name_every_library():
     v = versions()
-    assert set(v) == {"version.python", "version.torch", "version.mlflow", "version.hydra-core",
-                      "version.pescador", "version.numpy", "version.librosa"}
+    assert set(v) == {
+        "version.python",
+        "version.torch",
+        "version.mlflow",
+        "version.hydra-core",
+        "version.pescador",
+        "version.numpy",
+        "version.librosa",
+    }
     assert all(x[0].isdigit() for x in v.values())
 
 
@@ -48,8 +56,17 @@ def test_plots_are_pngs(tmp_path):
 @pytest.mark.slow
 def test_two_epoch_run_has_every_record(tmp_path, cache_dir):
     uri = f"sqlite:///{tmp_path}/m.db"
-    run_module(["mtt.run", *TINY[:-2], "trainer.epochs=2", "trainer.device=cpu", f"paths.cache={cache_dir}",
-                "tracking.experiment=records"], env={"MLFLOW_TRACKING_URI": uri})
+    run_module(
+        [
+            "mtt.run",
+            *TINY[:-2],
+            "trainer.epochs=2",
+            "trainer.device=cpu",
+            f"paths.cache={cache_dir}",
+            "tracking.experiment=records",
+        ],
+        env={"MLFLOW_TRACKING_URI": uri},
+    )
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("records").experiment_id])
     rid, tags, params = run.info.run_id, run.data.tags, run.data.params
@@ -73,16 +90,31 @@ def test_two_epoch_run_has_every_record(tmp_path, cache_dir):
     assert tags["sweep_id"].startswith(str(cache_dir / "outputs"))
     assert len(tags["config_hash"]) == 16
     # Metrics: per epoch at step=epoch, the all-negative baseline beside accuracy, AUCs.
-    for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_accuracy_all_negative",
-                "val_roc_auc", "val_pr_auc"):
+    for key in (
+        "train_loss",
+        "train_accuracy",
+        "val_loss",
+        "val_accuracy",
+        "val_accuracy_all_negative",
+        "val_roc_auc",
+        "val_pr_auc",
+    ):
         assert [m.step for m in client.get_metric_history(rid, key)] == [0, 1], key
     for key in ("test_loss", "test_accuracy", "test_accuracy_all_negative", "test_roc_auc", "test_pr_auc"):
         assert key in run.data.metrics, key
     # Artifacts: config, best checkpoint, per-tag table, plots.
-    files = {a.path for a in client.list_artifacts(rid)} | {a.path for d in ("checkpoint", "plots")
-                                                            for a in client.list_artifacts(rid, d)}
-    assert {"config.yaml", "per_tag_test.csv", "checkpoint/best.safetensors", "checkpoint/best.json",
-            "plots/loss.png", "plots/accuracy.png", "plots/auc.png"} <= files
+    files = {a.path for a in client.list_artifacts(rid)} | {
+        a.path for d in ("checkpoint", "plots") for a in client.list_artifacts(rid, d)
+    }
+    assert {
+        "config.yaml",
+        "per_tag_test.csv",
+        "checkpoint/best.safetensors",
+        "checkpoint/best.json",
+        "plots/loss.png",
+        "plots/accuracy.png",
+        "plots/auc.png",
+    } <= files
     local = client.download_artifacts(rid, "", str(tmp_path / "art"))
     assert yaml.safe_load(open(f"{local}/config.yaml"))["trainer"]["epochs"] == 2
     with open(f"{local}/per_tag_test.csv") as f:

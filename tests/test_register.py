@@ -8,13 +8,13 @@ import json
 import numpy as np
 from mlflow.tracking import MlflowClient
 
-from tests.helpers import TINY, compose_cfg
 from mtt.compare import main as compare_main
 from mtt.data.datasets import index_from_config
 from mtt.records import load_predictions
 from mtt.tag import main as tag_main
 from mtt.tracking import MlflowTracker, download_artifacts
 from mtt.train import train
+from tests.helpers import TINY, compose_cfg
 
 # Scores written over the trained runs' own (a tiny run's are noise): group A has the better mean
 # validation score (0.70 vs 0.65) and, within it, A0 the better one (0.80), while A1 and B0 have
@@ -28,8 +28,10 @@ def test_register_picks_the_best_validation_run_and_models_latest_tags_with_it(t
     ids = {}
     for name, (val, test) in SCORES.items():
         group, seed = name[0], int(name[1])
-        cfg = compose_cfg([*TINY, f"tracking.uri={uri}", f"trainer.seed={seed}",
-                           *(["head.dropout=0.3"] if group == "B" else [])], cache=cache_dir)
+        cfg = compose_cfg(
+            [*TINY, f"tracking.uri={uri}", f"trainer.seed={seed}", *(["head.dropout=0.3"] if group == "B" else [])],
+            cache=cache_dir,
+        )
         with MlflowTracker(uri, "reg", name, tags={"mtt.group": group, "mtt.group_name": f"group-{group}"}) as t:
             train(cfg, t)
         ids[name] = t.run_id
@@ -37,8 +39,22 @@ def test_register_picks_the_best_validation_run_and_models_latest_tags_with_it(t
         client.log_metric(t.run_id, "selected_val_roc_auc", val, step=100)
         client.log_metric(t.run_id, "test_roc_auc", test, step=100)
 
-    assert compare_main(["reg", "--register", "tagger", "--tracking-uri", uri, "--resamples", "100",
-                         "--out", str(tmp_path / "c.png")]) == 0
+    assert (
+        compare_main(
+            [
+                "reg",
+                "--register",
+                "tagger",
+                "--tracking-uri",
+                uri,
+                "--resamples",
+                "100",
+                "--out",
+                str(tmp_path / "c.png"),
+            ]
+        )
+        == 0
+    )
     assert f"registered run {ids['A0']}" in capsys.readouterr().err
     (version,) = client.search_model_versions("name = 'tagger'")
     assert version.run_id == ids["A0"] and int(version.version) == 1
@@ -47,8 +63,22 @@ def test_register_picks_the_best_validation_run_and_models_latest_tags_with_it(t
     assert version.tags["mtt.group"] == "A" and version.tags["monitor"] == "val_roc_auc"
 
     # Registering again makes a new version of the same model.
-    assert compare_main(["reg", "--register", "tagger", "--tracking-uri", uri, "--resamples", "100",
-                         "--out", str(tmp_path / "c.png")]) == 0
+    assert (
+        compare_main(
+            [
+                "reg",
+                "--register",
+                "tagger",
+                "--tracking-uri",
+                uri,
+                "--resamples",
+                "100",
+                "--out",
+                str(tmp_path / "c.png"),
+            ]
+        )
+        == 0
+    )
     assert sorted(int(v.version) for v in client.search_model_versions("name = 'tagger'")) == [1, 2]
 
     # models:/tagger/latest tags a test clip with A0's model: the probabilities A0's evaluation logged.
@@ -68,8 +98,15 @@ def test_register_refuses_a_run_without_a_model(tmp_path, capsys):
     """A run logged before runs carried model/ is compared, but cannot become a model version."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     with MlflowTracker(uri, "old", "old-run") as t:
-        t.log_params({"data.split": "standard", "data.tags": "all", "data.drop_untagged": True,
-                      "eval.aggregate": "mean", "eval.patches_per_clip": None})
+        t.log_params(
+            {
+                "data.split": "standard",
+                "data.tags": "all",
+                "data.drop_untagged": True,
+                "eval.aggregate": "mean",
+                "eval.patches_per_clip": None,
+            }
+        )
         t.set_tags({"feature_store": "f", "test_clips_sha256": "s"})
         t.log_metrics({"selected_val_roc_auc": 0.7, "test_roc_auc": 0.7}, step=1)
     assert compare_main(["old", "--register", "tagger", "--tracking-uri", uri, "--out", str(tmp_path / "c.png")]) == 2

@@ -8,9 +8,9 @@ import textwrap
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.helpers import TINY, compose_cfg, run_module
 from mtt.models import build_model
 from mtt.models.registry import backbone_errors, get_backbone
+from tests.helpers import TINY, compose_cfg, run_module
 
 # The whole recipe: a module that defines the backbone and registers it...
 MODULE = textwrap.dedent('''
@@ -33,13 +33,13 @@ MODULE = textwrap.dedent('''
                                    build=lambda b, item_shape: OneConv(round(8 * b.width))))
 ''')
 # ... and a YAML that names it and the module (on PYTHONPATH) that registers it.
-YAML = textwrap.dedent('''
+YAML = textwrap.dedent("""
     # A backbone of one's own (tests/test_registry.py).
     name: one_conv
     module: my_backbones.one_conv
     freeze: false
     width: 1.0
-''')
+""")
 
 
 @pytest.fixture
@@ -56,8 +56,9 @@ def backbone_dir(tmp_path, monkeypatch):
 
 
 def test_a_registered_backbone_is_built_by_name_with_its_declared_output(backbone_dir):
-    cfg = compose_cfg(["backbone.name=one_conv", "backbone.module=my_backbones.one_conv", "backbone.freeze=false",
-                       "head.width=16"])
+    cfg = compose_cfg(
+        ["backbone.name=one_conv", "backbone.module=my_backbones.one_conv", "backbone.freeze=false", "head.width=16"]
+    )
     assert backbone_errors(cfg) == []
     spec = get_backbone("one_conv")
     model = build_model(cfg, n_tags=7)
@@ -65,7 +66,8 @@ def test_a_registered_backbone_is_built_by_name_with_its_declared_output(backbon
     assert model.head.net[0].num_features == 8  # the head is sized from the declared output
     # It consumes VGGish's front end; asked to read another, the config is refused before any work.
     assert backbone_errors(compose_cfg(["backbone=shortchunk_res", "backbone.name=one_conv"]))[0].startswith(
-        "features.name=mel_db: backbone.name=one_conv consumes features.name=vggish patches")
+        "features.name=mel_db: backbone.name=one_conv consumes features.name=vggish patches"
+    )
 
 
 @pytest.mark.slow
@@ -75,9 +77,19 @@ def test_a_backbone_defined_in_the_test_trains_through_mtt_run(backbone_dir, cac
     uri = f"sqlite:///{backbone_dir}/m.db"
     from mtt.paths import REPO_ROOT
 
-    run_module(["mtt.run", f"hydra.searchpath=[file://{backbone_dir / 'conf'}]", "backbone=one_conv", *TINY, "backbone.width=1.0",
-                "trainer.epochs=2", f"paths.cache={cache_dir}", f"tracking.uri={uri}"],
-               env={"PYTHONPATH": f"{REPO_ROOT}:{backbone_dir / 'code'}"})
+    run_module(
+        [
+            "mtt.run",
+            f"hydra.searchpath=[file://{backbone_dir / 'conf'}]",
+            "backbone=one_conv",
+            *TINY,
+            "backbone.width=1.0",
+            "trainer.epochs=2",
+            f"paths.cache={cache_dir}",
+            f"tracking.uri={uri}",
+        ],
+        env={"PYTHONPATH": f"{REPO_ROOT}:{backbone_dir / 'code'}"},
+    )
     client = MlflowClient(uri)
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.info.status == "FINISHED"

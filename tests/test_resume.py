@@ -22,8 +22,14 @@ def test_last_checkpoint_restores_model_optimiser_and_rng(tmp_path):
     model(torch.randn(4, 3)).sum().backward()
     opt.step()
     torch.manual_seed(1), np.random.seed(2), random.seed(3)
-    state = TrainState(epoch=4, best_score=0.5, best_epoch=3, history={"val_loss": [1.0, 0.5]},
-                       last_metrics={"val_loss": 0.5}, last_timestamp=123)
+    state = TrainState(
+        epoch=4,
+        best_score=0.5,
+        best_epoch=3,
+        history={"val_loss": [1.0, 0.5]},
+        last_metrics={"val_loss": 0.5},
+        last_timestamp=123,
+    )
     save_last(tmp_path, model, opt, state)
     expected = torch.rand(2), np.random.rand(2), random.random()
     assert not list(tmp_path.glob(".*.tmp"))  # the temp file was renamed into place
@@ -40,11 +46,18 @@ def test_last_checkpoint_restores_model_optimiser_and_rng(tmp_path):
 
 def test_config_hash_ignores_resume_and_progress_only(cache_dir):
     base = compose_cfg(TINY, cache=cache_dir)
-    assert config_hash(base) == config_hash(compose_cfg([*TINY, "trainer.resume=true", "trainer.progress=true"],
-                                                        cache=cache_dir))
+    assert config_hash(base) == config_hash(
+        compose_cfg([*TINY, "trainer.resume=true", "trainer.progress=true"], cache=cache_dir)
+    )
     assert config_hash(base) != config_hash(compose_cfg([*TINY, "trainer.lr=0.5"], cache=cache_dir))
-    assert [resume_choice(v) for v in (None, False, "false", True, "true", "abc123")] == \
-        [None, None, None, "latest", "latest", "abc123"]
+    assert [resume_choice(v) for v in (None, False, "false", True, "true", "abc123")] == [
+        None,
+        None,
+        None,
+        "latest",
+        "latest",
+        "abc123",
+    ]
 
 
 @pytest.mark.slow
@@ -52,8 +65,16 @@ def test_config_hash_ignores_resume_and_progress_only(cache_dir):
 def test_sigkill_then_resume_continues_the_same_run(tmp_path, cache_dir, workers):
     """With and without DataLoader workers (whose loader must not draw from the restored RNG)."""
     uri = f"sqlite:///{tmp_path}/m.db"
-    args = [*TINY[:-1], "trainer.device=cpu", "trainer.epochs=4", "trainer.deterministic=true", "steps=fixed",
-            "steps.n=40", f"stream.num_workers={workers}", f"paths.cache={cache_dir}"]
+    args = [
+        *TINY[:-1],
+        "trainer.device=cpu",
+        "trainer.epochs=4",
+        "trainer.deterministic=true",
+        "steps=fixed",
+        "steps.n=40",
+        f"stream.num_workers={workers}",
+        f"paths.cache={cache_dir}",
+    ]
     # The reference: the same config, uninterrupted (its own experiment).
     run_module(["mtt.run", *args, "tracking.experiment=reference"], env={"MLFLOW_TRACKING_URI": uri})
     client = MlflowClient(uri)
@@ -66,8 +87,9 @@ def test_sigkill_then_resume_continues_the_same_run(tmp_path, cache_dir, workers
     proc.wait(timeout=30)
     assert client.get_run(run_id).info.status == "RUNNING"  # nobody could mark it
 
-    run_module(["mtt.run", *args, "tracking.experiment=resumed", "trainer.resume=true"],
-               env={"MLFLOW_TRACKING_URI": uri})
+    run_module(
+        ["mtt.run", *args, "tracking.experiment=resumed", "trainer.resume=true"], env={"MLFLOW_TRACKING_URI": uri}
+    )
     runs = client.search_runs([client.get_experiment_by_name("resumed").experiment_id])
     assert [r.info.run_id for r in runs] == [run_id]  # no second run
     run = runs[0]

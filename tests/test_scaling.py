@@ -15,8 +15,11 @@ def test_slurm_launcher_exposes_the_keys_a_lab_sets():
     from mtt.config import CONF_DIR
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=["hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu"],
-                      return_hydra_config=True)
+        cfg = compose(
+            "config",
+            overrides=["hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu"],
+            return_hydra_config=True,
+        )
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert launcher.partition == "gpu"
@@ -25,17 +28,38 @@ def test_slurm_launcher_exposes_the_keys_a_lab_sets():
 
 
 def test_run_names_leave_out_storage_and_display_overrides():
-    assert run_name(["+head=autopool", "trainer.epochs=2", "paths.cache=/tmp/x", "tracking.uri=sqlite:///a.db",
-                     "trainer.progress=false"]) == "head=autopool,epochs=2"
+    assert (
+        run_name(
+            [
+                "+head=autopool",
+                "trainer.epochs=2",
+                "paths.cache=/tmp/x",
+                "tracking.uri=sqlite:///a.db",
+                "trainer.progress=false",
+            ]
+        )
+        == "head=autopool,epochs=2"
+    )
     assert run_name([]) == "default"
 
 
 @pytest.mark.slow
 def test_submitit_local_sweep_into_a_new_store(tmp_path, cache_dir):
     uri = f"sqlite:///{tmp_path}/new.db"  # does not exist yet
-    run_module(["mtt.run", "-m", "hydra/launcher=submitit_local", "+head=gap2,autopool", *TINY,
-                "trainer.epochs=2", f"paths.cache={cache_dir}", f"tracking.uri={uri}",
-                "tracking.experiment=cluster"], cwd=tmp_path)
+    run_module(
+        [
+            "mtt.run",
+            "-m",
+            "hydra/launcher=submitit_local",
+            "+head=gap2,autopool",
+            *TINY,
+            "trainer.epochs=2",
+            f"paths.cache={cache_dir}",
+            f"tracking.uri={uri}",
+            "tracking.experiment=cluster",
+        ],
+        cwd=tmp_path,
+    )
     client = MlflowClient(uri)
     everywhere = client.search_runs([e.experiment_id for e in client.search_experiments()])
     runs = sweep_children(client, "cluster")  # submitit's jobs are children of the sweep's parent run

@@ -14,12 +14,19 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 
-from tests.helpers import TINY, run_module, sweep_children
 from mtt.paths import REPO_ROOT
+from tests.helpers import TINY, run_module, sweep_children
 
 # 3 epochs without early stopping: the best epoch need not be the last.
-SEARCH = ["-m", "+experiment=search", *TINY[:-3], "trainer.epochs=3", "trainer.patience=null",
-          "trainer.progress=false", "trainer.device=cpu"]
+SEARCH = [
+    "-m",
+    "+experiment=search",
+    *TINY[:-3],
+    "trainer.epochs=3",
+    "trainer.patience=null",
+    "trainer.progress=false",
+    "trainer.device=cpu",
+]
 
 
 def study_of(tmp_path) -> optuna.Study:
@@ -28,8 +35,12 @@ def study_of(tmp_path) -> optuna.Study:
 
 def by_params(trial: optuna.trial.FrozenTrial, runs: list) -> object:
     """The finished child run that trial ran: the one whose params are the trial's."""
-    (run,) = [r for r in runs if r.info.status == "FINISHED" and all(float(r.data.params[k]) == pytest.approx(float(v), rel=1e-12)
-                                     for k, v in trial.params.items())]
+    (run,) = [
+        r
+        for r in runs
+        if r.info.status == "FINISHED"
+        and all(float(r.data.params[k]) == pytest.approx(float(v), rel=1e-12) for k, v in trial.params.items())
+    ]
     return run
 
 
@@ -42,8 +53,9 @@ def check_study_against_runs(tmp_path, study: optuna.Study, runs: list) -> None:
         history = [m.value for m in client.get_metric_history(run.info.run_id, "val_roc_auc")]
         assert len(history) == 3
         assert t.value == pytest.approx(max(history)) == pytest.approx(run.data.metrics["selected_val_roc_auc"])
-    best_run = max((r for r in runs if r.info.status == "FINISHED"),
-                   key=lambda r: r.data.metrics["selected_val_roc_auc"])
+    best_run = max(
+        (r for r in runs if r.info.status == "FINISHED"), key=lambda r: r.data.metrics["selected_val_roc_auc"]
+    )
     assert study.best_value == pytest.approx(best_run.data.metrics["selected_val_roc_auc"])
     assert by_params(study.best_trial, runs).data.metrics["selected_val_roc_auc"] == pytest.approx(study.best_value)
 
@@ -51,8 +63,9 @@ def check_study_against_runs(tmp_path, study: optuna.Study, runs: list) -> None:
 @pytest.mark.slow
 def test_search_makes_its_trials_children_and_the_study_best_is_the_best_run(tmp_path, cache_dir):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    run_module(["mtt.run", *SEARCH, "hydra.sweeper.n_trials=4", f"paths.cache={cache_dir}"],
-               env={"MLFLOW_TRACKING_URI": uri})
+    run_module(
+        ["mtt.run", *SEARCH, "hydra.sweeper.n_trials=4", f"paths.cache={cache_dir}"], env={"MLFLOW_TRACKING_URI": uri}
+    )
     runs = sweep_children(MlflowClient(uri), "search")  # one parent, FINISHED, every run its child
     assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
     assert all(r.data.params["pool.name"] == "autopool" for r in runs)
@@ -70,8 +83,7 @@ def test_an_interrupted_search_resumes_under_the_same_parent(tmp_path, cache_dir
     args = ["mtt.run", *SEARCH, "hydra.sweeper.n_trials=3", f"paths.cache={cache_dir}"]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "MLFLOW_TRACKING_URI": uri}
     log = open(tmp_path / "first.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", *args], cwd=REPO_ROOT, env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([sys.executable, "-m", *args], cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     client = MlflowClient(uri)
 
     def progress() -> tuple[list[str], list[str]]:
@@ -90,8 +102,10 @@ def test_an_interrupted_search_resumes_under_the_same_parent(tmp_path, cache_dir
         if state == (["COMPLETE", "RUNNING"], ["FINISHED", "RUNNING"]):
             break
         time.sleep(0.1)
-    assert state == (["COMPLETE", "RUNNING"], ["FINISHED", "RUNNING"]), \
-        (state, (tmp_path / "first.log").read_text()[-3000:])
+    assert state == (["COMPLETE", "RUNNING"], ["FINISHED", "RUNNING"]), (
+        state,
+        (tmp_path / "first.log").read_text()[-3000:],
+    )
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=120) != 0
     log.close()

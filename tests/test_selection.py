@@ -15,8 +15,7 @@ from tests.helpers import LEARNABLE, TINY, compose_cfg
 def test_report_preset_tests_the_last_epoch(cache_dir, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     tiny = [o for o in TINY if not o.startswith("trainer.epochs")]
-    cfg = compose_cfg(["+experiment=report/prelim", *tiny, "trainer.epochs=3", f"tracking.uri={uri}"],
-                      cache=cache_dir)
+    cfg = compose_cfg(["+experiment=report/prelim", *tiny, "trainer.epochs=3", f"tracking.uri={uri}"], cache=cache_dir)
     with MlflowTracker(uri, "report", "prelim") as tracker:
         metrics = train(cfg, tracker)
     run = MlflowClient(uri).get_run(tracker.run_id)
@@ -27,8 +26,10 @@ def test_report_preset_tests_the_last_epoch(cache_dir, tmp_path):
 
 def test_default_recipe_on_the_report_split_drops_test_driven_stopping(cache_dir, tmp_path, caplog):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    cfg = compose_cfg([*LEARNABLE, "data.split=report", "trainer.epochs=4", "trainer.patience=1",
-                       f"tracking.uri={uri}"], cache=cache_dir)
+    cfg = compose_cfg(
+        [*LEARNABLE, "data.split=report", "trainer.epochs=4", "trainer.patience=1", f"tracking.uri={uri}"],
+        cache=cache_dir,
+    )
     with MlflowTracker(uri, "report", "default") as tracker:
         train(cfg, tracker)
     run = MlflowClient(uri).get_run(tracker.run_id)

@@ -19,13 +19,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.helpers import TINY, compose_cfg
 from http_server import free_port
 from mtt.data.embedded.labels import complete_tags
 from mtt.data.embedded.synthesis import render_clip
 from mtt.data.mtat import write_mp3
 from mtt.tracking import MlflowTracker
 from mtt.train import train
+from tests.helpers import TINY, compose_cfg
 
 
 def post(url: str, body: dict, timeout: float = 120) -> dict:
@@ -62,35 +62,58 @@ def test_served_model_answers_a_clip_with_its_tag_probabilities(tmp_path, cache_
     log = tmp_path / "serve.log"
     with log.open("wb") as out:
         # The README's command; a session of its own, so the server and its workers are one group.
-        proc = subprocess.Popen([str(Path(bin_dir) / "mlflow"), "models", "serve", "-m",
-                                 f"runs:/{tracker.run_id}/model", "--env-manager", "local", "-p", str(port),
-                                 "--host", "127.0.0.1"], env=env, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            [
+                str(Path(bin_dir) / "mlflow"),
+                "models",
+                "serve",
+                "-m",
+                f"runs:/{tracker.run_id}/model",
+                "--env-manager",
+                "local",
+                "-p",
+                str(port),
+                "--host",
+                "127.0.0.1",
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     try:
         wait_for(f"http://127.0.0.1:{port}/ping", proc, log)
         # The README's request: the file's bytes, base64, in a dataframe_split body.
         audio = base64.b64encode(clip.read_bytes()).decode()
-        answer = post(f"http://127.0.0.1:{port}/invocations",
-                      {"dataframe_split": {"columns": ["audio"], "data": [[audio]]}})
+        answer = post(
+            f"http://127.0.0.1:{port}/invocations", {"dataframe_split": {"columns": ["audio"], "data": [[audio]]}}
+        )
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
         expected = mlflow.pyfunc.load_model(f"runs:/{tracker.run_id}/model").predict(
-            pd.DataFrame({"audio": [clip.read_bytes()]}))
+            pd.DataFrame({"audio": [clip.read_bytes()]})
+        )
         (served,) = answer["predictions"]
         assert list(served) == list(expected.columns)
-        np.testing.assert_allclose([served[t] for t in expected.columns], expected.iloc[0].to_numpy(),
-                                   rtol=0, atol=1e-6)
+        np.testing.assert_allclose(
+            [served[t] for t in expected.columns], expected.iloc[0].to_numpy(), rtol=0, atol=1e-6
+        )
         # Decoded samples work too (a JSON array of floats at the model's 16 kHz).
         from mtt.audio import load_audio
 
         samples = load_audio(clip, 16000).tolist()
-        answer = post(f"http://127.0.0.1:{port}/invocations",
-                      {"dataframe_split": {"columns": ["samples"], "data": [[samples]]}})
-        np.testing.assert_allclose([answer["predictions"][0][t] for t in expected.columns],
-                                   expected.iloc[0].to_numpy(), rtol=0, atol=1e-6)
+        answer = post(
+            f"http://127.0.0.1:{port}/invocations", {"dataframe_split": {"columns": ["samples"], "data": [[samples]]}}
+        )
+        np.testing.assert_allclose(
+            [answer["predictions"][0][t] for t in expected.columns], expected.iloc[0].to_numpy(), rtol=0, atol=1e-6
+        )
         # An ambiguous row (both inputs) is refused with the model's message; the server lives on.
         with pytest.raises(urllib.error.HTTPError) as refused:
-            post(f"http://127.0.0.1:{port}/invocations",
-                 {"dataframe_split": {"columns": ["audio", "samples"], "data": [[audio, samples]]}})
+            post(
+                f"http://127.0.0.1:{port}/invocations",
+                {"dataframe_split": {"columns": ["audio", "samples"], "data": [[audio, samples]]}},
+            )
         assert refused.value.code in (400, 500) and "exactly one of 'audio'" in refused.value.read().decode()
         assert proc.poll() is None
     finally:

@@ -40,7 +40,9 @@ def wait_until_healthy(uri: str, proc: subprocess.Popen, timeout: float = 120) -
             return
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the server at {uri} did not start: {proc.stderr.read().decode()[-3000:]}") from None
+                raise RuntimeError(
+                    f"the server at {uri} did not start: {proc.stderr.read().decode()[-3000:]}"
+                ) from None
             time.sleep(0.5)
 
 
@@ -50,8 +52,12 @@ def make_server(state: Path, **variables: str):
     ``state``), in a process group of its own; yields its URI; stopped by that group's id."""
     port = free_port()
     args = [f"{k}={v}" for k, v in {"SERVER_PORT": port, "SERVER_STATE": state, **variables}.items()]
-    proc = subprocess.Popen(["make", "-C", str(REPO_ROOT), "mlflow-server", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(
+        ["make", "-C", str(REPO_ROOT), "mlflow-server", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     uri = f"http://127.0.0.1:{port}"
     try:
         wait_until_healthy(uri, proc)
@@ -110,12 +116,34 @@ def test_basic_auth_server_refuses_anonymous_runs_and_records_signed_in_ones(tmp
     assert found.info.status == "FINISHED" and "test_roc_auc" in found.data.metrics
 
 
-EPOCH_METRICS = ["train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_accuracy_all_negative",
-                 "val_roc_auc", "val_pr_auc", "lr"]
-FINAL_METRICS = ["test_loss", "test_accuracy", "test_accuracy_all_negative", "test_roc_auc", "test_pr_auc",
-                 "best_epoch", "epochs_trained"]
-ARTIFACTS = {"config.yaml", "per_tag_test.csv", "plots/loss.png", "plots/accuracy.png", "plots/auc.png",
-             "checkpoint/best.safetensors", "checkpoint/best.json"}
+EPOCH_METRICS = [
+    "train_loss",
+    "train_accuracy",
+    "val_loss",
+    "val_accuracy",
+    "val_accuracy_all_negative",
+    "val_roc_auc",
+    "val_pr_auc",
+    "lr",
+]
+FINAL_METRICS = [
+    "test_loss",
+    "test_accuracy",
+    "test_accuracy_all_negative",
+    "test_roc_auc",
+    "test_pr_auc",
+    "best_epoch",
+    "epochs_trained",
+]
+ARTIFACTS = {
+    "config.yaml",
+    "per_tag_test.csv",
+    "plots/loss.png",
+    "plots/accuracy.png",
+    "plots/auc.png",
+    "checkpoint/best.safetensors",
+    "checkpoint/best.json",
+}
 
 
 def artifact_paths(client: MlflowClient, run_id: str, folder: str | None = None) -> set[str]:
@@ -131,10 +159,27 @@ def two_parallel_jobs_are_recorded(uri: str, cache_dir: Path, tmp_path: Path) ->
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "MLFLOW_TRACKING_URI": uri}
     # Build the shared dataset and features once, so the two jobs only race on the server.
     run_module(["mtt.preprocess", *TINY[:2], f"paths.cache={cache_dir}"])
-    jobs = [subprocess.Popen([sys.executable, "-m", "mtt.run", f"+head={head}", *TINY, "trainer.epochs=2",
-                              "trainer.patience=null", f"paths.cache={cache_dir}", "tracking.experiment=team"],
-                             cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            for head in ("gap2", "autopool")]
+    jobs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mtt.run",
+                f"+head={head}",
+                *TINY,
+                "trainer.epochs=2",
+                "trainer.patience=null",
+                f"paths.cache={cache_dir}",
+                "tracking.experiment=team",
+            ],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for head in ("gap2", "autopool")
+    ]
     for job in jobs:
         _, err = job.communicate(timeout=600)
         assert job.returncode == 0, err[-3000:]
@@ -167,8 +212,9 @@ def postgres_bin() -> Path:
         return found[-1].parent
     initdb = shutil.which("initdb")
     if initdb is None:
-        pytest.fail("PostgreSQL's server programs are not installed (Debian: apt-get install postgresql; "
-                    ".ci/run provisions it)")
+        pytest.fail(
+            "PostgreSQL's server programs are not installed (Debian: apt-get install postgresql; .ci/run provisions it)"
+        )
     return Path(initdb).resolve().parent
 
 
@@ -185,12 +231,42 @@ def postgres():
     data = folder / "data"
     if as_user:
         shutil.chown(folder, "postgres")
-    init = subprocess.run([*as_user, str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
-                           "--no-sync", "-E", "UTF8"], capture_output=True, text=True, timeout=120)
+    init = subprocess.run(
+        [
+            *as_user,
+            str(bin_dir / "initdb"),
+            "-D",
+            str(data),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "--no-sync",
+            "-E",
+            "UTF8",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert init.returncode == 0, f"initdb failed ({init.returncode}): {init.stdout[-1500:]} {init.stderr[-1500:]}"
-    server = subprocess.Popen([*as_user, str(bin_dir / "postgres"), "-D", str(data), "-p", str(port), "-k", str(folder),
-                               "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    server = subprocess.Popen(
+        [
+            *as_user,
+            str(bin_dir / "postgres"),
+            "-D",
+            str(data),
+            "-p",
+            str(port),
+            "-k",
+            str(folder),
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            "fsync=off",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     pid = None
     try:
         deadline = time.monotonic() + 60
@@ -225,9 +301,14 @@ def test_lab_server_on_postgresql(postgres, tmp_path, cache_dir):
     with make_server(tmp_path / "state", SERVER_DB=db) as uri:
         runs = two_parallel_jobs_are_recorded(uri, cache_dir, tmp_path)
         client = MlflowClient(uri)
-        served = {run.info.run_id: sorted((m.key, m.step, m.value) for key in run.data.metrics
-                                          for m in client.get_metric_history(run.info.run_id, key))
-                  for run in runs}
+        served = {
+            run.info.run_id: sorted(
+                (m.key, m.step, m.value)
+                for key in run.data.metrics
+                for m in client.get_metric_history(run.info.run_id, key)
+            )
+            for run in runs
+        }
     with psycopg.connect(db) as conn:
         assert {row[0] for row in conn.execute("SELECT run_uuid FROM runs")} == set(served)
         for run_id, points in served.items():  # what the server answered is what PostgreSQL holds
@@ -239,8 +320,9 @@ def test_lab_server_on_postgresql(postgres, tmp_path, cache_dir):
 def test_unreachable_server_fails_early_naming_it(tmp_path):
     uri = f"http://127.0.0.1:{free_port()}"
     start = time.monotonic()
-    proc = run_module(["mtt.run", f"paths.cache={tmp_path}"], env={"MLFLOW_TRACKING_URI": uri}, check=False,
-                      timeout=120)
+    proc = run_module(
+        ["mtt.run", f"paths.cache={tmp_path}"], env={"MLFLOW_TRACKING_URI": uri}, check=False, timeout=120
+    )
     assert proc.returncode != 0 and time.monotonic() - start < 30
     assert uri in proc.stderr and "not reachable" in proc.stderr
     assert not (tmp_path / "toy-v1").exists() and not (tmp_path / "features").exists()

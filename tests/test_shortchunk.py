@@ -11,7 +11,6 @@ import torch
 import torchaudio.transforms as T
 from mlflow.tracking import MlflowClient
 
-from tests.helpers import LEARNABLE, TINY, compose_cfg
 from mtt.config import FeaturesConfig
 from mtt.features import MelDbFrontEnd
 from mtt.models import build_model
@@ -19,6 +18,7 @@ from mtt.schedule import Phases
 from mtt.streams import clip_rows
 from mtt.tracking import MlflowTracker
 from mtt.train import train
+from tests.helpers import LEARNABLE, TINY, compose_cfg
 
 CHUNK = 59049  # the paper's input: 3.69 s at 16 kHz
 # Small enough for 2 s generated clips and 2 CPU cores: 32-frame patches of 32 mel bands, 1/8 width.
@@ -37,7 +37,9 @@ def test_the_front_end_is_torchaudio_mel_then_db_on_the_papers_chunk():
     wave = torch.from_numpy(np.random.default_rng(0).normal(scale=0.1, size=(1, CHUNK)).astype(np.float32))
     patches = MelDbFrontEnd(cfg)(wave)
     assert patches.shape == (1, 1, 231, 128)
-    theirs = T.AmplitudeToDB()(T.MelSpectrogram(sample_rate=16000, n_fft=512, f_min=0.0, f_max=8000.0, n_mels=128)(wave))
+    theirs = T.AmplitudeToDB()(
+        T.MelSpectrogram(sample_rate=16000, n_fft=512, f_min=0.0, f_max=8000.0, n_mels=128)(wave)
+    )
     torch.testing.assert_close(patches[0, 0], theirs[0].T)
     # A 29.1 s MTAT clip: 1 + 465,600 // 256 = 1,819 frames, 1 + (1819 - 231) // 99 = 17 patches.
     assert MelDbFrontEnd(cfg).n_patches(int(29.1 * 16000)) == 17
@@ -65,8 +67,9 @@ def paper_parameter_count(residual: bool, n_tags: int) -> int:
     return total + (512 * 512 + 512) + bn(512) + (512 * n_tags + n_tags)
 
 
-@pytest.mark.parametrize("backbone, residual, fmap", [("shortchunk_res", True, (512, 2, 1)),
-                                                      ("shortchunk", False, (512, 1, 1))])
+@pytest.mark.parametrize(
+    "backbone, residual, fmap", [("shortchunk_res", True, (512, 2, 1)), ("shortchunk", False, (512, 1, 1))]
+)
 def test_the_papers_shapes_and_parameter_count(backbone, residual, fmap):
     model = build_model(compose_cfg([f"backbone={backbone}"]), n_tags=50).eval()
     x = torch.randn(2, 231, 128)  # two (time, mel) chunks of 59,049 samples
@@ -116,8 +119,15 @@ def test_phases_switch_optimiser_and_rate_and_a_resume_gets_the_phase_of_its_epo
     cfg = compose_cfg(["+experiment=anchors/shortchunk_res"])
     phases, params = Phases(cfg.trainer), [torch.nn.Parameter(torch.zeros(3))]
     assert [phases.setting_at(e) for e in (0, 79, 80, 99, 100, 119, 120, 199)] == [
-        ("adam", 1e-4), ("adam", 1e-4), ("sgd", 1e-3), ("sgd", 1e-3), ("sgd", 1e-4), ("sgd", 1e-4),
-        ("sgd", 1e-5), ("sgd", 1e-5)]
+        ("adam", 1e-4),
+        ("adam", 1e-4),
+        ("sgd", 1e-3),
+        ("sgd", 1e-3),
+        ("sgd", 1e-4),
+        ("sgd", 1e-4),
+        ("sgd", 1e-5),
+        ("sgd", 1e-5),
+    ]
     opt = phases.optimizer_at(params, 0)
     assert isinstance(opt, torch.optim.Adam) and opt.defaults["weight_decay"] == 1e-4
     reloads = []
@@ -136,9 +146,18 @@ def test_a_run_follows_its_phases_and_logs_each_epochs_rate(cache_dir, tmp_path)
     """Through train(): epoch 0 Adam at trainer.lr, epoch 1 SGD from the best checkpoint, epoch 2 a
     lower SGD rate; the `lr` metric records what each epoch trained with."""
     uri = f"sqlite:///{tmp_path}/m.db"
-    cfg = compose_cfg([*TINY, "trainer.epochs=3", "trainer.patience=null", "trainer.lr_schedule=phases",
-                       "trainer.nesterov=true", "trainer.phases=[{epoch:1,optimizer:sgd,lr:0.01,reload_best:true},"
-                       "{epoch:2,lr:0.002}]", f"tracking.uri={uri}"], cache=cache_dir)
+    cfg = compose_cfg(
+        [
+            *TINY,
+            "trainer.epochs=3",
+            "trainer.patience=null",
+            "trainer.lr_schedule=phases",
+            "trainer.nesterov=true",
+            "trainer.phases=[{epoch:1,optimizer:sgd,lr:0.01,reload_best:true},{epoch:2,lr:0.002}]",
+            f"tracking.uri={uri}",
+        ],
+        cache=cache_dir,
+    )
     with MlflowTracker(uri, "phases", "p") as tracker:
         train(cfg, tracker)
     lrs = [m.value for m in sorted(MlflowClient(uri).get_metric_history(tracker.run_id, "lr"), key=lambda m: m.step)]
@@ -149,8 +168,19 @@ def test_it_learns_on_tiny_data_through_the_same_records_as_vggish(cache_dir, tm
     """A few epochs on the 72 tiny training clips: the validation loss falls, and the run has the
     records of a VGGish run (test metrics with intervals, predictions, per-tag table)."""
     uri = f"sqlite:///{tmp_path}/m.db"
-    cfg = compose_cfg([*LEARNABLE, *SMALL, "backbone.width=0.125", "head.width=64", "trainer.epochs=6",
-                       "trainer.patience=null", "trainer.lr_schedule=none", f"tracking.uri={uri}"], cache=cache_dir)
+    cfg = compose_cfg(
+        [
+            *LEARNABLE,
+            *SMALL,
+            "backbone.width=0.125",
+            "head.width=64",
+            "trainer.epochs=6",
+            "trainer.patience=null",
+            "trainer.lr_schedule=none",
+            f"tracking.uri={uri}",
+        ],
+        cache=cache_dir,
+    )
     with MlflowTracker(uri, "shortchunk", "learns") as tracker:
         metrics = train(cfg, tracker)
     client = MlflowClient(uri)
@@ -162,6 +192,7 @@ def test_it_learns_on_tiny_data_through_the_same_records_as_vggish(cache_dir, tm
     assert run.data.params["backbone.name"] == "shortchunk_res" and run.data.params["features.name"] == "mel_db"
     artifacts = {a.path for a in client.list_artifacts(tracker.run_id)}
     assert {"test_predictions.npz", "per_tag_test.csv", "config.yaml"} <= artifacts
-    assert run.data.tags["test_clips"] == str(len(np.load(client.download_artifacts(
-        tracker.run_id, "test_predictions.npz", str(tmp_path)))["clip_ids"]))
+    assert run.data.tags["test_clips"] == str(
+        len(np.load(client.download_artifacts(tracker.run_id, "test_predictions.npz", str(tmp_path)))["clip_ids"])
+    )
     assert math.isfinite(metrics["test_pr_auc"])

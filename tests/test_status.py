@@ -23,8 +23,9 @@ def _error_txt(client: MlflowClient, run_id: str, tmp_path) -> str:
 
 
 def test_exception_in_training_marks_the_run_failed(tiny_cfg, tmp_path, monkeypatch):
-    cfg = compose_cfg([*TINY, f"tracking.uri={tiny_cfg.tracking.uri}", "steps=fixed", "steps.n=3"],
-                      cache=tiny_cfg.paths.cache)
+    cfg = compose_cfg(
+        [*TINY, f"tracking.uri={tiny_cfg.tracking.uri}", "steps=fixed", "steps.n=3"], cache=tiny_cfg.paths.cache
+    )
     calls = []
     real_step = torch.optim.Adam.step
 
@@ -47,8 +48,17 @@ def test_exception_in_training_marks_the_run_failed(tiny_cfg, tmp_path, monkeypa
 
 def test_exploding_loss_stops_the_run(tiny_cfg, tmp_path):
     # Adam moves every weight by ~lr per step: with lr=1e30 the logits overflow within steps.
-    cfg = compose_cfg([*TINY, f"tracking.uri={tiny_cfg.tracking.uri}", "trainer.lr=1e30", "trainer.epochs=3",
-                       "steps=fixed", "steps.n=10"], cache=tiny_cfg.paths.cache)
+    cfg = compose_cfg(
+        [
+            *TINY,
+            f"tracking.uri={tiny_cfg.tracking.uri}",
+            "trainer.lr=1e30",
+            "trainer.epochs=3",
+            "steps=fixed",
+            "steps.n=10",
+        ],
+        cache=tiny_cfg.paths.cache,
+    )
     with pytest.raises(FloatingPointError, match=r"loss is (nan|inf) at epoch 0"):
         with MlflowTracker(cfg.tracking.uri, "unit", "explodes") as tracker:
             train(cfg, tracker)
@@ -61,12 +71,17 @@ def test_exploding_loss_stops_the_run(tiny_cfg, tmp_path):
 
 def start_run(args: list[str], uri: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "MLFLOW_TRACKING_URI": uri}
-    return subprocess.Popen([sys.executable, "-m", "mtt.run", *args], cwd=REPO_ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "mtt.run", *args],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
-def wait_for_run(proc: subprocess.Popen, uri: str, experiment: str, points: int | None,
-                 timeout: float = 120) -> str:
+def wait_for_run(proc: subprocess.Popen, uri: str, experiment: str, points: int | None, timeout: float = 120) -> str:
     """Poll the store until the experiment has a run (with ``points`` val_loss points); its id."""
     client = MlflowClient(uri)
     deadline = time.monotonic() + timeout
@@ -87,8 +102,18 @@ def wait_for_run(proc: subprocess.Popen, uri: str, experiment: str, points: int 
 @pytest.mark.slow
 def test_ctrl_c_during_training_marks_the_run_killed(tmp_path, cache_dir):
     uri = f"sqlite:///{tmp_path}/m.db"
-    proc = start_run([*TINY[:-1], "trainer.device=cpu", "trainer.epochs=200", "steps=fixed", "steps.n=5",
-                      f"paths.cache={cache_dir}", "tracking.experiment=sigint"], uri)
+    proc = start_run(
+        [
+            *TINY[:-1],
+            "trainer.device=cpu",
+            "trainer.epochs=200",
+            "steps=fixed",
+            "steps.n=5",
+            f"paths.cache={cache_dir}",
+            "tracking.experiment=sigint",
+        ],
+        uri,
+    )
     run_id = wait_for_run(proc, uri, "sigint", points=1)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) != 0
@@ -101,8 +126,14 @@ def test_ctrl_c_during_training_marks_the_run_killed(tmp_path, cache_dir):
 def test_ctrl_c_during_data_preparation_is_killed_and_leaves_nothing_corrupt(tmp_path):
     # A fresh cache: the dataset and its features are generated inside the run, for seconds.
     cache = tmp_path / "cache"
-    data = ["data.synth.clips_per_folder=6", "data.synth.seconds=4.0", *TINY[2:-1], "trainer.device=cpu",
-            f"paths.cache={cache}", "tracking.experiment=prep"]
+    data = [
+        "data.synth.clips_per_folder=6",
+        "data.synth.seconds=4.0",
+        *TINY[2:-1],
+        "trainer.device=cpu",
+        f"paths.cache={cache}",
+        "tracking.experiment=prep",
+    ]
     uri = f"sqlite:///{tmp_path}/m.db"
     proc = start_run(data, uri)
     run_id = wait_for_run(proc, uri, "prep", points=None)

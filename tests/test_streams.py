@@ -163,15 +163,23 @@ def test_sampling_distribution_follows_stream_weights(tmp_path):
 
 
 def loader_batches(store, labels, workers, n, seed=1, pin_memory=False, batch_size=8, **kw):
-    it = train_loader(store, store.clip_ids, labels, stream_cfg(n_active=4, num_workers=workers, **kw),
-                      batch_size, seed=seed, pin_memory=pin_memory)
+    it = train_loader(
+        store,
+        store.clip_ids,
+        labels,
+        stream_cfg(n_active=4, num_workers=workers, **kw),
+        batch_size,
+        seed=seed,
+        pin_memory=pin_memory,
+    )
     return list(itertools.islice(it, n))
 
 
 def test_two_workers_stream_disjoint_clip_shards(tmp_path):
     store, labels = make_store(tmp_path / "s", n_clips=16)
-    per_batch_clips = [set(store.clip_ids[y.numpy().argmax(axis=1)].tolist())
-                       for _, y in loader_batches(store, labels, 2, 200)]
+    per_batch_clips = [
+        set(store.clip_ids[y.numpy().argmax(axis=1)].tolist()) for _, y in loader_batches(store, labels, 2, 200)
+    ]
     # The DataLoader alternates workers: even batches come from worker 0, odd from worker 1.
     w0 = set().union(*per_batch_clips[0::2])
     w1 = set().union(*per_batch_clips[1::2])
@@ -278,8 +286,12 @@ def generated_tree(root: Path) -> None:
     mp3, so preprocessing records 4 failures."""
     rng = np.random.default_rng(0)
     rows = []
-    layout = [(f, s) for f, s in zip("0123456789", (1, 2, 3, 1, 2, 3, 1, 2, 3, 3))] + [("c", 1), ("c", 1),
-                                                                                     ("d", 1), ("d", 1)]
+    layout = [(f, s) for f, s in zip("0123456789", (1, 2, 3, 1, 2, 3, 1, 2, 3, 3))] + [
+        ("c", 1),
+        ("c", 1),
+        ("d", 1),
+        ("d", 1),
+    ]
     for i, (folder, seconds) in enumerate(layout):
         tags = complete_tags({"guitar"} if i % 2 else {"techno"})
         path = f"{folder}/artist-album-{i:02d}-song-{i}-0-30.mp3"
@@ -318,8 +330,12 @@ def test_steps_policies_on_a_store_with_missing_features(generated, policy, expe
     assert (counts.declared, counts.cached, counts.patches) == (10, 6, 12)
     assert counts.declared > counts.cached
     assert cfg.steps.policy == policy
-    assert steps_per_epoch(cfg.steps.policy, cfg.trainer.batch_size, counts.declared, counts.cached,
-                           counts.patches, cfg.steps.n) == expected
+    assert (
+        steps_per_epoch(
+            cfg.steps.policy, cfg.trainer.batch_size, counts.declared, counts.cached, counts.patches, cfg.steps.n
+        )
+        == expected
+    )
 
 
 def test_patches_policy_counts_only_the_patches_the_stream_can_draw(generated):

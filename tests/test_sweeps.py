@@ -18,9 +18,22 @@ CI = ["test_roc_auc_ci95_low", "test_roc_auc_ci95_high", "test_pr_auc_ci95_low",
 @pytest.mark.slow
 def test_two_heads_three_seeds_parent_children_and_groups(tmp_path, cache_dir):
     uri = f"sqlite:///{tmp_path}/x.db"
-    run_module(["mtt.run", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "+head=gap2,autopool",
-                "trainer.seed=0,1,2", *TINY, "trainer.epochs=2", f"paths.cache={cache_dir}", "tracking.experiment=seeds"],
-               env={"MLFLOW_TRACKING_URI": uri}, cwd=tmp_path)
+    run_module(
+        [
+            "mtt.run",
+            "-m",
+            "hydra/launcher=joblib",
+            "hydra.launcher.n_jobs=2",
+            "+head=gap2,autopool",
+            "trainer.seed=0,1,2",
+            *TINY,
+            "trainer.epochs=2",
+            f"paths.cache={cache_dir}",
+            "tracking.experiment=seeds",
+        ],
+        env={"MLFLOW_TRACKING_URI": uri},
+        cwd=tmp_path,
+    )
     client = MlflowClient(uri)
     children = sweep_children(client, "seeds")
     assert len(children) == 6 and {r.info.status for r in children} == {"FINISHED"}
@@ -40,24 +53,32 @@ def test_two_heads_three_seeds_parent_children_and_groups(tmp_path, cache_dir):
         assert sorted(r.data.params["trainer.seed"] for r in g) == ["0", "1", "2"]
         assert len({r.data.tags["mtt.group_name"] for r in g}) == 1 and "seed" not in g[0].data.tags["mtt.group_name"]
 
-    proc = run_module(["mtt.compare", "seeds", "--tracking-uri", uri, "--format", "json", "--out", str(tmp_path / "c.png")])
+    proc = run_module(
+        ["mtt.compare", "seeds", "--tracking-uri", uri, "--format", "json", "--out", str(tmp_path / "c.png")]
+    )
     out = json.loads(proc.stdout)
     assert [g["n"] for g in out["groups"]] == [3, 3]
     for g in out["groups"]:
         runs = groups[g["id"]]
-        assert g["metrics"]["test_roc_auc"]["mean"] == pytest.approx(np.mean([r.data.metrics["test_roc_auc"] for r in runs]))
+        assert g["metrics"]["test_roc_auc"]["mean"] == pytest.approx(
+            np.mean([r.data.metrics["test_roc_auc"] for r in runs])
+        )
     (pair_roc, pair_pr) = out["pairs"]  # the other group against the best
     assert pair_roc["metric"] == "test_roc_auc" and pair_roc["ci95"][0] <= pair_roc["ci95"][1]
 
     # The parent carries the sweep and, now that it ended, the same grouped summary.
-    (parent,) = [r for r in client.search_runs([client.get_experiment_by_name("seeds").experiment_id])
-                 if r.data.tags.get("mtt.sweep") == "true"]
+    (parent,) = [
+        r
+        for r in client.search_runs([client.get_experiment_by_name("seeds").experiment_id])
+        if r.data.tags.get("mtt.sweep") == "true"
+    ]
     assert parent.data.params["sweep.overrides"].startswith("+head=gap2,autopool trainer.seed=0,1,2")
     summary = json.load(open(client.download_artifacts(parent.info.run_id, "summary.json", str(tmp_path))))
     assert sorted(g["n"] for g in summary["groups"]) == [3, 3]
     name = summary["groups"][0]["name"].replace("=", ":").replace(",", " ")
     assert parent.data.metrics[f"{name}/test_roc_auc_mean"] == pytest.approx(
-        summary["groups"][0]["metrics"]["test_roc_auc"]["mean"])
+        summary["groups"][0]["metrics"]["test_roc_auc"]["mean"]
+    )
     assert parent.data.metrics[f"{name}/test_roc_auc_n"] == 3
 
 
@@ -65,14 +86,29 @@ def test_two_heads_three_seeds_parent_children_and_groups(tmp_path, cache_dir):
 def test_a_failed_job_ends_the_parent_failed_with_what_finished(tmp_path, cache_dir):
     uri = f"sqlite:///{tmp_path}/x.db"
     # lr=1e30 blows the loss up: that job fails (and with it the sweep), the other finishes.
-    proc = run_module(["mtt.run", "-m", "trainer.lr=1e-3,1e30", *TINY, "steps=fixed", "steps.n=10",
-                       f"paths.cache={cache_dir}", "tracking.experiment=broken"],
-                      env={"MLFLOW_TRACKING_URI": uri}, cwd=tmp_path, check=False)
+    proc = run_module(
+        [
+            "mtt.run",
+            "-m",
+            "trainer.lr=1e-3,1e30",
+            *TINY,
+            "steps=fixed",
+            "steps.n=10",
+            f"paths.cache={cache_dir}",
+            "tracking.experiment=broken",
+        ],
+        env={"MLFLOW_TRACKING_URI": uri},
+        cwd=tmp_path,
+        check=False,
+    )
     assert proc.returncode != 0
     client = MlflowClient(uri)
     children = sweep_children(client, "broken", status="FAILED")
     assert sorted(r.info.status for r in children) == ["FAILED", "FINISHED"]
-    (parent,) = [r for r in client.search_runs([client.get_experiment_by_name("broken").experiment_id])
-                 if r.data.tags.get("mtt.sweep") == "true"]
+    (parent,) = [
+        r
+        for r in client.search_runs([client.get_experiment_by_name("broken").experiment_id])
+        if r.data.tags.get("mtt.sweep") == "true"
+    ]
     summary = json.load(open(client.download_artifacts(parent.info.run_id, "summary.json", str(tmp_path))))
     assert [g["n"] for g in summary["groups"]] == [1]

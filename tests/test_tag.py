@@ -8,13 +8,23 @@ from mlflow.tracking import MlflowClient
 
 from mtt.data.embedded import complete_tags, render_clip
 from mtt.data.mtat import write_mp3
-from tests.helpers import run_module
+from tests.helpers import TINY, run_module
 
 # A run that learns the generated data well enough in seconds: a wider (still random, frozen)
 # backbone whose outputs are cached, and 6 x 60 head-only steps at a high learning rate.
-LEARNS = ["data.synth.clips_per_folder=8", "data.synth.seconds=3.0", "backbone.width=0.25", "head.width=64",
-          "trainer.epochs=6", "steps=fixed", "steps.n=60", "trainer.lr=1e-2", "trainer.monitor=val_loss",
-          "trainer.progress=false", "trainer.device=cpu"]
+LEARNS = [
+    "data.synth.clips_per_folder=8",
+    "data.synth.seconds=3.0",
+    "backbone.width=0.25",
+    "head.width=64",
+    "trainer.epochs=6",
+    "steps=fixed",
+    "steps.n=60",
+    "trainer.lr=1e-2",
+    "trainer.monitor=val_loss",
+    "trainer.progress=false",
+    "trainer.device=cpu",
+]
 
 
 def top_tags(stdout: str) -> dict[str, list[str]]:
@@ -54,9 +64,11 @@ def test_tag_prints_the_rendered_tag_first(tmp_path, cache_dir):
     # Clear one-line errors, exit code 1.
     bad = tmp_path / "broken.mp3"
     bad.write_bytes(b"not audio at all")
-    for args, message in [([clips["flute"], "--run", "0" * 32], "not found"),
-                          ([str(bad), "--run", run.info.run_id], "cannot decode"),
-                          ([str(tmp_path / "missing.mp3"), "--run", run.info.run_id], "missing.mp3")]:
+    for args, message in [
+        ([clips["flute"], "--run", "0" * 32], "not found"),
+        ([str(bad), "--run", run.info.run_id], "cannot decode"),
+        ([str(tmp_path / "missing.mp3"), "--run", run.info.run_id], "missing.mp3"),
+    ]:
         proc = run_module(["mtt.tag", *args], env=env, check=False)
         assert proc.returncode == 1
         last = proc.stderr.strip().splitlines()[-1]
@@ -74,17 +86,19 @@ def test_run_without_checkpoint_is_a_clear_error(tmp_path, capsys):
     clip.write_bytes(b"RIFF")  # the model is looked up before any file is decoded
     assert main([str(clip), "--run", tracker.run_id, "--tracking-uri", uri]) == 1
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and errors[0].startswith(f"error: run {tracker.run_id}: has no model/ and no best checkpoint")
+    assert len(errors) == 1 and errors[0].startswith(
+        f"error: run {tracker.run_id}: has no model/ and no best checkpoint"
+    )
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, cache_dir):
     """A tiny finished run: (tracking URI, run id, its test predictions, their audio files)."""
-    from tests.helpers import compose_cfg
     from mtt.data.datasets import index_from_config
     from mtt.records import load_predictions
     from mtt.tracking import MlflowTracker, download_artifacts
     from mtt.train import train
+    from tests.helpers import compose_cfg
 
     tmp = tmp_path_factory.mktemp("tag-run")
     uri = f"sqlite:///{tmp}/mlflow.db"
@@ -126,8 +140,10 @@ def test_tag_a_folder_to_csv_and_json(tiny_run, tmp_path, capsys):
 
     (lib / "broken.m4a").write_bytes(b"\0" * 4096)
     capsys.readouterr()
-    assert main([str(lib), "--model", f"runs:/{run_id}/model", "--tracking-uri", uri, "--format", "json",
-                 "--top-k", "2"]) == 1
+    assert (
+        main([str(lib), "--model", f"runs:/{run_id}/model", "--tracking-uri", uri, "--format", "json", "--top-k", "2"])
+        == 1
+    )
     captured = capsys.readouterr()
     doc = json.loads(captured.out)
     assert [f["file"] for f in doc["files"]] == [str(lib / "a.mp3"), str(lib / "b" / "deep" / "c.flac")]
@@ -183,8 +199,11 @@ def test_m4a_is_tagged_through_the_ffmpeg_fallback(tiny_run, tmp_path):
     assert shutil.which("ffmpeg"), "ffmpeg is not installed (.ci/run installs Debian's ffmpeg)"
     uri, run_id, pred, paths = tiny_run
     song = tmp_path / "song.m4a"
-    subprocess.run(["ffmpeg", "-v", "error", "-i", str(paths[0]), "-c:a", "aac", "-b:a", "128k", str(song)],
-                   check=True, stdin=subprocess.DEVNULL)
+    subprocess.run(
+        ["ffmpeg", "-v", "error", "-i", str(paths[0]), "-c:a", "aac", "-b:a", "128k", str(song)],
+        check=True,
+        stdin=subprocess.DEVNULL,
+    )
     original = load_audio(paths[0], 16000)
     decoded = decode_audio(song, 16000)
     # AAC is lossy and pads its frames: same length to within one 1024-sample frame, same loudness.

@@ -44,8 +44,9 @@ def test_one_epoch_run_is_recorded(tiny_cfg, tmp_path):
 
 
 def test_exception_marks_the_run_failed(tiny_cfg, tmp_path):
-    cfg = compose_cfg([*TINY, f"tracking.uri={tiny_cfg.tracking.uri}", "steps.policy=fixed", "steps.n=0"],
-                      cache=tiny_cfg.paths.cache)
+    cfg = compose_cfg(
+        [*TINY, f"tracking.uri={tiny_cfg.tracking.uri}", "steps.policy=fixed", "steps.n=0"], cache=tiny_cfg.paths.cache
+    )
     with pytest.raises(ValueError, match="steps.n"):
         with MlflowTracker(cfg.tracking.uri, "unit", "bad") as tracker:
             train(cfg, tracker)
@@ -56,8 +57,10 @@ def test_exception_marks_the_run_failed(tiny_cfg, tmp_path):
 @pytest.mark.slow
 def test_cli_autopool_two_epochs(tmp_path, cache_dir):
     uri = f"sqlite:///{tmp_path}/x.db"
-    run_module(["mtt.run", "+head=autopool", *TINY, "trainer.epochs=2", f"paths.cache={cache_dir}"],
-               env={"MLFLOW_TRACKING_URI": uri})
+    run_module(
+        ["mtt.run", "+head=autopool", *TINY, "trainer.epochs=2", f"paths.cache={cache_dir}"],
+        env={"MLFLOW_TRACKING_URI": uri},
+    )
     client = MlflowClient(uri)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert len(runs) == 1
@@ -72,15 +75,20 @@ def test_cli_autopool_two_epochs(tmp_path, cache_dir):
 @pytest.mark.slow
 def test_cli_multirun_three_heads(tmp_path, cache_dir):
     uri = f"sqlite:///{tmp_path}/x.db"
-    run_module(["mtt.run", "-m", "+head=gap2,gap3,autopool", *TINY,
-                f"paths.cache={cache_dir}", "tracking.experiment=sweep"], env={"MLFLOW_TRACKING_URI": uri})
+    run_module(
+        ["mtt.run", "-m", "+head=gap2,gap3,autopool", *TINY, f"paths.cache={cache_dir}", "tracking.experiment=sweep"],
+        env={"MLFLOW_TRACKING_URI": uri},
+    )
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("sweep")
     runs = sweep_children(client, "sweep")
     assert len(runs) == 3 and {r.info.status for r in runs} == {"FINISHED"}
     assert sorted(r.info.run_name.split(",")[0] for r in runs) == ["head=autopool", "head=gap2", "head=gap3"]
-    assert sorted((r.data.params["head.blocks"], r.data.params["pool.name"]) for r in runs) == \
-        [("2", "autopool"), ("2", "gap"), ("3", "gap")]
+    assert sorted((r.data.params["head.blocks"], r.data.params["pool.name"]) for r in runs) == [
+        ("2", "autopool"),
+        ("2", "gap"),
+        ("3", "gap"),
+    ]
     assert len({r.info.run_name for r in runs}) == 3
     # One `-m` call, one sweep id: the runs of this sweep can be filtered together.
     (sweep,) = {r.data.tags["sweep_id"] for r in runs}
@@ -89,8 +97,9 @@ def test_cli_multirun_three_heads(tmp_path, cache_dir):
 
 
 def test_finetuning_the_last_conv_trains_through_the_backbone(tiny_cfg):
-    cfg = compose_cfg([*TINY, f"tracking.uri={tiny_cfg.tracking.uri}", "backbone.finetune_last=1"],
-                      cache=tiny_cfg.paths.cache)
+    cfg = compose_cfg(
+        [*TINY, f"tracking.uri={tiny_cfg.tracking.uri}", "backbone.finetune_last=1"], cache=tiny_cfg.paths.cache
+    )
     with MlflowTracker(cfg.tracking.uri, "unit", "finetune") as tracker:
         train(cfg, tracker)
     run = MlflowClient(cfg.tracking.uri).get_run(tracker.run_id)
@@ -103,5 +112,5 @@ def test_artifacts_live_beside_the_sqlite_store_not_in_the_working_directory(tin
     with MlflowTracker(tiny_cfg.tracking.uri, "where", "a") as tracker:
         tracker.log_text("hello", "note.txt")
     assert not (tmp_path / "mlruns").exists()
-    db_dir = tiny_cfg.tracking.uri[len("sqlite:///"):].rsplit("/", 1)[0]
+    db_dir = tiny_cfg.tracking.uri[len("sqlite:///") :].rsplit("/", 1)[0]
     assert list((Path(db_dir) / "mlartifacts" / "where").rglob("note.txt"))

@@ -32,7 +32,6 @@ EXPAND = '[data-component-id$="runnamecellrenderer.tsx_46"]'
 HEADS = ["gap2", "gap3", "autopool"]
 
 
-
 @contextmanager
 def mlflow_ui(uri: str, workdir: Path, timeout: float = 180.0):
     """``mlflow ui`` (as `make ui` runs it) on a free 127.0.0.1 port; yields its base URL."""
@@ -40,9 +39,27 @@ def mlflow_ui(uri: str, workdir: Path, timeout: float = 180.0):
     log = open(workdir / "mlflow-ui.log", "wb")
     # Telemetry off: nothing but 127.0.0.1 traffic.
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                            cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "ui",
+            "--backend-store-uri",
+            uri,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        cwd=workdir,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout
@@ -54,8 +71,10 @@ def mlflow_ui(uri: str, workdir: Path, timeout: float = 180.0):
             except OSError:
                 pass
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"mlflow ui did not answer on {base} (exit code {proc.poll()}):\n"
-                                     f"{(workdir / 'mlflow-ui.log').read_text(errors='replace')[-3000:]}")
+                raise AssertionError(
+                    f"mlflow ui did not answer on {base} (exit code {proc.poll()}):\n"
+                    f"{(workdir / 'mlflow-ui.log').read_text(errors='replace')[-3000:]}"
+                )
             time.sleep(0.5)
         yield base
     finally:
@@ -92,8 +111,9 @@ def sorted_runs_table(uri: str, experiment: str, workdir: Path, n_runs: int) -> 
         # The sidebar is Model training's (Runs, Models, Model registry), not GenAI's (Sessions,
         # Judges, ...): the address's workflowType beats the fresh browser's GenAI default (MLflow
         # issue #24498, mtt/ui.py).
-        sidebar = page.wait_for("Array.from(document.querySelectorAll('aside')).map(a => a.innerText).join(' ')",
-                                30, "the sidebar")
+        sidebar = page.wait_for(
+            "Array.from(document.querySelectorAll('aside')).map(a => a.innerText).join(' ')", 30, "the sidebar"
+        )
         assert "Model registry" in sidebar and "Sessions" not in sidebar, sidebar
         # As a user: close the assistant panel (it hides half the table), then Sort -> METRIC,
         # which sorts descending and adds the metric as a column.
@@ -101,13 +121,16 @@ def sorted_runs_table(uri: str, experiment: str, workdir: Path, n_runs: int) -> 
             page.click('[data-component-id="mlflow.assistant.chat_panel.close"]')
         page.click('[data-testid="sort-select-dropdown"]')
         page.click(f'[data-testid="sort-select-{METRIC}"]')
-        page.wait_for(f"!!document.querySelector('[data-testid=\"sort-header-{METRIC}\"]')", 30,
-                      f"a {METRIC} column")
+        page.wait_for(f"!!document.querySelector('[data-testid=\"sort-header-{METRIC}\"]')", 30, f"a {METRIC} column")
         # The table re-renders after the sort: wait until the runs show it, sorted (a table that
         # never sorts times out here).
-        rows = page.wait_for(f"(r => (r = r.filter(x => x.metric && x.metric !== '-')).length === {n_runs} && "
-                             f"r.every((x, i) => i === 0 || parseFloat(r[i - 1].metric) >= parseFloat(x.metric))"
-                             f" ? r : null)({ROWS_JS})", 60, f"{n_runs} rows sorted by {METRIC}")
+        rows = page.wait_for(
+            f"(r => (r = r.filter(x => x.metric && x.metric !== '-')).length === {n_runs} && "
+            f"r.every((x, i) => i === 0 || parseFloat(r[i - 1].metric) >= parseFloat(x.metric))"
+            f" ? r : null)({ROWS_JS})",
+            60,
+            f"{n_runs} rows sorted by {METRIC}",
+        )
         png = page.screenshot()
     (workdir / f"mlflow-ui-{experiment}.png").write_bytes(png)
     if os.environ.get("MTT_UI_SCREENSHOT"):
@@ -138,9 +161,19 @@ def test_mlflow_ui_shows_the_sweep_sorted_by_a_metric(tmp_path, cache_dir):
     # cwd=tmp_path: the sqlite store's default artifact root is ./mlruns.
     # The run name comes from the head choice so that the table reads head-gap2, ... (the tiny
     # overrides would otherwise all be in it).
-    run_module(["mtt.run", "-m", f"+head={','.join(HEADS)}", *TINY, f"paths.cache={cache_dir}",
-                "tracking.experiment=ui-sweep", "tracking.run_name=head-${hydra:runtime.choices.head}"],
-               env={"MLFLOW_TRACKING_URI": uri}, cwd=tmp_path)
+    run_module(
+        [
+            "mtt.run",
+            "-m",
+            f"+head={','.join(HEADS)}",
+            *TINY,
+            f"paths.cache={cache_dir}",
+            "tracking.experiment=ui-sweep",
+            "tracking.run_name=head-${hydra:runtime.choices.head}",
+        ],
+        env={"MLFLOW_TRACKING_URI": uri},
+        cwd=tmp_path,
+    )
     runs = sweep_children(MlflowClient(uri), "ui-sweep")
     logged = {r.info.run_name: r.data.metrics[METRIC] for r in runs}
     assert sorted(logged) == sorted(f"head-{h}" for h in HEADS)

@@ -9,8 +9,10 @@ import pytest
 from mtt.config import REPO_ROOT, RULES, ConfigError, config_errors, validate
 from tests.helpers import TINY, compose_cfg, run_module
 
-PRESETS = sorted(p.relative_to(REPO_ROOT / "experiments").with_suffix("").as_posix()
-                 for p in (REPO_ROOT / "experiments").rglob("*.yaml"))
+PRESETS = sorted(
+    p.relative_to(REPO_ROOT / "experiments").with_suffix("").as_posix()
+    for p in (REPO_ROOT / "experiments").rglob("*.yaml")
+)
 
 # key -> (override, the value as the error shows it, words of what is allowed)
 BAD = {
@@ -68,8 +70,11 @@ BAD = {
     "trainer.monitor": ("trainer.monitor=val_auc", "val_auc", "one of val_roc_auc, val_pr_auc"),
     "trainer.patience": ("trainer.patience=0", "0", "an integer >= 1, or null"),
     "trainer.lr_schedule": ("trainer.lr_schedule=cosine", "cosine", "one of none, plateau"),
-    "trainer.phases": ("trainer.phases=[{epoch:0,lr:0.001}]", "[{'epoch': 0, 'lr': 0.001, 'optimizer': None, 'reload_best': False}]",
-                       "a list of {epoch: an integer >= 1, lr: a number > 0, optimizer: adam, sgd or null}"),
+    "trainer.phases": (
+        "trainer.phases=[{epoch:0,lr:0.001}]",
+        "[{'epoch': 0, 'lr': 0.001, 'optimizer': None, 'reload_best': False}]",
+        "a list of {epoch: an integer >= 1, lr: a number > 0, optimizer: adam, sgd or null}",
+    ),
     "trainer.lr_patience": ("trainer.lr_patience=-1", "-1", "an integer >= 0"),
     "trainer.lr_factor": ("trainer.lr_factor=1.0", "1.0", "a number in (0, 1)"),
     "probe.C": ("probe.C=[]", "[]", "a non-empty list of numbers > 0"),
@@ -95,37 +100,59 @@ def test_a_bad_value_is_named_with_what_is_allowed(key):
 
 def test_values_that_depend_on_each_other():
     assert config_errors(compose_cfg(["features.fmin=8000"])) == [
-        "features.fmin=8000.0, features.fmax=7500.0: expected fmin < fmax <= sample_rate / 2 = 8000"]
+        "features.fmin=8000.0, features.fmax=7500.0: expected fmin < fmax <= sample_rate / 2 = 8000"
+    ]
     assert config_errors(compose_cfg(["features.fmax=9000"]))  # above Nyquist for 16 kHz
     assert config_errors(compose_cfg(["steps=fixed", "steps.n=null"])) == [
-        "steps.n=null: expected an integer >= 1 with steps.policy=fixed"]
+        "steps.n=null: expected an integer >= 1 with steps.policy=fixed"
+    ]
     assert config_errors(compose_cfg(["trainer.lr_schedule=phases"])) == [
-        "trainer.phases=[] (epochs): expected a non-empty list in increasing epoch order with trainer.lr_schedule=phases"]
-    assert config_errors(compose_cfg(["trainer.lr_schedule=phases", "trainer.phases=[{epoch:9,lr:0.1},{epoch:3,lr:0.1}]"])) == [
-        "trainer.phases=[9,3] (epochs): expected a non-empty list in increasing epoch order with trainer.lr_schedule=phases"]
+        "trainer.phases=[] (epochs): expected a non-empty list in increasing epoch order with trainer.lr_schedule=phases"
+    ]
+    assert config_errors(
+        compose_cfg(["trainer.lr_schedule=phases", "trainer.phases=[{epoch:9,lr:0.1},{epoch:3,lr:0.1}]"])
+    ) == [
+        "trainer.phases=[9,3] (epochs): expected a non-empty list in increasing epoch order with trainer.lr_schedule=phases"
+    ]
     assert config_errors(compose_cfg(["trainer.nesterov=true", "trainer.momentum=0"])) == [
-        "trainer.nesterov=true, trainer.momentum=0.0: expected a momentum > 0 for Nesterov"]
+        "trainer.nesterov=true, trainer.momentum=0.0: expected a momentum > 0 for Nesterov"
+    ]
     # A backbone is checked against its registry entry: its name, its front end, its own limits.
     unknown = config_errors(compose_cfg(["backbone.name=resnet50"]))[0]  # (a test may have registered more)
     assert unknown.startswith("backbone.name=resnet50: not a registered backbone; registered: ")
-    assert {"shortchunk", "shortchunk_res", "vggish"} <= set(unknown.split("registered: ")[1].split(" (")[0].split(", "))
+    assert {"shortchunk", "shortchunk_res", "vggish"} <= set(
+        unknown.split("registered: ")[1].split(" (")[0].split(", ")
+    )
     assert config_errors(compose_cfg(["backbone.name=shortchunk_res", "backbone.freeze=false"])) == [
         "features.name=vggish: backbone.name=shortchunk_res consumes features.name=mel_db patches "
-        "(choose its YAML: backbone=shortchunk_res)"]
+        "(choose its YAML: backbone=shortchunk_res)"
+    ]
     assert config_errors(compose_cfg(["backbone=shortchunk_res", "backbone.weights=audioset"])) == [
         "backbone.weights=audioset: shortchunk_res has no published AudioSet weights (those at backbone.url "
-        "are VGGish's); use none or the path of a state dict"]
+        "are VGGish's); use none or the path of a state dict"
+    ]
     assert config_errors(compose_cfg(["backbone.module=no_such_module"]))[0].startswith(
-        "backbone.module=no_such_module: cannot be imported")
+        "backbone.module=no_such_module: cannot be imported"
+    )
     both = str(pytest.raises(ConfigError, validate, compose_cfg(["trainer.lr=0", "trainer.epochs=0"])).value)
     assert "trainer.lr=0.0" in both and "trainer.epochs=0" in both and "\n" not in both
 
 
-@pytest.mark.parametrize("overrides", [[], TINY, ["data=mtat", "data.root=/data/mtat"], ["+head=autopool"],
-                                       ["+head=autopool3", "pool.constraint=cap"], ["steps=fixed"],
-                                       ["trainer.device=cuda:1", "trainer.precision=bf16", "stream.rate=0.5"],
-                                       ["backbone=shortchunk_res"], ["backbone=shortchunk"]]
-                         + [[f"+experiment={name}"] for name in PRESETS])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        TINY,
+        ["data=mtat", "data.root=/data/mtat"],
+        ["+head=autopool"],
+        ["+head=autopool3", "pool.constraint=cap"],
+        ["steps=fixed"],
+        ["trainer.device=cuda:1", "trainer.precision=bf16", "stream.rate=0.5"],
+        ["backbone=shortchunk_res"],
+        ["backbone=shortchunk"],
+    ]
+    + [[f"+experiment={name}"] for name in PRESETS],
+)
 def test_defaults_options_and_presets_are_valid(overrides):
     assert config_errors(compose_cfg(overrides)) == []
 
@@ -139,8 +166,10 @@ def assert_refused(proc, message: str, store) -> None:
 def test_cli_refuses_a_bad_value_before_any_work(tmp_path):
     """The user's view: exit status 2, one line on stderr, no MLflow store (so no run), no data."""
     cache, store = tmp_path / "cache", tmp_path / "m.db"
-    proc = run_module(["mtt.run", *TINY, "trainer.batch_size=0", f"paths.cache={cache}",
-                       f"tracking.uri=sqlite:///{store}"], check=False)
+    proc = run_module(
+        ["mtt.run", *TINY, "trainer.batch_size=0", f"paths.cache={cache}", f"tracking.uri=sqlite:///{store}"],
+        check=False,
+    )
     assert_refused(proc, "trainer.batch_size=0: expected an integer >= 1", store)
     assert not cache.exists(), "data work started"
 
@@ -148,9 +177,9 @@ def test_cli_refuses_a_bad_value_before_any_work(tmp_path):
 def test_swept_values_are_checked_one_by_one_and_interpolations_left_to_the_job():
     from mtt.tracking import swept_value_errors
 
-    assert swept_value_errors(["trainer.lr=0.1,-1", "trainer.seed=0,1", "+head=gap2,autopool",
-                               "trainer.epochs=${oc.env:EPOCHS},0"]) == [
-        "trainer.lr=-1: expected a number > 0", "trainer.epochs=0: expected an integer >= 1"]
+    assert swept_value_errors(
+        ["trainer.lr=0.1,-1", "trainer.seed=0,1", "+head=gap2,autopool", "trainer.epochs=${oc.env:EPOCHS},0"]
+    ) == ["trainer.lr=-1: expected a number > 0", "trainer.epochs=0: expected an integer >= 1"]
 
 
 def test_a_swept_group_glob_is_left_to_hydra():
@@ -163,25 +192,52 @@ def test_a_swept_group_glob_is_left_to_hydra():
 
 def test_a_bad_swept_value_stops_the_sweep_before_its_first_job(tmp_path):
     cache, store = tmp_path / "cache", tmp_path / "m.db"
-    proc = run_module(["mtt.run", "-m", *TINY, "trainer.lr=0.1,-1", "stream.mode=with_replacement,exhaustive",
-                       f"paths.cache={cache}", f"tracking.uri=sqlite:///{store}"], check=False)
-    assert_refused(proc, "trainer.lr=-1: expected a number > 0; stream.mode=exhaustive: expected one of "
-                         "with_replacement, single_active (exhaustive would end the endless stream)", store)
+    proc = run_module(
+        [
+            "mtt.run",
+            "-m",
+            *TINY,
+            "trainer.lr=0.1,-1",
+            "stream.mode=with_replacement,exhaustive",
+            f"paths.cache={cache}",
+            f"tracking.uri=sqlite:///{store}",
+        ],
+        check=False,
+    )
+    assert_refused(
+        proc,
+        "trainer.lr=-1: expected a number > 0; stream.mode=exhaustive: expected one of "
+        "with_replacement, single_active (exhaustive would end the endless stream)",
+        store,
+    )
     assert not cache.exists(), "a job started"
 
 
 def test_probe_refuses_a_bad_value_too(tmp_path):
     cache, store = tmp_path / "cache", tmp_path / "m.db"
-    proc = run_module(["mtt.probe", *TINY, "probe.C=[]", "trainer.lr_factor=1.5", f"paths.cache={cache}",
-                       f"tracking.uri=sqlite:///{store}"], check=False)
-    assert_refused(proc, "trainer.lr_factor=1.5: expected a number in (0, 1); "
-                         "probe.C=[]: expected a non-empty list of numbers > 0", store)
+    proc = run_module(
+        [
+            "mtt.probe",
+            *TINY,
+            "probe.C=[]",
+            "trainer.lr_factor=1.5",
+            f"paths.cache={cache}",
+            f"tracking.uri=sqlite:///{store}",
+        ],
+        check=False,
+    )
+    assert_refused(
+        proc,
+        "trainer.lr_factor=1.5: expected a number in (0, 1); probe.C=[]: expected a non-empty list of numbers > 0",
+        store,
+    )
     assert not cache.exists()
 
 
 def test_preprocess_refuses_a_bad_value_too(tmp_path):
     cache, store = tmp_path / "cache", tmp_path / "m.db"
-    proc = run_module(["mtt.preprocess", "features.n_mels=0", f"paths.cache={cache}",
-                       f"tracking.uri=sqlite:///{store}"], check=False)
+    proc = run_module(
+        ["mtt.preprocess", "features.n_mels=0", f"paths.cache={cache}", f"tracking.uri=sqlite:///{store}"], check=False
+    )
     assert_refused(proc, "features.n_mels=0: expected an integer >= 1", store)
     assert not cache.exists()

@@ -62,8 +62,11 @@ def test_wrong_width_or_keys_fail_clearly(reference):
         load_torchvggish_state_dict(VGGish(width=0.5), reference.state_dict())
     bad = {k: v for k, v in reference.state_dict().items() if k != "features.0.bias"}
     bad["features.99.weight"] = torch.zeros(1)
-    with pytest.raises(ValueError, match=r"missing keys: \['features.0.bias'\].*unexpected keys: "
-                                         r"\['features.99.weight'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"missing keys: \['features.0.bias'\].*unexpected keys: "
+        r"\['features.99.weight'\]",
+    ):
         load_torchvggish_state_dict(VGGish(), bad)
 
 
@@ -83,7 +86,7 @@ def test_freeze_leaves_exactly_the_last_n_convs_trainable(n):
     model = VGGish(width=0.125)
     freeze(model, finetune_last=n)
     trainable = [c for c in model.conv_layers if c.weight.requires_grad]
-    assert trainable == model.conv_layers[6 - n:]
+    assert trainable == model.conv_layers[6 - n :]
     assert all(p.requires_grad == (c in trainable) for c in model.conv_layers for p in c.parameters())
     assert sum(p.requires_grad for p in model.parameters()) == 2 * n
     out = model(torch.randn(2, 96, 64))

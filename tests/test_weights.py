@@ -89,9 +89,24 @@ def test_four_processes_resolving_at_once_download_once(tmp_path, served_weights
     with FileServer({name: data}) as server:
         server.slow(name, seconds=2.0)  # the download spans the other processes' start
         env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-        procs = [subprocess.Popen([sys.executable, "-c", _RESOLVE, server.url + name, str(tmp_path / "hub"),
-                                   str(tmp_path / f"ready{i}"), str(go)], env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(4)]
+        procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    _RESOLVE,
+                    server.url + name,
+                    str(tmp_path / "hub"),
+                    str(tmp_path / f"ready{i}"),
+                    str(go),
+                ],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for i in range(4)
+        ]
         try:
             deadline = time.monotonic() + 120
             while not all((tmp_path / f"ready{i}").exists() for i in range(4)):
@@ -173,9 +188,18 @@ def test_cli_with_audioset_offline_fails_fast_before_data_work(tmp_path):
     from tests.helpers import run_module
 
     url = closed_port_url() + "vggish-10086976.pth"
-    proc = run_module(["mtt.run", "backbone.weights=audioset", f"backbone.url={url}",
-                       f"backbone.hub_dir={tmp_path / 'hub'}", f"paths.cache={tmp_path / 'cache'}",
-                       f"tracking.uri=sqlite:///{tmp_path}/m.db"], check=False, timeout=120)
+    proc = run_module(
+        [
+            "mtt.run",
+            "backbone.weights=audioset",
+            f"backbone.url={url}",
+            f"backbone.hub_dir={tmp_path / 'hub'}",
+            f"paths.cache={tmp_path / 'cache'}",
+            f"tracking.uri=sqlite:///{tmp_path}/m.db",
+        ],
+        check=False,
+        timeout=120,
+    )
     assert proc.returncode != 0
     for needle in (url, str(tmp_path / "hub" / "checkpoints" / "vggish-10086976.pth"), "backbone.weights="):
         assert needle in proc.stderr

@@ -29,6 +29,7 @@ _MODULES: dict[str, str] = {}
 
 def register(name: str) -> Callable[[Dataset], Dataset]:
     """Decorator: register ``fn(data_cfg, progress) -> ClipIndex`` as dataset ``name``."""
+
     def add(fn: Dataset) -> Dataset:
         if name in _DATASETS and _DATASETS[name] is not fn:
             raise ValueError(f"dataset {name!r} is already registered ({_DATASETS[name].__module__})")
@@ -55,8 +56,15 @@ def index_from_config(data_cfg, progress: bool = True) -> ClipIndex:
 
 def mtat_index(data_cfg) -> ClipIndex:
     """The index of an MTAT-format folder at ``data.root`` (``mtt.data.mtat``)."""
-    return build_index(data_cfg.root, data_cfg.annotations, data_cfg.tags, data_cfg.split,
-                       data_cfg.drop_untagged, data_cfg.clip_info, data_cfg.clip_seconds)
+    return build_index(
+        data_cfg.root,
+        data_cfg.annotations,
+        data_cfg.tags,
+        data_cfg.split,
+        data_cfg.drop_untagged,
+        data_cfg.clip_info,
+        data_cfg.clip_seconds,
+    )
 
 
 @register("mtat")

@@ -86,8 +86,13 @@ class _CorruptParts(Exception):
         self.parts = parts
 
 
-def download_mtat(root: Path, base_url: str = OFFICIAL_URL, progress: bool = True,
-                  checksums: Mapping[str, str] | str | None = None, keep_archives: bool = False) -> Path:
+def download_mtat(
+    root: Path,
+    base_url: str = OFFICIAL_URL,
+    progress: bool = True,
+    checksums: Mapping[str, str] | str | None = None,
+    keep_archives: bool = False,
+) -> Path:
     """Download, verify and extract MTAT into ``root``; return ``root`` (see the module docstring).
 
     Args:
@@ -119,7 +124,11 @@ def download_mtat(root: Path, base_url: str = OFFICIAL_URL, progress: bool = Tru
                     f"network access (finished files are kept, partial ones resume), set "
                     f"MTT_MTAT_URL to a reachable mirror, or copy {', '.join(FILES)} into {root} "
                     "yourself and run again to verify and extract them.",
-                    url=e.url, dest=e.dest, reason="offline", detail=e.detail) from None
+                    url=e.url,
+                    dest=e.dest,
+                    reason="offline",
+                    detail=e.detail,
+                ) from None
         _check_annotations(root / ANNOTATIONS, base_url + ANNOTATIONS)  # before the long part
         try:
             members = _extract(root, [root / p for p in PARTS], progress)
@@ -131,11 +140,16 @@ def download_mtat(root: Path, base_url: str = OFFICIAL_URL, progress: bool = Tru
                 raise DownloadError(
                     f"{', '.join(e.parts)} from {base_url} still corrupt after downloading again "
                     f"({e}); deleted, run again later or use another mirror (MTT_MTAT_URL)",
-                    url=base_url + e.parts[0], dest=root / e.parts[0], reason="mismatch",
-                    detail=str(e)) from None
+                    url=base_url + e.parts[0],
+                    dest=root / e.parts[0],
+                    reason="mismatch",
+                    detail=str(e),
+                ) from None
 
-    files = {name: {"size": (root / name).stat().st_size, "digest": sums[name][0], "digest_source": sums[name][1]}
-             for name in FILES}
+    files = {
+        name: {"size": (root / name).stat().st_size, "digest": sums[name][0], "digest_source": sums[name][1]}
+        for name in FILES
+    }
     record = {"base_url": base_url, "files": files, "clips": members}
     atomic_write_text(root / MARKER, json.dumps(record, indent=1))
     if not keep_archives:
@@ -144,8 +158,9 @@ def download_mtat(root: Path, base_url: str = OFFICIAL_URL, progress: bool = Tru
     return root
 
 
-def expected_digests(root: Path, base_url: str, checksums: Mapping[str, str] | str | None
-                     ) -> dict[str, tuple[str, str]]:
+def expected_digests(
+    root: Path, base_url: str, checksums: Mapping[str, str] | str | None
+) -> dict[str, tuple[str, str]]:
     """File name -> (hex digest it must have, where that digest comes from), for all five files:
     ``checksums`` for the files it names, the pinned published SHA-256 for the others."""
     chosen = {name: (digest, "the published one (PINNED_SHA256)") for name, digest in PINNED_SHA256.items()}
@@ -192,7 +207,12 @@ def _fetch_checked(url: str, dest: Path, expected: str, source: str, progress: b
         f"{dest.name} from {url} does not match its checksum after downloading it twice "
         f"({error.detail}; expected digest: {source}); deleted. If this copy differs from the "
         "published files on purpose, give its digests (MTT_MTAT_CHECKSUMS=FILE, or =served for "
-        "the mirror's own SHA256SUMS)", url=url, dest=dest, reason="mismatch", detail=error.detail)
+        "the mirror's own SHA256SUMS)",
+        url=url,
+        dest=dest,
+        reason="mismatch",
+        detail=error.detail,
+    )
 
 
 def _fetch(url: str, dest: Path, expected: str | None, progress: bool) -> None:
@@ -205,8 +225,7 @@ def _fetch(url: str, dest: Path, expected: str | None, progress: bool) -> None:
     if actual != expected.lower():
         dest.unlink()
         detail = f"md5 mismatch, expected {expected}, got {actual}"
-        raise DownloadError(f"{url}: {detail}; deleted {dest}", url=url, dest=dest,
-                            reason="mismatch", detail=detail)
+        raise DownloadError(f"{url}: {detail}; deleted {dest}", url=url, dest=dest, reason="mismatch", detail=detail)
 
 
 def _check_annotations(path: Path, url: str) -> None:
@@ -215,8 +234,7 @@ def _check_annotations(path: Path, url: str) -> None:
         read_annotations(path)
     except AnnotationError as e:
         path.unlink()
-        raise AnnotationError(f"{e} (downloaded from {url}; deleted, so that the next run fetches "
-                              "it again)") from None
+        raise AnnotationError(f"{e} (downloaded from {url}; deleted, so that the next run fetches it again)") from None
 
 
 def _checked_sums(sums: dict[str, str]) -> dict[str, str]:
@@ -250,8 +268,13 @@ def _served_sums(root: Path, base_url: str) -> tuple[dict[str, str], str]:
         found, source = parse_manifest(text), base_url + manifest
         atomic_write_text(state, json.dumps({"source": source, "checksums": found}, indent=1))
         return found, source
-    raise DownloadError(f"checksums=served, but {base_url} serves neither {' nor '.join(MANIFESTS)}",
-                        url=base_url + MANIFESTS[0], dest=root, reason="http", status=404)
+    raise DownloadError(
+        f"checksums=served, but {base_url} serves neither {' nor '.join(MANIFESTS)}",
+        url=base_url + MANIFESTS[0],
+        dest=root,
+        reason="http",
+        status=404,
+    )
 
 
 def _extract(root: Path, parts: list[Path], progress: bool) -> int:
@@ -270,8 +293,14 @@ def _extract(root: Path, parts: list[Path], progress: bool) -> int:
             targets = [_safe_target(root, info.filename) for info in infos]
             spans = _member_spans(infos, zf.start_dir)
             files = 0
-            with tqdm(total=sum(i.file_size for i in infos), unit="B", unit_scale=True,
-                      unit_divisor=1024, desc="extract", disable=not progress) as bar:
+            with tqdm(
+                total=sum(i.file_size for i in infos),
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc="extract",
+                disable=not progress,
+            ) as bar:
                 for info, target in zip(infos, targets):
                     if info.is_dir():
                         target.mkdir(parents=True, exist_ok=True)
@@ -282,8 +311,7 @@ def _extract(root: Path, parts: list[Path], progress: bool) -> int:
                             _extract_one(zf, info, target, bar)
                         except (zipfile.BadZipFile, zlib.error, EOFError) as e:
                             start, end = spans[info.filename]
-                            raise _CorruptParts(joined.parts_between(start, end),
-                                                f"{info.filename}: {e}") from None
+                            raise _CorruptParts(joined.parts_between(start, end), f"{info.filename}: {e}") from None
                     else:
                         bar.update(info.file_size)
     return files
@@ -336,8 +364,7 @@ class _JoinedFile(io.RawIOBase):
 
     def parts_between(self, start: int, end: int) -> list[str]:
         """Names of the pieces overlapping the byte range [start, end)."""
-        return [p.name for p, s, n in zip(self.paths, self.starts, self.sizes)
-                if s < end and start < s + n]
+        return [p.name for p, s, n in zip(self.paths, self.starts, self.sizes) if s < end and start < s + n]
 
     def readable(self) -> bool:
         return True
@@ -363,7 +390,7 @@ class _JoinedFile(io.RawIOBase):
             handle = self.handles[i]
             handle.seek(self.pos - self.starts[i])
             want = min(len(view) - done, self.starts[i] + self.sizes[i] - self.pos)
-            n = handle.readinto(view[done:done + want])
+            n = handle.readinto(view[done : done + want])
             if not n:  # the piece shrank under us; report what we have
                 break
             done += n
@@ -381,11 +408,14 @@ def main(cfg: DictConfig) -> None:
     """Hydra entry: compose the project config and download into ``data.root`` (``data=mtat``)."""
     mtt.config.exit_if_invalid(cfg)
     if cfg.data.name != "mtat":
-        raise SystemExit(f"data={cfg.data.name}: this command downloads MagnaTagATune; run it "
-                         "with data=mtat data.root=DIR")
+        raise SystemExit(
+            f"data={cfg.data.name}: this command downloads MagnaTagATune; run it with data=mtat data.root=DIR"
+        )
     if OmegaConf.is_missing(cfg.data, "root"):
-        raise SystemExit("data.root is not set: run with data=mtat data.root=DIR (the folder that "
-                         "will hold annotations_final.csv and the audio folders 0-f)")
+        raise SystemExit(
+            "data.root is not set: run with data=mtat data.root=DIR (the folder that "
+            "will hold annotations_final.csv and the audio folders 0-f)"
+        )
     base_url = os.environ.get("MTT_MTAT_URL", OFFICIAL_URL)
     try:
         checksums = checksums_from_env(os.environ.get("MTT_MTAT_CHECKSUMS"))

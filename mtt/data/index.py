@@ -43,8 +43,9 @@ class ClipIndex:
         return self.splits[split]
 
 
-def expected_durations(clip_ids: np.ndarray, clip_info: dict[int, dict[str, str]] | None,
-                       clip_seconds: float | None) -> np.ndarray:
+def expected_durations(
+    clip_ids: np.ndarray, clip_info: dict[int, dict[str, str]] | None, clip_seconds: float | None
+) -> np.ndarray:
     """How long each clip should be ``(n_clips,)``: ``segmentEnd - segmentStart`` where the clip
     info has a positive one, else ``clip_seconds`` (MTAT: 29.1 s), else NaN (nothing to check)."""
     fallback = math.nan if clip_seconds is None else float(clip_seconds)
@@ -104,9 +105,15 @@ def split_rows(paths: tuple[str, ...], rule: str) -> dict[str, np.ndarray]:
     raise ValueError(f"data.split={rule!r}: expected 'standard' or 'report'")
 
 
-def build_index(root: str | Path, annotations: str = ANNOTATIONS, tags: str = "all",
-                split: str = "standard", drop_untagged: bool = True,
-                clip_info: str | None = CLIP_INFO, clip_seconds: float | None = None) -> ClipIndex:
+def build_index(
+    root: str | Path,
+    annotations: str = ANNOTATIONS,
+    tags: str = "all",
+    split: str = "standard",
+    drop_untagged: bool = True,
+    clip_info: str | None = CLIP_INFO,
+    clip_seconds: float | None = None,
+) -> ClipIndex:
     """Parse ``root/annotations`` and return the clips, labels and splits (see ``ClipIndex``); the
     expected clip lengths come from ``root/clip_info`` when it exists, else ``clip_seconds``."""
     root = Path(root).expanduser()
@@ -122,5 +129,12 @@ def build_index(root: str | Path, annotations: str = ANNOTATIONS, tags: str = "a
     if drop_untagged:
         tagged = np.asarray(labels.any(axis=1))
         splits = {k: v[tagged[v]] for k, v in splits.items()}
-    return ClipIndex(root=root, tags=tag_names, clip_ids=clip_ids, paths=paths, labels=labels,
-                     splits=splits, expected_seconds=expected_durations(clip_ids, info, clip_seconds))
+    return ClipIndex(
+        root=root,
+        tags=tag_names,
+        clip_ids=clip_ids,
+        paths=paths,
+        labels=labels,
+        splits=splits,
+        expected_seconds=expected_durations(clip_ids, info, clip_seconds),
+    )

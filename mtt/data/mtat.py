@@ -29,8 +29,18 @@ SAMPLE_RATE = 16000  # MTAT's clips
 FOLDERS = tuple("0123456789abcdef")
 ANNOTATIONS = "annotations_final.csv"
 CLIP_INFO = "clip_info_final.csv"
-CLIP_INFO_COLUMNS = ("clip_id", "track_number", "title", "artist", "album", "url", "segmentStart",
-                     "segmentEnd", "original_url", "mp3_path")
+CLIP_INFO_COLUMNS = (
+    "clip_id",
+    "track_number",
+    "title",
+    "artist",
+    "album",
+    "url",
+    "segmentStart",
+    "segmentEnd",
+    "original_url",
+    "mp3_path",
+)
 
 
 class AnnotationError(ValueError):
@@ -168,12 +178,12 @@ def write_clip_info(path: str | Path, rows: Sequence[dict]) -> None:
         missing = [c for c in CLIP_INFO_COLUMNS if c not in row]
         unknown = [k for k in row if k not in CLIP_INFO_COLUMNS]
         if missing or unknown:
-            raise ValueError(f"{path}: row {i} (clip_id {row.get('clip_id')!r}) "
-                             f"{'lacks ' + str(missing) if missing else 'has unknown keys ' + str(unknown)}")
+            raise ValueError(
+                f"{path}: row {i} (clip_id {row.get('clip_id')!r}) "
+                f"{'lacks ' + str(missing) if missing else 'has unknown keys ' + str(unknown)}"
+            )
         lines.append(tuple(str(row[c]) for c in CLIP_INFO_COLUMNS))
     atomic_write_text(path, _tsv(lines))
-
-
 
 
 def write_mp3(path: str | Path, waveform: np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:
@@ -185,5 +195,7 @@ def write_mp3(path: str | Path, waveform: np.ndarray, sample_rate: int = SAMPLE_
         raise ValueError(f"{path}: expected a mono (n,) waveform, got shape {waveform.shape}")
     if waveform.size == 0 or not np.all(np.isfinite(waveform)) or np.max(np.abs(waveform)) > 1.0:
         raise ValueError(f"{path}: waveform must be non-empty, finite and within [-1, 1]")
-    atomic_replace(path, lambda tmp: sf.write(tmp, waveform.astype(np.float32), sample_rate, format="MP3",
-                                              subtype="MPEG_LAYER_III"))
+    atomic_replace(
+        path,
+        lambda tmp: sf.write(tmp, waveform.astype(np.float32), sample_rate, format="MP3", subtype="MPEG_LAYER_III"),
+    )

@@ -28,8 +28,7 @@ class Tagger(nn.Module):
     backbone spec's ``encode`` (by default the backbone's forward).
     """
 
-    def __init__(self, backbone: nn.Module, pool: nn.Module, head: nn.Module, output: str = "sigmoid",
-                 encode_fn=None):
+    def __init__(self, backbone: nn.Module, pool: nn.Module, head: nn.Module, output: str = "sigmoid", encode_fn=None):
         super().__init__()
         if output not in OUTPUTS:
             raise ValueError(f"head.output={output!r}: expected one of {sorted(OUTPUTS)}")
@@ -57,7 +56,8 @@ class Tagger(nn.Module):
         y = torch.as_tensor(labels, dtype=torch.float64)
         prior = (y.sum(dim=0) + 0.5) / (y.shape[0] + 1)
         bias = torch.log(prior / (1 - prior)) if self.output == "sigmoid" else torch.log(prior / prior.sum())
-        self.head.output_layer.bias.copy_(bias.to(self.head.output_layer.bias.dtype))
+        layer: torch.nn.Linear = self.head.output_layer  # type: ignore[assignment]  # every registered head has one
+        layer.bias.copy_(bias.to(layer.bias.dtype))
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return OUTPUTS[self.output](logits.float())

@@ -17,8 +17,14 @@ class Head(nn.Module):
     """
 
     # The defaults are the config's (mtt.config.HeadConfig), so the two cannot drift apart.
-    def __init__(self, in_features: int, n_tags: int, blocks: int = HeadConfig.blocks,
-                 width: int = HeadConfig.width, dropout: float = HeadConfig.dropout):
+    def __init__(
+        self,
+        in_features: int,
+        n_tags: int,
+        blocks: int = HeadConfig.blocks,
+        width: int = HeadConfig.width,
+        dropout: float = HeadConfig.dropout,
+    ):
         super().__init__()
         if blocks < 1:
             raise ValueError(f"head.blocks={blocks}: need at least 1 block")

@@ -37,8 +37,14 @@ class AutoPool(nn.Module):
     ``alpha_l2 * sum(alpha**2)`` to the loss through ``regularization()`` (the paper's RAP).
     """
 
-    def __init__(self, channels: int, alpha_init: float = 0.0, constraint: str = "none",
-                 alpha_max: float = 10.0, alpha_l2: float = 0.0):
+    def __init__(
+        self,
+        channels: int,
+        alpha_init: float = 0.0,
+        constraint: str = "none",
+        alpha_max: float = 10.0,
+        alpha_l2: float = 0.0,
+    ):
         super().__init__()
         if constraint not in ("none", "cap"):
             raise ValueError(f"pool.constraint={constraint!r}: expected 'none' or 'cap'")
@@ -61,7 +67,7 @@ class AutoPool(nn.Module):
         return (x * weights).sum(dim=2)
 
     def regularization(self) -> torch.Tensor:
-        return self.alpha_l2 * (self.alpha ** 2).sum()
+        return self.alpha_l2 * (self.alpha**2).sum()
 
 
 def project_constraints(model: nn.Module) -> None:
@@ -76,8 +82,7 @@ def project_constraints(model: nn.Module) -> None:
 POOLS = {
     "gap": lambda cfg, channels: GlobalAveragePool(),
     "max": lambda cfg, channels: GlobalMaxPool(),
-    "autopool": lambda cfg, channels: AutoPool(channels, cfg.alpha_init, cfg.constraint, cfg.alpha_max,
-                                               cfg.alpha_l2),
+    "autopool": lambda cfg, channels: AutoPool(channels, cfg.alpha_init, cfg.constraint, cfg.alpha_max, cfg.alpha_l2),
 }
 
 
@@ -97,9 +102,17 @@ def alpha_summary(pool: nn.Module) -> dict | None:
     if not isinstance(pool, AutoPool):
         return None
     alpha = pool.alpha.detach().double().cpu()
-    return {"alpha": alpha.tolist(), "constraint": pool.constraint, "cap": pool.alpha_max,
-            "metrics": {"alpha_mean": alpha.mean().item(), "alpha_std": alpha.std(unbiased=False).item(),
-                        "alpha_min": alpha.min().item(), "alpha_max": alpha.max().item()}}
+    return {
+        "alpha": alpha.tolist(),
+        "constraint": pool.constraint,
+        "cap": pool.alpha_max,
+        "metrics": {
+            "alpha_mean": alpha.mean().item(),
+            "alpha_std": alpha.std(unbiased=False).item(),
+            "alpha_min": alpha.min().item(),
+            "alpha_max": alpha.max().item(),
+        },
+    }
 
 
 def log_alphas(pool: nn.Module, tracker, step: int) -> None:

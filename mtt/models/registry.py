@@ -26,8 +26,8 @@ What a backbone declares:
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
 
 import torch
 from torch import nn
@@ -60,14 +60,19 @@ def strict_load(module: nn.Module, state_dict: Mapping[str, torch.Tensor], misma
     expected = module.state_dict()
     missing = sorted(expected.keys() - state_dict.keys())
     unexpected = sorted(state_dict.keys() - expected.keys())
-    mismatched = [f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
-                  for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
+    mismatched = [
+        f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state_dict and state_dict[k].shape != v.shape
+    ]
     if missing or unexpected or mismatched:
-        raise ValueError(f"state dict does not fit this {type(module).__name__}"
-                         + (f"; missing keys: {missing}" if missing else "")
-                         + (f"; unexpected keys: {unexpected}" if unexpected else "")
-                         + (f"; shape mismatches: {mismatched}" if mismatched else "")
-                         + (f" {mismatch_hint}" if mismatched and mismatch_hint else ""))
+        raise ValueError(
+            f"state dict does not fit this {type(module).__name__}"
+            + (f"; missing keys: {missing}" if missing else "")
+            + (f"; unexpected keys: {unexpected}" if unexpected else "")
+            + (f"; shape mismatches: {mismatched}" if mismatched else "")
+            + (f" {mismatch_hint}" if mismatched and mismatch_hint else "")
+        )
     module.load_state_dict(state_dict)
 
 
@@ -108,13 +113,17 @@ def get_backbone(name: str, module: str | None = None) -> BackboneSpec:
         try:
             importlib.import_module(module)
         except ImportError as e:
-            raise LookupError(f"backbone.module={module}: cannot be imported ({e}); it must be on "
-                              "PYTHONPATH and register the backbone") from e
+            raise LookupError(
+                f"backbone.module={module}: cannot be imported ({e}); it must be on "
+                "PYTHONPATH and register the backbone"
+            ) from e
     names = backbone_names()
     if name not in _BACKBONES:
         where = f" after importing backbone.module={module}" if module else ""
-        raise LookupError(f"backbone.name={name}: not a registered backbone{where}; registered: "
-                          f"{', '.join(names)} (a backbone of your own: set backbone.module, CONTRIBUTING.md)")
+        raise LookupError(
+            f"backbone.name={name}: not a registered backbone{where}; registered: "
+            f"{', '.join(names)} (a backbone of your own: set backbone.module, CONTRIBUTING.md)"
+        )
     return _BACKBONES[name]
 
 
@@ -127,10 +136,21 @@ def backbone_errors(cfg) -> list[str]:
         return [str(e)]
     errors = []
     if cfg.features.name != spec.front_end:
-        errors.append(f"features.name={cfg.features.name}: backbone.name={spec.name} consumes "
-                      f"features.name={spec.front_end} patches (choose its YAML: backbone={spec.name})")
+        errors.append(
+            f"features.name={cfg.features.name}: backbone.name={spec.name} consumes "
+            f"features.name={spec.front_end} patches (choose its YAML: backbone={spec.name})"
+        )
     return errors + list(spec.config_errors(cfg))
 
 
-__all__ = ["BUILTIN_MODULES", "BackboneSpec", "backbone_errors", "backbone_names", "freeze_all", "get_backbone",
-           "measured_output_shape", "register_backbone", "strict_load"]
+__all__ = [
+    "BUILTIN_MODULES",
+    "BackboneSpec",
+    "backbone_errors",
+    "backbone_names",
+    "freeze_all",
+    "get_backbone",
+    "measured_output_shape",
+    "register_backbone",
+    "strict_load",
+]

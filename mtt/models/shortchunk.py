@@ -18,7 +18,7 @@ and the convolutions run in their (mel, time) orientation, so the backbone part 
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -118,16 +118,25 @@ def _errors(name: str):
     def errors(cfg) -> list[str]:
         out = []
         if cfg.backbone.weights == "audioset":
-            out.append(f"backbone.weights=audioset: {name} has no published AudioSet weights (those at "
-                       "backbone.url are VGGish's); use none or the path of a state dict")
+            out.append(
+                f"backbone.weights=audioset: {name} has no published AudioSet weights (those at "
+                "backbone.url are VGGish's); use none or the path of a state dict"
+            )
         if cfg.backbone.embeddings:
             out.append(f"backbone.embeddings=true: {name} has no embedding layers (VGGish's)")
         return out
+
     return errors
 
 
 for _name, _residual in (("shortchunk_res", True), ("shortchunk", False)):
-    register_backbone(BackboneSpec(
-        name=_name, front_end="mel_db",
-        build=lambda b, item_shape, residual=_residual: ShortChunkCNN(residual=residual, width=b.width),
-        output_shape=output_shape, load_weights=load_weights, config_errors=_errors(_name)))
+    register_backbone(
+        BackboneSpec(
+            name=_name,
+            front_end="mel_db",
+            build=lambda b, item_shape, residual=_residual: ShortChunkCNN(residual=residual, width=b.width),
+            output_shape=output_shape,
+            load_weights=load_weights,
+            config_errors=_errors(_name),
+        )
+    )

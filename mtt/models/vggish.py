@@ -53,8 +53,10 @@ class VGGish(nn.Module):
         self.embeddings = None
         if embeddings:
             head: list[nn.Module] = [
-                nn.Linear(channels * _TIME * _FREQ, 4096), nn.ReLU(inplace=True),
-                nn.Linear(4096, 4096), nn.ReLU(inplace=True),
+                nn.Linear(channels * _TIME * _FREQ, 4096),
+                nn.ReLU(inplace=True),
+                nn.Linear(4096, 4096),
+                nn.ReLU(inplace=True),
                 nn.Linear(4096, 128),
             ]
             if embedding_relu:
@@ -104,7 +106,7 @@ def freeze(model: VGGish, finetune_last: int = 0) -> None:
     if not 0 <= finetune_last <= len(convs):
         raise ValueError(f"finetune_last must be in [0, {len(convs)}], got {finetune_last}")
     model.requires_grad_(False)
-    for conv in convs[len(convs) - finetune_last:]:
+    for conv in convs[len(convs) - finetune_last :]:
         conv.requires_grad_(True)
 
 
@@ -120,7 +122,14 @@ def _encode(model: VGGish, x: torch.Tensor) -> torch.Tensor:
     return model.embed(x)[:, :, None, None] if model.embeddings is not None else model(x)
 
 
-register_backbone(BackboneSpec(
-    name="vggish", front_end="vggish",
-    build=lambda b, item_shape: VGGish(width=b.width, embeddings=b.embeddings, embedding_relu=b.embedding_relu),
-    output_shape=_output_shape, load_weights=load_torchvggish_state_dict, freeze=freeze, encode=_encode))
+register_backbone(
+    BackboneSpec(
+        name="vggish",
+        front_end="vggish",
+        build=lambda b, item_shape: VGGish(width=b.width, embeddings=b.embeddings, embedding_relu=b.embedding_relu),
+        output_shape=_output_shape,
+        load_weights=load_torchvggish_state_dict,
+        freeze=freeze,
+        encode=_encode,
+    )
+)

@@ -68,12 +68,16 @@ def resolve_weights(spec: str, url: str, hub_dir: str | None = None, progress: b
         except DownloadError as e:
             name = _file_name(url)
             if e.reason == "mismatch":
-                hint = (f"{url}: {e.detail}. The file at backbone.url is not the one its name "
-                        f"promises; nothing was kept in {cache.parent}.")
+                hint = (
+                    f"{url}: {e.detail}. The file at backbone.url is not the one its name "
+                    f"promises; nothing was kept in {cache.parent}."
+                )
             else:
-                hint = (f"VGGish AudioSet weights are not cached at {cache} and could not be "
-                        f"downloaded from {url} ({e.detail}). Copy {name} there from a machine with "
-                        f"network access, or pass it explicitly: backbone.weights=/path/to/{name}")
+                hint = (
+                    f"VGGish AudioSet weights are not cached at {cache} and could not be "
+                    f"downloaded from {url} ({e.detail}). Copy {name} there from a machine with "
+                    f"network access, or pass it explicitly: backbone.weights=/path/to/{name}"
+                )
             raise DownloadError(hint, url=url, dest=cache, reason=e.reason, status=e.status) from e
         return WeightsInfo(source="audioset", path=cache, sha256=file_digest(cache), url=url)
     path = Path(spec).expanduser().resolve()
@@ -105,8 +109,7 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
-        raise ValueError(f"{path}: expected a state dict (parameter name -> tensor), got "
-                         f"{type(state).__name__}")
+        raise ValueError(f"{path}: expected a state dict (parameter name -> tensor), got {type(state).__name__}")
     return dict(state)
 
 

@@ -36,8 +36,9 @@ SWEEP = {"prelim": 12, "revised": 12, "three_blocks": 5, "autopool": 12}  # epoc
 
 def sparse_store(path: Path, item_shape: tuple[int, ...]):
     path.mkdir(parents=True)
-    np.lib.format.open_memmap(path / "patches.npy", mode="w+", dtype=np.float16,
-                              shape=(CLIPS * PATCHES, *item_shape)).flush()
+    np.lib.format.open_memmap(
+        path / "patches.npy", mode="w+", dtype=np.float16, shape=(CLIPS * PATCHES, *item_shape)
+    ).flush()
     ids = np.arange(CLIPS, dtype=np.int64)
     table = np.stack([ids, ids * PATCHES, np.full(CLIPS, PATCHES)], axis=1)
     return finalize(path, table, {"bench": list(item_shape)}, item_shape)
@@ -88,8 +89,10 @@ def main() -> None:
         cfg = compose(config_name="config")
     torch.manual_seed(0)
     model = build_model(cfg, 50).to(memory_format=torch.channels_last)
-    print(f"torch threads: {torch.get_num_threads()}; {CLIPS:,} clips x {PATCHES} patches; "
-          f"{STEPS} steps/epoch of batch {BATCH} ({TRAIN:,} train clips)")
+    print(
+        f"torch threads: {torch.get_num_threads()}; {CLIPS:,} clips x {PATCHES} patches; "
+        f"{STEPS} steps/epoch of batch {BATCH} ({TRAIN:,} train clips)"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         features = sparse_store(Path(tmp) / "features", (96, 64))
         cache = sparse_store(Path(tmp) / "cache", (512, 6, 4))
@@ -98,8 +101,9 @@ def main() -> None:
     fps = forward_throughput(model)
     cached_epoch, live_epoch = cached_step * STEPS, live_step * STEPS
     print(f"cached epoch   : {cached_epoch:8.1f} s  (all {STEPS} steps timed, {cached_step * 1e3:.1f} ms/step)")
-    print(f"uncached epoch : {live_epoch:8.1f} s  (EXTRAPOLATED from {K_LIVE} timed steps, "
-          f"{live_step * 1e3:.0f} ms/step)")
+    print(
+        f"uncached epoch : {live_epoch:8.1f} s  (EXTRAPOLATED from {K_LIVE} timed steps, {live_step * 1e3:.0f} ms/step)"
+    )
     speedup = live_epoch / cached_epoch
     print(f"speedup        : {speedup:8.1f}x  (target >= 50x: {'OK' if speedup >= 50 else 'MISSED'})")
 
@@ -111,11 +115,12 @@ def main() -> None:
     eval_live = eval_patches / fps
     live_total = epochs * (live_epoch + eval_live) + len(SWEEP) * eval_live
     cached_total = epochs * cached_epoch + build  # cached evaluation is head-only: negligible here
-    print(f"backbone forward: {fps:.0f} patches/s -> one-off cache build of {CLIPS * PATCHES:,} patches "
-          f"{hours(build)}")
+    print(f"backbone forward: {fps:.0f} patches/s -> one-off cache build of {CLIPS * PATCHES:,} patches {hours(build)}")
     print(f"sweep {SWEEP} ({epochs} epochs, same steps per epoch):")
-    print(f"  without cache: {hours(live_total)} (train {hours(epochs * live_epoch)} + evaluation "
-          f"{hours((epochs + len(SWEEP)) * eval_live)})")
+    print(
+        f"  without cache: {hours(live_total)} (train {hours(epochs * live_epoch)} + evaluation "
+        f"{hours((epochs + len(SWEEP)) * eval_live)})"
+    )
     print(f"  with cache   : {hours(cached_total)} (build {hours(build)} + train {hours(epochs * cached_epoch)})")
 
 

@@ -19,9 +19,9 @@ sys.path.insert(0, str(REPO / "tests"))
 
 import torch  # noqa: E402
 
-from tests.helpers import compose_cfg  # noqa: E402
 from mtt.models import build_model  # noqa: E402
 from mtt.train import autocast_dtype  # noqa: E402
+from tests.helpers import compose_cfg  # noqa: E402
 
 MODELS = {"vggish (trained, no cache)": ["backbone.freeze=false"], "shortchunk_res": ["backbone=shortchunk_res"]}
 
@@ -60,8 +60,10 @@ def main() -> None:
     device = torch.device("cuda" if cuda else "cpu")
     batch, steps = (32, 50) if cuda else (8, 3)
     where = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
-    print(f"training step throughput on {where}, batch {batch}, {steps} steps "
-          f"({'bf16 autocast, channels-last' if cuda else 'fp32'}):")
+    print(
+        f"training step throughput on {where}, batch {batch}, {steps} steps "
+        f"({'bf16 autocast, channels-last' if cuda else 'fp32'}):"
+    )
     for name, overrides in MODELS.items():
         print(f"  {name:28s} {samples_per_second(overrides, device, batch, steps):9.1f} samples/s", flush=True)
 

@@ -28,10 +28,25 @@ def samples_per_second(nproc: int, cache: Path, workdir: Path, device: str = "cp
 
     uri = f"sqlite:///{tempfile.mkdtemp(dir=workdir)}/ddp{nproc}-{device}.db"  # one store per measurement
     torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), f"--nproc_per_node={nproc}", f"--master_port={free_port()}", "-m", "mtt.run",
-           "data.synth.clips_per_folder=4", "data.synth.seconds=3.0", "backbone.width=0.25", "backbone.cache=false",
-           "steps=fixed", f"steps.n={STEPS}", f"trainer.batch_size={BATCH}", f"trainer.epochs={EPOCHS}",
-           "trainer.progress=false", f"trainer.device={device}", f"paths.cache={cache}", f"tracking.uri={uri}"]
+    cmd = [
+        str(torchrun),
+        f"--nproc_per_node={nproc}",
+        f"--master_port={free_port()}",
+        "-m",
+        "mtt.run",
+        "data.synth.clips_per_folder=4",
+        "data.synth.seconds=3.0",
+        "backbone.width=0.25",
+        "backbone.cache=false",
+        "steps=fixed",
+        f"steps.n={STEPS}",
+        f"trainer.batch_size={BATCH}",
+        f"trainer.epochs={EPOCHS}",
+        "trainer.progress=false",
+        f"trainer.device={device}",
+        f"paths.cache={cache}",
+        f"tracking.uri={uri}",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     subprocess.run(cmd, cwd=workdir, env=env, check=True, capture_output=True)
     client = MlflowClient(uri)

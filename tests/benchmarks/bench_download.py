@@ -36,8 +36,10 @@ def offline_failure(tries: int = 5) -> None:
                 download(closed_port_url() + "blob.bin", Path(tmp) / "blob.bin", progress=False)
             except DownloadError:
                 times.append(time.perf_counter() - start)
-    print(f"refused connection -> DownloadError in {1000 * min(times):.1f} ms (best of {tries}), "
-          f"{1000 * max(times):.1f} ms worst")
+    print(
+        f"refused connection -> DownloadError in {1000 * min(times):.1f} ms (best of {tries}), "
+        f"{1000 * max(times):.1f} ms worst"
+    )
 
 
 def main(total_mb: int = 300) -> None:
@@ -53,7 +55,7 @@ def main(total_mb: int = 300) -> None:
         cut = [0, len(data) // 3, 2 * len(data) // 3, len(data)]
         parts = []
         for i, name in enumerate(PARTS):
-            (tmp / name).write_bytes(data[cut[i]:cut[i + 1]])
+            (tmp / name).write_bytes(data[cut[i] : cut[i + 1]])
             parts.append(tmp / name)
         del data
 

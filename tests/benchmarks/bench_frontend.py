@@ -56,6 +56,7 @@ def seconds_per_clip(fn, n_clips: int) -> float:
 
 def one_thread(fn):
     """``fn`` run with a single torch thread."""
+
     def run():
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
@@ -63,6 +64,7 @@ def one_thread(fn):
             return fn()
         finally:
             torch.set_num_threads(threads)
+
     return run
 
 
@@ -77,21 +79,24 @@ def main() -> None:
     threads = torch.get_num_threads()
     contenders = {
         "reference waveform_to_examples": lambda: [
-            vggish_input.waveform_to_examples(c, SR, return_tensor=False) for c in clips],
+            vggish_input.waveform_to_examples(c, SR, return_tensor=False) for c in clips
+        ],
     }
     for label, wrap in ((f"{threads} threads", lambda fn: fn), ("1 thread", one_thread)):
-        contenders.update({
-            f"ours log_mel_patches, single clips, {label}":
-                wrap(lambda: [log_mel_patches(c, SR) for c in clips]),
-            f"ours LogMelFrontEnd, single clips, {label}": wrap(lambda: [front(x[None]) for x in batch]),
-            f"ours LogMelFrontEnd, batches of {BATCH}, {label}": wrap(lambda: front(batch)),
-        })
+        contenders.update(
+            {
+                f"ours log_mel_patches, single clips, {label}": wrap(lambda: [log_mel_patches(c, SR) for c in clips]),
+                f"ours LogMelFrontEnd, single clips, {label}": wrap(lambda: [front(x[None]) for x in batch]),
+                f"ours LogMelFrontEnd, batches of {BATCH}, {label}": wrap(lambda: front(batch)),
+            }
+        )
     if torch.cuda.is_available():
         gpu_front, gpu_batch = LogMelFrontEnd().cuda(), batch.cuda()
 
         def on_gpu():
             gpu_front(gpu_batch)
             torch.cuda.synchronize()
+
         contenders[f"ours LogMelFrontEnd on {torch.cuda.get_device_name()}, batches of {BATCH}"] = on_gpu
     for fn in contenders.values():  # warm-up
         fn()
@@ -101,18 +106,24 @@ def main() -> None:
         for name, fn in contenders.items():
             times[name].append(seconds_per_clip(fn, len(clips)))
 
-    print(f"{len(clips)} clips of {clips.shape[1] / SR:.1f} s at {SR} Hz, {ROUNDS} rounds, "
-          f"{os.cpu_count()} CPUs, load average before/after: {load_before} / {load()}")
+    print(
+        f"{len(clips)} clips of {clips.shape[1] / SR:.1f} s at {SR} Hz, {ROUNDS} rounds, "
+        f"{os.cpu_count()} CPUs, load average before/after: {load_before} / {load()}"
+    )
     ref = statistics.median(times["reference waveform_to_examples"])
     print(f"  {'':<55} {'median':>13} {'':>14}  {'':>16}  best of {ROUNDS}")
     for name, ts in times.items():
         t = statistics.median(ts)
-        print(f"  {name:<55} {t * 1e3:7.2f} ms/clip {1 / t:8.1f} clips/s  "
-              f"{ref / t:5.2f}x the reference  {min(ts) * 1e3:7.2f} ms/clip")
+        print(
+            f"  {name:<55} {t * 1e3:7.2f} ms/clip {1 / t:8.1f} clips/s  "
+            f"{ref / t:5.2f}x the reference  {min(ts) * 1e3:7.2f} ms/clip"
+        )
     for label in (f"{threads} threads", "1 thread"):
         slowest = max(statistics.median(ts) for n, ts in times.items() if n.endswith(label))
-        print(f"  ours on CPU with {label}: {'not slower' if slowest <= ref else 'SLOWER'} "
-              "than the reference in every mode")
+        print(
+            f"  ours on CPU with {label}: {'not slower' if slowest <= ref else 'SLOWER'} "
+            "than the reference in every mode"
+        )
 
     ours = log_mel_patches(clips[0], SR).numpy()
     diff = np.abs(ours - vggish_input.waveform_to_examples(clips[0], SR, return_tensor=False))
@@ -121,9 +132,11 @@ def main() -> None:
         x = noise_and_tones(sr, seed=0)
         ref_patches = vggish_input.waveform_to_examples(x, sr, return_tensor=False)
         diff = np.abs(log_mel_patches(x, sr).numpy() - ref_patches)
-        print(f"log-mel abs diff vs reference at {sr} Hz (resampy vs torchaudio kaiser_best): "
-              f"max {diff.max():.4f}, mean {diff.mean():.5f}, p99 {np.percentile(diff, 99):.4f}, "
-              f"max over bands 0-61 {diff[..., :62].max():.5f}")
+        print(
+            f"log-mel abs diff vs reference at {sr} Hz (resampy vs torchaudio kaiser_best): "
+            f"max {diff.max():.4f}, mean {diff.mean():.5f}, p99 {np.percentile(diff, 99):.4f}, "
+            f"max over bands 0-61 {diff[..., :62].max():.5f}"
+        )
 
 
 if __name__ == "__main__":

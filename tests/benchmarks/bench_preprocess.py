@@ -40,8 +40,16 @@ from mtt.data.mtat import FOLDERS  # noqa: E402
 from mtt.preprocess import build_feature_store  # noqa: E402
 
 SECONDS, SR, MTAT_CLIPS = 29.1, 16000, 25_863
-RECIPES = [{"guitar", "slow"}, {"piano"}, {"drums", "fast"}, {"violin", "female"}, {"techno"},
-           {"flute", "quiet"}, {"harpsichord"}, {"sitar", "male"}]
+RECIPES = [
+    {"guitar", "slow"},
+    {"piano"},
+    {"drums", "fast"},
+    {"violin", "female"},
+    {"techno"},
+    {"flute", "quiet"},
+    {"harpsichord"},
+    {"sitar", "male"},
+]
 
 
 # The synthesiser (scipy) is imported where it is used: spawned workers re-import this script,
@@ -99,8 +107,11 @@ def _report_way(job: tuple[str, str]) -> int:
 
 def cpu_seconds() -> float:
     """CPU time (user + system) of this process and every child it has waited for."""
-    return sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
-               for f in ("ru_utime", "ru_stime"))
+    return sum(
+        getattr(resource.getrusage(who), f)
+        for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+        for f in ("ru_utime", "ru_stime")
+    )
 
 
 def stop_forkserver() -> None:
@@ -130,8 +141,10 @@ def main() -> None:
         start = time.perf_counter()
         files = make_tree(tmp / "small", n)
         link_tree(tmp / "small", tmp / "big", files, copies=4)
-        print(f"generated {n} distinct {SECONDS} s {SR} Hz mono mp3 clips ({time.perf_counter() - start:.0f} s); "
-              f"{cores} cores, load average {os.getloadavg()[0]:.1f} before timing")
+        print(
+            f"generated {n} distinct {SECONDS} s {SR} Hz mono mp3 clips ({time.perf_counter() - start:.0f} s); "
+            f"{cores} cores, load average {os.getloadavg()[0]:.1f} before timing"
+        )
 
         def ours(tree: str) -> None:
             cfg = FeaturesConfig(store=str(tmp / f"store-{tree}"))
@@ -155,22 +168,30 @@ def main() -> None:
     fixed = max(ours_wall - per_clip * n, 0.0)
     cpu_per_clip = max(big_cpu - ours_cpu, 1e-9) / (3 * n)
     print(f"{'':28s}{'clips':>7s}{'wall s':>9s}{'clips/s':>9s}{'CPU s/clip':>12s}")
-    for name, clips, wall, cpu in (("ours (mtt.preprocess)", n, ours_wall, ours_cpu),
-                                   ("ours, 4x the clips", 4 * n, big_wall, big_cpu),
-                                   ("report's way (librosa+resampy)", 4 * n, ref_wall, ref_cpu)):
+    for name, clips, wall, cpu in (
+        ("ours (mtt.preprocess)", n, ours_wall, ours_cpu),
+        ("ours, 4x the clips", 4 * n, big_wall, big_cpu),
+        ("report's way (librosa+resampy)", 4 * n, ref_wall, ref_cpu),
+    ):
         print(f"{name:28s}{clips:7d}{wall:9.2f}{clips / wall:9.1f}{cpu / clips:12.4f}")
-    print(f"speed-up on the same {4 * n} clips, end to end: wall {ref_wall / big_wall:.1f}x, "
-          f"CPU time {ref_cpu / big_cpu:.1f}x; per clip after start-up: CPU {ref_cpu / (4 * n) / cpu_per_clip:.0f}x "
-          f"(target >= 10x)")
-    print(f"ours: fixed cost {fixed:.1f} s (worker start-up, store packing), then {1 / per_clip:.1f} clips/s "
-          f"wall, {cpu_per_clip * 1000:.1f} ms CPU per clip = {cores / cpu_per_clip:.0f} clips/s on {cores} idle "
-          f"cores (target >= 30)")
+    print(
+        f"speed-up on the same {4 * n} clips, end to end: wall {ref_wall / big_wall:.1f}x, "
+        f"CPU time {ref_cpu / big_cpu:.1f}x; per clip after start-up: CPU {ref_cpu / (4 * n) / cpu_per_clip:.0f}x "
+        f"(target >= 10x)"
+    )
+    print(
+        f"ours: fixed cost {fixed:.1f} s (worker start-up, store packing), then {1 / per_clip:.1f} clips/s "
+        f"wall, {cpu_per_clip * 1000:.1f} ms CPU per clip = {cores / cpu_per_clip:.0f} clips/s on {cores} idle "
+        f"cores (target >= 30)"
+    )
     mtat_wall = fixed + MTAT_CLIPS * per_clip
     mtat_cpu = MTAT_CLIPS * cpu_per_clip / cores
     ref_mtat = MTAT_CLIPS * ref_cpu / (4 * n) / cores
-    print(f"projected for all {MTAT_CLIPS:,} MTAT clips: ours {mtat_wall / 60:.1f} min at this load "
-          f"({mtat_cpu / 60:.1f} min on {cores} idle cores); the report's way ~{ref_mtat / 60:.0f} min on "
-          f"{cores} idle cores (load average {load:.1f} after timing)")
+    print(
+        f"projected for all {MTAT_CLIPS:,} MTAT clips: ours {mtat_wall / 60:.1f} min at this load "
+        f"({mtat_cpu / 60:.1f} min on {cores} idle cores); the report's way ~{ref_mtat / 60:.0f} min on "
+        f"{cores} idle cores (load average {load:.1f} after timing)"
+    )
 
 
 if __name__ == "__main__":

@@ -41,8 +41,17 @@ VARIANTS = {  # name -> (overrides, job)
     "gap2": (["+head=gap2"], train),
     "gap3": (["+head=gap3"], train),
     "autopool": (["+head=autopool"], train),
-    "gap2, previous default": (["+head=gap2", "steps=cached", "head.bias_init=zero", "trainer.epochs=12",
-                                "trainer.patience=null", "trainer.lr_schedule=none"], train),
+    "gap2, previous default": (
+        [
+            "+head=gap2",
+            "steps=cached",
+            "head.bias_init=zero",
+            "trainer.epochs=12",
+            "trainer.patience=null",
+            "trainer.lr_schedule=none",
+        ],
+        train,
+    ),
 }
 MTAT_TREE = SynthConfig(clips_per_folder=30, seconds=29.1, seed=0)
 
@@ -58,8 +67,10 @@ def dataset_overrides(name: str, cache: Path) -> list[str]:
 def run_variant(overrides: list[str], job, seed: int, uri: str) -> tuple[dict, float]:
     """One run; its metrics (with the clip counts it rests on) and its wall time."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[*overrides, f"trainer.seed={seed}", "trainer.progress=false",
-                                                       f"tracking.uri={uri}"])
+        cfg = compose(
+            config_name="config",
+            overrides=[*overrides, f"trainer.seed={seed}", "trainer.progress=false", f"tracking.uri={uri}"],
+        )
     start = time.perf_counter()
     with MlflowTracker(uri, "bench-recipe", " ".join(overrides) or "default") as tracker:
         metrics = job(cfg, tracker)
@@ -82,8 +93,10 @@ def main() -> None:
         for dataset in args.datasets:
             data = dataset_overrides(dataset, cache)
             print(f"\n== {dataset}: {args.seeds} seeds per row", flush=True)
-            print(f"{'variant':<24} {'test ROC-AUC':>16} {'test PR-AUC':>16} {'best/trained':>14} "
-                  f"{'s/run':>6}  vs probe", flush=True)
+            print(
+                f"{'variant':<24} {'test ROC-AUC':>16} {'test PR-AUC':>16} {'best/trained':>14} {'s/run':>6}  vs probe",
+                flush=True,
+            )
             probe_mean = None
             for name, (overrides, job) in VARIANTS.items():
                 runs = [run_variant([*data, *overrides], job, seed, uri) for seed in range(args.seeds)]
@@ -101,8 +114,11 @@ def main() -> None:
                     epochs = f"{best:.0f}/{trained:.0f}"
                     gap = roc.mean() - probe_mean
                     verdict = f"{gap:+.4f} ({'ok' if gap >= -0.01 else 'BELOW probe - 0.01'})"
-                print(f"{name:<24} {roc.mean():.4f} ± {roc.std(ddof=1):.4f} {pr.mean():.4f} ± {pr.std(ddof=1):.4f} "
-                      f"{epochs:>14} {seconds:6.0f}  {verdict}", flush=True)
+                print(
+                    f"{name:<24} {roc.mean():.4f} ± {roc.std(ddof=1):.4f} {pr.mean():.4f} ± {pr.std(ddof=1):.4f} "
+                    f"{epochs:>14} {seconds:6.0f}  {verdict}",
+                    flush=True,
+                )
     print("\n(± is the standard deviation over seeds; best/trained: mean best epoch (1-based) / epochs run)")
 
 

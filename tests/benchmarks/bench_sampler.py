@@ -78,8 +78,9 @@ def sampler_figures(store: PatchStore) -> dict[str, float]:
         t = time.perf_counter()
         it = train_loader(store, store.clip_ids, labels, stream_cfg(workers), BATCH, seed=0)
         out[f"train_loader, {workers} workers"] = rate(it, 300 if workers == 0 else 600)
-        print(f"  train_loader with {workers} workers: first batch + 300/600 batches in "
-              f"{time.perf_counter() - t:.1f} s")
+        print(
+            f"  train_loader with {workers} workers: first batch + 300/600 batches in {time.perf_counter() - t:.1f} s"
+        )
         del it
     return out
 
@@ -131,22 +132,29 @@ def main() -> None:
         t = time.perf_counter()
         store = make_store(tmp / "store")
         size = (tmp / "store" / "patches.npy").stat()
-        print(f"store: {len(store):,} clips x {PER_CLIP} patches {ITEM} float16 = {size.st_size / 2**30:.2f} GiB "
-              f"({size.st_blocks * 512 / 2**20:.0f} MiB on disk, sparse), made in {time.perf_counter() - t:.1f} s; "
-              f"load average {os.getloadavg()[0]:.2f}, torch threads {torch.get_num_threads()}")
+        print(
+            f"store: {len(store):,} clips x {PER_CLIP} patches {ITEM} float16 = {size.st_size / 2**30:.2f} GiB "
+            f"({size.st_blocks * 512 / 2**20:.0f} MiB on disk, sparse), made in {time.perf_counter() - t:.1f} s; "
+            f"load average {os.getloadavg()[0]:.2f}, torch threads {torch.get_num_threads()}"
+        )
         sampler = sampler_figures(store)
         consumed = consumption()
         print(f"training consumption (frozen VGGish width 1.0 + head, batch {BATCH}): {consumed:,.0f} patches/s")
         for name, value in sampler.items():
             verdict = "ok" if value >= 20 * consumed else "BELOW TARGET"
-            print(f"sampler {name:<28} {value:>10,.0f} patches/s = {value / consumed:7.1f}x consumption "
-                  f"(target >= 20x: {verdict})")
-        proc = subprocess.run([sys.executable, __file__, "--rss", str(tmp / "store")], capture_output=True,
-                              text=True, check=True)
+            print(
+                f"sampler {name:<28} {value:>10,.0f} patches/s = {value / consumed:7.1f}x consumption "
+                f"(target >= 20x: {verdict})"
+            )
+        proc = subprocess.run(
+            [sys.executable, __file__, "--rss", str(tmp / "store")], capture_output=True, text=True, check=True
+        )
         hwm, seconds = (float(v) for v in proc.stdout.split())
-        print(f"sampler peak RSS over {RSS_BATCHES:,} batches of {BATCH} (train_loader, 0 workers, "
-              f"{RSS_BATCHES * BATCH / seconds:,.0f} patches/s): {hwm:.0f} MiB "
-              f"(target < 1024 MiB: {'ok' if hwm < 1024 else 'ABOVE TARGET'})")
+        print(
+            f"sampler peak RSS over {RSS_BATCHES:,} batches of {BATCH} (train_loader, 0 workers, "
+            f"{RSS_BATCHES * BATCH / seconds:,.0f} patches/s): {hwm:.0f} MiB "
+            f"(target < 1024 MiB: {'ok' if hwm < 1024 else 'ABOVE TARGET'})"
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

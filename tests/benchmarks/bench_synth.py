@@ -45,9 +45,11 @@ def bench(cfg: SynthConfig, workdir: Path) -> None:
         encode += time.perf_counter() - t1
         render += t1 - t0
     n = 16 * cfg.clips_per_folder
-    print(f"{n:4d} clips x {cfg.seconds:g} s: ensure_dataset {first:6.2f} s ({1000 * first / n:5.1f} ms/clip), "
-          f"second call {1000 * again:.2f} ms | baseline mp3 encode only {encode:6.2f} s, "
-          f"render only {render:6.2f} s")
+    print(
+        f"{n:4d} clips x {cfg.seconds:g} s: ensure_dataset {first:6.2f} s ({1000 * first / n:5.1f} ms/clip), "
+        f"second call {1000 * again:.2f} ms | baseline mp3 encode only {encode:6.2f} s, "
+        f"render only {render:6.2f} s"
+    )
 
 
 def main() -> None:

@@ -28,8 +28,10 @@ TINY = [
 
 # The smallest setup on which learning is measurable: 16 folders x 6 clips x 2 s (72 train, 6
 # valid, 18 test clips), the tiny VGGish, the default head width. A run takes a few seconds.
-LEARNABLE = [*(o for o in TINY if not o.startswith(("data.synth.clips_per_folder", "head.width", "trainer.epochs"))),
-             "data.synth.clips_per_folder=6"]
+LEARNABLE = [
+    *(o for o in TINY if not o.startswith(("data.synth.clips_per_folder", "head.width", "trainer.epochs"))),
+    "data.synth.clips_per_folder=6",
+]
 
 
 def compose_cfg(overrides: list[str] = (), cache: Path | None = None):
@@ -39,12 +41,19 @@ def compose_cfg(overrides: list[str] = (), cache: Path | None = None):
         return compose(config_name="config", overrides=[*extra, *overrides])
 
 
-def run_module(args: list[str], env: dict | None = None, cwd: Path | None = None, timeout: float = 600,
-               check: bool = True) -> subprocess.CompletedProcess:
+def run_module(
+    args: list[str], env: dict | None = None, cwd: Path | None = None, timeout: float = 600, check: bool = True
+) -> subprocess.CompletedProcess:
     """Run ``python -m <args>`` as a user would, from the repo root unless ``cwd`` is given."""
     full_env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", *args], cwd=cwd or REPO_ROOT, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=cwd or REPO_ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"python -m {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc

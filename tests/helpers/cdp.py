@@ -26,13 +26,22 @@ from pathlib import Path
 # 127.0.0.1 unresolvable, so the page cannot reach the internet even if it tries (fonts,
 # telemetry): the test then shows what the UI does offline, as on a CI machine.
 CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--disable-dev-shm-usage", "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
 ]
 
-INSTALL_HINT = ("run `.ci/run` (it provisions the browser) or "
-                "`apt-get update && apt-get install -y --no-install-recommends chromium`")
+INSTALL_HINT = (
+    "run `.ci/run` (it provisions the browser) or "
+    "`apt-get update && apt-get install -y --no-install-recommends chromium`"
+)
 
 
 def stop_process_group(proc: subprocess.Popen, timeout: float = 20.0) -> None:
@@ -65,9 +74,13 @@ class WebSocket:
         self.sock = socket.create_connection((u.hostname, u.port), timeout=timeout)
         key = base64.b64encode(os.urandom(16)).decode()
         # No Origin header: Chromium only checks --remote-allow-origins when one is sent.
-        self.sock.sendall((f"GET {u.path} HTTP/1.1\r\nHost: {u.hostname}:{u.port}\r\n"
-                           "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-                           f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+        self.sock.sendall(
+            (
+                f"GET {u.path} HTTP/1.1\r\nHost: {u.hostname}:{u.port}\r\n"
+                "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+        )
         self.buf = b""
         while b"\r\n\r\n" not in self.buf:
             chunk = self.sock.recv(4096)
@@ -181,8 +194,10 @@ class Page:
             except JavaScriptError as e:
                 error = e
             if time.monotonic() > deadline:
-                raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what} (last error: {error}); "
-                                   f"page text:\n{self.text()[:3000]}")
+                raise TimeoutError(
+                    f"timed out after {timeout:.0f} s waiting for {what} (last error: {error}); "
+                    f"page text:\n{self.text()[:3000]}"
+                )
             time.sleep(0.25)
 
     def click(self, selector: str, timeout: float = 30.0) -> None:
@@ -205,9 +220,19 @@ def chromium_page(profile_dir: Path, width: int = 1600, height: int = 1000, time
     """A headless Chromium (fresh profile in ``profile_dir``) and its first tab; stopped on exit."""
     profile_dir.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
-        [find_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile_dir}", f"--window-size={width},{height}",
-         "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0", "about:blank"],
-        stdout=subprocess.DEVNULL, stderr=open(profile_dir / "chromium.log", "wb"), start_new_session=True)
+        [
+            find_chromium(),
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={profile_dir}",
+            f"--window-size={width},{height}",
+            "--remote-debugging-address=127.0.0.1",
+            "--remote-debugging-port=0",
+            "about:blank",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=open(profile_dir / "chromium.log", "wb"),
+        start_new_session=True,
+    )
     ws = None
     try:
         port_file = profile_dir / "DevToolsActivePort"  # Chromium writes the port it picked here

@@ -167,7 +167,7 @@ def _make_handler(server: FileServer) -> type[BaseHTTPRequestHandler]:
             if seconds:
                 step = max(1, -(-len(payload) // 20))
                 for i in range(0, len(payload), step):
-                    self.wfile.write(payload[i:i + step])
+                    self.wfile.write(payload[i : i + step])
                     self.wfile.flush()
                     time.sleep(seconds / 20)
                 return

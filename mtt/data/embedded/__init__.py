@@ -16,5 +16,13 @@ from mtt.data.embedded.labels import SYNTH_TAGS, Recipe, complete_tags
 from mtt.data.embedded.synthesis import render_clip
 from mtt.data.mtat import SAMPLE_RATE
 
-__all__ = ["MARKER", "SAMPLE_RATE", "SYNTH_TAGS", "SYNTH_VERSION", "Recipe", "complete_tags", "ensure_dataset",
-           "render_clip"]
+__all__ = [
+    "MARKER",
+    "SAMPLE_RATE",
+    "SYNTH_TAGS",
+    "SYNTH_VERSION",
+    "Recipe",
+    "complete_tags",
+    "ensure_dataset",
+    "render_clip",
+]

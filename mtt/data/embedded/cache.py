@@ -37,8 +37,14 @@ def _params(cfg: SynthConfig) -> dict:
         raise ValueError(f"synth.seconds={seconds!r}: expected a number of seconds in [0.1, 600]")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"synth.seed={seed!r}: expected a non-negative integer")
-    return {"version": SYNTH_VERSION, "clips_per_folder": n, "seconds": float(seconds), "seed": seed,
-            "sample_rate": SAMPLE_RATE, "tags": list(SYNTH_TAGS)}
+    return {
+        "version": SYNTH_VERSION,
+        "clips_per_folder": n,
+        "seconds": float(seconds),
+        "seed": seed,
+        "sample_rate": SAMPLE_RATE,
+        "tags": list(SYNTH_TAGS),
+    }
 
 
 def _is_complete(root: Path, params: dict) -> bool:
@@ -60,8 +66,10 @@ def _check_replaceable(root: Path) -> None:
         raise FileExistsError(f"{root} exists and is not a folder; cannot generate the toy dataset there")
     foreign = sorted(p.name for p in root.iterdir() if p.name not in _OURS)
     if foreign:
-        raise FileExistsError(f"{root} holds {foreign[0]!r}, which is not part of a generated dataset; "
-                              f"refusing to replace it: remove it or point data.root elsewhere")
+        raise FileExistsError(
+            f"{root} holds {foreign[0]!r}, which is not part of a generated dataset; "
+            f"refusing to replace it: remove it or point data.root elsewhere"
+        )
 
 
 def ensure_dataset(root: str | Path, cfg: SynthConfig, progress: bool = True) -> Path:

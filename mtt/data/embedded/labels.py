@@ -29,9 +29,19 @@ VOICES: dict[str, tuple[str, ...]] = {"female": ("female", "vocal"), "male": ("m
 NO_VOICE = "no vocals"
 # Tempo (slow | medium | fast) and loudness (quiet | normal | loud): the middle carries no tag.
 
-SYNTH_TAGS: tuple[str, ...] = tuple(t for t in TAGS if t in {
-    *(t for tags in (*INSTRUMENTS.values(), *RHYTHMS.values(), *VOICES.values()) for t in tags),
-    NO_VOICE, "fast", "slow", "loud", "quiet"})
+SYNTH_TAGS: tuple[str, ...] = tuple(
+    t
+    for t in TAGS
+    if t
+    in {
+        *(t for tags in (*INSTRUMENTS.values(), *RHYTHMS.values(), *VOICES.values()) for t in tags),
+        NO_VOICE,
+        "fast",
+        "slow",
+        "loud",
+        "quiet",
+    }
+)
 # Which components a tag that is only ever implied needs (for error messages).
 _IMPLIED_BY = {"electronic": ("synth", "techno"), "beat": ("drums", "techno"), "vocal": ("female", "male")}
 
@@ -81,8 +91,9 @@ def _recipe_from_tags(tags: Iterable[str]) -> Recipe:
     level = one_of(("quiet", "loud"), "loudness (quiet or loud)") or "normal"
     if instrument == "ambient":
         if tempo == "fast" or rhythm:
-            raise ValueError(f"'ambient' (beatless slow pads) cannot be rendered with "
-                             f"{'fast' if tempo == 'fast' else rhythm!r}")
+            raise ValueError(
+                f"'ambient' (beatless slow pads) cannot be rendered with {'fast' if tempo == 'fast' else rhythm!r}"
+            )
         tempo = "slow"
     if voice and NO_VOICE in tags:
         raise ValueError(f"tags {voice!r} and {NO_VOICE!r} conflict")
@@ -93,9 +104,11 @@ def _recipe_from_tags(tags: Iterable[str]) -> Recipe:
         if extra:
             needs = _IMPLIED_BY.get(extra[0], ())
             raise ValueError(f"tag {extra[0]!r} is only rendered together with one of {list(needs)}")
-        raise ValueError(f"tags {sorted(tags)} are not a complete label set: the audio they name also "
-                         f"carries {sorted(expected - tags)}; pass {sorted(expected)} "
-                         f"(complete_tags() adds the implied tags)")
+        raise ValueError(
+            f"tags {sorted(tags)} are not a complete label set: the audio they name also "
+            f"carries {sorted(expected - tags)}; pass {sorted(expected)} "
+            f"(complete_tags() adds the implied tags)"
+        )
     return recipe
 
 

@@ -26,16 +26,78 @@ class _Clip:
 # Share of clips with each factor. Counts per folder are n * p stochastically rounded, so that the
 # default 20 clips per folder give every factor's tag at least 3 positives in every folder (and
 # every instrument at least 2), hence both classes of every tag in the valid folder c alone.
-_P = {"techno": 0.15, "drums": 0.15, "female": 0.15, "male": 0.15, "fast": 0.15, "slow": 0.15,
-      "loud": 0.15, "quiet": 0.15}
+_P = {
+    "techno": 0.15,
+    "drums": 0.15,
+    "female": 0.15,
+    "male": 0.15,
+    "fast": 0.15,
+    "slow": 0.15,
+    "loud": 0.15,
+    "quiet": 0.15,
+}
 
-_WORDS_A = ("amber", "silver", "northern", "hollow", "velvet", "crimson", "little", "distant", "paper",
-            "golden", "winter", "evening", "open", "burning", "lantern", "iron", "blue", "early")
-_WORDS_B = ("lake", "field", "garden", "river", "orchard", "harbour", "mirror", "station", "forest",
-            "bridge", "lantern", "meadow", "tower", "valley", "island", "window", "shore", "road")
+_WORDS_A = (
+    "amber",
+    "silver",
+    "northern",
+    "hollow",
+    "velvet",
+    "crimson",
+    "little",
+    "distant",
+    "paper",
+    "golden",
+    "winter",
+    "evening",
+    "open",
+    "burning",
+    "lantern",
+    "iron",
+    "blue",
+    "early",
+)
+_WORDS_B = (
+    "lake",
+    "field",
+    "garden",
+    "river",
+    "orchard",
+    "harbour",
+    "mirror",
+    "station",
+    "forest",
+    "bridge",
+    "lantern",
+    "meadow",
+    "tower",
+    "valley",
+    "island",
+    "window",
+    "shore",
+    "road",
+)
 _SUFFIX = ("", "", "ensemble", "trio", "quartet", "collective", "band", "consort")
-_TITLE = ("rondo", "air", "nocturne", "dance", "song", "prelude", "lament", "reel", "etude", "theme",
-          "march", "lullaby", "toccata", "ballad", "study", "interlude", "suite", "waltz")
+_TITLE = (
+    "rondo",
+    "air",
+    "nocturne",
+    "dance",
+    "song",
+    "prelude",
+    "lament",
+    "reel",
+    "etude",
+    "theme",
+    "march",
+    "lullaby",
+    "toccata",
+    "ballad",
+    "study",
+    "interlude",
+    "suite",
+    "waltz",
+)
 
 
 def _display(slug: str) -> str:
@@ -87,8 +149,10 @@ def _plan(clips_per_folder: int, seconds: float, seed: int) -> list[_Clip]:
         artist = f"{names_rng.choice(_WORDS_A)}_{names_rng.choice(_WORDS_B)}"
         suffix = names_rng.choice(_SUFFIX)
         artist = f"{artist}_{suffix}" if suffix else artist
-        albums = [f"{names_rng.choice(_WORDS_B)}_{names_rng.choice(('songs', 'pieces', 'works', 'sessions'))}"
-                  for _ in range(2)]
+        albums = [
+            f"{names_rng.choice(_WORDS_B)}_{names_rng.choice(('songs', 'pieces', 'works', 'sessions'))}"
+            for _ in range(2)
+        ]
         artists.append((artist, albums))
     tracks: dict[tuple[str, str], int] = {}
     step = max(1, int(seconds))  # MTAT's 29.1 s clips are named 0-29, 29-58, ...
@@ -102,14 +166,21 @@ def _plan(clips_per_folder: int, seconds: float, seed: int) -> list[_Clip]:
             # A song: 1-3 consecutive segments that share the instrument (the rest may change,
             # as a song's verse and bridge do).
             length = 1
-            while (length < 3 and i + length < clips_per_folder
-                   and recipes[i + length].instrument == recipes[i].instrument and rng.random() < 0.6):
+            while (
+                length < 3
+                and i + length < clips_per_folder
+                and recipes[i + length].instrument == recipes[i].instrument
+                and rng.random() < 0.6
+            ):
                 length += 1
             artist, albums = artists[int(rng.integers(len(artists)))]
             album = albums[int(rng.integers(len(albums)))]
             track = tracks[(artist, album)] = tracks.get((artist, album), 0) + 1
-            title = f"{rng.choice(_TITLE)} no. {track}" if rng.random() < 0.4 else \
-                f"{rng.choice(_WORDS_A)} {rng.choice(_TITLE)}"
+            title = (
+                f"{rng.choice(_TITLE)} no. {track}"
+                if rng.random() < 0.4
+                else f"{rng.choice(_WORDS_A)} {rng.choice(_TITLE)}"
+            )
             title_slug = _slug(title)
             first = int(rng.integers(0, 4))
             clip_id += int(rng.integers(1, 12))  # MTAT's ids are increasing with gaps
@@ -117,10 +188,14 @@ def _plan(clips_per_folder: int, seconds: float, seed: int) -> list[_Clip]:
                 start, end = (first + s) * step, (first + s + 1) * step
                 path = f"{folder}/{artist}-{album}-{track:02d}-{title_slug}-{start}-{end}.mp3"
                 info = {
-                    "clip_id": clip_id, "track_number": track, "title": title.title(),
-                    "artist": _display(artist), "album": _display(album),
+                    "clip_id": clip_id,
+                    "track_number": track,
+                    "title": title.title(),
+                    "artist": _display(artist),
+                    "album": _display(album),
                     "url": f"https://mtt.invalid/artists/{artist}/{album}",
-                    "segmentStart": start, "segmentEnd": end,
+                    "segmentStart": start,
+                    "segmentEnd": end,
                     "original_url": f"https://mtt.invalid/audio/{artist}/{album}/{track:02d}-{title_slug}.mp3",
                     "mp3_path": path,
                 }

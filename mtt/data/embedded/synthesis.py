@@ -22,11 +22,12 @@ from mtt.data.embedded.labels import _recipe_from_tags
 # DSP building blocks (numpy/scipy, vectorised; a clip renders in tens of milliseconds).
 # ---------------------------------------------------------------------------------------------
 
+
 def _reverb(x: np.ndarray, sr: int, rng: np.random.Generator, decay: float, wet: float) -> np.ndarray:
     """A hall: ``x`` plus its convolution with exponentially decaying noise (``decay`` s)."""
     t = np.arange(int(min(4 * decay, 2.0) * sr)) / sr
     ir = rng.normal(0, 1, t.size) * np.exp(-t / decay)
-    return x + wet * fftconvolve(x, ir / np.sqrt(np.sum(ir ** 2)))[:x.size]
+    return x + wet * fftconvolve(x, ir / np.sqrt(np.sum(ir**2)))[: x.size]
 
 
 def _midi_hz(m):
@@ -80,7 +81,7 @@ def _add(out: np.ndarray, start: int, sound: np.ndarray) -> None:
     if start >= out.size:
         return
     n = min(sound.size, out.size - start)
-    out[start:start + n] += sound[:n]
+    out[start : start + n] += sound[:n]
 
 
 @dataclass(frozen=True)
@@ -101,8 +102,15 @@ _SCALES = {
 _RAGA = (0, 1, 4, 5, 7, 8, 11)  # Bhairav, for the sitar
 
 
-def _melody(rng: np.random.Generator, seconds: float, period: float, lo: int, hi: int,
-            scale: Sequence[int] | None = None, legato: float = 0.95) -> _Notes:
+def _melody(
+    rng: np.random.Generator,
+    seconds: float,
+    period: float,
+    lo: int,
+    hi: int,
+    scale: Sequence[int] | None = None,
+    legato: float = 0.95,
+) -> _Notes:
     """A random walk over a scale between MIDI ``lo`` and ``hi``, one note every ``period`` s."""
     scale = scale if scale is not None else _SCALES[rng.choice(list(_SCALES))]
     root = int(rng.integers(lo, lo + 12))
@@ -129,8 +137,9 @@ def _note_envelope(t: np.ndarray, notes: _Notes, attack: float, release: float) 
     return env, since
 
 
-def _f0_track(t: np.ndarray, notes: _Notes, sr: int, glide: float, vib_rate: float, vib_depth: float,
-              rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _f0_track(
+    t: np.ndarray, notes: _Notes, sr: int, glide: float, vib_rate: float, vib_depth: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-sample fundamental (Hz) of a legato line with portamento and delayed vibrato."""
     idx = np.clip(np.searchsorted(notes.onsets, t, side="right") - 1, 0, None)
     midi = notes.midis[idx] if notes.midis.size else np.full(t.size, 60.0)
@@ -143,8 +152,9 @@ def _f0_track(t: np.ndarray, notes: _Notes, sr: int, glide: float, vib_rate: flo
     return _midi_hz(midi), since
 
 
-def _partials(f0: float, n: int, sr: int, amps: np.ndarray, taus: np.ndarray, rng: np.random.Generator,
-              stretch: float = 0.0) -> np.ndarray:
+def _partials(
+    f0: float, n: int, sr: int, amps: np.ndarray, taus: np.ndarray, rng: np.random.Generator, stretch: float = 0.0
+) -> np.ndarray:
     """Sum of exponentially decaying (optionally inharmonic) partials: struck and plucked strings.
 
     float32 on purpose: this is the generator's inner loop and its precision is plenty for audio.
@@ -178,7 +188,7 @@ def _damped(sound: np.ndarray, sr: int, stop: float, fade: float = 0.06) -> np.n
     if i >= sound.size:
         return sound
     f = max(1, int(fade * sr))
-    sound = sound[:i + f].copy()
+    sound = sound[: i + f].copy()
     sound[i:] *= np.linspace(1.0, 0.0, sound.size - i)
     return sound
 
@@ -197,6 +207,7 @@ def _note_period(tempo: str, beat: float) -> float:
 # Instruments: each returns a (n,) float64 waveform of unspecified level.
 # ---------------------------------------------------------------------------------------------
 
+
 def _guitar(n: int, sr: int, period: float, rng: np.random.Generator) -> np.ndarray:
     """Karplus-Strong plucked string: a noise burst circulating in a lossy delay line."""
     out = np.zeros(n)
@@ -211,11 +222,11 @@ def _guitar(n: int, sr: int, period: float, rng: np.random.Generator) -> np.ndar
         burst = lfilter([1 - brightness], [1, -brightness], rng.uniform(-1, 1, d))
         g = 10 ** (-3.0 / (f0 * rng.uniform(2.0, 4.0)))  # per-period loss: T60 of 2-4 s
         y = np.zeros(ring + d + 1)
-        y[1:d + 1] = burst
+        y[1 : d + 1] = burst
         for s in range(d + 1, y.size, d):
             e = min(s + d, y.size)
-            y[s:e] = 0.5 * g * (y[s - d:e - d] + y[s - d - 1:e - d - 1])
-        _add(out, int(onset * sr), y[d + 1:] * rng.uniform(0.7, 1.0))
+            y[s:e] = 0.5 * g * (y[s - d : e - d] + y[s - d - 1 : e - d - 1])
+        _add(out, int(onset * sr), y[d + 1 :] * rng.uniform(0.7, 1.0))
     return out
 
 
@@ -225,7 +236,7 @@ def _piano(n: int, sr: int, period: float, rng: np.random.Generator) -> np.ndarr
     notes = _melody(rng, n / sr, period, 55, 84)
     bass = _melody(rng, n / sr, period * 4, 36, 52)
     k = np.arange(1, 21)
-    amps = np.abs(np.sin(math.pi * k / 7.3)) / k ** 1.3  # the hammer strikes 1/7 along the string
+    amps = np.abs(np.sin(math.pi * k / 7.3)) / k**1.3  # the hammer strikes 1/7 along the string
     hold = min(2.0, period * 3.5)  # the key is held for a few notes, then the damper falls
 
     def make(midi):
@@ -234,9 +245,9 @@ def _piano(n: int, sr: int, period: float, rng: np.random.Generator) -> np.ndarr
         # within a second (all partials) and a long after-sound (the lower partials only).
         tone = 0.4 * _partials(f0 * 1.0007, ring, sr, amps[:8], 2.2 / (1 + 0.12 * k[:8]), rng, 4e-4)
         prompt = 0.6 * _partials(f0, min(ring, sr), sr, amps, 0.25 / (1 + 0.15 * k), rng, 4e-4)
-        tone[:prompt.size] += prompt
+        tone[: prompt.size] += prompt
         thump = _filt(rng.normal(0, 1, int(0.01 * sr)), sr, "lowpass", 1500)
-        tone[:thump.size] += 0.3 * thump
+        tone[: thump.size] += 0.3 * thump
         return _damped(tone, sr, hold)
 
     tones = _Tones(make)
@@ -255,7 +266,7 @@ def _harpsichord(n: int, sr: int, period: float, rng: np.random.Generator) -> np
     out = np.zeros(n)
     notes = _melody(rng, n / sr, period / 2, 53, 86)  # harpsichordists ornament: twice the notes
     k = np.arange(1, 41)
-    amps = (0.3 + np.abs(np.sin(math.pi * k * 0.11))) / k ** 0.45
+    amps = (0.3 + np.abs(np.sin(math.pi * k * 0.11))) / k**0.45
     taus = 0.9 / (1 + 0.05 * k)
     hold = min(1.5, period * 0.9)
 
@@ -263,7 +274,7 @@ def _harpsichord(n: int, sr: int, period: float, rng: np.random.Generator) -> np
         f0, ring = float(_midi_hz(midi)), int((hold + 0.03) * sr)
         tone = _partials(f0, ring, sr, amps, taus, rng) + 0.5 * _partials(2 * f0, ring, sr, amps[:20], taus[:20], rng)
         click = _filt(rng.normal(0, 1, int(0.004 * sr)), sr, "highpass", 3000)
-        tone[:click.size] += 2.0 * click
+        tone[: click.size] += 2.0 * click
         return _damped(tone, sr, hold, 0.03)
 
     tones = _Tones(make)
@@ -295,7 +306,7 @@ def _sitar(n: int, sr: int, period: float, rng: np.random.Generator) -> np.ndarr
     k = np.arange(1, 31)
 
     def make(midi):  # type: ignore[no-redef]  # a tanpura string: soft attack, long buzzing (2-4 kHz rich) decay
-        amps = (0.2 + (np.abs(k * _midi_hz(midi) - 2500) < 900)) / k ** 0.3
+        amps = (0.2 + (np.abs(k * _midi_hz(midi) - 2500) < 900)) / k**0.3
         amps = amps[k * _midi_hz(midi) < 4000]
         tone = _partials(float(_midi_hz(midi)), int(2.0 * sr), sr, amps, np.full(amps.size, 1.2), rng)
         return tone * np.minimum(1.0, np.arange(tone.size) / (0.05 * sr))
@@ -316,8 +327,12 @@ def _violin(n: int, sr: int, period: float, rng: np.random.Generator) -> np.ndar
     env, _ = _note_envelope(t, notes, rng.uniform(0.06, 0.12), 0.05)
     src = _saw(np.cumsum(f0 / sr), f0 / sr) * env
     src += 0.02 * env * rng.normal(0, 1, n)  # bow noise
-    body = (0.5 * _resonator(src, sr, 290, 3.0) + 0.6 * _resonator(src, sr, 480, 3.0)
-            + 0.8 * _resonator(src, sr, rng.uniform(2600, 3200), 1.5) + 0.25 * src)
+    body = (
+        0.5 * _resonator(src, sr, 290, 3.0)
+        + 0.6 * _resonator(src, sr, 480, 3.0)
+        + 0.8 * _resonator(src, sr, rng.uniform(2600, 3200), 1.5)
+        + 0.25 * src
+    )
     return _filt(body, sr, "highpass", 180)
 
 
@@ -343,8 +358,11 @@ def _synth(n: int, sr: int, period: float, rng: np.random.Generator) -> np.ndarr
     f0 = _midi_hz(notes.midis[idx])
     osc = _square if rng.random() < 0.5 else _saw
     detune = 2 ** (rng.uniform(5, 12) / 1200)
-    sig = (osc(np.cumsum(f0 * detune / sr), f0 * detune / sr) + osc(np.cumsum(f0 / detune / sr), f0 / detune / sr)
-           + 0.6 * np.sin(math.pi * np.cumsum(f0 / sr)))  # sine sub-oscillator an octave down
+    sig = (
+        osc(np.cumsum(f0 * detune / sr), f0 * detune / sr)
+        + osc(np.cumsum(f0 / detune / sr), f0 / detune / sr)
+        + 0.6 * np.sin(math.pi * np.cumsum(f0 / sr))
+    )  # sine sub-oscillator an octave down
     env, since = _note_envelope(t, notes, 0.005, 0.02)
     env = env * (0.75 + 0.25 * np.exp(-since / 0.08))
     return _filt(sig * env, sr, "lowpass", rng.uniform(2500, 4500))
@@ -369,19 +387,30 @@ def _ambient(n: int, sr: int, period: float, rng: np.random.Generator) -> np.nda
         for midi in chord:
             for cents in (-7, 7):  # two detuned voices per note beat slowly against each other
                 f = float(_midi_hz(midi)) * 2 ** (cents / 1200)
-                out[a:b] += env * (np.sin(2 * math.pi * f * tt + rng.uniform(0, 2 * math.pi))
-                                   + 0.15 * np.sin(4 * math.pi * f * tt + rng.uniform(0, 2 * math.pi)))
+                out[a:b] += env * (
+                    np.sin(2 * math.pi * f * tt + rng.uniform(0, 2 * math.pi))
+                    + 0.15 * np.sin(4 * math.pi * f * tt + rng.uniform(0, 2 * math.pi))
+                )
     air = _filt(rng.normal(0, 1, n), sr, "bandpass", (3000, 7000)) * 0.02 * _rms(out)
     return _reverb(out, sr, rng, rng.uniform(0.4, 0.7), 0.8) + air
 
 
-_INSTRUMENT_RENDER = {"guitar": _guitar, "piano": _piano, "violin": _violin, "flute": _flute,
-                      "harpsichord": _harpsichord, "sitar": _sitar, "synth": _synth, "ambient": _ambient}
+_INSTRUMENT_RENDER = {
+    "guitar": _guitar,
+    "piano": _piano,
+    "violin": _violin,
+    "flute": _flute,
+    "harpsichord": _harpsichord,
+    "sitar": _sitar,
+    "synth": _synth,
+    "ambient": _ambient,
+}
 
 
 # ---------------------------------------------------------------------------------------------
 # Rhythm sections and voices.
 # ---------------------------------------------------------------------------------------------
+
 
 def _kick(sr: int, rng: np.random.Generator, f_end: float, decay: float, drive: float) -> np.ndarray:
     """Pitch-swept sine, overdriven so that its harmonics reach above 125 Hz (VGGish's fmin),
@@ -390,7 +419,7 @@ def _kick(sr: int, rng: np.random.Generator, f_end: float, decay: float, drive: 
     f = f_end + rng.uniform(100, 160) * np.exp(-t / 0.03)
     body = np.tanh(drive * np.sin(2 * math.pi * np.cumsum(f) / sr)) * np.exp(-t / decay)
     click = _noise_hit(sr, rng, 0.004, "bandpass", (1500, 5000))
-    body[:click.size] += 0.5 * click
+    body[: click.size] += 0.5 * click
     return body
 
 
@@ -405,8 +434,9 @@ def _drums(n: int, sr: int, beat: float, rng: np.random.Generator) -> np.ndarray
     out = np.zeros(n)
     kick = _kick(sr, rng, rng.uniform(55, 70), 0.1, 1.5)
     t = np.arange(int(0.3 * sr)) / sr
-    snare = (_noise_hit(sr, rng, 0.09, "bandpass", (900, 7000))[:t.size]
-             + 0.7 * np.sin(2 * math.pi * rng.uniform(180, 240) * t) * np.exp(-t / 0.06))
+    snare = _noise_hit(sr, rng, 0.09, "bandpass", (900, 7000))[: t.size] + 0.7 * np.sin(
+        2 * math.pi * rng.uniform(180, 240) * t
+    ) * np.exp(-t / 0.06)
     hat = _noise_hit(sr, rng, 0.03, "highpass", 5000)
     crash = _noise_hit(sr, rng, 0.7, "highpass", 3000)
     start = rng.uniform(0, 0.1)
@@ -466,8 +496,14 @@ def _techno(n: int, sr: int, beat: float, rng: np.random.Generator) -> np.ndarra
 _RHYTHM_RENDER = {"drums": _drums, "techno": _techno}
 
 # Vowel formants (Hz) of an adult male (Peterson & Barney); a female's are ~20 % higher.
-_VOWELS = ((730, 1090, 2440), (530, 1840, 2480), (270, 2290, 3010), (570, 840, 2410), (300, 870, 2240),
-           (660, 1720, 2410))
+_VOWELS = (
+    (730, 1090, 2440),
+    (530, 1840, 2480),
+    (270, 2290, 3010),
+    (570, 840, 2410),
+    (300, 870, 2240),
+    (660, 1720, 2410),
+)
 
 
 def _voice(n: int, sr: int, period: float, voice: str, rng: np.random.Generator) -> np.ndarray:
@@ -482,7 +518,7 @@ def _voice(n: int, sr: int, period: float, voice: str, rng: np.random.Generator)
     # Phrases of a few notes separated by breaths: cut every few notes short.
     durs = notes.durations.copy()
     breath_every = int(rng.integers(3, 6))
-    durs[breath_every - 1::breath_every] *= rng.uniform(0.4, 0.6)
+    durs[breath_every - 1 :: breath_every] *= rng.uniform(0.4, 0.6)
     notes = _Notes(notes.onsets, durs, notes.midis)
     # Singers' vibrato is wider and slower than a violinist's.
     f0, _ = _f0_track(t, notes, sr, 0.04, rng.uniform(4.8, 5.8), rng.uniform(0.5, 0.8), rng)
@@ -498,15 +534,23 @@ def _voice(n: int, sr: int, period: float, voice: str, rng: np.random.Generator)
             continue
         formants = np.array(_VOWELS[int(rng.integers(0, len(_VOWELS)))]) * scale_f
         seg = src[a:b]
-        sung = (_resonator(seg, sr, formants[0], 5.0) + 0.7 * _resonator(seg, sr, formants[1], 6.0)
-                + 0.5 * _resonator(seg, sr, formants[2], 7.0) + 0.1 * seg
-                + 0.6 * _resonator(seg, sr, singer_formant, 6.0))
+        sung = (
+            _resonator(seg, sr, formants[0], 5.0)
+            + 0.7 * _resonator(seg, sr, formants[1], 6.0)
+            + 0.5 * _resonator(seg, sr, formants[2], 7.0)
+            + 0.1 * seg
+            + 0.6 * _resonator(seg, sr, singer_formant, 6.0)
+        )
         w = np.ones(b - a)
         w[:fade] = np.linspace(0, 1, fade)
         w[-fade:] = np.linspace(1, 0, fade)
         out[a:b] += _unit(sung) * w
         if rng.random() < 0.5:  # a consonant (sh, ch) before the vowel
-            _add(out, max(0, a - int(0.04 * sr)), 0.3 * _noise_hit(sr, rng, rng.uniform(0.02, 0.05), "bandpass", (2000, 5000)))
+            _add(
+                out,
+                max(0, a - int(0.04 * sr)),
+                0.3 * _noise_hit(sr, rng, rng.uniform(0.02, 0.05), "bandpass", (2000, 5000)),
+            )
     return out
 
 
