@@ -440,9 +440,8 @@ def register_configs() -> None:
     from mtt.presets import register_presets  # the `experiment` group (experiments/)
 
     register_presets()
-    from mtt.search import register_sweeper  # hydra/sweeper=optuna
-
-    register_sweeper()
+    # hydra/sweeper=optuna is registered by its plugin (hydra_plugins/mtt_optuna_sweeper), which
+    # Hydra imports while scanning for plugins: mtt.search needs mtt.tracking, which needs this.
 
 
 register_configs()

@@ -4,6 +4,8 @@ the class Hydra sees is defined here. The code is ``mtt.search``."""
 
 from mtt import search
 
+search.register_sweeper()  # hydra/sweeper=optuna in the ConfigStore, before any config is composed
+
 
 class OptunaSweeper(search.OptunaSweeper):
     """``hydra/sweeper=optuna`` (``mtt.search.OptunaSweeper``)."""
