@@ -19,13 +19,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from http_server import free_port
 from mtt.data.embedded.labels import complete_tags
 from mtt.data.embedded.synthesis import render_clip
 from mtt.data.mtat import write_mp3
 from mtt.tracking import MlflowTracker
 from mtt.train import train
 from tests.helpers import TINY, compose_cfg
+from tests.helpers.http_server import free_port
 
 
 def post(url: str, body: dict, timeout: float = 120) -> dict:
