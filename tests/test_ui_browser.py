@@ -211,3 +211,5 @@ def test_the_demo_in_the_ui(tmp_path):
     check_rows(rows, logged)
     for row in rows:
         assert "toy-all-standard (" in row["text"] and ("mtt.run" in row["text"] or "mtt.pr" in row["text"])
+        if "mtt.run" in row["text"]:  # a trained tagger's model/ (mtt.pyfunc) fills the Models column
+            assert "pyfunc" in row["text"], row["text"]
