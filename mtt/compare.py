@@ -189,6 +189,9 @@ def group_runs(runs: Sequence[dict]) -> list[Group]:
             name = r["tags"].get("mtt.group_name") or r["name"] or r["run_id"][:8]
             groups[gid] = Group(gid, name, [], r["reference"])
         groups[gid].runs.append(r)
+    for g in groups.values():  # by seed (stable: reruns keep their time order), so that the seeds'
+        # bootstrap draws, and so the intervals, do not depend on which parallel job ended first
+        g.runs.sort(key=_seed_of)
     names: dict[str, int] = {}
     for g in groups.values():
         names[g.name] = names.get(g.name, 0) + 1
@@ -196,6 +199,13 @@ def group_runs(runs: Sequence[dict]) -> list[Group]:
         if names[g.name] > 1:  # two configs whose overrides read the same: tell them apart
             g.name = f"{g.name} ({g.id[:6]})"
     return list(groups.values())
+
+
+def _seed_of(run: dict) -> int:
+    try:
+        return int(run["params"].get("trainer.seed", 0))
+    except (TypeError, ValueError):
+        return 0
 
 
 def protocol_of(run: dict) -> dict[str, str]:

@@ -253,3 +253,24 @@ def test_autopool_alphas_are_logged(tmp_path):
     path = MlflowClient(uri).download_artifacts(t.run_id, "autopool_alpha.json", str(tmp_path))
     saved = json.loads(open(path).read())
     assert saved["alpha"] == [0.5, -1.0, 1.0, 0.0] and saved["constraint"] == "cap" and saved["cap"] == 1.0
+
+
+def test_a_groups_runs_are_in_seed_order_whatever_order_they_ended_in():
+    """Parallel jobs end in any order; the seeds' bootstrap draws follow the runs' order, so a
+    group lists its runs by seed (a rerun of one seed after the older one) for intervals that do
+    not change from one identical sweep to the next."""
+    from mtt.compare import group_runs
+
+    def run(run_id, seed, group="g"):
+        return {
+            "run_id": run_id,
+            "name": run_id,
+            "reference": None,
+            "params": {"trainer.seed": str(seed)},
+            "tags": {"mtt.group": group, "mtt.group_name": group},
+        }
+
+    ended = [run("c", 2), run("a", 0), run("other", 5, "h"), run("b", 1), run("a2", 0)]
+    groups = group_runs(ended)
+    assert [g.name for g in groups] == ["g", "h"]
+    assert [r["run_id"] for r in groups[0].runs] == ["a", "a2", "b", "c"]
