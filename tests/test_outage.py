@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.helpers import REPO_ROOT, TINY, run_module
+from tests.helpers import REPO_ROOT, RUN_ARTIFACTS, TINY, run_module
 from tests.helpers.mlflow_server import MlflowServer
 
 pytestmark = pytest.mark.slow
@@ -42,15 +42,6 @@ SHORT_BUDGET = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
-}
-ARTIFACTS = {
-    "config.yaml",
-    "per_tag_test.csv",
-    "checkpoint/best.safetensors",
-    "checkpoint/best.json",
-    "plots/loss.png",
-    "plots/accuracy.png",
-    "plots/auc.png",
 }
 
 
@@ -152,7 +143,7 @@ def test_server_back_before_the_run_ends(server, reference, cache_dir, tmp_path)
     client = MlflowClient(server.uri)
     assert client.get_run(run_id).info.status == "FINISHED"
     assert histories(client, run_id) == reference
-    assert artifacts(client, run_id) >= ARTIFACTS
+    assert artifacts(client, run_id) >= RUN_ARTIFACTS
 
 
 def test_server_back_after_the_run_ends_then_sync(server, reference, cache_dir, tmp_path):
@@ -178,7 +169,7 @@ def test_server_back_after_the_run_ends_then_sync(server, reference, cache_dir, 
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert histories(client, run_id) == reference
-    assert artifacts(client, run_id) >= ARTIFACTS
+    assert artifacts(client, run_id) >= RUN_ARTIFACTS
     before = record(client, run_id)
 
     second = run_module(command[2:])  # changes nothing
@@ -218,4 +209,4 @@ def test_killed_during_the_outage_sync_then_resume(server, reference, cache_dir,
     assert [r.info.run_id for r in runs] == [run_id]  # continued, not a second run
     assert runs[0].info.status == "FINISHED" and runs[0].data.tags["resumes"] == "1"
     assert histories(client, run_id) == reference
-    assert artifacts(client, run_id) >= ARTIFACTS
+    assert artifacts(client, run_id) >= RUN_ARTIFACTS

@@ -19,7 +19,7 @@ from mtt.data.mtat import FOLDERS, write_annotations, write_mp3
 from mtt.paths import REPO_ROOT
 from mtt.preprocess import build_feature_store, store_path, summary
 from mtt.store import MANIFEST, PatchStore
-from tests.helpers import compose_cfg, run_module
+from tests.helpers import TINY_MODEL, compose_cfg, run_module
 
 SR = 16000
 # Tag sets the synthesiser renders, all within the published top 50 (data=mtat uses top50).
@@ -176,11 +176,7 @@ def test_undecodable_and_short_clips_are_reported_and_training_runs_on_the_rest(
         [
             *mtat_overrides(root, tmp_path / "store"),
             "data.synth=null",
-            "backbone.width=0.125",
-            "head.width=16",
-            "trainer.epochs=1",
-            "trainer.progress=false",
-            "trainer.device=cpu",
+            *TINY_MODEL,
             f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
         ],
         cache=tmp_path / "cache",
@@ -250,11 +246,7 @@ def test_truncated_clips_are_reported_kept_and_counted_in_the_run(tmp_path):
         [
             *mtat_overrides(root, tmp_path / "store"),
             "data.clip_seconds=4.0",
-            "backbone.width=0.125",
-            "head.width=16",
-            "trainer.epochs=1",
-            "trainer.progress=false",
-            "trainer.device=cpu",
+            *TINY_MODEL,
             f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
         ],
         cache=tmp_path / "cache",

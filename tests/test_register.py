@@ -39,22 +39,18 @@ def test_register_picks_the_best_validation_run_and_models_latest_tags_with_it(t
         client.log_metric(t.run_id, "selected_val_roc_auc", val, step=100)
         client.log_metric(t.run_id, "test_roc_auc", test, step=100)
 
-    assert (
-        compare_main(
-            [
-                "reg",
-                "--register",
-                "tagger",
-                "--tracking-uri",
-                uri,
-                "--resamples",
-                "100",
-                "--out",
-                str(tmp_path / "c.png"),
-            ]
-        )
-        == 0
-    )
+    register = [
+        "reg",
+        "--register",
+        "tagger",
+        "--tracking-uri",
+        uri,
+        "--resamples",
+        "100",
+        "--out",
+        str(tmp_path / "c.png"),
+    ]
+    assert compare_main(register) == 0
     assert f"registered run {ids['A0']}" in capsys.readouterr().err
     (version,) = client.search_model_versions("name = 'tagger'")
     assert version.run_id == ids["A0"] and int(version.version) == 1
@@ -63,22 +59,7 @@ def test_register_picks_the_best_validation_run_and_models_latest_tags_with_it(t
     assert version.tags["mtt.group"] == "A" and version.tags["monitor"] == "val_roc_auc"
 
     # Registering again makes a new version of the same model.
-    assert (
-        compare_main(
-            [
-                "reg",
-                "--register",
-                "tagger",
-                "--tracking-uri",
-                uri,
-                "--resamples",
-                "100",
-                "--out",
-                str(tmp_path / "c.png"),
-            ]
-        )
-        == 0
-    )
+    assert compare_main(register) == 0
     assert sorted(int(v.version) for v in client.search_model_versions("name = 'tagger'")) == [1, 2]
 
     # models:/tagger/latest tags a test clip with A0's model: the probabilities A0's evaluation logged.

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -25,26 +24,13 @@ from mtt.data.mtat import write_mp3
 from mtt.tracking import MlflowTracker
 from mtt.train import train
 from tests.helpers import TINY, compose_cfg
-from tests.helpers.http_server import free_port
+from tests.helpers.http_server import free_port, wait_until_answering
 
 
 def post(url: str, body: dict, timeout: float = 120) -> dict:
     req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         return json.loads(resp.read())
-
-
-def wait_for(url: str, proc: subprocess.Popen, log: Path, seconds: float = 180) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"the server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=5):
-                return
-        except (urllib.error.URLError, OSError):
-            time.sleep(0.5)
-    raise AssertionError(f"no answer from {url} within {seconds} s:\n{log.read_text()[-3000:]}")
 
 
 @pytest.mark.slow
@@ -83,7 +69,7 @@ def test_served_model_answers_a_clip_with_its_tag_probabilities(tmp_path, cache_
             start_new_session=True,
         )
     try:
-        wait_for(f"http://127.0.0.1:{port}/ping", proc, log)
+        wait_until_answering(f"http://127.0.0.1:{port}/ping", proc, 180, log.read_text)
         # The README's request: the file's bytes, base64, in a dataframe_split body.
         audio = base64.b64encode(clip.read_bytes()).decode()
         answer = post(

@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from mtt.paths import REPO_ROOT
 from tests.helpers import TINY, run_module
-from tests.helpers.http_server import free_port
+from tests.helpers.http_server import free_port, wait_until_answering
 from tests.helpers.mlflow_server import MlflowServer
 
 
@@ -29,21 +29,6 @@ def mlflow_server(tmp_path):
     """`mlflow server` on a free loopback port, sqlite backend, served artifacts; stopped after."""
     with MlflowServer(tmp_path) as server:
         yield server.uri
-
-
-def wait_until_healthy(uri: str, proc: subprocess.Popen, timeout: float = 120) -> None:
-    """Poll the server's /health until it answers; fail with its stderr if it exits or hangs."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            urllib.request.urlopen(uri + "/health", timeout=2).read()
-            return
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"the server at {uri} did not start: {proc.stderr.read().decode()[-3000:]}"
-                ) from None
-            time.sleep(0.5)
 
 
 @contextlib.contextmanager
@@ -60,7 +45,7 @@ def make_server(state: Path, **variables: str):
     )
     uri = f"http://127.0.0.1:{port}"
     try:
-        wait_until_healthy(uri, proc)
+        wait_until_answering(uri + "/health", proc, 120, lambda: proc.stderr.read().decode())
         yield uri
     finally:
         with contextlib.suppress(ProcessLookupError):

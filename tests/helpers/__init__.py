@@ -26,6 +26,20 @@ TINY = [
     "trainer.device=cpu",
 ]
 
+# The model-only part of TINY, for tests that bring their own data (data=mtat trees).
+TINY_MODEL = [o for o in TINY if not o.startswith("data.synth.")]
+
+# The artifacts every finished training run logs (besides model/ and the test records).
+RUN_ARTIFACTS = {
+    "config.yaml",
+    "per_tag_test.csv",
+    "checkpoint/best.safetensors",
+    "checkpoint/best.json",
+    "plots/loss.png",
+    "plots/accuracy.png",
+    "plots/auc.png",
+}
+
 # The smallest setup on which learning is measurable: 16 folders x 6 clips x 2 s (72 train, 6
 # valid, 18 test clips), the tiny VGGish, the default head width. A run takes a few seconds.
 LEARNABLE = [

@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import re
 import socket
+import subprocess
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
+from urllib.request import urlopen
 
 _RANGE = re.compile(r"bytes=(\d+)-(\d*)$")
 
@@ -198,3 +200,22 @@ def closed_port_url() -> str:
 
 
 __all__ = ["FileServer", "Request", "closed_port_url", "free_port"]
+
+
+def wait_until_answering(
+    url: str, proc: subprocess.Popen, seconds: float, output: Callable[[], str], pause: float = 0.5
+) -> None:
+    """Poll ``url`` until it answers, for a server ``proc`` the test started; raise
+    ``RuntimeError`` with the tail of the server's ``output()`` if it exits or stays silent."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with urlopen(url, timeout=5) as answer:
+                answer.read()
+            return
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the server for {url} exited with {proc.returncode}:\n{output()[-3000:]}") from None
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no answer from {url} within {seconds} s:\n{output()[-3000:]}") from None
+            time.sleep(pause)

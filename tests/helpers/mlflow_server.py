@@ -15,11 +15,9 @@ import os
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
-from tests.helpers.http_server import free_port
+from tests.helpers.http_server import free_port, wait_until_answering
 
 
 class MlflowServer:
@@ -65,17 +63,14 @@ class MlflowServer:
             start_new_session=True,
         )
         log.close()
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                urllib.request.urlopen(self.uri + "/health", timeout=2).read()
-                return
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    tail = (self.folder / "mlflow-server.log").read_text(errors="replace")[-2000:]
-                    raise RuntimeError(f"mlflow server did not start on {self.uri}:\n{tail}") from None
-                time.sleep(0.25)
+        try:
+            wait_until_answering(self.uri + "/health", self.proc, timeout, self._log_text, pause=0.25)
+        except RuntimeError:
+            self.stop()
+            raise
+
+    def _log_text(self) -> str:
+        return (self.folder / "mlflow-server.log").read_text(errors="replace")
 
     def stop(self) -> None:
         """Kill the server and its workers at once (SIGKILL), as a crash or a power cut would."""
