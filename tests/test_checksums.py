@@ -151,6 +151,18 @@ def test_truncated_or_missing_files_are_named(feature_store, name):
         PatchStore(feature_store.path)
 
 
+def test_a_patches_file_of_another_shape_is_refused(feature_store):
+    """Same size, same bytes, another header (another store's file put in its place)."""
+    patches = feature_store.path / "patches.npy"
+    rows = np.load(patches, allow_pickle=False)
+    size = patches.stat().st_size
+    np.save(patches, rows.reshape(len(rows) * 2, -1, rows.shape[-1]))
+    assert patches.stat().st_size == size
+    with pytest.raises(CorruptFileError, match=r"header says float16\(\d+, 48, 64\), float16\(\d+, 96, 64\)") as exc:
+        PatchStore(feature_store.path)
+    assert_refused(exc, patches, f"rm -r {feature_store.path}")
+
+
 def test_an_edited_manifest_is_refused(feature_store):
     """A value changed by hand (or by a flipped bit) still parses: its own digest catches it."""
     file = feature_store.path / MANIFEST
@@ -175,15 +187,19 @@ def test_a_store_without_checksums_is_refused_with_the_rebuild_command(feature_s
 
 
 def test_a_cache_is_never_built_from_a_corrupt_feature_store(feature_store, tmp_path):
+    """One zeroed row in the middle: the build reads every row, and checks each."""
     patches = feature_store.path / "patches.npy"
-    zero(patches, rows_offset(patches))
+    row_bytes, n = feature_store.patches[0].nbytes, len(feature_store.patches)
+    with open(patches, "r+b") as f:
+        f.seek(rows_offset(patches) + (n // 2) * row_bytes)
+        f.write(bytes(row_bytes))
     store = PatchStore(feature_store.path)
     cfg = compose_cfg(TINY)
     from mtt.models import build_model
 
     model = build_model(cfg, 50).eval()
     key = cache_key(store, None, cfg.backbone, model.backbone)
-    with pytest.raises(CorruptFileError) as exc:
+    with pytest.raises(CorruptFileError, match=f"row {n // 2} differs") as exc:
         build_backbone_cache(store, model.encode, key, tmp_path / "bb", torch.device("cpu"), progress=False)
     assert exc.value.path == patches
     assert not list((tmp_path / "bb").glob(f"*/{MANIFEST}")), "no finished cache"
@@ -374,3 +390,19 @@ def test_cli_refuses_to_resume_from_a_zeroed_last_checkpoint(tmp_path):
     )
     assert client.get_run(run.info.run_id).info.status == "KILLED"
     assert not (tmp_path / "cache" / "toy-v1").exists(), "no data work"
+
+
+def test_preprocess_cli_names_a_truncated_store(feature_store, cache_dir):
+    """Was a bare ``mmap length is greater than file size`` traceback naming no file."""
+    patches = feature_store.path / "patches.npy"
+    size = patches.stat().st_size
+    with open(patches, "r+b") as f:
+        f.truncate(size // 2)
+    proc = run_module(
+        ["mtt.preprocess", *TINY, f"paths.cache={cache_dir}", f"features.store={feature_store.path.parent}"],
+        check=False,
+    )
+    assert one_error_line(proc) == (
+        f"error: {patches}: truncated: {size // 2:,} bytes, {size:,} were written; "
+        f"rebuild it: rm -r {feature_store.path} and run the same command again (it recomputes the store)"
+    )
