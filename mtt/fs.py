@@ -150,19 +150,24 @@ def file_record(path: str | Path) -> dict:
     return {"size": os.stat(path).st_size, "sha256": file_digest(path)}
 
 
-def check_file(path: str | Path, records: Sequence[Mapping], remedy: str) -> None:
-    """``CorruptFileError`` unless ``path`` exists and has the size and SHA-256 of one of
-    ``records`` (``file_record``s). The size is compared first: a truncated file is named as
-    such without being read."""
+def check_size(path: str | Path, sizes: Sequence[int], remedy: str) -> int:
+    """``path``'s size, or ``CorruptFileError`` when it is missing or none of ``sizes`` (the
+    ones written): a truncated file is named as such, without being read."""
     path = Path(path)
     if not path.is_file():
         raise CorruptFileError(path, "missing", remedy)
     size = path.stat().st_size
-    sizes = sorted({int(r["size"]) for r in records})
     if size not in sizes:
-        expected = " or ".join(f"{n:,}" for n in sizes)
+        expected = " or ".join(f"{n:,}" for n in sorted(set(sizes)))
         what = "truncated" if size < min(sizes) else "longer than written"
         raise CorruptFileError(path, f"{what}: {size:,} bytes, {expected} were written", remedy)
+    return size
+
+
+def check_file(path: str | Path, records: Sequence[Mapping], remedy: str) -> None:
+    """``CorruptFileError`` unless ``path`` has the size (``check_size``) and SHA-256 of one of
+    ``records`` (``file_record``s)."""
+    size = check_size(path, [int(r["size"]) for r in records], remedy)
     digest = file_digest(path)
     if not any(int(r["size"]) == size and r["sha256"] == digest for r in records):
         raise CorruptFileError(path, "content differs from the SHA-256 written with it (corrupt)", remedy)

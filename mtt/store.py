@@ -46,6 +46,7 @@ from mtt.fs import (  # noqa: F401
     atomic_replace,
     atomic_write_bytes,
     check_file,
+    check_size,
     durable_replace,
     locked,
     save_npy_atomic,
@@ -59,7 +60,7 @@ def row_checksums(rows: np.ndarray) -> np.ndarray:
     """``(n,)`` uint32: the CRC-32 of each row's bytes (``rows`` ``(n, *item_shape)``).
 
     CRC-32 rather than SHA-256: rows are checked as training reads them, and zlib's CRC-32 is
-    about 2.5x faster per 24 KB row here (tests/benchmarks/bench_checksums.py); it catches any
+    about twice as fast here (tests/benchmarks/bench_checksums.py prints both); it catches any
     zeroed, overwritten or shifted row (a miss is a 1 in 4 billion chance per row).
     """
     rows = np.ascontiguousarray(rows)
@@ -131,12 +132,7 @@ class PatchStore:
     def _open_patches(self, size: int, remedy: str) -> np.ndarray:
         """``patches.npy`` memory-mapped, after checking its size and header against the manifest."""
         file = self.path / PATCHES
-        if not file.is_file():
-            raise CorruptFileError(file, "missing", remedy)
-        actual = file.stat().st_size
-        if actual != size:
-            what = "truncated" if actual < size else "longer than written"
-            raise CorruptFileError(file, f"{what}: {actual:,} bytes, {size:,} were written", remedy)
+        check_size(file, [size], remedy)  # a truncated file, named, rather than numpy's "mmap length"
         expected = (int(self.manifest["n_patches"]), *self.manifest["item_shape"])
         try:
             patches = np.load(file, mmap_mode="r", allow_pickle=False)
