@@ -181,12 +181,14 @@ def main() -> None:
     import hydra
 
     from mtt.config import CONF_DIR, exit_if_invalid
+    from mtt.fs import exit_on_corrupt
     from mtt.run import tracked
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
     def _probe(cfg) -> float:
         exit_if_invalid(cfg)
-        metrics = tracked(cfg, run_probe, name_prefix=REFERENCE, entry="mtt.probe")
+        with exit_on_corrupt():
+            metrics = tracked(cfg, run_probe, name_prefix=REFERENCE, entry="mtt.probe")
         return metrics.get("val_roc_auc", float("nan"))
 
     _probe()

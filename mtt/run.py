@@ -42,8 +42,10 @@ def sweep_id(hc) -> str:
 
 
 def resume_target(cfg, config_hash: str) -> str | None:
-    """The run id that ``trainer.resume`` asks to continue, or None for a new run."""
-    from mtt.checkpoint import has_last, resume_choice, run_dir
+    """The run id that ``trainer.resume`` asks to continue, or None for a new run. Its
+    ``last.pt`` is checked here, before the run is reopened: a corrupt one is refused
+    (``CorruptFileError``), never skipped for an older run or a fresh start."""
+    from mtt.checkpoint import has_last, resume_choice, run_dir, verify_last
     from mtt.tracking import resumable_runs, run_exists
 
     choice = resume_choice(cfg.trainer.resume)
@@ -54,9 +56,11 @@ def resume_target(cfg, config_hash: str) -> str | None:
             raise SystemExit(f"trainer.resume={choice}: no such MLflow run")
         if not has_last(run_dir(cfg.paths.cache, choice)):
             raise SystemExit(f"trainer.resume={choice}: no checkpoint under {run_dir(cfg.paths.cache, choice)}")
+        verify_last(run_dir(cfg.paths.cache, choice))
         return choice
     for run_id in resumable_runs(cfg.tracking.uri, cfg.tracking.experiment, config_hash):
         if has_last(run_dir(cfg.paths.cache, run_id)):
+            verify_last(run_dir(cfg.paths.cache, run_id))
             return run_id
     log.warning("trainer.resume=true: no unfinished run with this config and a checkpoint; starting a new run")
     return None
@@ -121,9 +125,11 @@ def tracked(
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     exit_if_invalid(cfg)  # before any data, model or MLflow work
+    from mtt.fs import exit_on_corrupt
     from mtt.train import train
 
-    metrics = tracked(cfg, train, resumable=True)
+    with exit_on_corrupt():  # a corrupt store or checkpoint: one line naming it, exit status 1
+        metrics = tracked(cfg, train, resumable=True)
     return metrics.get(cfg.trainer.monitor, float("nan"))  # train() returns the best epoch's epoch metrics
 
 

@@ -186,7 +186,7 @@ def batches(
         picked = np.fromiter(
             (v for _, item in zip(range(batch_size), items) for v in item), dtype=np.int64, count=2 * batch_size
         ).reshape(batch_size, 2)
-        x = reader.read(picked[:, 0]).astype(np.float32)
+        x = store.verify(picked[:, 0], reader.read(picked[:, 0])).astype(np.float32)  # rows checked once
         yield torch.from_numpy(x), torch.from_numpy(labels[picked[:, 1]])
 
 
@@ -264,7 +264,7 @@ def eval_batches(
     owner = np.concatenate([np.full(len(r), i) for i, r in enumerate(rows)]) if rows else np.zeros(0, int)
     flat = np.concatenate(rows) if rows else np.zeros(0, int)
     for s in range(0, len(flat), batch_size):
-        x = np.asarray(store.patches[flat[s : s + batch_size]], dtype=np.float32)
+        x = np.asarray(store.read(flat[s : s + batch_size]), dtype=np.float32)
         yield torch.from_numpy(x), owner[s : s + batch_size]
 
 

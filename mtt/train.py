@@ -25,9 +25,8 @@ from tqdm import tqdm
 from mtt import distributed
 from mtt.backbone_cache import build_backbone_cache, cache_key
 from mtt.checkpoint import (
-    BEST_META,
-    BEST_WEIGHTS,
     TrainState,
+    best_files,
     drop_last,
     last_epoch,
     load_best,
@@ -400,8 +399,8 @@ def test(run: Run, tracker) -> dict[str, float]:
     distributed.barrier(d)  # rank 0's best checkpoint is on disk for every rank
     best, _ = load_best(run.folder)
     p.model.load_state_dict(best)
-    for name in (BEST_WEIGHTS, BEST_META):
-        tracker.log_artifact(run.folder / name, "checkpoint")
+    for file in best_files(run.folder):  # with their checksum sidecars, which mtt.tag checks
+        tracker.log_artifact(file, "checkpoint")
     if d.main:  # the tagger as an MLflow model (model/): what mtt.tag and `mlflow models serve` load
         from mtt.pyfunc import log_tagger
 

@@ -34,7 +34,9 @@ RUN_ARTIFACTS = {
     "config.yaml",
     "per_tag_test.csv",
     "checkpoint/best.safetensors",
+    "checkpoint/best.safetensors.sha256",  # the checksum sidecars that mtt.tag checks
     "checkpoint/best.json",
+    "checkpoint/best.json.sha256",
     "plots/loss.png",
     "plots/accuracy.png",
     "plots/auc.png",
