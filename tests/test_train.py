@@ -5,10 +5,14 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
+from mtt.evaluate import clip_scores
+from mtt.streams import simulate_coverage
 from mtt.tracking import MlflowTracker, download_artifacts
 from mtt.train import clip_metrics, clip_probabilities, prepare, train
 from tests.helpers import TINY, compose_cfg, run_module, sweep_children
@@ -114,3 +118,59 @@ def test_artifacts_live_beside_the_sqlite_store_not_in_the_working_directory(tin
     assert not (tmp_path / "mlruns").exists()
     db_dir = tiny_cfg.tracking.uri[len("sqlite:///") :].rsplit("/", 1)[0]
     assert list((Path(db_dir) / "mlartifacts" / "where").rglob("note.txt"))
+
+
+def epoch_history(uri: str, run_id: str, key: str) -> list[float]:
+    return [m.value for m in sorted(MlflowClient(uri).get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+def test_every_run_logs_the_share_of_training_clips_each_epoch_saw(tiny_cfg, cache_dir):
+    """train_clip_coverage and train_draws_per_clip, per epoch: 1.0 and 1.0 under stream.mode=epoch
+    with steps=epoch (every clip once); under the default mux what that stream really drew (the
+    same figures as simulate_coverage), short of every clip here; and trainer.monitor=val_chunk_loss
+    selects the epoch of the lowest chunk-level validation loss."""
+    uri = tiny_cfg.tracking.uri
+    runs = {}
+    for name, extra in {
+        "epoch": ["stream.mode=epoch", "steps=epoch", "trainer.monitor=val_chunk_loss"],
+        "mux": ["steps=cached"],
+    }.items():
+        cfg = compose_cfg(
+            [*TINY, "trainer.epochs=2", "trainer.patience=null", f"tracking.uri={uri}", *extra], cache=cache_dir
+        )
+        with MlflowTracker(uri, "coverage", name) as tracker:
+            runs[name] = (cfg, tracker.run_id, train(cfg, tracker))
+    cfg, run_id, metrics = runs["epoch"]
+    assert epoch_history(uri, run_id, "train_clip_coverage") == [1.0, 1.0]
+    assert epoch_history(uri, run_id, "train_draws_per_clip") == [1.0, 1.0]
+    chunk_losses = epoch_history(uri, run_id, "val_chunk_loss")
+    assert metrics["best_epoch"] == int(np.argmin(chunk_losses))
+    cfg, run_id, _ = runs["mux"]
+    p = prepare(cfg)
+    steps = int(MlflowClient(uri).get_run(run_id).data.params["derived.steps_per_epoch"])
+    sizes = np.array([p.store.count(c) for c in p.train.clip_ids])
+    expected = simulate_coverage(sizes, cfg.stream, cfg.trainer.batch_size, steps, epochs=2, seed=cfg.trainer.seed)
+    coverage = epoch_history(uri, run_id, "train_clip_coverage")
+    assert coverage == pytest.approx([e["train_clip_coverage"] for e in expected])
+    assert epoch_history(uri, run_id, "train_draws_per_clip") == pytest.approx(
+        [e["train_draws_per_clip"] for e in expected]
+    )
+    assert max(coverage) < 1
+
+
+def test_val_chunk_loss_is_the_mean_over_clips_of_their_chunks_bce(tiny_cfg):
+    """Won et al.'s validation loss: per clip, nn.BCELoss of every evaluated chunk's probabilities
+    against the clip's tags (then Run.validate takes the mean over the clips). clip_scores
+    computes it beside the clip probabilities."""
+    p = prepare(tiny_cfg)
+    probs, losses = clip_scores(p.model, p.inputs, p.valid, tiny_cfg, p.device, p.from_backbone, p.amp, p.grid)
+    p.model.eval()
+    theirs = []
+    with torch.no_grad():
+        for clip, labels in zip(p.valid.clip_ids, p.valid.labels):
+            x = torch.from_numpy(np.asarray(p.inputs.get(clip), dtype=np.float32))
+            out = p.model.probabilities(p.model(x, from_backbone=p.from_backbone))
+            y = torch.tensor(labels, dtype=torch.float32).expand_as(out)
+            theirs.append(torch.nn.BCELoss()(out, y).item())
+    assert losses == pytest.approx(theirs, rel=1e-5)
+    assert probs.shape == p.valid.labels.shape
