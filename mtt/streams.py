@@ -80,9 +80,10 @@ def even_cuts(first: int, n_rows: int, n_samples: int, count: int, grid: ChunkGr
     """``count`` chunks of a clip at ``even_offsets`` as ``(stored row, frames into it)``.
 
     Each sample offset goes to the nearest frame (within half a frame: 8 ms for the short-chunk
-    front end), then to a cut of the stored rows ``first .. first + n_rows - 1``; an offset past
-    the last row's start (a clip shorter than about ``count`` row hops) is clamped to it. On a
-    grid that cannot be cut, the nearest stored row.
+    front end), then to a cut of the stored rows ``first .. first + n_rows - 1``; a start past the
+    last row's start (the clip's last ``< hop`` frames are not stored) is clamped to it: for the
+    short-chunk store never at 27.44-29.1 s, the last chunk by at most 49 frames at 15-27.44 s.
+    On a grid that cannot be cut, the nearest stored row.
     """
     frame = np.floor(even_offsets(n_samples, grid.chunk_samples, count) / grid.hop_samples + 0.5).astype(np.int64)
     if grid.cuttable:
@@ -267,7 +268,8 @@ class EpochSampler:
         self.bounds = np.concatenate([[0], np.cumsum(pass_sizes(len(rows), steps, batch_size))])
         self._pass: tuple[int, Pass] | None = None
 
-    def pass_(self, p: int) -> Pass:
+    def plan(self, p: int) -> Pass:
+        """Pass ``p``: the clip order and each clip's chunk (the last pass drawn is kept)."""
         if self._pass is None or self._pass[0] != p:
             rng = np.random.default_rng([self.seed, 2, p])
             order = rng.permutation(len(self.count))
@@ -283,7 +285,7 @@ class EpochSampler:
     def batch(self, g: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Batch ``g`` of the stream: ``(rows, frames into them, clip positions)``, each ``(B,)``."""
         p, s = divmod(g, self.steps)
-        plan = self.pass_(p)
+        plan = self.plan(p)
         pos = plan.order[self.bounds[s] : self.bounds[s + 1]]
         return plan.rows[pos], plan.within[pos], pos
 
@@ -386,12 +388,13 @@ def epoch_sampler(
     store: PatchStore, clip_ids: np.ndarray, cfg, batch_size: int, seed: int, pass_steps: int, grid: ChunkGrid | None
 ) -> EpochSampler:
     """The ``EpochSampler`` of ``clip_ids`` (``cfg`` the ``stream`` config): frame offsets where
-    ``grid`` can be cut, else stored rows."""
+    ``grid`` can be cut and clips keep all their rows, else stored rows."""
     rows = [clip_rows(store, c, cfg.patches_per_clip, seed) for c in clip_ids]
     for clip_id, r in zip(clip_ids, rows):
         if len(r) == 0:
             raise ValueError(f"clip {int(clip_id)} has no patches in {store.path}")
-    hop = grid.hop if grid is not None and grid.cuttable else None
+    # Frame offsets need every row of a clip: a stream.patches_per_clip subset is drawn from as it is.
+    hop = grid.hop if grid is not None and grid.cuttable and cfg.patches_per_clip is None else None
     return EpochSampler(rows, pass_steps, batch_size, seed, hop)
 
 

@@ -11,13 +11,14 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from mtt.evaluate import clip_scores
+from mtt.evaluate import chunk_bce, clip_scores
 from mtt.streams import simulate_coverage
 from mtt.tracking import MlflowTracker, download_artifacts
 from mtt.train import clip_metrics, clip_probabilities, prepare, train
 from tests.helpers import TINY, compose_cfg, run_module, sweep_children
 
-EPOCH_METRICS = ["train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_roc_auc", "val_pr_auc"]
+EPOCH_METRICS = ["train_loss", "train_accuracy", "train_clip_coverage", "train_draws_per_clip"]
+EPOCH_METRICS += ["val_loss", "val_chunk_loss", "val_accuracy", "val_roc_auc", "val_pr_auc"]
 FINAL_METRICS = ["test_loss", "test_accuracy", "test_roc_auc", "test_pr_auc"]
 
 
@@ -124,7 +125,7 @@ def epoch_history(uri: str, run_id: str, key: str) -> list[float]:
     return [m.value for m in sorted(MlflowClient(uri).get_metric_history(run_id, key), key=lambda m: m.step)]
 
 
-def test_every_run_logs_the_share_of_training_clips_each_epoch_saw(tiny_cfg, cache_dir):
+def test_every_run_logs_the_share_of_training_clips_each_epoch_saw(tiny_cfg, cache_dir, tmp_path):
     """train_clip_coverage and train_draws_per_clip, per epoch: 1.0 and 1.0 under stream.mode=epoch
     with steps=epoch (every clip once); under the default mux what that stream really drew (the
     same figures as simulate_coverage), short of every clip here; and trainer.monitor=val_chunk_loss
@@ -145,6 +146,11 @@ def test_every_run_logs_the_share_of_training_clips_each_epoch_saw(tiny_cfg, cac
     assert epoch_history(uri, run_id, "train_draws_per_clip") == [1.0, 1.0]
     chunk_losses = epoch_history(uri, run_id, "val_chunk_loss")
     assert metrics["best_epoch"] == int(np.argmin(chunk_losses))
+    # The logged value is the chunk loss of the selected checkpoint on the validation clips.
+    p = prepare(cfg)
+    p.model.load_state_dict(load_file(download_artifacts(uri, run_id, "checkpoint/best.safetensors", tmp_path)))
+    _, losses = clip_scores(p.model, p.inputs, p.valid, cfg, p.device, p.from_backbone, p.amp, p.grid)
+    assert chunk_losses[metrics["best_epoch"]] == pytest.approx(float(np.mean(losses)), rel=1e-6)
     cfg, run_id, _ = runs["mux"]
     p = prepare(cfg)
     steps = int(MlflowClient(uri).get_run(run_id).data.params["derived.steps_per_epoch"])
@@ -174,3 +180,15 @@ def test_val_chunk_loss_is_the_mean_over_clips_of_their_chunks_bce(tiny_cfg):
             theirs.append(torch.nn.BCELoss()(out, y).item())
     assert losses == pytest.approx(theirs, rel=1e-5)
     assert probs.shape == p.valid.labels.shape
+
+
+def test_chunk_bce_is_torchs_bce_loss_with_its_clamp():
+    """A saturated probability costs what nn.BCELoss charges (its logs clamped at -100), not
+    infinity, and each chunk's loss is the mean over its tags."""
+    probs = np.array([[1.0, 0.5, 0.0], [0.9, 0.2, 1e-30]])
+    labels = np.array([[0, 1, 0], [1, 0, 1]], dtype=np.uint8)
+    theirs = [
+        torch.nn.BCELoss()(torch.tensor(p), torch.tensor(y, dtype=torch.float64)).item() for p, y in zip(probs, labels)
+    ]
+    assert chunk_bce(probs, labels) == pytest.approx(theirs, rel=1e-12)
+    assert chunk_bce(probs, labels)[0] == pytest.approx((100 + np.log(2)) / 3)
