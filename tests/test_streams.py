@@ -441,6 +441,7 @@ def test_epoch_mode_without_frame_cuts_reads_whole_rows(tmp_path):
 
 
 def test_pass_sizes_keep_every_clip_once_and_no_batch_of_one():
+    assert steps_per_epoch("epoch", 16, declared=0, cached=15247, patches=0) == 953  # ceil: one pass
     assert pass_sizes(15247, 953, 16).tolist() == [16] * 952 + [15]  # MTAT's top-50 training clips
     assert pass_sizes(33, 3, 16).tolist() == [16, 9, 8]  # a rest of 1 shares the last two batches
     # torchrun, 17 clips, 2 ranks of 8: ceil(17 / 16) = 2 steps on both; rank 0 has 9 clips, rank 1 has 8.

@@ -11,10 +11,11 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
+from mtt import distributed
 from mtt.evaluate import chunk_bce, clip_scores
 from mtt.streams import simulate_coverage
 from mtt.tracking import MlflowTracker, download_artifacts
-from mtt.train import clip_metrics, clip_probabilities, prepare, train
+from mtt.train import clip_metrics, clip_probabilities, prepare, start, train
 from tests.helpers import TINY, compose_cfg, run_module, sweep_children
 
 EPOCH_METRICS = ["train_loss", "train_accuracy", "train_clip_coverage", "train_draws_per_clip"]
@@ -166,20 +167,24 @@ def test_every_run_logs_the_share_of_training_clips_each_epoch_saw(tiny_cfg, cac
 
 def test_val_chunk_loss_is_the_mean_over_clips_of_their_chunks_bce(tiny_cfg):
     """Won et al.'s validation loss: per clip, nn.BCELoss of every evaluated chunk's probabilities
-    against the clip's tags (then Run.validate takes the mean over the clips). clip_scores
-    computes it beside the clip probabilities."""
+    against the clip's tags, then the mean over the clips (Run.validate's chunk_loss), which is
+    not the BCE of the clip-level probabilities (val_loss) once a clip's chunks disagree."""
     p = prepare(tiny_cfg)
-    probs, losses = clip_scores(p.model, p.inputs, p.valid, tiny_cfg, p.device, p.from_backbone, p.amp, p.grid)
-    p.model.eval()
+    run = start(tiny_cfg, distributed.RankTracker("chunk-loss", resumed=False), p, distributed.Dist())  # logs nothing
+    with torch.no_grad():  # tags decided by small differences between chunks: a clip's chunks disagree
+        p.model.head.output_layer.weight.normal_(0, 300)
+        p.model.head.output_layer.bias.zero_()
     theirs = []
+    p.model.eval()
     with torch.no_grad():
         for clip, labels in zip(p.valid.clip_ids, p.valid.labels):
             x = torch.from_numpy(np.asarray(p.inputs.get(clip), dtype=np.float32))
             out = p.model.probabilities(p.model(x, from_backbone=p.from_backbone))
             y = torch.tensor(labels, dtype=torch.float32).expand_as(out)
             theirs.append(torch.nn.BCELoss()(out, y).item())
-    assert losses == pytest.approx(theirs, rel=1e-5)
-    assert probs.shape == p.valid.labels.shape
+    val = run.validate()
+    assert val["chunk_loss"] == pytest.approx(float(np.mean(theirs)), rel=1e-5)
+    assert abs(val["chunk_loss"] - val["loss"]) > 0.01, val
 
 
 def test_chunk_bce_is_torchs_bce_loss_with_its_clamp():
