@@ -24,6 +24,7 @@ COMMON = {
     "data.tags": "all",
     "data.drop_untagged": False,
     "stream.patches_per_clip": 1,
+    "stream.mode": "with_replacement",  # the report's pescador mux, not the epoch mode
     "eval.patches_per_clip": 1,
     "trainer.batch_size": 32,
     "tracking.experiment": "report",
