@@ -112,14 +112,16 @@ class HeadConfig:
     dropout: float = 0.2
     output: str = "sigmoid"  # sigmoid (independent tags) | softmax (the report's, wrong here)
     # Output-layer bias at the start: prior = log-odds of each tag's training frequency, so the
-    # loss starts near its floor (most tags are on 1-5% of clips) | zero (the report's, Keras').
+    # loss starts near its floor (most tags are on 1-5% of clips) | zero (the report's, Keras'
+    # zeros) | default (PyTorch's init, uniform within +-1/sqrt(fan in): Won et al.'s).
     bias_init: str = "prior"
 
 
 @dataclass
 class StepsConfig:
     # declared: annotated train clips // batch; cached: train clips with features // batch;
-    # patches: cached train patches // batch (the default: an epoch sees the data); fixed: n
+    # patches: cached train patches // batch (the default: an epoch sees the data); fixed: n;
+    # epoch: one pass of stream.mode=epoch, ceil(cached train clips / batch)
     policy: str = "patches"
     n: Optional[int] = None
 
@@ -128,7 +130,9 @@ class StepsConfig:
 class StreamConfig:
     n_active: int = 20  # streamers the mux keeps open (the report's 20)
     rate: Optional[float] = 8.0  # mean patches drawn from a streamer before it is replaced
-    mode: str = "with_replacement"  # pescador StochasticMux mode
+    # pescador StochasticMux mode (with_replacement | single_active), or epoch: passes over the
+    # training clips, each clip once per pass in a shuffled order at a random offset (Won et al.)
+    mode: str = "with_replacement"
     patches_per_clip: Optional[int] = None  # None = all; 1 = the report's single random patch
     num_workers: int = 0  # DataLoader workers (each streams a disjoint shard of clips)
     # The mux's sampling distribution over clips: uniform | length (proportional to a clip's
@@ -141,9 +145,13 @@ class EvalConfig:
     aggregate: str = "mean"  # how patch probabilities become a clip's: mean | max
     patches_per_clip: Optional[int] = None  # None = all patches (clip-level); 1 = report's
     batch_size: int = 128
-    # Which patches_per_clip patches: random (a fixed, seeded subset) | even (evenly spaced over
-    # the clip, as Won et al. 2020 average 16 evenly spaced chunks)
+    # Which patches_per_clip chunks: random (a fixed, seeded subset of the stored patches) | even
+    # (Won et al. 2020's: chunk i starts at i * ((clip samples - chunk_samples) // patches_per_clip)
+    # samples, to the nearest frame)
     spacing: str = "random"
+    # The samples one chunk spans in even's formula (Won et al.: 59049); null = the fewest samples
+    # that make one patch of the front end
+    chunk_samples: Optional[int] = None
 
 
 @dataclass
@@ -274,7 +282,9 @@ def or_null(rule: Rule) -> Rule:
 
 
 # The metrics every epoch logs that can pick the best checkpoint (mtt.train.monitor_score).
-MONITORS = ("val_roc_auc", "val_pr_auc", "val_loss", "val_accuracy", "train_loss", "train_accuracy")
+# val_loss is the BCE of the clip-level probabilities; val_chunk_loss the mean BCE of every
+# evaluated chunk against its clip's tags (Won et al.'s validation loss, mtt.evaluate).
+MONITORS = ("val_roc_auc", "val_pr_auc", "val_loss", "val_chunk_loss", "val_accuracy", "train_loss", "train_accuracy")
 
 RULES: dict[str, Rule] = {
     "data.tags": pattern(r"all|top50|freq[1-9][0-9]*", "all, top50 or freqN with N >= 1 (e.g. freq50)"),
@@ -306,16 +316,16 @@ RULES: dict[str, Rule] = {
     "head.width": integer(1),
     "head.dropout": number(0, 1, hi_open=True),
     "head.output": one_of("sigmoid", "softmax"),
-    "head.bias_init": one_of("prior", "zero"),
-    "steps.policy": one_of("declared", "cached", "patches", "fixed"),
+    "head.bias_init": one_of("prior", "zero", "default"),
+    "steps.policy": one_of("declared", "cached", "patches", "fixed", "epoch"),
     "steps.n": or_null(integer(1)),
     "stream.n_active": integer(1),
     # null would never replace an active clip: training would see only n_active clips, forever.
     "stream.rate": Rule(number(0, lo_open=True).ok, "a number > 0 (null never replaces an active clip)"),
     # exhaustive ends the stream once every clip was drawn from: training needs an endless one.
     "stream.mode": Rule(
-        one_of("with_replacement", "single_active").ok,
-        "one of with_replacement, single_active (exhaustive would end the endless stream)",
+        one_of("with_replacement", "single_active", "epoch").ok,
+        "one of with_replacement, single_active, epoch (exhaustive would end the endless stream)",
     ),
     "stream.patches_per_clip": or_null(integer(1)),
     "stream.num_workers": integer(0),
@@ -324,6 +334,7 @@ RULES: dict[str, Rule] = {
     "eval.patches_per_clip": or_null(integer(1)),
     "eval.batch_size": integer(1),
     "eval.spacing": one_of("random", "even"),
+    "eval.chunk_samples": or_null(integer(1)),
     "trainer.epochs": integer(1),
     "trainer.batch_size": integer(1),
     "trainer.lr": number(0, lo_open=True),
@@ -401,6 +412,10 @@ def config_errors(cfg) -> list[str]:
             )
     if cfg.steps.policy == "fixed" and cfg.steps.n is None:
         errors.append("steps.n=null: expected an integer >= 1 with steps.policy=fixed")
+    if cfg.steps.policy == "epoch" and cfg.stream.mode != "epoch":
+        errors.append(
+            f"steps.policy=epoch, stream.mode={cfg.stream.mode}: steps=epoch counts the passes of stream.mode=epoch"
+        )
     t = cfg.trainer
     epochs = [p.epoch for p in t.phases] if check_value("trainer.phases", t.phases) is None else None
     if t.lr_schedule == "phases" and epochs is not None and (not epochs or epochs != sorted(set(epochs))):

@@ -59,6 +59,10 @@ class PatchFrontEnd(torch.nn.Module):
     def frames(self, n_samples: int) -> int:
         raise NotImplementedError
 
+    def samples_for_frames(self, frames: int) -> int:
+        """The fewest samples that make ``frames`` frames (the inverse of ``frames``)."""
+        raise NotImplementedError
+
     def patches(self, waveforms: torch.Tensor, n_patches: int) -> torch.Tensor:
         raise NotImplementedError
 
@@ -121,6 +125,9 @@ class LogMelFrontEnd(PatchFrontEnd):
     def frames(self, n_samples: int) -> int:
         """Complete windows only (no padding anywhere, as the reference)."""
         return 0 if n_samples < self.win else 1 + (n_samples - self.win) // self.hop
+
+    def samples_for_frames(self, frames: int) -> int:
+        return self.win + (frames - 1) * self.hop
 
     def patches(self, waveforms: torch.Tensor, n_patches: int) -> torch.Tensor:
         batch = waveforms.shape[0]
@@ -189,6 +196,9 @@ class MelDbFrontEnd(PatchFrontEnd):
         """Centred frames: ``1 + n // hop`` (the reflect padding needs more than n_fft / 2 samples)."""
         return 1 + n_samples // self.hop if n_samples > self.n_fft // 2 else 0
 
+    def samples_for_frames(self, frames: int) -> int:
+        return max((frames - 1) * self.hop, self.n_fft // 2 + 1)
+
     def patches(self, waveforms: torch.Tensor, n_patches: int) -> torch.Tensor:
         p, ph = self.cfg.patch_frames, self.cfg.patch_hop_frames
         db = self.to_db(self.spec(waveforms.float()))  # (batch, mel, frames)
@@ -201,7 +211,7 @@ class MelDbFrontEnd(PatchFrontEnd):
 FRONT_ENDS = {"vggish": LogMelFrontEnd, "mel_db": MelDbFrontEnd}
 
 
-def build_front_end(cfg: FeaturesConfig) -> torch.nn.Module:
+def build_front_end(cfg: FeaturesConfig) -> PatchFrontEnd:
     """The front end ``cfg.name`` names (a config without the key is VGGish's)."""
     name = getattr(cfg, "name", "vggish")
     if name not in FRONT_ENDS:

@@ -34,7 +34,7 @@ import warnings
 import numpy as np
 
 from mtt import distributed
-from mtt.evaluate import Split, clip_metrics, log_test
+from mtt.evaluate import Split, chunk_bce, clip_metrics, log_test
 from mtt.store import PatchStore
 from mtt.train import log_records, prepare
 
@@ -156,7 +156,11 @@ def run_probe(cfg, tracker, d: distributed.Dist = distributed.Dist()) -> dict[st
     for i, rec in enumerate(scores):  # the validation curve over strengths, for the record
         tracker.log_metrics({"probe_C": rec["C"], "probe_val_roc_auc": rec["val_roc_auc"]}, step=i)
     tracker.log_params({"probe.selected_C": probe.C})
-    val = {f"val_{k}": v for k, v in clip_metrics(valid.labels, probe.predict(emb["valid"])).items()}
+    val_probs = probe.predict(emb["valid"])
+    # The probe scores one embedding per clip, so its chunk-level loss (a trained run's
+    # val_chunk_loss, Won et al.'s criterion) is over one chunk per clip, the whole clip.
+    val_chunk_loss = float(chunk_bce(val_probs, valid.labels).mean())
+    val = {f"val_{k}": v for k, v in {**clip_metrics(valid.labels, val_probs), "chunk_loss": val_chunk_loss}.items()}
     selected = {f"selected_{k}": v for k, v in val.items()}
     test = log_test(
         tracker,

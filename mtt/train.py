@@ -40,7 +40,16 @@ from mtt.data.datasets import index_from_config
 from mtt.data.index import ClipIndex
 
 # Re-exported: callers (mtt.probe, tests) import the evaluation helpers from here too.
-from mtt.evaluate import Split, clip_metrics, clip_probabilities, log_test, monitor_score, split_of, split_probabilities  # noqa: F401
+from mtt.evaluate import (  # noqa: F401
+    Split,
+    chunk_grid,
+    clip_metrics,
+    clip_probabilities,
+    log_test,
+    monitor_score,
+    split_of,
+    split_scores,
+)
 from mtt.models import Tagger, build_model
 from mtt.models.pooling import log_alphas, project_constraints
 from mtt.models.weights import WeightsInfo, load_state_dict, resolve_weights
@@ -48,7 +57,7 @@ from mtt.preprocess import build_feature_store
 from mtt.records import dataset_inputs, plot_curves, run_note, versions
 from mtt.schedule import Phases
 from mtt.store import PatchStore
-from mtt.streams import epoch_counts, steps_per_epoch, train_loader
+from mtt.streams import EPOCH, ChunkGrid, clip_coverage, epoch_counts, steps_per_epoch, train_loader
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +103,12 @@ def train_epoch(run: Run, epoch: int) -> dict[str, float]:
     if p.frozen:
         model.backbone.eval()
     loss_sum = correct = cells = 0.0
+    draws = np.zeros(len(run.train_clips), dtype=np.int64)  # this epoch's draws of each training clip
     # Epochs are numbered from 0 everywhere: this bar, the log lines, MLflow's steps, best_epoch.
     bar = tqdm(range(run.steps), desc=f"epoch {epoch}/{t.epochs - 1}", unit="step", disable=not t.progress, leave=False)
     for step in bar:
-        x, y = next(run.stream)
+        x, y, clips = next(run.stream)
+        draws += np.bincount(clips.numpy(), minlength=len(draws))
         x, y = x.to(p.device, non_blocking=True), y.to(p.device, non_blocking=True)
         with torch.autocast(p.device.type, dtype=p.amp, enabled=p.amp is not None):
             logits = run.forward(x, from_backbone=p.from_backbone)
@@ -115,7 +126,12 @@ def train_epoch(run: Run, epoch: int) -> dict[str, float]:
             correct += ((model.probabilities(logits) >= 0.5) == (y >= 0.5)).sum().item()
             cells += y.numel()
         bar.set_postfix(loss=f"{loss_sum / (step + 1):.4f}")  # tqdm syncs bar.n lazily
-    return {"train_loss": loss_sum / run.steps, "train_accuracy": correct / cells}
+    return {
+        "train_loss": loss_sum / run.steps,
+        "train_accuracy": correct / cells,
+        "clips_seen": int((draws > 0).sum()),
+        "draws": int(draws.sum()),
+    }
 
 
 def patience_spent(state: TrainState, patience: int | None) -> bool:
@@ -179,6 +195,7 @@ class Prepared:
     train: Split
     valid: Split
     test: Split
+    grid: ChunkGrid  # where the inputs' rows lie in their clips (epoch offsets, even evaluation chunks)
 
 
 def prepare(cfg, d: distributed.Dist = distributed.Dist(), cache: bool | None = None) -> Prepared:
@@ -214,7 +231,9 @@ def prepare(cfg, d: distributed.Dist = distributed.Dist(), cache: bool | None = 
     if len(splits[0].clip_ids) == 0:
         raise RuntimeError(f"no training clips with features under {cfg.data.root}")
     valid_is_test = np.array_equal(index.subset("valid"), index.subset("test"))
-    return Prepared(device, amp, weights, index, store, model, inputs, from_backbone, frozen, valid_is_test, *splits)
+    grid = chunk_grid(cfg, store, from_backbone)
+    fields = (device, amp, weights, index, store, model, inputs, from_backbone, frozen, valid_is_test)
+    return Prepared(*fields, train=splits[0], valid=splits[1], test=splits[2], grid=grid)
 
 
 @dataclass
@@ -236,11 +255,24 @@ class Run:
     patience: int | None  # early stopping, None = never
     phases: Phases  # the optimiser of each epoch (trainer.optimizer, trainer.phases: mtt.schedule)
     params: list  # the trained parameters, for an optimiser a phase builds
+    train_clips: np.ndarray  # this rank's training clips, which the stream's clip positions index
+
+    def scores(self, split: Split) -> tuple[np.ndarray, np.ndarray]:
+        """Clip probabilities ``(clips, n_tags)`` of ``split`` and each clip's mean chunk BCE
+        ``(clips,)`` (``mtt.evaluate.clip_scores``; across the ranks under torchrun)."""
+        p = self.p
+        return split_scores(self.d, p.model, p.inputs, split, self.cfg, p.device, p.from_backbone, p.amp, p.grid)
 
     def evaluate(self, split: Split) -> np.ndarray:
-        """Clip probabilities ``(clips, n_tags)`` of ``split`` (across the ranks under torchrun)."""
-        p = self.p
-        return split_probabilities(self.d, p.model, p.inputs, split, self.cfg, p.device, p.from_backbone, p.amp)
+        """Clip probabilities ``(clips, n_tags)`` of ``split``."""
+        return self.scores(split)[0]
+
+    def validate(self) -> dict[str, float]:
+        """The validation metrics: ``clip_metrics`` of the clip probabilities, and ``chunk_loss``
+        (Won et al.'s criterion: the BCE of every evaluated chunk, averaged per clip, then over
+        the clips; each clip has as many chunks under ``eval.patches_per_clip``)."""
+        probs, chunk_losses = self.scores(self.p.valid)
+        return {**clip_metrics(self.p.valid.labels, probs), "chunk_loss": float(np.mean(chunk_losses))}
 
 
 def train(cfg, tracker, d: distributed.Dist = distributed.Dist()) -> dict[str, float]:
@@ -298,8 +330,12 @@ def start(cfg, tracker, p: Prepared, d: distributed.Dist) -> Run:
     if not tracker.resumed:
         tracker.set_tags({"selection": selection})
     model = p.model
-    if cfg.head.bias_init == "prior":  # from the training labels, before any step
+    if model.pretrained_head:  # a head from backbone.weights keeps its trained bias
+        log.info("head.bias_init=%s not applied: the output layer comes from backbone.weights", cfg.head.bias_init)
+    elif cfg.head.bias_init == "prior":  # from the training labels, before any step
         model.init_output_bias(p.train.labels)
+    elif cfg.head.bias_init == "zero":  # Keras' zeros (the report's); "default" keeps PyTorch's init
+        model.zero_output_bias()
     params = [w for w in model.parameters() if w.requires_grad]
     folder = run_dir(cfg.paths.cache, tracker.run_id)
     phases = Phases(t, lr_schedule)  # trainer.optimizer, and trainer.phases (mtt.schedule)
@@ -325,6 +361,9 @@ def start(cfg, tracker, p: Prepared, d: distributed.Dist) -> Run:
         distributed.local_batch(d, t.batch_size),
         t.seed,
         pin_memory=p.device.type == "cuda",
+        pass_steps=steps_per_epoch(EPOCH, t.batch_size, 0, len(p.train.clip_ids), 0),  # the whole set's
+        grid=p.grid,
+        clips=True,
     )
     skip_batches(stream, steps * (state.epoch + 1))
     return Run(
@@ -342,6 +381,7 @@ def start(cfg, tracker, p: Prepared, d: distributed.Dist) -> Run:
         patience,
         phases,
         params,
+        p.train.clip_ids[mine],
     )
 
 
@@ -359,12 +399,14 @@ def fit(run: Run, tracker) -> None:
     epoch = state.epoch + 1
     while epoch < t.epochs and not patience_spent(state, run.patience):
         run.optimizer = run.phases.enter(epoch, run.optimizer, run.params, reload_best)
-        local = train_epoch(run, epoch)
+        ranks = distributed.gather(d, train_epoch(run, epoch))
         distributed.sync_buffers(d, p.model)  # every rank evaluates (and rank 0 saves) one model
         # Every rank ran the same number of equal-sized steps: the mean of means is the mean.
-        metrics = {k: float(np.mean([m[k] for m in distributed.gather(d, local)])) for k in local}
-        val = clip_metrics(p.valid.labels, run.evaluate(p.valid))
-        metrics.update({f"val_{k}": v for k, v in val.items()})
+        metrics = {k: float(np.mean([m[k] for m in ranks])) for k in ("train_loss", "train_accuracy")}
+        # The ranks' clips are disjoint: the clips seen are the sum of each rank's.
+        seen, draws = (sum(m[k] for m in ranks) for k in ("clips_seen", "draws"))
+        metrics.update(clip_coverage(seen, draws, len(p.train.clip_ids)))
+        metrics.update({f"val_{k}": v for k, v in run.validate().items()})
         metrics["lr"] = run.optimizer.param_groups[0]["lr"]  # the rate this epoch trained with
         log.info("epoch %d: %s", epoch, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         score = monitor_score(metrics, t.monitor)

@@ -116,10 +116,11 @@ def test_zeroed_rows_are_found_when_read_naming_the_first_bad_row(feature_store,
         PatchStore(store.path).get(int(store.clip_ids[0]))
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_training_stream_and_evaluation_check_the_rows_they_read(feature_store, workers):
+@pytest.mark.parametrize("workers,mode", [(0, "with_replacement"), (2, "with_replacement"), (0, "epoch")])
+def test_training_stream_and_evaluation_check_the_rows_they_read(feature_store, workers, mode):
     """The readers of mtt.streams (training batches through pread, in DataLoader workers too,
-    whose error torch re-raises in the main process: still the one-line error; evaluation)."""
+    whose error torch re-raises in the main process: still the one-line error; the epoch mode's
+    chunk cutter; evaluation)."""
     from omegaconf import OmegaConf
 
     from mtt.config import StreamConfig
@@ -129,7 +130,7 @@ def test_training_stream_and_evaluation_check_the_rows_they_read(feature_store, 
     zero(patches, rows_offset(patches))
     store = PatchStore(feature_store.path)
     labels = np.zeros((len(store), 3), dtype=np.float32)
-    cfg = OmegaConf.structured(StreamConfig(num_workers=workers))
+    cfg = OmegaConf.structured(StreamConfig(num_workers=workers, mode=mode))
     with pytest.raises(CorruptFileError, match="differs from its CRC-32") as exc:
         next(train_loader(store, store.clip_ids, labels, cfg, 4, seed=0))
     assert_refused(exc, patches, f"rm -r {store.path}")

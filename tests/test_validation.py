@@ -58,6 +58,7 @@ BAD = {
     "eval.patches_per_clip": ("eval.patches_per_clip=-1", "-1", "an integer >= 1, or null"),
     "eval.batch_size": ("eval.batch_size=0", "0", "an integer >= 1"),
     "eval.spacing": ("eval.spacing=middle", "middle", "one of random, even"),
+    "eval.chunk_samples": ("eval.chunk_samples=0", "0", "an integer >= 1, or null"),
     "trainer.epochs": ("trainer.epochs=0", "0", "an integer >= 1"),
     "trainer.batch_size": ("trainer.batch_size=0", "0", "an integer >= 1"),
     "trainer.lr": ("trainer.lr=-1", "-1.0", "a number > 0"),
@@ -106,6 +107,10 @@ def test_values_that_depend_on_each_other():
     assert config_errors(compose_cfg(["steps=fixed", "steps.n=null"])) == [
         "steps.n=null: expected an integer >= 1 with steps.policy=fixed"
     ]
+    assert config_errors(compose_cfg(["steps=epoch"])) == [
+        "steps.policy=epoch, stream.mode=with_replacement: steps=epoch counts the passes of stream.mode=epoch"
+    ]
+    assert config_errors(compose_cfg(["steps=epoch", "stream.mode=epoch"])) == []
     assert config_errors(compose_cfg(["trainer.lr_schedule=phases"])) == [
         "trainer.phases=[] (epochs): expected a non-empty list in increasing epoch order with trainer.lr_schedule=phases"
     ]
@@ -207,7 +212,7 @@ def test_a_bad_swept_value_stops_the_sweep_before_its_first_job(tmp_path):
     assert_refused(
         proc,
         "trainer.lr=-1: expected a number > 0; stream.mode=exhaustive: expected one of "
-        "with_replacement, single_active (exhaustive would end the endless stream)",
+        "with_replacement, single_active, epoch (exhaustive would end the endless stream)",
         store,
     )
     assert not cache.exists(), "a job started"
