@@ -423,11 +423,20 @@ def validate(cfg) -> None:
         raise ConfigError("; ".join(errors))
 
 
-def exit_if_invalid(cfg, more_errors: Sequence[str] = ()) -> None:
+def exit_if_invalid(cfg, more_errors: Sequence[str] = (), data: bool = True) -> None:
     """``validate`` for an entry point (and the launcher, with ``more_errors`` about swept
     values): a bad value ends the process with ``error: <what>`` on stderr and exit status 2 (a
-    usage error), before any data, model or MLflow work."""
+    usage error), before any data, model or MLflow work.
+
+    ``data``: also check ``data.root`` on disk (``mtt.data.datasets.root_errors``: a dataset that
+    would be written into someone else's folder, or read from a missing one); False for the
+    command that creates it (``mtt.data.download``, which checks its target itself).
+    """
     errors = [*config_errors(cfg), *more_errors]
+    if data:
+        from mtt.data.datasets import root_errors  # here: the datasets import their readers
+
+        errors += root_errors(cfg.data)
     if errors:
         print(f"error: {'; '.join(errors)}", file=sys.stderr, flush=True)
         raise SystemExit(2)

@@ -406,7 +406,7 @@ class _JoinedFile(io.RawIOBase):
 @hydra.main(config_path="../../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     """Hydra entry: compose the project config and download into ``data.root`` (``data=mtat``)."""
-    mtt.config.exit_if_invalid(cfg)
+    mtt.config.exit_if_invalid(cfg, data=False)  # it creates data.root: download_mtat checks it
     if cfg.data.name != "mtat":
         raise SystemExit(
             f"data={cfg.data.name}: this command downloads MagnaTagATune; run it with data=mtat data.root=DIR"
