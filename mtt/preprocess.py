@@ -176,11 +176,24 @@ def _finished_store(path: Path, index: ClipIndex) -> PatchStore | None:
     return store if known.issuperset(int(c) for c in index.clip_ids) else None
 
 
+def _check_ours(path: Path) -> None:
+    """A store is built (and its manifest and shards replaced) only in a folder that is new, empty
+    or a store's own (it holds a manifest or shards); ``FileExistsError`` names anything else."""
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} is a file, not a feature store; move it away or set features.store elsewhere")
+    if path.is_dir() and any(path.iterdir()) and not ((path / MANIFEST).exists() or (path / "shards").is_dir()):
+        raise FileExistsError(
+            f"{path} holds files that are not a feature store's; refusing to build one there: "
+            "move them away or set features.store to another folder"
+        )
+
+
 def _build_feature_store(path: Path, index: ClipIndex, cfg: FeaturesConfig, progress: bool) -> PatchStore:
     """``build_feature_store`` under its lock."""
     finished = _finished_store(path, index)  # built by another process while we waited
     if finished is not None:
         return finished
+    _check_ours(path)
     clip_ids = [int(c) for c in index.clip_ids]
     store = PatchStore(path) if (path / MANIFEST).is_file() else None  # clips added since: extend
     shards = path / "shards"

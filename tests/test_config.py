@@ -65,3 +65,12 @@ def test_cli_typo_fails_before_any_data_work(tmp_path):
         assert proc.returncode != 0
         assert word in proc.stderr
         assert not any(tmp_path.iterdir()), "nothing may be generated before the config is valid"
+
+
+def test_two_runs_started_in_the_same_second_get_their_own_hydra_folder():
+    """Hydra writes .hydra/*.yaml and the log into hydra.run.dir: two runs must never share one."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        dirs = [compose("config", return_hydra_config=True).hydra.run.dir for _ in range(2)]
+    assert dirs[0] != dirs[1] and dirs[0].rsplit("/", 1)[1][:8] == dirs[1].rsplit("/", 1)[1][:8]

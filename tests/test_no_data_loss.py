@@ -6,35 +6,10 @@ must refuse, in one line, with exit status 2, before any MLflow run, and leave e
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import numpy as np
 import pytest
 
-from mtt.data.mtat import ANNOTATIONS, CLIP_INFO, FOLDERS
-from tests.helpers import TINY, run_module
-
-
-def mtat_tree(root: Path) -> Path:
-    """A MagnaTagATune unpacked by hand: two clips in each of the folders 0-f and both CSVs."""
-    rng = np.random.default_rng(7)
-    rows = []
-    for folder in FOLDERS:
-        for i in range(2):
-            mp3 = f"{folder}/artist_{folder}-album-0{i}-title-{30 * i}-{30 * i + 29}.mp3"
-            (root / folder).mkdir(parents=True, exist_ok=True)
-            (root / mp3).write_bytes(rng.integers(0, 256, 3000, dtype=np.uint8).tobytes())
-            rows.append(mp3)
-    (root / ANNOTATIONS).write_text(
-        '"clip_id"\t"guitar"\t"mp3_path"\n' + "".join(f'"{i}"\t"1"\t"{p}"\n' for i, p in enumerate(rows, 2))
-    )
-    (root / CLIP_INFO).write_text('"clip_id"\t"mp3_path"\n' + "".join(f'"{i}"\t"{p}"\n' for i, p in enumerate(rows, 2)))
-    return root
-
-
-def snapshot(root: Path) -> dict[str, bytes | None]:
-    """Every path under ``root``: a file's bytes, None for a folder."""
-    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+from tests.helpers import TINY, mtat_tree, run_module, snapshot
+from tests.helpers.http_server import closed_port_url
 
 
 @pytest.mark.parametrize("command", ["mtt.run", "mtt.preprocess"])
@@ -54,3 +29,20 @@ def test_default_data_on_a_hand_unpacked_mtat_touches_nothing(tmp_path, command)
     assert snapshot(root) == before  # every file, byte for byte, and no new one
     assert not store.exists(), "the MLflow store (so a run) was created"
     assert not cache.exists(), "data work started"
+
+
+def test_download_into_a_hand_unpacked_mtat_is_refused_before_any_request(tmp_path):
+    root = mtat_tree(tmp_path / "mtat")
+    before = snapshot(root)
+    proc = run_module(
+        ["mtt.data.download", "data=mtat", f"data.root={root}", f"paths.cache={tmp_path / 'cache'}"],
+        env={"MTT_MTAT_URL": closed_port_url()},
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [
+        f"error: data.root={root} holds files mtt did not download (0, 1, 2, ...); refusing to download "
+        f"into it: if it holds MagnaTagATune already, use it as it is (data=mtat data.root={root}), "
+        "otherwise choose an empty or new folder"
+    ]
+    assert snapshot(root) == before

@@ -302,3 +302,18 @@ def test_the_store_builds_with_worker_processes_inside_a_joblib_worker(tmp_path)
         delayed(_build_in_worker)(str(tmp_path / "mtat"), str(tmp_path / "c")) for _ in range(1)
     )
     assert n == 64
+
+
+def test_a_store_folder_holding_someone_elses_files_is_refused_and_left(tmp_path):
+    """A feature store replaces its own manifest and shards only: a folder at the store's path
+    that holds anything else (however unlikely its name) is refused, byte for byte untouched."""
+    root = tmp_path / "mtat"
+    make_tree(root, 2, seconds=1.0)
+    cfg = compose_cfg(mtat_overrides(root, tmp_path / "store"))
+    index = build_index(root, tags="top50")
+    path = store_path(index, cfg.features)
+    path.mkdir(parents=True)
+    (path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=f"{path} holds files that are not a feature store's"):
+        build_feature_store(index, cfg.features, progress=False)
+    assert [p.name for p in path.iterdir()] == ["notes.txt"] and (path / "notes.txt").read_text() == "mine"
