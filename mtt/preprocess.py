@@ -330,12 +330,10 @@ def summary(store: PatchStore, seconds: float | None = None) -> str:
 
 
 def main() -> None:
-    import hydra
-
-    from mtt.config import CONF_DIR, exit_if_invalid
+    from mtt.config import exit_if_invalid, hydra_entry
     from mtt.data.datasets import index_from_config
 
-    @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+    @hydra_entry
     def _run(cfg) -> None:
         exit_if_invalid(cfg)
         start = time.perf_counter()

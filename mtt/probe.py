@@ -178,12 +178,10 @@ def run_probe(cfg, tracker, d: distributed.Dist = distributed.Dist()) -> dict[st
 
 
 def main() -> None:
-    import hydra
-
-    from mtt.config import CONF_DIR, exit_if_invalid
+    from mtt.config import exit_if_invalid, hydra_entry
     from mtt.run import tracked
 
-    @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+    @hydra_entry
     def _probe(cfg) -> float:
         exit_if_invalid(cfg)
         metrics = tracked(cfg, run_probe, name_prefix=REFERENCE, entry="mtt.probe")

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import logging
 
-import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from mtt.config import CONF_DIR, exit_if_invalid
+from mtt.config import exit_if_invalid, hydra_entry
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +117,7 @@ def tracked(
         distributed.shutdown(d)
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+@hydra_entry
 def main(cfg: DictConfig) -> float:
     exit_if_invalid(cfg)  # before any data, model or MLflow work
     from mtt.train import train

@@ -58,7 +58,6 @@ import zlib
 from collections.abc import Mapping
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
@@ -481,7 +480,7 @@ class _JoinedFile(io.RawIOBase):
         super().close()
 
 
-@hydra.main(config_path="../../conf", config_name="config", version_base="1.3")
+@mtt.config.hydra_entry
 def main(cfg: DictConfig) -> None:
     """Hydra entry: compose the project config and download into ``data.root`` (``data=mtat``)."""
     mtt.config.exit_if_invalid(cfg, data=False)  # it creates data.root: download_mtat checks it
