@@ -277,6 +277,10 @@ def or_null(rule: Rule) -> Rule:
     return Rule(lambda v: v is None or rule.ok(v), f"{rule.allowed}, or null")
 
 
+# The longest names every MLflow store keeps (see the rules below).
+MAX_EXPERIMENT_NAME = 256
+MAX_RUN_NAME = 250
+
 # The metrics every epoch logs that can pick the best checkpoint (mtt.train.monitor_score).
 MONITORS = ("val_roc_auc", "val_pr_auc", "val_loss", "val_accuracy", "train_loss", "train_accuracy")
 
@@ -350,7 +354,15 @@ RULES: dict[str, Rule] = {
         lambda v: isinstance(v, (list, tuple, ListConfig)) and len(v) > 0 and all(_is_number(c) and c > 0 for c in v),
         "a non-empty list of numbers > 0",
     ),
-    "tracking.experiment": pattern(r".*\S.*", "a non-empty name"),
+    # MLflow's database columns: experiments.name VARCHAR(256) (its own check allows 500, which
+    # PostgreSQL and MySQL then refuse), runs.name VARCHAR(250).
+    "tracking.experiment": Rule(
+        lambda v: isinstance(v, str) and v.strip() != "" and len(v) <= MAX_EXPERIMENT_NAME,
+        f"a non-empty name of at most {MAX_EXPERIMENT_NAME} characters",
+    ),
+    "tracking.run_name": or_null(
+        Rule(lambda v: isinstance(v, str) and len(v) <= MAX_RUN_NAME, f"a name of at most {MAX_RUN_NAME} characters")
+    ),
     "tracking.flush_timeout_s": number(0),
 }
 
@@ -466,7 +478,8 @@ def _show(value) -> str:
         return str(value).lower()
     if isinstance(value, (list, tuple, ListConfig)):
         return "[" + ",".join(_show(v) for v in value) + "]"
-    return str(value)
+    text = str(value)
+    return text if len(text) <= 80 else f"{text[:40]}... ({len(text)} characters)"
 
 
 def check_value(key: str, value) -> str | None:

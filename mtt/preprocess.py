@@ -331,13 +331,13 @@ def summary(store: PatchStore, seconds: float | None = None) -> str:
 
 def main() -> None:
     from mtt.config import exit_if_invalid, hydra_entry
-    from mtt.data.datasets import index_from_config
+    from mtt.preflight import checked_index
 
     @hydra_entry
     def _run(cfg) -> None:
         exit_if_invalid(cfg)
         start = time.perf_counter()
-        index = index_from_config(cfg.data)
+        index = checked_index(cfg, batch=False)
         store = build_feature_store(index, cfg.features)
         print(summary(store, time.perf_counter() - start), flush=True)
 

@@ -182,12 +182,15 @@ class Prepared:
     test: Split
 
 
-def prepare(cfg, d: distributed.Dist = distributed.Dist(), cache: bool | None = None) -> Prepared:
+def prepare(
+    cfg, d: distributed.Dist = distributed.Dist(), cache: bool | None = None, index: ClipIndex | None = None
+) -> Prepared:
     """Seed, resolve the weights, build (or open) the dataset, the feature store, the model and,
     for a frozen backbone, the cache of its outputs; split the clips.
 
     ``cache`` forces the backbone cache on (the linear probe reads frozen outputs even when the
     config fine-tunes) or off; by default it follows ``backbone.freeze``/``finetune_last``/``cache``.
+    ``index``: the clip index when the caller has read it already (``mtt.preflight``).
     """
     validate(cfg)  # library callers too: a bad value fails here, not deep in the loop
     t = cfg.trainer
@@ -199,7 +202,7 @@ def prepare(cfg, d: distributed.Dist = distributed.Dist(), cache: bool | None = 
     with distributed.main_first(d):  # rank 0 downloads and builds, the others then find it all
         # The weights first: an offline `audioset` run fails here, before any data work.
         weights = resolve_weights(cfg.backbone.weights, cfg.backbone.url, cfg.backbone.hub_dir)
-        index = index_from_config(cfg.data, progress=t.progress)
+        index = index if index is not None else index_from_config(cfg.data, progress=t.progress)
         store = build_feature_store(index, cfg.features, progress=t.progress)
         state_dict = load_state_dict(weights.path) if weights.path is not None else None
         model = build_model(cfg, len(index.tags), state_dict).to(device)
@@ -244,7 +247,7 @@ class Run:
         return split_probabilities(self.d, p.model, p.inputs, split, self.cfg, p.device, p.from_backbone, p.amp)
 
 
-def train(cfg, tracker, d: distributed.Dist = distributed.Dist()) -> dict[str, float]:
+def train(cfg, tracker, d: distributed.Dist = distributed.Dist(), index: ClipIndex | None = None) -> dict[str, float]:
     """Train the tagger of ``cfg`` and log everything to ``tracker``; returns the final metrics.
 
     prepare (data, features, model) -> fit (epochs, checkpoints, validation) -> test (the
@@ -252,7 +255,7 @@ def train(cfg, tracker, d: distributed.Dist = distributed.Dist()) -> dict[str, f
     from the last checkpoint of that run. ``d`` is this process's place in a torchrun job (see
     ``mtt.distributed``); by default one process.
     """
-    run = start(cfg, tracker, prepare(cfg, d), d)
+    run = start(cfg, tracker, prepare(cfg, d, index=index), d)
     fit(run, tracker)
     return test(run, tracker)
 

@@ -79,6 +79,11 @@ BAD = {
     "trainer.lr_factor": ("trainer.lr_factor=1.0", "1.0", "a number in (0, 1)"),
     "probe.C": ("probe.C=[]", "[]", "a non-empty list of numbers > 0"),
     "tracking.experiment": ("tracking.experiment=' '", " ", "a non-empty name"),
+    "tracking.run_name": (
+        f"tracking.run_name={'r' * 251}",
+        f"{'r' * 40}... (251 characters)",
+        "at most 250 characters",
+    ),
     "tracking.flush_timeout_s": ("tracking.flush_timeout_s=-1", "-1.0", "a number >= 0"),
 }
 

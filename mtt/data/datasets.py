@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from mtt.data.index import ClipIndex, build_index
@@ -84,7 +85,24 @@ def mtat_index(data_cfg) -> ClipIndex:
     )
 
 
-@register("mtat")
+def _mtat_root(data_cfg) -> list[str]:
+    """Real MTAT is read from data.root: it must be set, and a folder."""
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_missing(data_cfg, "root"):
+        return ["data.root is not set: data=mtat needs data.root=DIR, the folder holding annotations_final.csv and 0-f"]
+    root = Path(data_cfg.root).expanduser()
+    if not root.exists():
+        return [
+            f"data.root={data_cfg.root}: no such folder (download MTAT into it first: "
+            f"python -m mtt.data.download data=mtat data.root={data_cfg.root})"
+        ]
+    if not root.is_dir():
+        return [f"data.root={data_cfg.root}: a file, not a folder (expected the folder holding annotations_final.csv)"]
+    return []
+
+
+@register("mtat", check=_mtat_root)
 def mtat(data_cfg, progress: bool) -> ClipIndex:
     """Real MagnaTagATune, already at ``data.root`` (``python -m mtt.data.download`` puts it there)."""
     return mtat_index(data_cfg)
