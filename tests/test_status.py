@@ -124,7 +124,8 @@ def test_ctrl_c_during_training_marks_the_run_killed(tmp_path, cache_dir):
 
 @pytest.mark.slow
 def test_ctrl_c_during_data_preparation_is_killed_and_leaves_nothing_corrupt(tmp_path):
-    # A fresh cache: the dataset and its features are generated inside the run, for seconds.
+    # A fresh cache: the features are computed inside the run, for seconds (the dataset itself is
+    # generated before the run exists: its index is read first, mtt.preflight).
     cache = tmp_path / "cache"
     data = [
         "data.synth.clips_per_folder=6",
@@ -137,10 +138,10 @@ def test_ctrl_c_during_data_preparation_is_killed_and_leaves_nothing_corrupt(tmp
     uri = f"sqlite:///{tmp_path}/m.db"
     proc = start_run(data, uri)
     run_id = wait_for_run(proc, uri, "prep", points=None)
-    # Interrupt once the dataset is being generated (its first clips are in the generator's
-    # temporary folder): data preparation is under way, and 96 clips leave seconds to spare.
+    # Interrupt once the feature store is being built (its first shards are written): data
+    # preparation is under way, and 96 clips leave seconds to spare.
     deadline = time.monotonic() + 120
-    while not list(cache.glob("toy-v1/.*.gen-*/*/*.mp3")):
+    while not list(cache.glob("features/*/shards/*")):
         assert proc.poll() is None and time.monotonic() < deadline, "no data preparation seen"
         time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
