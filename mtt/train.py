@@ -104,6 +104,8 @@ def train_epoch(run: Run, epoch: int) -> dict[str, float]:
             logits = run.forward(x, from_backbone=p.from_backbone)
         loss = model.loss(logits, y)
         if not torch.isfinite(loss):
+            if not torch.isfinite(x).all():  # the data, not the optimisation
+                raise nonfinite_inputs(p, epoch, step)
             raise FloatingPointError(
                 f"loss is {loss.item()} at epoch {epoch} step {step}; stopping (trainer.lr={t.lr} too high?)"
             )
@@ -117,6 +119,32 @@ def train_epoch(run: Run, epoch: int) -> dict[str, float]:
             cells += y.numel()
         bar.set_postfix(loss=f"{loss_sum / (step + 1):.4f}")  # tqdm syncs bar.n lazily
     return {"train_loss": loss_sum / run.steps, "train_accuracy": correct / cells}
+
+
+_NAMED = 5  # clips a non-finite-input error names
+
+
+def nonfinite_inputs(p: Prepared, epoch: int, step: int) -> FloatingPointError:
+    """The error for a batch holding NaN or infinite inputs: which stored clips hold them (the
+    feature store first, then the backbone cache computed from it), with their files, and how to
+    rebuild the store. Read only when it happens (a pass over the training clips)."""
+    where = f"non-finite input features (NaN or inf) at epoch {epoch} step {step}, not the learning rate"
+    rows = {int(c): i for i, c in enumerate(p.index.clip_ids)}
+    for store in dict.fromkeys([p.store, p.inputs]):
+        bad: list[int] = []
+        for c in p.train.clip_ids:
+            if int(c) in store and not np.isfinite(store.get(c)).all():
+                bad.append(int(c))
+                if len(bad) == _NAMED:
+                    break
+        if bad:
+            named = ", ".join(f"{c} ({p.index.audio_path(rows[c])})" for c in bad)
+            source = "the audio (python -m mtt.preprocess)" if store is p.store else "the features by the next run"
+            more = f" (the first {_NAMED})" if len(bad) == _NAMED else ""
+            return FloatingPointError(
+                f"{where}: {store.path} holds them for clip(s){more} {named}; delete it to have it rebuilt from {source}"
+            )
+    return FloatingPointError(f"{where}: the stored training clips hold none, so the batch was damaged in memory")
 
 
 def patience_spent(state: TrainState, patience: int | None) -> bool:

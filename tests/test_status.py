@@ -69,6 +69,42 @@ def test_exploding_loss_stops_the_run(tiny_cfg, tmp_path):
     assert "val_loss" not in run.data.metrics  # it stopped before a single epoch was logged
 
 
+def test_nonfinite_inputs_are_named_with_their_files_not_blamed_on_the_lr(tiny_cfg, monkeypatch):
+    """NaN in what the model reads (a damaged store) is the data's fault: the error names the
+    store, the clips and their files, and how to rebuild it; not trainer.lr. Poisoned in memory
+    (every training clip of the frozen backbone's cache), so the shared cache stays clean."""
+    import numpy as np
+
+    import mtt.train
+
+    real_prepare = mtt.train.prepare
+
+    def poisoned(*args, **kwargs):
+        p = real_prepare(*args, **kwargs)
+        p.inputs.patches = np.array(p.inputs.patches)
+        for c in p.train.clip_ids:
+            p.inputs.patches[p.inputs.rows(c)] = np.nan
+        poisoned.p = p
+        return p
+
+    monkeypatch.setattr(mtt.train, "prepare", poisoned)
+    cfg = compose_cfg(
+        [*TINY, f"tracking.uri={tiny_cfg.tracking.uri}", "steps=fixed", "steps.n=3"], cache=tiny_cfg.paths.cache
+    )
+    with pytest.raises(FloatingPointError) as info:
+        with MlflowTracker(cfg.tracking.uri, "unit", "nan inputs") as tracker:
+            train(cfg, tracker)
+    p, message = poisoned.p, str(info.value)
+    first = int(p.train.clip_ids[0])
+    row = list(p.index.clip_ids).index(first)
+    assert message.startswith("non-finite input features (NaN or inf) at epoch 0 step 0, not the learning rate: ")
+    assert f"{p.inputs.path} holds them for clip(s) (the first 5) {first} ({p.index.audio_path(row)})" in message
+    assert "delete it to have it rebuilt" in message and "trainer.lr" not in message
+    assert p.inputs.path != p.store.path  # the cache was named, the clean feature store was not
+    run = MlflowClient(cfg.tracking.uri).get_run(tracker.run_id)
+    assert run.info.status == "FAILED" and run.data.tags["error"].startswith("FloatingPointError: non-finite input")
+
+
 def start_run(args: list[str], uri: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "MLFLOW_TRACKING_URI": uri}
     return subprocess.Popen(
