@@ -3,7 +3,10 @@
 The YAML files under ``conf/`` only change values of these dataclasses, so a misspelt key or a
 value of the wrong type fails while the config is composed, before any data or model work; a value
 of the right type outside what its key allows (``trainer.batch_size=0``) fails ``validate``, which
-every entry point calls first (``exit_if_invalid``: one line, exit status 2).
+every entry point calls first (``exit_if_invalid``: one line, exit status 2). A key, group or option
+that does not exist (``+hed=autopool``, which Hydra would add silently) is refused the same way,
+before Hydra composes (``hydra_entry``, the entry points' ``@hydra.main``) and after
+(``unknown_key_errors``).
 """
 
 from __future__ import annotations
@@ -371,7 +374,7 @@ RULES: dict[str, Rule] = {
 # Keys: only the schema's. Hydra refuses a misspelt key (head.blockz=3) in a long message, but a
 # key added with + (+hed=autopool, +trainer.epochz=3) is accepted and silently ignored: the run
 # trains the default and is named after the typo. Both are refused here in one line, with the
-# closest key or group, before composition (``check_overrides``, the command line) and after it
+# closest key or group, before composition (``override_errors``, the command line) and after it
 # (``unknown_key_errors``, whatever composed the config: a preset, a library caller).
 # ---------------------------------------------------------------------------------------------
 
