@@ -533,6 +533,10 @@ def validate(cfg) -> None:
         raise ConfigError("; ".join(errors))
 
 
+# The commands (Hydra job names) that create data.root rather than read it: mtt.data.download.
+CREATES_DATA_ROOT = ("download",)
+
+
 def exit_if_invalid(cfg, more_errors: Sequence[str] = (), data: bool = True) -> None:
     """``validate`` for an entry point (and the launcher, with ``more_errors`` about swept
     values): a bad value ends the process with ``error: <what>`` on stderr and exit status 2 (a
@@ -543,7 +547,10 @@ def exit_if_invalid(cfg, more_errors: Sequence[str] = (), data: bool = True) -> 
     command that creates it (``mtt.data.download``, which checks its target itself).
     """
     errors = [*config_errors(cfg), *more_errors]
-    if data:
+    # The launcher's callback checks every command's config before its job: it knows the command
+    # by Hydra's job name (its module's), and the one that creates data.root must not be told
+    # that it does not exist yet.
+    if data and OmegaConf.select(cfg, "hydra.job.name", default=None) not in CREATES_DATA_ROOT:
         from mtt.data.datasets import root_errors  # here: the datasets import their readers
 
         errors += root_errors(cfg.data)

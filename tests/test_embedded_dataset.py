@@ -301,6 +301,20 @@ def test_an_empty_folder_is_filled_and_a_file_refused(tmp_path):
     assert (tmp_path / "file").read_text() == "mine"
 
 
+def test_a_file_of_yours_beside_a_finished_dataset_is_kept_and_only_blocks_a_regeneration(tmp_path):
+    from mtt.data.embedded.cache import write_refusal
+
+    root = ensure_dataset(tmp_path / "toy", SynthConfig(1, 0.5, 0), progress=False)
+    (root / "notes.txt").write_text("mine")
+    assert write_refusal(root, SynthConfig(1, 0.5, 0)) is None  # nothing to write: the run goes on
+    assert ensure_dataset(root, SynthConfig(1, 0.5, 0), progress=False) == root
+    refusal = write_refusal(root, SynthConfig(2, 0.5, 0))  # would replace the folder, notes and all
+    assert refusal is not None and "holds files mtt did not generate (notes.txt)" in refusal
+    with pytest.raises(FileExistsError, match="notes.txt"):
+        ensure_dataset(root, SynthConfig(2, 0.5, 0), progress=False)
+    assert (root / "notes.txt").read_text() == "mine"
+
+
 def test_foreign_folder_is_not_replaced(tmp_path):
     root = tmp_path / "mine"
     root.mkdir()

@@ -46,3 +46,16 @@ def test_download_into_a_hand_unpacked_mtat_is_refused_before_any_request(tmp_pa
         "otherwise choose an empty or new folder"
     ]
     assert snapshot(root) == before
+
+
+def test_download_into_a_new_folder_is_not_refused_for_not_existing_yet(tmp_path):
+    """data=mtat reads data.root, so elsewhere a missing one is refused; the download creates it:
+    it gets past every check (here to the network, which is closed)."""
+    root = tmp_path / "new" / "mtat"
+    proc = run_module(
+        ["mtt.data.download", "data=mtat", f"data.root={root}", f"paths.cache={tmp_path / 'cache'}"],
+        env={"MTT_MTAT_URL": closed_port_url()},
+        check=False,
+    )
+    assert proc.returncode == 1 and "error: cannot reach" in proc.stderr, proc.stderr[-2000:]
+    assert "no such folder" not in proc.stderr

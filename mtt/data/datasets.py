@@ -110,9 +110,9 @@ def mtat(data_cfg, progress: bool) -> ClipIndex:
 
 def _toy_root(data_cfg) -> list[str]:
     """The generated dataset is written only where nothing but an earlier one of its own lives."""
-    from mtt.data.embedded.cache import replace_refusal
+    from mtt.data.embedded.cache import write_refusal
 
-    refusal = replace_refusal(data_cfg.root)
+    refusal = write_refusal(data_cfg.root, data_cfg.synth) if data_cfg.synth is not None else None
     return [refusal] if refusal else []
 
 

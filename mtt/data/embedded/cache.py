@@ -59,6 +59,18 @@ def _is_complete(root: Path, params: dict) -> bool:
 _OURS = {*FOLDERS, ANNOTATIONS, CLIP_INFO, MARKER}
 
 
+def write_refusal(root: str | Path, cfg: SynthParams) -> str | None:
+    """``replace_refusal`` for the dataset of ``cfg``: None when ``root`` already holds it (nothing
+    will be written there, whatever else the folder holds) or when the parameters are invalid
+    (their own check names them)."""
+    try:
+        if _is_complete(Path(root).expanduser(), _params(cfg)):
+            return None
+    except ValueError:
+        return None
+    return replace_refusal(root)
+
+
 def replace_refusal(root: str | Path) -> str | None:
     """Why the generated dataset may not be written at ``root`` (one line), or None when it may.
 
