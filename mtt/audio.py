@@ -9,6 +9,7 @@ falls back to librosa over audioread, whose ffmpeg backend reads what libsndfile
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
@@ -61,18 +62,59 @@ class AudioDecodeError(RuntimeError):
     """A file that cannot be decoded; the message names the file and the reason."""
 
 
+class DamagedAudioError(AudioDecodeError):
+    """A file that decodes but is damaged (cut short of what its header declares, or holding NaN
+    or infinite samples): another decoder would read the same damage, so none is tried."""
+
+
+# Bytes per sample of the uncompressed subtypes whose length a header declares (WAV, AIFF, ...).
+_SAMPLE_BYTES = {"PCM_S8": 1, "PCM_U8": 1, "PCM_16": 2, "PCM_24": 3, "PCM_32": 4, "FLOAT": 4, "DOUBLE": 8}
+# libsndfile's header log: "data : 96000 (should be 16)" when the file ends before the chunk does.
+_SHORT_CHUNK = re.compile(r"^\s*(?:data|SSND)\s*:\s*(\d+)\s*\(should be \d+\)", re.MULTILINE)
+_STREAMED = 0x7FFFFFFF  # the data size a writer that streams puts in the header: length unknown
+
+
+def _truncation(path: Path, f: sf.SoundFile) -> str | None:
+    """Why ``f`` is truncated (its header declares more audio than the file holds, by more than
+    10 ms: a writer's padding is not a cut), or None; only where a header says how long it is."""
+    m = _SHORT_CHUNK.search(f.extra_info)
+    width = _SAMPLE_BYTES.get(f.subtype)
+    if m is None or width is None or int(m.group(1)) >= _STREAMED:
+        return None
+    declared = int(m.group(1)) // (width * f.channels)
+    if declared - f.frames <= f.samplerate // 100:
+        return None
+    return (
+        f"{path}: truncated: its header declares {declared / f.samplerate:.2f} s of audio, the file "
+        f"holds {f.frames / f.samplerate:.2f} s (cut during a copy or a download?)"
+    )
+
+
+def _check_finite(path: str | Path, data: np.ndarray) -> None:
+    """NaN or infinite samples (a damaged float file) would reach the model as NaN features."""
+    bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
+    if bad:
+        raise DamagedAudioError(f"{path}: {bad} non-finite sample(s) (NaN or inf): damaged audio")
+
+
 def load_audio(path: str | Path, sample_rate: int = 16000) -> np.ndarray:
     """Decode ``path`` to a mono float32 waveform ``(samples,)`` at ``sample_rate``.
 
     Channels are averaged (as VGGish's reference does). Raises ``AudioDecodeError`` for an empty or
     non-audio file and for an mp3 cut before its first complete frame; an mp3 cut later decodes to
-    the frames it still holds (a shorter clip), as every mp3 decoder does.
+    the frames it still holds (a shorter clip), as every mp3 decoder does. A file whose header says
+    how long it is (WAV, AIFF) and that holds less is refused as truncated, and one holding NaN or
+    infinite samples as damaged (``DamagedAudioError``), naming the file.
     """
     path = Path(path)
     try:
         if path.stat().st_size == 0:
             raise AudioDecodeError(f"{path}: empty file (0 bytes)")
-        data, sr = sf.read(str(path), dtype="float32", always_2d=True)
+        with sf.SoundFile(str(path)) as f:
+            cut = _truncation(path, f)
+            if cut:
+                raise DamagedAudioError(cut)
+            data, sr = f.read(dtype="float32", always_2d=True), f.samplerate
     except AudioDecodeError:
         raise
     except (sf.LibsndfileError, RuntimeError, OSError, ValueError) as exc:
@@ -84,6 +126,7 @@ def load_audio(path: str | Path, sample_rate: int = 16000) -> np.ndarray:
         ) from exc
     if data.shape[0] == 0:
         raise AudioDecodeError(f"{path}: no audio samples")
+    _check_finite(path, data)
     wave = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
     if sr != sample_rate:
         wave = resample(wave, sr, sample_rate)
@@ -106,6 +149,8 @@ def decode_audio(path: str | Path, sample_rate: int = 16000) -> np.ndarray:
     """
     try:
         return load_audio(path, sample_rate)
+    except DamagedAudioError:
+        raise
     except AudioDecodeError as first:
         if not Path(path).is_file() or Path(path).stat().st_size == 0:
             raise

@@ -3,20 +3,27 @@
 The YAML files under ``conf/`` only change values of these dataclasses, so a misspelt key or a
 value of the wrong type fails while the config is composed, before any data or model work; a value
 of the right type outside what its key allows (``trainer.batch_size=0``) fails ``validate``, which
-every entry point calls first (``exit_if_invalid``: one line, exit status 2).
+every entry point calls first (``exit_if_invalid``: one line, exit status 2). A key, group or option
+that does not exist (``+hed=autopool``, which Hydra would add silently) is refused the same way,
+before Hydra composes (``hydra_entry``, the entry points' ``@hydra.main``) and after
+(``unknown_key_errors``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import functools
 import math
 import re
 import sys
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, ListConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from mtt.paths import CONF_DIR, REPO_ROOT  # noqa: F401  (re-exported: the entry points' config_path)
 
@@ -281,6 +288,10 @@ def or_null(rule: Rule) -> Rule:
     return Rule(lambda v: v is None or rule.ok(v), f"{rule.allowed}, or null")
 
 
+# The longest names every MLflow store keeps (see the rules below).
+MAX_EXPERIMENT_NAME = 256
+MAX_RUN_NAME = 250
+
 # The metrics every epoch logs that can pick the best checkpoint (mtt.train.monitor_score).
 # val_loss is the BCE of the clip-level probabilities; val_chunk_loss the mean BCE of every
 # evaluated chunk against its clip's tags (Won et al.'s validation loss, mtt.evaluate).
@@ -357,9 +368,107 @@ RULES: dict[str, Rule] = {
         lambda v: isinstance(v, (list, tuple, ListConfig)) and len(v) > 0 and all(_is_number(c) and c > 0 for c in v),
         "a non-empty list of numbers > 0",
     ),
-    "tracking.experiment": pattern(r".*\S.*", "a non-empty name"),
+    # MLflow's database columns: experiments.name VARCHAR(256) (its own check allows 500, which
+    # PostgreSQL and MySQL then refuse), runs.name VARCHAR(250).
+    "tracking.experiment": Rule(
+        lambda v: isinstance(v, str) and v.strip() != "" and len(v) <= MAX_EXPERIMENT_NAME,
+        f"a non-empty name of at most {MAX_EXPERIMENT_NAME} characters",
+    ),
+    "tracking.run_name": or_null(
+        Rule(lambda v: isinstance(v, str) and len(v) <= MAX_RUN_NAME, f"a name of at most {MAX_RUN_NAME} characters")
+    ),
     "tracking.flush_timeout_s": number(0),
 }
+
+
+# ---------------------------------------------------------------------------------------------
+# Keys: only the schema's. Hydra refuses a misspelt key (head.blockz=3) in a long message, but a
+# key added with + (+hed=autopool, +trainer.epochz=3) is accepted and silently ignored: the run
+# trains the default and is named after the typo. Both are refused here in one line, with the
+# closest key or group, before composition (``override_errors``, the command line) and after it
+# (``unknown_key_errors``, whatever composed the config: a preset, a library caller).
+# ---------------------------------------------------------------------------------------------
+
+
+def _schema_node(tp) -> Any:
+    """The dataclass a field holds (``Optional[X]`` -> ``X``), else None."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    tp = args[0] if typing.get_origin(tp) is typing.Union and len(args) == 1 else tp
+    return tp if isinstance(tp, type) and dataclasses.is_dataclass(tp) else None
+
+
+def _keys_of(cls: Any, prefix: str) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    keys: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        node = _schema_node(hints[f.name])
+        keys[prefix + f.name] = node
+        if node is not None:
+            keys.update(_keys_of(node, f"{prefix}{f.name}."))
+    return keys
+
+
+@functools.cache
+def schema_keys() -> dict[str, Any]:
+    """Every dotted key of the schema (``trainer``, ``trainer.epochs``, ``data.synth.seed``) ->
+    the dataclass it holds, or None for a value (a number, a string, a list)."""
+    return _keys_of(Config, "")
+
+
+def _known(key: str) -> bool:
+    """A schema key, or an element inside a list-valued one (``trainer.phases.0.lr``)."""
+    keys = schema_keys()
+    parts = key.split(".")
+    return key in keys or any(keys.get(".".join(parts[:i]), 0) is None for i in range(1, len(parts)))
+
+
+def unknown_key_error(key: str, value: str, groups: Sequence[str] = (), defaults: Sequence[str] = ()) -> str:
+    """``key=value`` names no key of the schema (nor a config group): one line, with the closest
+    known key or group (``groups``; those in ``defaults`` are changed without ``+``)."""
+    keys = [k for k in schema_keys() if k.count(".") <= key.count(".") + 1]
+    close = difflib.get_close_matches(key, [*groups, *keys], n=1, cutoff=0.6)
+    what = "key or config group" if "." not in key else "key"
+    if not close:
+        top = sorted({*groups, *(k for k in schema_keys() if "." not in k)})
+        return f"{key}={value}: no config {what} {key!r}; the top-level ones: {', '.join(top)}"
+    best = close[0]
+    plus = "+" if best in groups and best not in defaults else ""
+    kind = "the config group" if best in groups else "the key"
+    return f"{key}={value}: no config {what} {key!r}; did you mean {kind} {best} ({plus}{best}={value})?"
+
+
+@functools.cache
+def config_groups() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(mtt's top-level config groups: conf/'s folders and ``experiment``; those of them in
+    conf/config.yaml's defaults list, changed without ``+``)."""
+    from mtt.presets import GROUP
+
+    groups = sorted({p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "hydra"} | {GROUP})
+    primary = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "config.yaml"))
+    defaults = primary.get("defaults", []) if isinstance(primary, dict) else []
+    in_defaults = sorted(str(k) for d in defaults if isinstance(d, dict) for k in d)
+    return tuple(groups), tuple(in_defaults)
+
+
+def unknown_key_errors(cfg) -> list[str]:
+    """One line per key of a composed config that the schema does not have (``+hed=autopool``
+    composes to a top-level ``hed``). Hydra's own ``hydra`` node is Hydra's to check."""
+    errors: list[str] = []
+
+    def walk(node: DictConfig, prefix: str) -> None:
+        values = OmegaConf.to_container(node, resolve=False)
+        assert isinstance(values, dict)
+        for key, value in values.items():
+            path = f"{prefix}{key!s}"
+            if path == "hydra":
+                continue
+            if path not in schema_keys():
+                errors.append(unknown_key_error(path, _show(value), *config_groups()))
+            elif schema_keys()[path] is not None and isinstance(value, dict):  # (data.synth may be null)
+                walk(node[key], path + ".")
+
+    walk(cfg, "")
+    return errors
 
 
 def _phase_ok(p) -> bool:
@@ -383,7 +492,8 @@ def _show(value) -> str:
         return str(value).lower()
     if isinstance(value, (list, tuple, ListConfig)):
         return "[" + ",".join(_show(v) for v in value) + "]"
-    return str(value)
+    text = str(value)
+    return text if len(text) <= 80 else f"{text[:40]}... ({len(text)} characters)"
 
 
 def check_value(key: str, value) -> str | None:
@@ -398,7 +508,7 @@ def config_errors(cfg) -> list[str]:
     """One line per value of a composed config outside ``RULES`` or the rules that tie two keys
     together, naming the key(s), the value and what is allowed. Keys the config does not have (no
     ``data.synth`` for real data) are skipped."""
-    errors = []
+    errors = unknown_key_errors(cfg)
     for key in RULES:
         value = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=False)
         if value is not _ABSENT:
@@ -438,14 +548,118 @@ def validate(cfg) -> None:
         raise ConfigError("; ".join(errors))
 
 
-def exit_if_invalid(cfg, more_errors: Sequence[str] = ()) -> None:
+# The commands (Hydra job names) that create data.root rather than read it: mtt.data.download.
+CREATES_DATA_ROOT = ("download",)
+
+
+def exit_if_invalid(cfg, more_errors: Sequence[str] = (), data: bool = True) -> None:
     """``validate`` for an entry point (and the launcher, with ``more_errors`` about swept
     values): a bad value ends the process with ``error: <what>`` on stderr and exit status 2 (a
-    usage error), before any data, model or MLflow work."""
+    usage error), before any data, model or MLflow work.
+
+    ``data``: also check ``data.root`` on disk (``mtt.data.datasets.root_errors``: a dataset that
+    would be written into someone else's folder, or read from a missing one); False for the
+    command that creates it (``mtt.data.download``, which checks its target itself).
+    """
     errors = [*config_errors(cfg), *more_errors]
+    # The launcher's callback checks every command's config before its job: it knows the command
+    # by Hydra's job name (its module's), and the one that creates data.root must not be told
+    # that it does not exist yet.
+    if data and OmegaConf.select(cfg, "hydra.job.name", default=None) not in CREATES_DATA_ROOT:
+        from mtt.data.datasets import root_errors  # here: the datasets import their readers
+
+        errors += root_errors(cfg.data)
     if errors:
         print(f"error: {'; '.join(errors)}", file=sys.stderr, flush=True)
         raise SystemExit(2)
+
+
+_SEARCHED = "hydra.sweeper.params."
+
+
+def _option_errors(o, group: str, options: list[str], shown: str) -> list[str]:
+    """The values of group override ``o`` (a choice sweep's every one) that are no option."""
+    if o.is_delete() or (o.value_type is not None and o.value_type.name == "GLOB_CHOICE_SWEEP"):
+        return []  # a glob picks among the options; ~group removes one
+    values = list(o.sweep_string_iterator()) if o.is_discrete_sweep() else [o.get_value_element_as_str()]
+    errors = []
+    for value in values:
+        if value not in options and value != "null":
+            close = difflib.get_close_matches(value, options, n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]}? " if close else ""
+            errors.append(f"{shown}: no option {value!r} in config group {group} ({hint}options: {', '.join(options)})")
+    return errors
+
+
+def override_errors(overrides: Sequence[str]) -> list[str]:
+    """One line per command-line override whose key is neither a schema key nor a config group,
+    or whose group option does not exist (every value of a sweep), with the closest known one.
+    Hydra's own keys and groups (``hydra.*``, ``hydra/launcher=...``) are Hydra's to check; so
+    is the search space of ``hydra.sweeper.params``, but for its keys, which must be mtt's."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except HydraException:
+        return []  # a syntax error: Hydra says where
+    groups, defaults = config_groups()
+    errors = []
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        for o in parsed:
+            key, shown = o.key_or_group, o.input_line or o.key_or_group
+            searched = key.startswith(_SEARCHED)  # an Optuna dimension: its key must be mtt's
+            key = key[len(_SEARCHED) :] if searched else key
+            if (o.is_hydra_override() and not searched) or o.package is not None:
+                continue
+            parent, _, name = key.lstrip("+").rpartition("/")
+            if name in loader.list_groups(parent):  # a group: each option (of a sweep too) must exist
+                if not searched:
+                    errors += _option_errors(o, key, loader.get_group_options(key), shown)
+            elif not _known(key.lstrip("+")):
+                prefix = _SEARCHED if searched else shown[: len(shown) - len(shown.lstrip("+~"))]
+                value = o.get_value_string() if "=" in (o.input_line or "") else ""
+                errors.append(prefix + unknown_key_error(key.lstrip("+"), value, groups, defaults))
+    return errors
+
+
+def hydra_entry(task: Callable) -> Callable:
+    """``@hydra.main`` on conf/config.yaml for mtt's entry points, after ``override_errors`` on
+    the command line: a mistyped key or group ends the process with ``error: <what>`` and exit
+    status 2 before Hydra composes anything (``--help``, ``--cfg``, another config: Hydra's)."""
+    import hydra
+
+    main = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(task)
+
+    @functools.wraps(task)
+    def entry(*args, **kwargs):
+        if not args and not kwargs:  # from the command line (Hydra reads sys.argv)
+            from hydra._internal.utils import get_args_parser
+
+            try:
+                known, _ = get_args_parser().parse_known_args(sys.argv[1:])
+            except SystemExit:  # argparse's own usage error: Hydra repeats it
+                known = None
+            plain = known is not None and not (
+                known.help
+                or known.hydra_help
+                or known.info
+                or known.shell_completion
+                or known.config_name
+                or known.config_path
+                or known.config_dir
+                or known.experimental_rerun
+            )
+            errors = override_errors(known.overrides) if plain else []
+            if errors:
+                print(f"error: {'; '.join(errors)}", file=sys.stderr, flush=True)
+                raise SystemExit(2)
+        return main(*args, **kwargs)
+
+    return entry
 
 
 def register_configs() -> None:

@@ -215,11 +215,24 @@ def _finished_store(path: Path, index: ClipIndex) -> PatchStore | None:
     return store if known.issuperset(int(c) for c in index.clip_ids) else None
 
 
+def _check_ours(path: Path) -> None:
+    """A store is built (and its manifest and shards replaced) only in a folder that is new, empty
+    or a store's own (it holds a manifest or shards); ``FileExistsError`` names anything else."""
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} is a file, not a feature store; move it away or set features.store elsewhere")
+    if path.is_dir() and any(path.iterdir()) and not ((path / MANIFEST).exists() or (path / "shards").is_dir()):
+        raise FileExistsError(
+            f"{path} holds files that are not a feature store's; refusing to build one there: "
+            "move them away or set features.store to another folder"
+        )
+
+
 def _build_feature_store(path: Path, index: ClipIndex, cfg: FeaturesConfig, progress: bool) -> PatchStore:
     """``build_feature_store`` under its lock."""
     finished = _finished_store(path, index)  # built by another process while we waited
     if finished is not None:
         return finished
+    _check_ours(path)
     clip_ids = [int(c) for c in index.clip_ids]
     store = PatchStore(path) if (path / MANIFEST).is_file() else None  # clips added since: extend
     shards = path / "shards"
@@ -357,16 +370,14 @@ def summary(store: PatchStore, seconds: float | None = None) -> str:
 
 
 def main() -> None:
-    import hydra
+    from mtt.config import exit_if_invalid, hydra_entry
+    from mtt.preflight import checked_index
 
-    from mtt.config import CONF_DIR, exit_if_invalid
-    from mtt.data.datasets import index_from_config
-
-    @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+    @hydra_entry
     def _run(cfg) -> None:
         exit_if_invalid(cfg)
         start = time.perf_counter()
-        index = index_from_config(cfg.data)
+        index = checked_index(cfg, batch=False)
         with exit_on_corrupt():
             store = build_feature_store(index, cfg.features)
         print(summary(store, time.perf_counter() - start), flush=True)

@@ -7,14 +7,14 @@ monitored metric (``trainer.monitor`` at the selected epoch, on validation), so 
 
 from __future__ import annotations
 
+import functools
 import logging
 
-import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from mtt.config import CONF_DIR, exit_if_invalid
+from mtt.config import MAX_RUN_NAME, exit_if_invalid, hydra_entry
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,11 @@ def resume_target(cfg, config_hash: str) -> str | None:
     return None
 
 
+def clipped_run_name(name: str) -> str:
+    """A name built from many overrides, cut to what MLflow's database keeps (``MAX_RUN_NAME``)."""
+    return name if len(name) <= MAX_RUN_NAME else name[: MAX_RUN_NAME - 3] + "..."
+
+
 def _prefixed(prefix: str | None, name: str) -> str:
     if not prefix:
         return name
@@ -96,7 +101,7 @@ def tracked(
     # Runs that differ only in their seed form one group (mtt.compare aggregates over it).
     tags["mtt.group"] = config_hash(cfg, NOT_GROUPED, salt=name_prefix or "train")
     tags["mtt.group_name"] = _prefixed(name_prefix, run_name(list(hc.overrides.task), seed=False))
-    name = cfg.tracking.run_name or _prefixed(name_prefix, run_name(list(hc.overrides.task)))
+    name = cfg.tracking.run_name or clipped_run_name(_prefixed(name_prefix, run_name(list(hc.overrides.task))))
     d = distributed.init(cfg.trainer.device)  # a no-op unless started by torchrun
     if hc.mode == RunMode.MULTIRUN and d.main:  # a job of a sweep: a child of the sweep's parent run
         tags["mlflow.parentRunId"] = sweep_parent(cfg.tracking.uri, cfg.tracking.experiment, tags["sweep_id"])
@@ -122,14 +127,16 @@ def tracked(
         distributed.shutdown(d)
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+@hydra_entry
 def main(cfg: DictConfig) -> float:
     exit_if_invalid(cfg)  # before any data, model or MLflow work
     from mtt.fs import exit_on_corrupt
+    from mtt.preflight import checked_index
     from mtt.train import train
 
+    index = checked_index(cfg)  # what depends on the data (freqN, the batch size): before the run
     with exit_on_corrupt():  # a corrupt store or checkpoint: one line naming it, exit status 1
-        metrics = tracked(cfg, train, resumable=True)
+        metrics = tracked(cfg, functools.partial(train, index=index), resumable=True)
     return metrics.get(cfg.trainer.monitor, float("nan"))  # train() returns the best epoch's epoch metrics
 
 

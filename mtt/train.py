@@ -114,6 +114,8 @@ def train_epoch(run: Run, epoch: int) -> dict[str, float]:
             logits = run.forward(x, from_backbone=p.from_backbone)
         loss = model.loss(logits, y)
         if not torch.isfinite(loss):
+            if not torch.isfinite(x).all():  # the data, not the optimisation
+                raise nonfinite_inputs(p, epoch, step)
             raise FloatingPointError(
                 f"loss is {loss.item()} at epoch {epoch} step {step}; stopping (trainer.lr={t.lr} too high?)"
             )
@@ -132,6 +134,32 @@ def train_epoch(run: Run, epoch: int) -> dict[str, float]:
         "clips_seen": int((draws > 0).sum()),
         "draws": int(draws.sum()),
     }
+
+
+_NAMED = 5  # clips a non-finite-input error names
+
+
+def nonfinite_inputs(p: Prepared, epoch: int, step: int) -> FloatingPointError:
+    """The error for a batch holding NaN or infinite inputs: which stored clips hold them (the
+    feature store first, then the backbone cache computed from it), with their files, and how to
+    rebuild the store. Read only when it happens (a pass over the training clips)."""
+    where = f"non-finite input features (NaN or inf) at epoch {epoch} step {step}, not the learning rate"
+    rows = {int(c): i for i, c in enumerate(p.index.clip_ids)}
+    for store in dict.fromkeys([p.store, p.inputs]):
+        bad: list[int] = []
+        for c in p.train.clip_ids:
+            if int(c) in store and not np.isfinite(store.get(c)).all():
+                bad.append(int(c))
+                if len(bad) == _NAMED:
+                    break
+        if bad:
+            named = ", ".join(f"{c} ({p.index.audio_path(rows[c])})" for c in bad)
+            source = "the audio (python -m mtt.preprocess)" if store is p.store else "the features by the next run"
+            more = f" (the first {_NAMED})" if len(bad) == _NAMED else ""
+            return FloatingPointError(
+                f"{where}: {store.path} holds them for clip(s){more} {named}; delete it to have it rebuilt from {source}"
+            )
+    return FloatingPointError(f"{where}: the stored training clips hold none, so the batch was damaged in memory")
 
 
 def patience_spent(state: TrainState, patience: int | None) -> bool:
@@ -198,12 +226,15 @@ class Prepared:
     grid: ChunkGrid  # where the inputs' rows lie in their clips (epoch offsets, even evaluation chunks)
 
 
-def prepare(cfg, d: distributed.Dist = distributed.Dist(), cache: bool | None = None) -> Prepared:
+def prepare(
+    cfg, d: distributed.Dist = distributed.Dist(), cache: bool | None = None, index: ClipIndex | None = None
+) -> Prepared:
     """Seed, resolve the weights, build (or open) the dataset, the feature store, the model and,
     for a frozen backbone, the cache of its outputs; split the clips.
 
     ``cache`` forces the backbone cache on (the linear probe reads frozen outputs even when the
     config fine-tunes) or off; by default it follows ``backbone.freeze``/``finetune_last``/``cache``.
+    ``index``: the clip index when the caller has read it already (``mtt.preflight``).
     """
     validate(cfg)  # library callers too: a bad value fails here, not deep in the loop
     t = cfg.trainer
@@ -215,7 +246,7 @@ def prepare(cfg, d: distributed.Dist = distributed.Dist(), cache: bool | None = 
     with distributed.main_first(d):  # rank 0 downloads and builds, the others then find it all
         # The weights first: an offline `audioset` run fails here, before any data work.
         weights = resolve_weights(cfg.backbone.weights, cfg.backbone.url, cfg.backbone.hub_dir)
-        index = index_from_config(cfg.data, progress=t.progress)
+        index = index if index is not None else index_from_config(cfg.data, progress=t.progress)
         store = build_feature_store(index, cfg.features, progress=t.progress)
         state_dict = load_state_dict(weights.path) if weights.path is not None else None
         model = build_model(cfg, len(index.tags), state_dict).to(device)
@@ -275,7 +306,7 @@ class Run:
         return {**clip_metrics(self.p.valid.labels, probs), "chunk_loss": float(np.mean(chunk_losses))}
 
 
-def train(cfg, tracker, d: distributed.Dist = distributed.Dist()) -> dict[str, float]:
+def train(cfg, tracker, d: distributed.Dist = distributed.Dist(), index: ClipIndex | None = None) -> dict[str, float]:
     """Train the tagger of ``cfg`` and log everything to ``tracker``; returns the final metrics.
 
     prepare (data, features, model) -> fit (epochs, checkpoints, validation) -> test (the
@@ -283,7 +314,7 @@ def train(cfg, tracker, d: distributed.Dist = distributed.Dist()) -> dict[str, f
     from the last checkpoint of that run. ``d`` is this process's place in a torchrun job (see
     ``mtt.distributed``); by default one process.
     """
-    run = start(cfg, tracker, prepare(cfg, d), d)
+    run = start(cfg, tracker, prepare(cfg, d, index=index), d)
     fit(run, tracker)
     return test(run, tracker)
 
