@@ -72,10 +72,12 @@ def test_exploding_loss_stops_the_run(tiny_cfg, tmp_path):
 def test_nonfinite_inputs_are_named_with_their_files_not_blamed_on_the_lr(tiny_cfg, monkeypatch):
     """NaN in what the model reads (a damaged store) is the data's fault: the error names the
     store, the clips and their files, and how to rebuild it; not trainer.lr. Poisoned in memory
-    (every training clip of the frozen backbone's cache), so the shared cache stays clean."""
+    (every training clip of the frozen backbone's cache, its row checksums taken from the poisoned
+    rows as a store computed with NaN would carry them), so the shared cache stays clean."""
     import numpy as np
 
     import mtt.train
+    from mtt.store import row_checksums
 
     real_prepare = mtt.train.prepare
 
@@ -84,6 +86,7 @@ def test_nonfinite_inputs_are_named_with_their_files_not_blamed_on_the_lr(tiny_c
         p.inputs.patches = np.array(p.inputs.patches)
         for c in p.train.clip_ids:
             p.inputs.patches[p.inputs.rows(c)] = np.nan
+        p.inputs.checksums = row_checksums(p.inputs.patches)
         poisoned.p = p
         return p
 
