@@ -181,7 +181,7 @@ def main() -> None:
     import hydra
 
     from mtt.config import CONF_DIR, exit_if_invalid
-    from mtt.run import tracked
+    from mtt.run import cli, tracked
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
     def _probe(cfg) -> float:
@@ -189,7 +189,7 @@ def main() -> None:
         metrics = tracked(cfg, run_probe, name_prefix=REFERENCE, entry="mtt.probe")
         return metrics.get("val_roc_auc", float("nan"))
 
-    _probe()
+    cli(_probe, "mtt.probe")
 
 
 if __name__ == "__main__":
