@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import secrets
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -433,8 +434,17 @@ def exit_if_invalid(cfg, more_errors: Sequence[str] = ()) -> None:
         raise SystemExit(2)
 
 
+def launch_id() -> str:
+    """A random id for one launch (``${mtt.launch_id:}`` in conf/config.yaml's run and sweep
+    folders): two launches in the same second get folders (and sweep ids) of their own. Drawn
+    once per launch: OmegaConf caches a resolver's value in the config, and Hydra copies that
+    cache into every job's config (as it does for ``${now:...}``), so a sweep's jobs agree."""
+    return secrets.token_hex(3)
+
+
 def register_configs() -> None:
-    """Register the schema so that conf/config.yaml can extend it (idempotent)."""
+    """Register the schema so that conf/config.yaml can extend it, and its resolver (idempotent)."""
+    OmegaConf.register_new_resolver("mtt.launch_id", launch_id, use_cache=True, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
     from mtt.presets import register_presets  # the `experiment` group (experiments/)

@@ -12,6 +12,40 @@ from mlflow.tracking import MlflowClient
 from mtt.records import PREDICTIONS, load_predictions
 from tests.helpers import TINY, run_module, sweep_children
 
+
+def test_two_launches_in_the_same_second_get_their_own_folders_and_sweep_ids(tmp_path):
+    """The sweep id is the sweep's folder: two sweeps started in the same second shared it (one
+    parent run, one set of job folders overwritten by the other)."""
+    from datetime import datetime
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.utils import setup_globals
+    from omegaconf import OmegaConf
+
+    from mtt.config import CONF_DIR  # registers the schema and mtt's resolver
+
+    second = datetime(2026, 5, 4, 12, 0, 0)
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            OmegaConf.register_new_resolver("now", second.strftime, use_cache=True, replace=True)
+            launches = [
+                compose(config_name="config", overrides=[f"paths.cache={tmp_path}"], return_hydra_config=True)
+                for _ in range(3)
+            ]
+            job = compose(config_name="config", overrides=[f"paths.cache={tmp_path}"], return_hydra_config=True)
+    finally:
+        setup_globals()  # Hydra's own `now` again
+    sweeps = [str(c.hydra.sweep.dir) for c in launches]
+    runs = [str(c.hydra.run.dir) for c in launches]
+    assert all(d.startswith(f"{tmp_path}/multirun/2026-05-04/12-00-00-") for d in sweeps), sweeps
+    assert all(d.startswith(f"{tmp_path}/outputs/2026-05-04/12-00-00-") for d in runs), runs
+    assert len(set(sweeps)) == 3 and len(set(runs)) == 3
+    # A job's config gets the launch's resolved values as Hydra gives them (it copies the launch
+    # config's resolver cache into each job's): every job of a sweep has its sweep's folder.
+    OmegaConf.copy_cache(from_config=launches[1], to_config=job)
+    assert str(job.hydra.sweep.dir) == sweeps[1]
+
+
 CI = ["test_roc_auc_ci95_low", "test_roc_auc_ci95_high", "test_pr_auc_ci95_low", "test_pr_auc_ci95_high"]
 
 
