@@ -43,9 +43,9 @@ under it (a cleanup script, a user), the next entry rewrites it whole from the o
 with a warning, so the journal still holds the run from its header on and ships.
 
 Who runs a run (``claim``): the tracker takes ``journal.owner.lock`` and writes ``journal.owner``
-before it opens the journal, and touches the owner file while the run lives. ``owner_verdict``
-uses them to tell a run whose process is gone (killed with SIGKILL, a node that died) from one
-that still runs: ``python -m mtt.sync --close-stale`` ends the first kind KILLED.
+before it opens the journal, and touches the owner file while the run lives. With
+``process_alive`` they tell a run whose process is gone (killed with SIGKILL, a node that died)
+from one that still runs: ``python -m mtt.sync --close-stale`` ends the first kind KILLED.
 """
 
 from __future__ import annotations

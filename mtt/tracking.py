@@ -2,10 +2,11 @@
 
 ``MlflowTracker`` is a context manager around one run: it creates the run in an explicitly
 resolved experiment (never the "active experiment" global), and on exit marks it FINISHED,
-FAILED (with the error recorded) or KILLED (Ctrl-C), so a run's status is always true.
-What it logs goes to the run's journal (``mtt.journal``) first and is shipped to the store by
-a background thread (``Shipper``, ``ship``), so an unreachable store never stops a training;
-``python -m mtt.sync`` ships what a run could not.
+FAILED (with the error recorded) or KILLED (Ctrl-C; SIGTERM inside ``stop_on_signals``), so a
+run's status is always true. What it logs goes to the run's journal (``mtt.journal``) first
+and is shipped to the store by a background thread (``Shipper``, ``ship``), so an unreachable
+store never stops a training; ``python -m mtt.sync`` ships what a run could not, and with
+``--close-stale`` ends the runs whose process died without a word.
 """
 
 from __future__ import annotations
@@ -581,9 +582,12 @@ class MlflowTracker:
     fails within seconds when the store does not answer. Everything logged afterwards goes to
     the run's journal (``mtt.journal``) in ``run_dir(cache, run_id)`` first (a temporary folder
     without ``cache``, removed once shipped) and is shipped by a background ``Shipper``, so a
-    store that goes away during training never stops it. On exit the tracker waits up to
-    ``flush_timeout_s`` for the store; if it is still away, one warning line names the journal
-    and the ``mtt.sync`` command that ships it.
+    store that goes away during training never stops it. The tracker claims that folder for
+    its process (``Journal.claim``: what ``mtt.sync --close-stale`` checks) until it exits. On
+    exit it waits up to ``flush_timeout_s`` for the store (``STOPPED_FLUSH_S`` when stopped); if
+    it is still away, one warning line names the journal and the ``mtt.sync`` command that
+    ships it. A resumed run drops ``ENDING_TAGS`` and logs no second point for a metric and step
+    it logged before.
     """
 
     def __init__(
@@ -683,7 +687,7 @@ class MlflowTracker:
         self._shipper.wrote(seq)
 
     def __exit__(self, exc_type, exc, tb) -> Literal[False]:
-        timeout = self.flush_timeout_s
+        timeout, shipped = self.flush_timeout_s, False
         try:
             if exc_type is None:
                 status = "FINISHED"
@@ -700,9 +704,11 @@ class MlflowTracker:
                 self.log_text(message, "error.txt")
             # The status is the journal's last entry, shipped after everything it concludes.
             self._write(self.journal.append("status", status=status, end_time=now_ms()))
-            self.flush(timeout)
+            shipped = self.flush(timeout)
         finally:
             self._close_journal()
+        if shipped and self._temporary is not None:  # once nothing (the heartbeat) writes there
+            shutil.rmtree(self._temporary, ignore_errors=True)
         return False
 
     def flush(self, timeout_s: float | None = None) -> bool:
@@ -715,8 +721,6 @@ class MlflowTracker:
         except KeyboardInterrupt:  # a second Ctrl-C: stop waiting, the journal keeps everything
             shipped = False
         if shipped:
-            if self._temporary is not None:
-                shutil.rmtree(self._temporary, ignore_errors=True)
             return True
         error = self._shipper.error  # else unreachable: the cause was logged when the outage began
         reason = (
