@@ -63,6 +63,11 @@ class PrepareTracking(Callback):
         self._interrupted = False
         self._signals = contextlib.ExitStack()
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Hydra's joblib launcher pickles the callbacks into its workers: the signal handlers
+        # (a generator-based context, which cannot be pickled) belong to the launching process.
+        return {**self.__dict__, "_signals": contextlib.ExitStack()}
+
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._prepare(config)
 

@@ -146,3 +146,22 @@ def test_a_failed_job_ends_the_parent_failed_with_what_finished(tmp_path, cache_
     ]
     summary = json.load(open(client.download_artifacts(parent.info.run_id, "summary.json", str(tmp_path))))
     assert [g["n"] for g in summary["groups"]] == [1]
+
+
+def test_the_launch_hook_pickles_while_it_holds_the_signal_handlers():
+    """Hydra's joblib launcher pickles the callbacks into its workers after on_multirun_start,
+    which holds the launching process's stop-signal handlers."""
+    import pickle
+    import signal
+
+    from mtt.sweeps import PrepareTracking
+    from mtt.tracking import stop_on_signals
+
+    before = signal.getsignal(signal.SIGTERM)
+    hook = PrepareTracking()
+    hook._signals.enter_context(stop_on_signals())  # what on_multirun_start does
+    try:
+        assert isinstance(pickle.loads(pickle.dumps(hook)), PrepareTracking)
+    finally:
+        hook._signals.close()
+    assert signal.getsignal(signal.SIGTERM) is before
