@@ -10,6 +10,7 @@ libraries, wma, ...); ``decode_audio`` is its blocks joined.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from collections.abc import Iterator
@@ -211,7 +212,7 @@ def stream_audio(path: str | Path, sample_rate: int = 16000, block_frames: int =
     except AudioDecodeError as first:
         if not path.is_file() or path.stat().st_size == 0:
             raise
-        blocks, sr = _audioread_blocks(path, first)
+        blocks, sr = _audioread_blocks(path, first, block_frames)
     else:
         blocks, sr = _sndfile_blocks(path, f, block_frames), f.samplerate
     resampler = StreamResampler(sr, sample_rate)
@@ -240,9 +241,12 @@ def _sndfile_blocks(path: Path, f: sf.SoundFile, block_frames: int) -> Iterator[
             yield _mono(data)
 
 
-def _audioread_blocks(path: Path, sndfile_error: AudioDecodeError) -> tuple[Iterator[np.ndarray], int]:
-    """audioread's (ffmpeg's) 16-bit blocks of ``path`` as mono float32, and its sample rate:
-    what ``librosa.load`` computes from the same blocks, without joining them."""
+def _audioread_blocks(
+    path: Path, sndfile_error: AudioDecodeError, block_frames: int
+) -> tuple[Iterator[np.ndarray], int]:
+    """audioread's (ffmpeg's) 16-bit samples of ``path`` as mono float32 blocks of about
+    ``block_frames`` frames (it hands out 4 kB at a time), and its sample rate: what
+    ``librosa.load`` computes from the same samples, without joining them."""
     import audioread
     import audioread.ffdec
 
@@ -260,16 +264,19 @@ def _audioread_blocks(path: Path, sndfile_error: AudioDecodeError) -> tuple[Iter
         ) from exc
 
     def blocks() -> Iterator[np.ndarray]:
-        channels, rest = reader.channels, b""
+        frame = 2 * reader.channels  # bytes per frame of 16-bit samples
+        pending: list[bytes] = []
+        size = 0
         with reader:
-            for buf in reader:
-                data = rest + buf
-                whole = len(data) - len(data) % (2 * channels)  # whole frames of 16-bit samples
-                rest = data[whole:]
-                if whole:
+            for buf in itertools.chain(reader, [b""]):  # b"": the end, give out what is left
+                pending.append(buf)
+                size += len(buf)
+                if size >= block_frames * frame or (not buf and size):
+                    data = b"".join(pending)
+                    whole = len(data) - len(data) % frame
+                    pending, size = [data[whole:]], len(data) - whole
                     # librosa.util.buf_to_float: int16 -> float32 / 32768
-                    yield _mono(
-                        np.frombuffer(data[:whole], "<i2").astype(np.float32).reshape(-1, channels) * (1 / 32768)
-                    )
+                    samples = np.frombuffer(data[:whole], "<i2").astype(np.float32) * (1 / 32768)
+                    yield _mono(samples.reshape(-1, reader.channels))
 
     return blocks(), int(reader.samplerate)

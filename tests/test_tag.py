@@ -194,7 +194,7 @@ def test_m4a_is_tagged_through_the_ffmpeg_fallback(tiny_run, tmp_path):
     import shutil
     import subprocess
 
-    from mtt.audio import decode_audio, load_audio
+    from mtt.audio import decode_audio, load_audio, stream_audio
 
     assert shutil.which("ffmpeg"), "ffmpeg is not installed (.ci/run installs Debian's ffmpeg)"
     uri, run_id, pred, paths = tiny_run
@@ -208,6 +208,11 @@ def test_m4a_is_tagged_through_the_ffmpeg_fallback(tiny_run, tmp_path):
     decoded = decode_audio(song, 16000)
     # AAC is lossy and pads its frames: same length to within one 1024-sample frame, same loudness.
     assert abs(len(decoded) - len(original)) <= 1024
+    # mtt.tag reads it in blocks (ffmpeg's 4 kB buffers gathered, then resampled as they come):
+    # the same samples in any block size.
+    blocks = list(stream_audio(song, 16000, block_frames=3000))
+    assert len(blocks) > 5
+    np.testing.assert_allclose(np.concatenate(blocks), decoded, rtol=0, atol=1e-6)
     rms = lambda x: float(np.sqrt(np.mean(np.square(x, dtype=np.float64))))  # noqa: E731
     assert rms(decoded) == pytest.approx(rms(original), rel=0.1)
     proc = run_module(["mtt.tag", str(song), "--run", run_id, "--tracking-uri", uri, "--top-k", "3"])
