@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -129,6 +130,41 @@ class AudioDecodeError(RuntimeError):
     """A file that cannot be decoded; the message names the file and the reason."""
 
 
+class DamagedAudioError(AudioDecodeError):
+    """A file that decodes but is damaged (cut short of what its header declares, or holding NaN
+    or infinite samples): another decoder would read the same damage, so none is tried."""
+
+
+# Bytes per sample of the uncompressed subtypes whose length a header declares (WAV, AIFF, ...).
+_SAMPLE_BYTES = {"PCM_S8": 1, "PCM_U8": 1, "PCM_16": 2, "PCM_24": 3, "PCM_32": 4, "FLOAT": 4, "DOUBLE": 8}
+# libsndfile's header log: "data : 96000 (should be 16)" when the file ends before the chunk does.
+_SHORT_CHUNK = re.compile(r"^\s*(?:data|SSND)\s*:\s*(\d+)\s*\(should be \d+\)", re.MULTILINE)
+_STREAMED = 0x7FFFFFFF  # the data size a writer that streams puts in the header: length unknown
+
+
+def _truncation(path: Path, f: sf.SoundFile) -> str | None:
+    """Why ``f`` is truncated (its header declares more audio than the file holds, by more than
+    10 ms: a writer's padding is not a cut), or None; only where a header says how long it is."""
+    m = _SHORT_CHUNK.search(f.extra_info)
+    width = _SAMPLE_BYTES.get(f.subtype)
+    if m is None or width is None or int(m.group(1)) >= _STREAMED:
+        return None
+    declared = int(m.group(1)) // (width * f.channels)
+    if declared - f.frames <= f.samplerate // 100:
+        return None
+    return (
+        f"{path}: truncated: its header declares {declared / f.samplerate:.2f} s of audio, the file "
+        f"holds {f.frames / f.samplerate:.2f} s (cut during a copy or a download?)"
+    )
+
+
+def _check_finite(path: str | Path, data: np.ndarray) -> None:
+    """NaN or infinite samples (a damaged float file) would reach the model as NaN features."""
+    bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
+    if bad:
+        raise DamagedAudioError(f"{path}: {bad} non-finite sample(s) (NaN or inf): damaged audio")
+
+
 def _not_decodable(path: Path, exc: BaseException) -> AudioDecodeError:
     # libsndfile says "File does not exist or is not a regular file" for any file it cannot
     # parse, so the message says what it usually means here before quoting it.
@@ -141,11 +177,12 @@ _SNDFILE_ERRORS = (sf.LibsndfileError, RuntimeError, OSError, ValueError)
 
 
 def _open_sndfile(path: Path) -> sf.SoundFile:
-    """``path`` opened by libsndfile; ``AudioDecodeError`` for an empty or undecodable file."""
+    """``path`` opened by libsndfile; ``AudioDecodeError`` for a missing, empty or undecodable
+    file, ``DamagedAudioError`` for one cut short of what its header declares."""
     try:
         if path.stat().st_size == 0:
             raise AudioDecodeError(f"{path}: empty file (0 bytes)")
-        return sf.SoundFile(str(path))
+        f = sf.SoundFile(str(path))
     except AudioDecodeError:
         raise
     except FileNotFoundError:
@@ -154,6 +191,11 @@ def _open_sndfile(path: Path) -> sf.SoundFile:
         raise AudioDecodeError(f"{path}: no such file") from None
     except _SNDFILE_ERRORS as exc:
         raise _not_decodable(path, exc) from exc
+    cut = _truncation(path, f)
+    if cut:
+        f.close()
+        raise DamagedAudioError(cut)
+    return f
 
 
 def _mono(data: np.ndarray) -> np.ndarray:
@@ -166,7 +208,9 @@ def load_audio(path: str | Path, sample_rate: int = 16000) -> np.ndarray:
 
     Channels are averaged (as VGGish's reference does). Raises ``AudioDecodeError`` for an empty or
     non-audio file and for an mp3 cut before its first complete frame; an mp3 cut later decodes to
-    the frames it still holds (a shorter clip), as every mp3 decoder does.
+    the frames it still holds (a shorter clip), as every mp3 decoder does. A file whose header says
+    how long it is (WAV, AIFF) and that holds less is refused as truncated, and one holding NaN or
+    infinite samples as damaged (``DamagedAudioError``), naming the file.
     """
     path = Path(path)
     with _open_sndfile(path) as f:
@@ -176,6 +220,7 @@ def load_audio(path: str | Path, sample_rate: int = 16000) -> np.ndarray:
             raise _not_decodable(path, exc) from exc
     if data.shape[0] == 0:
         raise AudioDecodeError(f"{path}: no audio samples")
+    _check_finite(path, data)
     wave = _mono(data)
     if sr != sample_rate:
         wave = resample(wave, sr, sample_rate)
@@ -204,11 +249,15 @@ def stream_audio(path: str | Path, sample_rate: int = 16000, block_frames: int =
     memory does not grow with the file's length. libsndfile first, else audioread (ffmpeg).
 
     Raises ``AudioDecodeError`` on one line: an empty file, a file neither decoder reads (naming
-    ffmpeg as what to install when no audioread backend is there), no samples at all.
+    ffmpeg as what to install when no audioread backend is there), no samples at all; its
+    ``DamagedAudioError`` (no fallback to ffmpeg) for a file cut short of its header's length or
+    holding NaN or infinite samples.
     """
     path = Path(path)
     try:
         f = _open_sndfile(path)
+    except DamagedAudioError:  # ffmpeg would read the same damage
+        raise
     except AudioDecodeError as first:
         if not path.is_file() or path.stat().st_size == 0:
             raise
@@ -238,6 +287,7 @@ def _sndfile_blocks(path: Path, f: sf.SoundFile, block_frames: int) -> Iterator[
                 raise _not_decodable(path, exc) from exc
             if data.shape[0] == 0:
                 return
+            _check_finite(path, data)
             yield _mono(data)
 
 

@@ -65,6 +65,10 @@ class PatchFrontEnd(torch.nn.Module):
     def frames(self, n_samples: int) -> int:
         raise NotImplementedError
 
+    def samples_for_frames(self, frames: int) -> int:
+        """The fewest samples that make ``frames`` frames (the inverse of ``frames``)."""
+        raise NotImplementedError
+
     def patches(self, waveforms: torch.Tensor, n_patches: int) -> torch.Tensor:
         raise NotImplementedError
 
@@ -160,6 +164,9 @@ class LogMelFrontEnd(PatchFrontEnd):
         """Complete windows only (no padding anywhere, as the reference)."""
         return 0 if n_samples < self.win else 1 + (n_samples - self.win) // self.hop
 
+    def samples_for_frames(self, frames: int) -> int:
+        return self.win + (frames - 1) * self.hop
+
     def patches(self, waveforms: torch.Tensor, n_patches: int) -> torch.Tensor:
         batch = waveforms.shape[0]
         p, ph = self.cfg.patch_frames, self.cfg.patch_hop_frames
@@ -228,6 +235,9 @@ class MelDbFrontEnd(PatchFrontEnd):
     def frames(self, n_samples: int) -> int:
         """Centred frames: ``1 + n // hop`` (the reflect padding needs more than n_fft / 2 samples)."""
         return 1 + n_samples // self.hop if n_samples > self.n_fft // 2 else 0
+
+    def samples_for_frames(self, frames: int) -> int:
+        return max((frames - 1) * self.hop, self.n_fft // 2 + 1)
 
     def patches(self, waveforms: torch.Tensor, n_patches: int) -> torch.Tensor:
         p, ph = self.cfg.patch_frames, self.cfg.patch_hop_frames

@@ -108,11 +108,14 @@ def close_stale(journal, stale_after: float | None, out) -> str:
         out(f"FAILED {naming(journal.path, exc)}")
         return "failed"
     folder = journal.folder
-    after = (
-        f"after epoch {last_epoch(folder)}; trainer.resume=true continues it"
-        if has_last(folder)
-        else "before its first checkpoint (nothing to resume)"
-    )
+    try:
+        after = (
+            f"after epoch {last_epoch(folder)}; trainer.resume=true continues it"
+            if has_last(folder)
+            else "before its first checkpoint (nothing to resume)"
+        )
+    except OSError as exc:  # a damaged last.pt (CorruptFileError): closed all the same, said so
+        after = f"with a last.pt that cannot be resumed ({exc})"
     out(f"closed run {header['run_id']} ({folder}): {why}; KILLED {after}")
     return "closed"
 

@@ -341,7 +341,8 @@ def test_close_stale_ends_the_runs_whose_process_is_gone(tmp_path, capsys):
     me = this_process()
     gone, gone_journal = open_run(tmp_path, uri, "gone", dead_process(), heartbeat_age=100)
     last_seen = gone_journal.heartbeat()
-    reused, _ = open_run(tmp_path, uri, "reused", {**me, "started": me["started"] - 1})  # its pid, a later process
+    reused, reused_journal = open_run(tmp_path, uri, "reused", {**me, "started": me["started"] - 1})  # a later pid
+    (reused_journal.folder / "last.pt").write_bytes(b"\0" * 64)  # a damaged checkpoint: closed all the same
     alive, _ = open_run(tmp_path, uri, "alive", me)
     held, held_journal = open_run(tmp_path, uri, "held", dead_process())
     elsewhere, _ = open_run(tmp_path, uri, "elsewhere", {**me, "host": "node-17"}, heartbeat_age=600)
@@ -366,6 +367,7 @@ def test_close_stale_ends_the_runs_whose_process_is_gone(tmp_path, capsys):
     assert run.info.end_time == int(1000 * last_seen)  # ended when it was last seen alive, 100 s ago
     assert [m.step for m in client.get_metric_history(gone, "val_loss")] == [0]  # with its last epoch
     assert f"closed run {gone} " in out and "KILLED before its first checkpoint (nothing to resume)" in out
+    assert f"closed run {reused} " in out and "KILLED with a last.pt that cannot be resumed (" in out
     assert f"left open run {elsewhere} " in out and "process " in out and "node-17 cannot be checked" in out
     assert "2 closed as KILLED" in out
 

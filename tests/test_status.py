@@ -99,6 +99,42 @@ def test_a_stopped_entry_point_exits_with_one_line_and_the_signal_status(capsys)
     assert capsys.readouterr().err == "mtt.run: stopped by SIGTERM\n"
 
 
+def test_nonfinite_inputs_are_named_with_their_files_not_blamed_on_the_lr(tiny_cfg, monkeypatch):
+    """NaN in what the model reads (a damaged store) is the data's fault: the error names the
+    store, the clips and their files, and how to rebuild it; not trainer.lr. Poisoned in memory
+    (every training clip of the frozen backbone's cache), so the shared cache stays clean."""
+    import numpy as np
+
+    import mtt.train
+
+    real_prepare = mtt.train.prepare
+
+    def poisoned(*args, **kwargs):
+        p = real_prepare(*args, **kwargs)
+        p.inputs.patches = np.array(p.inputs.patches)
+        for c in p.train.clip_ids:
+            p.inputs.patches[p.inputs.rows(c)] = np.nan
+        poisoned.p = p
+        return p
+
+    monkeypatch.setattr(mtt.train, "prepare", poisoned)
+    cfg = compose_cfg(
+        [*TINY, f"tracking.uri={tiny_cfg.tracking.uri}", "steps=fixed", "steps.n=3"], cache=tiny_cfg.paths.cache
+    )
+    with pytest.raises(FloatingPointError) as info:
+        with MlflowTracker(cfg.tracking.uri, "unit", "nan inputs") as tracker:
+            train(cfg, tracker)
+    p, message = poisoned.p, str(info.value)
+    first = int(p.train.clip_ids[0])
+    row = list(p.index.clip_ids).index(first)
+    assert message.startswith("non-finite input features (NaN or inf) at epoch 0 step 0, not the learning rate: ")
+    assert f"{p.inputs.path} holds them for clip(s) (the first 5) {first} ({p.index.audio_path(row)})" in message
+    assert "delete it to have it rebuilt" in message and "trainer.lr" not in message
+    assert p.inputs.path != p.store.path  # the cache was named, the clean feature store was not
+    run = MlflowClient(cfg.tracking.uri).get_run(tracker.run_id)
+    assert run.info.status == "FAILED" and run.data.tags["error"].startswith("FloatingPointError: non-finite input")
+
+
 # A run long enough to be stopped during an epoch: 6 epochs of 40 tiny steps.
 SIX_EPOCHS = [*TINY[:-1], "trainer.device=cpu", "trainer.epochs=6", "steps=fixed", "steps.n=40"]
 
@@ -158,7 +194,8 @@ def test_ctrl_c_during_training_marks_the_run_killed(tmp_path, cache_dir):
 
 @pytest.mark.slow
 def test_ctrl_c_during_data_preparation_is_killed_and_leaves_nothing_corrupt(tmp_path):
-    # A fresh cache: the dataset and its features are generated inside the run, for seconds.
+    # A fresh cache: the features are computed inside the run, for seconds (the dataset itself is
+    # generated before the run exists: its index is read first, mtt.preflight).
     cache = tmp_path / "cache"
     data = [
         "data.synth.clips_per_folder=6",
@@ -171,10 +208,10 @@ def test_ctrl_c_during_data_preparation_is_killed_and_leaves_nothing_corrupt(tmp
     uri = f"sqlite:///{tmp_path}/m.db"
     proc = start_run(data, uri)
     run_id = wait_for_run(proc, uri, "prep", points=None)
-    # Interrupt once the dataset is being generated (its first clips are in the generator's
-    # temporary folder): data preparation is under way, and 96 clips leave seconds to spare.
+    # Interrupt once the feature store is being built (its first shards are written): data
+    # preparation is under way, and 96 clips leave seconds to spare.
     deadline = time.monotonic() + 120
-    while not list(cache.glob("toy-v1/.*.gen-*/*/*.mp3")):
+    while not list(cache.glob("features/*/shards/*")):
         assert proc.poll() is None and time.monotonic() < deadline, "no data preparation seen"
         time.sleep(0.01)
     proc.send_signal(signal.SIGINT)

@@ -241,7 +241,7 @@ def test_nan_audio_and_dangling_links_are_failures_named(tiny_run, tmp_path, cap
     captured = capsys.readouterr()
     doc = json.loads(captured.out)
     assert [f["file"] for f in doc["files"]] == [str(lib / "a.mp3")]
-    nan = f"{lib / 'b.wav'}: NaN or infinite samples (the first at 1.00 s)"
+    nan = f"{lib / 'b.wav'}: 32000 non-finite sample(s) (NaN or inf): damaged audio"
     link = f"{lib / 'c.mp3'}: a dangling symbolic link (to {tmp_path / 'moved-away.mp3'})"
     assert doc["errors"] == [{"file": str(lib / "b.wav"), "error": nan}, {"file": str(lib / "c.mp3"), "error": link}]
     assert f"error: {nan}" in captured.err and f"error: {link}" in captured.err

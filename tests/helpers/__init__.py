@@ -11,8 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 from hydra import compose, initialize_config_dir
 
+from mtt.data.mtat import ANNOTATIONS, CLIP_INFO, FOLDERS
 from mtt.paths import CONF_DIR, REPO_ROOT
 
 # A tiny but complete setup: 16 folders x 2 clips x 2 s, VGGish at 1/8 width, small head.
@@ -34,7 +36,9 @@ RUN_ARTIFACTS = {
     "config.yaml",
     "per_tag_test.csv",
     "checkpoint/best.safetensors",
+    "checkpoint/best.safetensors.sha256",  # the checksum sidecars that mtt.tag checks
     "checkpoint/best.json",
+    "checkpoint/best.json.sha256",
     "plots/loss.png",
     "plots/accuracy.png",
     "plots/auc.png",
@@ -85,3 +89,25 @@ def sweep_children(client, experiment: str, status: str = "FINISHED") -> list:
     children = [r for r in runs if r is not parent]
     assert {r.data.tags.get("mlflow.parentRunId") for r in children} == {parent.info.run_id}
     return children
+
+
+def mtat_tree(root: Path) -> Path:
+    """A MagnaTagATune unpacked by hand: two clips in each of the folders 0-f and both CSVs."""
+    rng = np.random.default_rng(7)
+    rows = []
+    for folder in FOLDERS:
+        for i in range(2):
+            mp3 = f"{folder}/artist_{folder}-album-0{i}-title-{30 * i}-{30 * i + 29}.mp3"
+            (root / folder).mkdir(parents=True, exist_ok=True)
+            (root / mp3).write_bytes(rng.integers(0, 256, 3000, dtype=np.uint8).tobytes())
+            rows.append(mp3)
+    (root / ANNOTATIONS).write_text(
+        '"clip_id"\t"guitar"\t"mp3_path"\n' + "".join(f'"{i}"\t"1"\t"{p}"\n' for i, p in enumerate(rows, 2))
+    )
+    (root / CLIP_INFO).write_text('"clip_id"\t"mp3_path"\n' + "".join(f'"{i}"\t"{p}"\n' for i, p in enumerate(rows, 2)))
+    return root
+
+
+def snapshot(root: Path) -> dict[str, bytes | None]:
+    """Every path under ``root``: a file's bytes, None for a folder."""
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
