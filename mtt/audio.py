@@ -10,10 +10,10 @@ libraries, wma, ...); ``decode_audio`` is its blocks joined.
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
 import re
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -294,14 +294,22 @@ def _sndfile_blocks(path: Path, f: sf.SoundFile, block_frames: int) -> Iterator[
 def _audioread_blocks(
     path: Path, sndfile_error: AudioDecodeError, block_frames: int
 ) -> tuple[Iterator[np.ndarray], int]:
-    """audioread's (ffmpeg's) 16-bit samples of ``path`` as mono float32 blocks of about
-    ``block_frames`` frames (it hands out 4 kB at a time), and its sample rate: what
-    ``librosa.load`` computes from the same samples, without joining them."""
+    """The 16-bit samples audioread (ffmpeg) decodes ``path`` to, as mono float32 blocks of
+    ``block_frames`` frames, and their sample rate: what ``librosa.load`` computes from them,
+    without joining them.
+
+    audioread's ffmpeg reader queues everything ffmpeg writes, without bound, while the caller
+    tags: a long file would end up decoded whole in memory. So audioread only opens the file (it
+    reads ffmpeg's description of the stream: rate, channels) and its own command,
+    ``ffmpeg -i FILE -f s16le -``, is run here through a pipe read ``block_frames`` at a time:
+    ffmpeg waits while a block is tagged.
+    """
     import audioread
     import audioread.ffdec
 
     backends = audioread.available_backends()  # the stdlib wav/aiff reader, and ffmpeg if on PATH
-    if audioread.ffdec.FFmpegAudioFile not in backends:
+    ffmpeg = audioread.ffdec.FFmpegAudioFile
+    if ffmpeg not in backends:
         raise AudioDecodeError(
             f"{path}: cannot decode audio: libsndfile does not read it and ffmpeg, "
             f"which would, is not on PATH; {INSTALL_FFMPEG}"
@@ -312,21 +320,29 @@ def _audioread_blocks(
         raise AudioDecodeError(
             f"{path}: cannot decode audio: neither libsndfile nor ffmpeg reads it (not an audio file, or truncated)"
         ) from exc
+    channels, sr = reader.channels, int(reader.samplerate)
+    frame = 2 * channels  # bytes per frame of 16-bit samples
 
-    def blocks() -> Iterator[np.ndarray]:
-        frame = 2 * reader.channels  # bytes per frame of 16-bit samples
-        pending: list[bytes] = []
-        size = 0
+    def to_mono(data: bytes) -> np.ndarray:
+        # librosa.util.buf_to_float: int16 -> float32 / 32768
+        samples = np.frombuffer(data[: len(data) - len(data) % frame], "<i2").astype(np.float32) * (1 / 32768)
+        return _mono(samples.reshape(-1, channels))
+
+    def piped() -> Iterator[np.ndarray]:
+        reader.close()  # its description is all that was needed
+        command = ["ffmpeg", "-nostdin", "-v", "error", "-i", str(path), "-f", "s16le", "-"]
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        try:
+            assert proc.stdout is not None
+            while data := proc.stdout.read(block_frames * frame):  # whole blocks until the end
+                yield to_mono(data)
+        finally:
+            proc.kill()
+            proc.wait()
+
+    def read() -> Iterator[np.ndarray]:  # another backend (the stdlib wav/aiff reader): it reads as asked
         with reader:
-            for buf in itertools.chain(reader, [b""]):  # b"": the end, give out what is left
-                pending.append(buf)
-                size += len(buf)
-                if size >= block_frames * frame or (not buf and size):
-                    data = b"".join(pending)
-                    whole = len(data) - len(data) % frame
-                    pending, size = [data[whole:]], len(data) - whole
-                    # librosa.util.buf_to_float: int16 -> float32 / 32768
-                    samples = np.frombuffer(data[:whole], "<i2").astype(np.float32) * (1 / 32768)
-                    yield _mono(samples.reshape(-1, reader.channels))
+            for buf in reader:
+                yield to_mono(buf)
 
-    return blocks(), int(reader.samplerate)
+    return (piped() if isinstance(reader, ffmpeg) else read()), sr
