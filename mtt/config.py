@@ -16,6 +16,7 @@ import difflib
 import functools
 import math
 import re
+import secrets
 import sys
 import typing
 from collections.abc import Callable, Sequence
@@ -574,6 +575,14 @@ def exit_if_invalid(cfg, more_errors: Sequence[str] = (), data: bool = True) -> 
         raise SystemExit(2)
 
 
+def launch_id() -> str:
+    """A random id for one launch (``${mtt.launch_id:}`` in conf/config.yaml's sweep folder):
+    two sweeps started in the same second get folders (and sweep ids) of their own. Drawn
+    once per launch: OmegaConf caches a resolver's value in the config, and Hydra copies that
+    cache into every job's config (as it does for ``${now:...}``), so a sweep's jobs agree."""
+    return secrets.token_hex(3)
+
+
 _SEARCHED = "hydra.sweeper.params."
 
 
@@ -663,7 +672,8 @@ def hydra_entry(task: Callable) -> Callable:
 
 
 def register_configs() -> None:
-    """Register the schema so that conf/config.yaml can extend it (idempotent)."""
+    """Register the schema so that conf/config.yaml can extend it, and its resolver (idempotent)."""
+    OmegaConf.register_new_resolver("mtt.launch_id", launch_id, use_cache=True, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
     from mtt.presets import register_presets  # the `experiment` group (experiments/)

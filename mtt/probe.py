@@ -190,7 +190,7 @@ def main() -> None:
     from mtt.config import exit_if_invalid, hydra_entry
     from mtt.fs import exit_on_corrupt
     from mtt.preflight import checked_index
-    from mtt.run import tracked
+    from mtt.run import cli, tracked
 
     @hydra_entry
     def _probe(cfg) -> float:
@@ -201,7 +201,7 @@ def main() -> None:
             metrics = tracked(cfg, probe, name_prefix=REFERENCE, entry="mtt.probe")
         return metrics.get("val_roc_auc", float("nan"))
 
-    _probe()
+    cli(_probe, "mtt.probe")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import signal
+import sys
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -90,7 +92,7 @@ def tracked(
     from mtt import distributed
     from mtt.checkpoint import NOT_GROUPED, config_hash
     from mtt.records import source_tags
-    from mtt.tracking import MlflowTracker, sweep_parent
+    from mtt.tracking import MlflowTracker, stop_on_signals, sweep_parent
 
     hc = HydraConfig.get()
     tags = {f"choice.{k}": v for k, v in hc.runtime.choices.items() if v is not None and not k.startswith("hydra/")}
@@ -107,24 +109,46 @@ def tracked(
         tags["mlflow.parentRunId"] = sweep_parent(cfg.tracking.uri, cfg.tracking.experiment, tags["sweep_id"])
     if not d.main:  # one copy of the epoch lines, from rank 0
         logging.getLogger("mtt").setLevel(logging.WARNING)
+    # SIGTERM (Slurm, docker, timeout) ends the run as Ctrl-C does: KILLED, journal written.
+    with stop_on_signals():
+        try:
+            if d.main:  # only rank 0 talks to MLflow; the others learn its run id
+                resume = resume_target(cfg, tags["config_hash"]) if resumable else None
+                with MlflowTracker(
+                    cfg.tracking.uri,
+                    cfg.tracking.experiment,
+                    name,
+                    tags,
+                    resume_run_id=resume,
+                    cache=cfg.paths.cache,
+                    flush_timeout_s=cfg.tracking.flush_timeout_s,
+                ) as tracker:
+                    try:
+                        distributed.broadcast(d, (tracker.run_id, tracker.resumed))
+                        return job(cfg, tracker, d)
+                    except KeyboardInterrupt as stop:
+                        log.warning(
+                            "run %s %s: ending it KILLED with the epochs it finished; trainer.resume=true continues it",
+                            tracker.run_id,
+                            stop.args[0] if stop.args else "stopped by SIGINT",
+                        )
+                        raise
+            run_id, resumed = distributed.broadcast(d, None)
+            return job(cfg, distributed.RankTracker(run_id, resumed), d)
+        finally:
+            distributed.shutdown(d)
+
+
+def cli(entry, prog: str) -> None:
+    """Run the Hydra entry ``entry``; a stop (``mtt.tracking.Stopped``: SIGTERM, SIGINT) ends the
+    process with one line and status 128 + the signal's number, as shells and schedulers read a
+    process a signal ended, instead of a traceback."""
     try:
-        if d.main:  # only rank 0 talks to MLflow; the others learn its run id
-            resume = resume_target(cfg, tags["config_hash"]) if resumable else None
-            with MlflowTracker(
-                cfg.tracking.uri,
-                cfg.tracking.experiment,
-                name,
-                tags,
-                resume_run_id=resume,
-                cache=cfg.paths.cache,
-                flush_timeout_s=cfg.tracking.flush_timeout_s,
-            ) as tracker:
-                distributed.broadcast(d, (tracker.run_id, tracker.resumed))
-                return job(cfg, tracker, d)
-        run_id, resumed = distributed.broadcast(d, None)
-        return job(cfg, distributed.RankTracker(run_id, resumed), d)
-    finally:
-        distributed.shutdown(d)
+        entry()
+    except KeyboardInterrupt as stop:
+        signum = int(getattr(stop, "signum", signal.SIGINT))
+        print(f"{prog}: stopped by {signal.Signals(signum).name}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum) from None
 
 
 @hydra_entry
@@ -141,4 +165,4 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main, "mtt.run")
