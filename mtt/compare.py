@@ -19,8 +19,8 @@ Where the runs validate on their test clips (``data.split=report``), no group is
 group, pairs only as ``--pair`` names them, and ``--register`` refuses.
 
 Runs are only ranked when they share the evaluation protocol (split, tag set, evaluation
-aggregation, test clips; not the feature store, which belongs to the model: see ``PROTOCOL``); otherwise the command refuses, naming the key that
-differs (``--allow-mixed`` prints them anyway, marked). Reference runs (``mtt.probe``) are
+aggregation, patches and their spacing, test clips; not the feature store, which belongs to the
+model: see ``PROTOCOL``); otherwise the command refuses, naming the key that differs (``--allow-mixed`` prints them anyway, marked). Reference runs (``mtt.probe``) are
 labelled rows. A reading tool (argparse, no Hydra): it never changes the store, except that
 ``--register NAME`` registers the best group's best run (by its monitored validation metric) as
 a new version of MLflow model NAME (``mtt.pyfunc.register``); MLflow is reached only through
@@ -492,20 +492,28 @@ def _fmt(stats: dict | None, digits: int = 4) -> str:
     return out
 
 
-def advice(d: Difference) -> str:
-    """What a verdict asks for: more seeds (how many, as an estimate), or why more will not do."""
+def advice(d: Difference, short: bool = False) -> str:
+    """What a verdict asks for: more seeds (how many, as an estimate), or why more will not do;
+    ``short``: for a table cell."""
     if d.verdict == "seed variation unknown":
-        return f"run at least {MIN_SEEDS} seeds per group (or pass --seed-sd)"
+        return (
+            f"run >= {MIN_SEEDS} (or --seed-sd)"
+            if short
+            else f"run at least {MIN_SEEDS} seeds per group (or pass --seed-sd)"
+        )
     if d.verdict != "not distinguishable":
         return ""
     if d.estimate == 0:
-        return "the same scores: nothing to resolve"
+        return "none: the same scores" if short else "the same scores: nothing to resolve"
     n = d.seeds_needed()
-    if n is not None:
-        return f"seeds per group to resolve a difference this size: about {n} (estimate)"
-    if d.clips_limit:
-        return "more seeds alone would not resolve it: the test clips vary more than the difference"
-    return "seeds per group to resolve a difference this size: over 1000 (estimate)"
+    if n is None and d.clips_limit:
+        return (
+            "more would not: clips"
+            if short
+            else "more seeds alone would not resolve it: the test clips vary more than the difference"
+        )
+    count = f"about {n}" if n is not None else "over 1000"
+    return count if short else f"seeds per group to resolve a difference this size: {count} (estimate)"
 
 
 HEADERS = (
@@ -608,9 +616,13 @@ def format_markdown(c: Comparison) -> str:
     out += ["| " + " | ".join(r) + " |" for r in table_rows(c)]
     out += [""] + [f"{n}." if not n.endswith(".") else n for n in _notes(c)]
     if c.pairs:
-        out += ["", "| difference | metric | value | 95% interval | verdict | seeds |", "|---|---|---|---|---|---|"]
         out += [
-            f"| {d.a} - {d.b} | {d.metric} | {d.estimate:+.4f} | {_ci(d)} | {d.reads} | {advice(d) or '-'} |"
+            "",
+            "| difference | metric | value | 95% interval | verdict | seeds per group to resolve it (estimate) |",
+            "|---|---|---|---|---|---|",
+        ]
+        out += [
+            f"| {d.a} - {d.b} | {d.metric} | {d.estimate:+.4f} | {_ci(d)} | {d.reads} | {advice(d, short=True) or '-'} |"
             for d in c.pairs
         ]
     return "\n".join(out)
