@@ -1,8 +1,8 @@
 """Helpers shared by the tests, in one importable place (``from tests.helpers import ...``): the
 tiny configs and Hydra compose, running ``python -m`` as a user would, reading a sweep back.
 Servers for the tests live beside it: ``tests.helpers.http_server`` (files over HTTP on
-127.0.0.1), ``tests.helpers.mlflow_server`` (a real MLflow server), ``tests.helpers.cdp``
-(headless chromium)."""
+127.0.0.1), ``tests.helpers.mlflow_server`` (a real MLflow server), ``tests.helpers.browser``
+(headless chromium through Playwright)."""
 
 from __future__ import annotations
 
