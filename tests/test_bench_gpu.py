@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from mtt.paths import REPO_ROOT
+from tests.helpers import compose_cfg
 
 SCRIPT = REPO_ROOT / "tests" / "benchmarks" / "bench_gpu.py"
 FIGURES = {
@@ -128,6 +129,19 @@ def test_the_full_mtat_time_of_each_preset_is_its_epochs_steps_and_chunks_at_the
     assert sweep["train_s"] == pytest.approx(
         3 * 60 * 14_294 / rate["head_train_cached"] + 3 * 200 * 953 * 16 / rate["shortchunk_train_fp32_nchw"]
     )
+    # a preset's time uses the figure of its own settings, and none measured otherwise
+    from tests.benchmarks.bench_gpu import rate_for
+
+    figures, cpu, anchor_cfg = record["figures"], torch.device("cpu"), ["+experiment=anchors/shortchunk_res"]
+    bf16 = compose_cfg([*anchor_cfg, "trainer.precision=bf16", "trainer.channels_last=true"])
+    assert rate_for(figures, "train", bf16, cpu) == (
+        "shortchunk_train_bf16_channels_last",
+        rate["shortchunk_train_bf16_channels_last"] / 16,
+    )
+    with pytest.raises(KeyError, match="precision=bf16, channels_last=False"):
+        rate_for(figures, "eval", compose_cfg([*anchor_cfg, "trainer.precision=bf16"]), cpu)
+    with pytest.raises(KeyError, match="batch=32"):
+        rate_for(figures, "train", compose_cfg([*anchor_cfg, "trainer.batch_size=32"]), cpu)
     finetune = mtat["modern + backbone.finetune_last=2 (not a preset)"]
     assert finetune["cache_build_s"] == 0 and finetune["runs"][0]["figures"]["eval"] == "finetune_eval"
     for preset in PRESETS:
@@ -174,3 +188,30 @@ def test_a_failing_measurement_is_recorded_and_the_others_still_run(tmp_path, mo
     }
     assert record["figures"] == {} and all("not_measured" in m for m in record["mtat"].values())
     assert "- cache_build: `RuntimeError: out of memory`" in (tmp_path / "gpu.md").read_text()
+
+
+def test_a_failing_cuda_test_makes_the_exit_status_1(tmp_path, monkeypatch):
+    """The CUDA tests' outcome reaches the record, the page and the exit status (here a marked
+    test outside the suite, which the suite's skip does not reach, fails on the CPU)."""
+    from tests.benchmarks import bench_gpu
+
+    for group in ("forward", "shortchunk"):
+        monkeypatch.setattr(bench_gpu.Bench, group, lambda self: None)
+    monkeypatch.setattr(bench_gpu.Bench, "cache_build", lambda self: {"per_folder": 1})
+    monkeypatch.setattr(bench_gpu.Bench, "heads_and_finetuning", lambda self, per_folder: None)
+    failing = tmp_path / "test_gpu_only.py"
+    failing.write_text(
+        "import pytest\n\n\n@pytest.mark.cuda\ndef test_on_the_gpu():\n    assert False, 'wrong on CUDA'\n\n\n"
+        "@pytest.mark.cuda\ndef test_fine():\n    pass\n\n\ndef test_unmarked():\n    assert False\n"
+    )
+    threads = torch.get_num_threads()
+    try:
+        status = bench_gpu.main(["--cpu", "--tests-path", str(failing), "--out", str(tmp_path / "out")])
+    finally:
+        torch.set_num_threads(threads)
+    assert status == 1
+    tests = json.loads((tmp_path / "out" / "gpu.json").read_text())["tests"]
+    assert (tests["passed"], tests["failed"], tests["skipped"]) == (1, 1, 0)  # the unmarked test is not run
+    assert [c["outcome"] for c in tests["cases"]] == ["failure", "passed"]
+    assert "wrong on CUDA" in tests["cases"][0]["message"]
+    assert "1 passed, 1 failed, 0 errors" in (tmp_path / "out" / "gpu.md").read_text()
