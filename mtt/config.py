@@ -604,9 +604,14 @@ def override_errors(overrides: Sequence[str]) -> list[str]:
     """One line per command-line override whose key is neither a schema key nor a config group,
     or whose group option does not exist (every value of a sweep), with the closest known one.
     Hydra's own keys and groups (``hydra.*``, ``hydra/launcher=...``) are Hydra's to check; so
-    is the search space of ``hydra.sweeper.params``, but for its keys, which must be mtt's."""
+    is the search space of ``hydra.sweeper.params``, but for its keys, which must be mtt's.
+
+    Groups and their options are looked up on the search path Hydra composes from: conf/ plus
+    ``hydra.searchpath`` (conf/config.yaml's, or the command line's), so a backbone YAML of
+    one's own in another folder is an option (CONTRIBUTING.md)."""
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.object_type import ObjectType
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
@@ -616,8 +621,14 @@ def override_errors(overrides: Sequence[str]) -> list[str]:
         return []  # a syntax error: Hydra says where
     groups, defaults = config_groups()
     errors = []
+    # Hydra reads the search path from the primary config and this override alone.
+    searchpath = [o.input_line for o in parsed if o.key_or_group == "hydra.searchpath" and o.input_line]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         loader = GlobalHydra.instance().config_loader()
+
+        def options(group: str, kind: ObjectType = ObjectType.CONFIG) -> list[str]:
+            return loader.get_group_options(group, kind, config_name="config", overrides=searchpath)
+
         for o in parsed:
             key, shown = o.key_or_group, o.input_line or o.key_or_group
             searched = key.startswith(_SEARCHED)  # an Optuna dimension: its key must be mtt's
@@ -625,9 +636,9 @@ def override_errors(overrides: Sequence[str]) -> list[str]:
             if (o.is_hydra_override() and not searched) or o.package is not None:
                 continue
             parent, _, name = key.lstrip("+").rpartition("/")
-            if name in loader.list_groups(parent):  # a group: each option (of a sweep too) must exist
+            if name in options(parent, ObjectType.GROUP):  # a group: each option (of a sweep too) must exist
                 if not searched:
-                    errors += _option_errors(o, key, loader.get_group_options(key), shown)
+                    errors += _option_errors(o, key, options(key), shown)
             elif not _known(key.lstrip("+")):
                 prefix = _SEARCHED if searched else shown[: len(shown) - len(shown.lstrip("+~"))]
                 value = o.get_value_string() if "=" in (o.input_line or "") else ""

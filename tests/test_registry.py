@@ -70,6 +70,22 @@ def test_a_registered_backbone_is_built_by_name_with_its_declared_output(backbon
     )
 
 
+def test_the_typo_check_sees_the_options_on_hydras_search_path(backbone_dir):
+    """The command line's unknown-option check looks where Hydra composes from: one_conv is an
+    option of group backbone once its folder is on ``hydra.searchpath``, and only then."""
+    from mtt.config import override_errors
+
+    searchpath = f"hydra.searchpath=[file://{backbone_dir / 'conf'}]"
+    assert override_errors([searchpath, "backbone=one_conv"]) == []
+    assert override_errors([searchpath, "backbone=one_conw"]) == [
+        "backbone=one_conw: no option 'one_conw' in config group backbone (did you mean one_conv? "
+        "options: one_conv, shortchunk, shortchunk_res, vggish)"
+    ]
+    assert override_errors(["backbone=one_conv"]) == [
+        "backbone=one_conv: no option 'one_conv' in config group backbone (options: shortchunk, shortchunk_res, vggish)"
+    ]
+
+
 @pytest.mark.slow
 def test_a_backbone_defined_in_the_test_trains_through_mtt_run(backbone_dir, cache_dir):
     """``python -m mtt.run backbone=one_conv`` with the test's conf folder on Hydra's search path
