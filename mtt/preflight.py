@@ -1,5 +1,10 @@
-"""What needs the data before an entry point starts: read the clip index and check the values that
-depend on it, before any MLflow run exists.
+"""What an entry point checks before any MLflow run exists, cheapest first: the backbone's weights
+(no data needed), then the clip index and the values that depend on it.
+
+``checked_weights`` resolves ``backbone.weights`` (downloads the official ones when they are not
+cached) before anything generates or reads data: an offline ``audioset`` run ends in one line
+within seconds, with no dataset generated first. (The tracking store is checked before either, by
+the launch hook, ``mtt.sweeps.PrepareTracking``.)
 
 ``exit_if_invalid`` (mtt/config.py) checks what the config alone decides, and ``data.root`` on
 disk; some values can only be judged against the dataset itself: ``data.tags=freqN`` (at most
@@ -14,10 +19,36 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from mtt.data.datasets import index_from_config
 from mtt.data.index import ClipIndex
+
+if TYPE_CHECKING:
+    from mtt.models.weights import WeightsInfo  # torch: imported once the config is valid
+
+
+def _exit(errors: list[str], status: int = 2) -> NoReturn:
+    """``error: <errors>`` on one line, then exit ``status`` (2: a bad value)."""
+    print(f"error: {'; '.join(errors)}", file=sys.stderr, flush=True)
+    raise SystemExit(status)
+
+
+def checked_weights(cfg) -> WeightsInfo:
+    """The backbone's weights (``mtt.models.weights.resolve_weights``), or the end of the process
+    in one line: a ``backbone.weights`` path that is no file is a bad value (exit status 2);
+    official weights neither cached nor downloadable (offline, a hash mismatch) exit 1, as an
+    unreachable tracking server does, naming the URL, the cache path and the override to use."""
+    from mtt.hub import DownloadError
+    from mtt.models.weights import weights_from_config
+
+    try:
+        return weights_from_config(cfg.backbone, progress=cfg.trainer.progress)
+    except FileNotFoundError as e:
+        _exit([str(e)])
+    except DownloadError as e:
+        _exit([str(e)], status=1)
 
 
 def training_patches(cfg, index: ClipIndex) -> int | None:
@@ -61,6 +92,20 @@ def checked_index(cfg, batch: bool = True) -> ClipIndex:
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:
         errors = [str(e).replace("\n", " ")]
     if errors:
-        print(f"error: {'; '.join(errors)}", file=sys.stderr, flush=True)
-        raise SystemExit(2)
+        _exit(errors)
     return index
+
+
+@dataclass(frozen=True)
+class Checked:
+    """What the preflight read and resolved, handed to the job so it is not done twice."""
+
+    index: ClipIndex
+    weights: WeightsInfo
+
+
+def checked(cfg, batch: bool = True) -> Checked:
+    """``checked_weights`` then ``checked_index`` (``batch``: for the commands that train): the
+    check that needs no data first, so a failure there leaves no data work behind."""
+    weights = checked_weights(cfg)
+    return Checked(checked_index(cfg, batch), weights)

@@ -35,8 +35,8 @@ import warnings
 import numpy as np
 
 from mtt import distributed
-from mtt.data.index import ClipIndex
 from mtt.evaluate import Split, chunk_bce, clip_metrics, log_test
+from mtt.preflight import Checked
 from mtt.store import PatchStore
 from mtt.train import log_records, prepare
 
@@ -124,12 +124,12 @@ def carve_validation(train: Split, fraction: float, seed: int) -> tuple[Split, S
 
 
 def run_probe(
-    cfg, tracker, d: distributed.Dist = distributed.Dist(), index: ClipIndex | None = None
+    cfg, tracker, d: distributed.Dist = distributed.Dist(), checked: Checked | None = None
 ) -> dict[str, float]:
     """Fit and evaluate the linear probe of ``cfg``; log it to ``tracker``; return its metrics
-    (``index``: the clip index already read, by ``mtt.preflight``)."""
+    (``checked``: the clip index already read and the weights resolved, by ``mtt.preflight``)."""
     start = time.perf_counter()
-    p = prepare(cfg, d, cache=True, index=index)
+    p = prepare(cfg, d, cache=True, checked=checked)
     train, valid = p.train, p.valid
     if p.valid_is_test:  # the report split: choose the strength on training clips held out
         train, valid = carve_validation(p.train, CARVED_FRACTION, cfg.trainer.seed)
@@ -189,14 +189,14 @@ def run_probe(
 def main() -> None:
     from mtt.config import exit_if_invalid, hydra_entry
     from mtt.fs import exit_on_corrupt
-    from mtt.preflight import checked_index
+    from mtt.preflight import checked
     from mtt.run import cli, tracked
 
     @hydra_entry
     def _probe(cfg) -> float:
         exit_if_invalid(cfg)
-        index = checked_index(cfg, batch=False)  # before the run: freqN, the data's folder
-        probe = functools.partial(run_probe, index=index)
+        # before the run: the weights (before any data work), freqN, the data's folder
+        probe = functools.partial(run_probe, checked=checked(cfg, batch=False))
         with exit_on_corrupt():
             metrics = tracked(cfg, probe, name_prefix=REFERENCE, entry="mtt.probe")
         return metrics.get("val_roc_auc", float("nan"))

@@ -155,12 +155,14 @@ def cli(entry, prog: str) -> None:
 def main(cfg: DictConfig) -> float:
     exit_if_invalid(cfg)  # before any data, model or MLflow work
     from mtt.fs import exit_on_corrupt
-    from mtt.preflight import checked_index
+    from mtt.preflight import checked
     from mtt.train import train
 
-    index = checked_index(cfg)  # what depends on the data (freqN, the batch size): before the run
+    # Before the run: the weights (an offline audioset run, before any data work), then what
+    # depends on the data (freqN, the batch size).
+    job = functools.partial(train, checked=checked(cfg))
     with exit_on_corrupt():  # a corrupt store or checkpoint: one line naming it, exit status 1
-        metrics = tracked(cfg, functools.partial(train, index=index), resumable=True)
+        metrics = tracked(cfg, job, resumable=True)
     return metrics.get(cfg.trainer.monitor, float("nan"))  # train() returns the best epoch's epoch metrics
 
 

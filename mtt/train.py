@@ -53,6 +53,7 @@ from mtt.evaluate import (  # noqa: F401
 from mtt.models import Tagger, build_model
 from mtt.models.pooling import log_alphas, project_constraints
 from mtt.models.weights import WeightsInfo, load_state_dict, resolve_weights
+from mtt.preflight import Checked
 from mtt.preprocess import build_feature_store
 from mtt.records import dataset_inputs, plot_curves, run_note, versions
 from mtt.schedule import Phases
@@ -227,14 +228,15 @@ class Prepared:
 
 
 def prepare(
-    cfg, d: distributed.Dist = distributed.Dist(), cache: bool | None = None, index: ClipIndex | None = None
+    cfg, d: distributed.Dist = distributed.Dist(), cache: bool | None = None, checked: Checked | None = None
 ) -> Prepared:
     """Seed, resolve the weights, build (or open) the dataset, the feature store, the model and,
     for a frozen backbone, the cache of its outputs; split the clips.
 
     ``cache`` forces the backbone cache on (the linear probe reads frozen outputs even when the
     config fine-tunes) or off; by default it follows ``backbone.freeze``/``finetune_last``/``cache``.
-    ``index``: the clip index when the caller has read it already (``mtt.preflight``).
+    ``checked``: the clip index and the resolved weights when the caller has them already
+    (``mtt.preflight``).
     """
     validate(cfg)  # library callers too: a bad value fails here, not deep in the loop
     t = cfg.trainer
@@ -245,8 +247,11 @@ def prepare(
     from_backbone = (frozen and cfg.backbone.cache) if cache is None else cache
     with distributed.main_first(d):  # rank 0 downloads and builds, the others then find it all
         # The weights first: an offline `audioset` run fails here, before any data work.
-        weights = resolve_weights(cfg.backbone.weights, cfg.backbone.url, cfg.backbone.hub_dir)
-        index = index if index is not None else index_from_config(cfg.data, progress=t.progress)
+        if checked is None:
+            weights = resolve_weights(cfg.backbone.weights, cfg.backbone.url, cfg.backbone.hub_dir)
+            index = index_from_config(cfg.data, progress=t.progress)
+        else:
+            weights, index = checked.weights, checked.index
         store = build_feature_store(index, cfg.features, progress=t.progress)
         state_dict = load_state_dict(weights.path) if weights.path is not None else None
         model = build_model(cfg, len(index.tags), state_dict).to(device)
@@ -306,15 +311,16 @@ class Run:
         return {**clip_metrics(self.p.valid.labels, probs), "chunk_loss": float(np.mean(chunk_losses))}
 
 
-def train(cfg, tracker, d: distributed.Dist = distributed.Dist(), index: ClipIndex | None = None) -> dict[str, float]:
+def train(cfg, tracker, d: distributed.Dist = distributed.Dist(), checked: Checked | None = None) -> dict[str, float]:
     """Train the tagger of ``cfg`` and log everything to ``tracker``; returns the final metrics.
 
     prepare (data, features, model) -> fit (epochs, checkpoints, validation) -> test (the
     selected epoch's model on the test split). With ``tracker.resumed`` the training continues
     from the last checkpoint of that run. ``d`` is this process's place in a torchrun job (see
-    ``mtt.distributed``); by default one process.
+    ``mtt.distributed``); by default one process. ``checked``: what ``mtt.preflight`` has read
+    and resolved already.
     """
-    run = start(cfg, tracker, prepare(cfg, d, index=index), d)
+    run = start(cfg, tracker, prepare(cfg, d, checked=checked), d)
     fit(run, tracker)
     return test(run, tracker)
 

@@ -49,6 +49,24 @@ def test_a_bad_data_root_or_name_is_refused_before_the_store_exists(tmp_path, ov
     assert not store.exists() and not cache.exists()
 
 
+@pytest.mark.parametrize("command", ["mtt.run", "mtt.probe"])
+def test_weights_that_are_no_file_are_refused_before_any_data_work(tmp_path, command):
+    """The weights need no data: they are resolved before the dataset is generated or read."""
+    cache, store, missing = tmp_path / "cache", tmp_path / "m.db", tmp_path / "nope.pth"
+    proc = run_module(
+        [command, *TINY, f"backbone.weights={missing}", f"paths.cache={cache}", f"tracking.uri=sqlite:///{store}"],
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: backbone.weights='{missing}': no such file {missing}. Use none, audioset, or the path of a "
+        ".pth / .safetensors state dict."
+    )
+    assert not (cache / "toy-v1").exists()
+    client = MlflowClient(f"sqlite:///{store}")
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
+
+
 @pytest.fixture(scope="module")
 def tiny_cache(tmp_path_factory):
     """One generated TINY dataset for the module's commands."""

@@ -204,3 +204,9 @@ def test_cli_with_audioset_offline_fails_fast_before_data_work(tmp_path):
     for needle in (url, str(tmp_path / "hub" / "checkpoints" / "vggish-10086976.pth"), "backbone.weights="):
         assert needle in proc.stderr
     assert not (tmp_path / "cache" / "toy-v1").exists(), "no data work before the weights are resolved"
+    # Resolved before the run is created (mtt.preflight): one line, exit 1 as an offline server, no run.
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith("error: VGGish AudioSet weights")
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/m.db")
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
