@@ -8,19 +8,21 @@ the launch hook, ``mtt.sweeps.PrepareTracking``.)
 
 ``exit_if_invalid`` (mtt/config.py) checks what the config alone decides, and ``data.root`` on
 disk; some values can only be judged against the dataset itself: ``data.tags=freqN`` (at most
-the tags the annotations have) and ``trainer.batch_size`` (at most the patches of the training
-split: a bigger batch only repeats them, and ``100000000`` would grow memory until the machine
-gives out before the first step). ``checked_index`` reads the index (generating the embedded
-dataset first, as training would) and ends the process with one line and exit status 2 when one
-of them is out of bounds, so no FAILED run is left behind.
+the tags the annotations have) and ``trainer.batch_size`` (``batch_errors``: a batch whose inputs
+alone take more than the machine's memory, or under ``stream.mode=epoch`` more than the training
+clips; ``100000000`` used to grow memory until the machine gave out before the first step).
+``checked_index`` reads the index (generating the embedded dataset first, as training would) and
+ends the process with one line and exit status 2 when one of them is out of bounds, so no FAILED
+run is left behind.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from mtt.data.datasets import index_from_config
 from mtt.data.index import ClipIndex
@@ -51,44 +53,57 @@ def checked_weights(cfg) -> WeightsInfo:
         _exit([str(e)], status=1)
 
 
-def training_patches(cfg, index: ClipIndex) -> int | None:
-    """The patches the training split will hold: each clip's expected length cut by the front
-    end (at most ``stream.patches_per_clip`` each); None when a clip's length is unknown."""
-    from mtt.features import build_front_end  # torch: only once the config is valid
-
-    rows = index.subset("train")
-    if index.expected_seconds is None or not len(rows):
-        return None
-    seconds = index.expected_seconds[rows]
-    if not all(math.isfinite(s) for s in seconds):
-        return None
-    front: Any = build_front_end(cfg.features)  # a PatchFrontEnd: n_patches(samples)
-    sr, cap = cfg.features.sample_rate, cfg.stream.patches_per_clip
-    per_clip = [front.n_patches(int(round(s * sr))) for s in seconds]
-    return sum(min(n, cap) if cap else n for n in per_clip)
+def machine_memory() -> int:
+    """Bytes of this machine's physical memory."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def index_errors(cfg, index: ClipIndex) -> list[str]:
-    """One line per value that ``index`` cannot support (see the module docstring)."""
-    errors = []
-    bound, batch = training_patches(cfg, index), cfg.trainer.batch_size
-    if bound is not None and batch > bound:
-        errors.append(
-            f"trainer.batch_size={batch}: expected at most {bound}, the patches of the "
-            f"{len(index.subset('train'))} training clips (a bigger batch only repeats them, and "
-            "a huge one exhausts memory before the first step)"
-        )
-    return errors
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def batch_errors(cfg, index: ClipIndex, memory: int | None = None) -> list[str]:
+    """One line when ``trainer.batch_size`` is beyond what training can ever make of ``index``.
+
+    The pescador mux draws patches with replacement, so a batch bigger than the training split's
+    patches is legitimate (the report's presets keep one patch per clip; on a small dataset their
+    batch of 32 repeats some); what no stream can hold is a batch whose float32 inputs alone
+    (patches, or the backbone's encodings where training reads the backbone cache:
+    ``mtt.models.training_input_shape``) take more than the machine's ``memory`` (by default
+    ``machine_memory()``): the model's activations only add to it. ``stream.mode=epoch`` batches
+    distinct clips, so there a batch holds at most the training clips.
+    """
+    from mtt.models import training_input_shape  # torch: only once the config is valid
+    from mtt.streams import EPOCH
+
+    batch, clips = cfg.trainer.batch_size, len(index.subset("train"))
+    if cfg.stream.mode == EPOCH and batch > clips:
+        return [
+            f"trainer.batch_size={batch}: expected at most {clips}, the training clips (stream.mode=epoch "
+            "batches distinct clips)"
+        ]
+    shape = training_input_shape(cfg)
+    if shape is None:
+        return []  # unknown (a backbone of one's own the meta device cannot run): no bound
+    per_input = 4 * math.prod(shape)  # float32
+    memory = machine_memory() if memory is None else memory
+    if batch * per_input > memory:
+        return [
+            f"trainer.batch_size={batch}: one batch of training inputs alone takes {_gib(batch * per_input)} "
+            f"({per_input} bytes each, float32 {' x '.join(map(str, shape))}), more than this machine's "
+            f"{_gib(memory)} of memory"
+        ]
+    return []
 
 
 def checked_index(cfg, batch: bool = True) -> ClipIndex:
     """The clip index of ``cfg.data``, or the end of the process (``error: <what>``, exit status
     2) when it cannot be read (``data.tags=freqN`` beyond the annotations' tags, missing or
     malformed annotations, a ``data.root`` in the way) or when ``trainer.batch_size`` is more than
-    its training split holds (``batch``: for the commands that train)."""
+    training can make of it (``batch_errors``; ``batch``: for the commands that train)."""
     try:
         index = index_from_config(cfg.data, progress=cfg.trainer.progress)
-        errors = index_errors(cfg, index) if batch else []
+        errors = batch_errors(cfg, index) if batch else []
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:
         errors = [str(e).replace("\n", " ")]
     if errors:

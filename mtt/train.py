@@ -50,7 +50,7 @@ from mtt.evaluate import (  # noqa: F401
     split_of,
     split_scores,
 )
-from mtt.models import Tagger, build_model
+from mtt.models import Tagger, build_model, reads_backbone_cache
 from mtt.models.pooling import log_alphas, project_constraints
 from mtt.models.weights import WeightsInfo, load_state_dict, resolve_weights
 from mtt.preflight import Checked
@@ -244,7 +244,7 @@ def prepare(
     device = distributed.device_for(d, resolve_device(t.device))
     amp = autocast_dtype(t.precision, device)
     frozen = cfg.backbone.freeze and cfg.backbone.finetune_last == 0
-    from_backbone = (frozen and cfg.backbone.cache) if cache is None else cache
+    from_backbone = reads_backbone_cache(cfg.backbone) if cache is None else cache
     with distributed.main_first(d):  # rank 0 downloads and builds, the others then find it all
         # The weights first: an offline `audioset` run fails here, before any data work.
         if checked is None:

@@ -390,7 +390,7 @@ def test_cli_refuses_to_resume_from_a_zeroed_last_checkpoint(tmp_path):
         "cannot resume from it: run with trainer.resume=false to start over, or delete it"
     )
     assert client.get_run(run.info.run_id).info.status == "KILLED"
-    # The clip index is read before any run is reopened (mtt.preflight: freqN and the batch bound
+    # The clip index is read before any run is reopened (mtt.preflight: freqN and the batch size
     # are checked before the run), which generates the embedded dataset; nothing is computed from it.
     assert not (tmp_path / "cache" / "features").exists(), "no feature or training work"
 

@@ -81,6 +81,30 @@ class Tagger(nn.Module):
         return loss + reg() if reg is not None else loss
 
 
+def reads_backbone_cache(backbone_cfg) -> bool:
+    """Whether training reads the backbone cache instead of patches: a frozen backbone (no layer
+    fine-tuned) with ``backbone.cache``."""
+    return bool(backbone_cfg.freeze and backbone_cfg.finetune_last == 0 and backbone_cfg.cache)
+
+
+def training_input_shape(cfg) -> tuple[int, ...] | None:
+    """The shape of one training input of ``cfg``: the patch ``(features.patch_frames,
+    features.n_mels)``, or where training reads the backbone cache (``reads_backbone_cache``) the
+    backbone's encoding of one patch, e.g. ``(C, T, F)``. The backbone is built and run on
+    PyTorch's meta device: shapes only, no memory, no weights. None where it cannot run there (an
+    operation of a backbone of one's own without a meta kernel)."""
+    item_shape = (cfg.features.patch_frames, cfg.features.n_mels)
+    if not reads_backbone_cache(cfg.backbone):
+        return item_shape
+    spec = get_backbone(cfg.backbone.name, cfg.backbone.get("module"))
+    try:
+        with torch.device("meta"):
+            encoded = spec.encode(spec.build(cfg.backbone, item_shape), torch.zeros(1, *item_shape))
+    except (RuntimeError, NotImplementedError):
+        return None
+    return tuple(encoded.shape[1:])
+
+
 def build_model(cfg, n_tags: int, state_dict: Mapping[str, torch.Tensor] | None = None) -> Tagger:
     """Build the tagger of ``cfg`` for ``n_tags`` tags: the backbone registered as
     ``backbone.name`` (mtt.models.registry), ``pool.name`` and ``head.name``, sized from the
