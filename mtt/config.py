@@ -24,7 +24,9 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 from mtt.paths import CONF_DIR, REPO_ROOT  # noqa: F401  (re-exported: the entry points' config_path)
 
@@ -511,7 +513,15 @@ def config_errors(cfg) -> list[str]:
     ``data.synth`` for real data) are skipped."""
     errors = unknown_key_errors(cfg)
     for key in RULES:
-        value = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=False)
+        try:
+            value = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=False)
+        except InterpolationResolutionError:
+            # A value drawn from the job's own Hydra config (tracking.run_name=
+            # head-${hydra:runtime.choices.head}) cannot be resolved before a job has one: the
+            # launch hook leaves it to the job, which checks what it resolves to (as a swept one).
+            if HydraConfig.initialized():
+                raise
+            continue
         if value is not _ABSENT:
             errors.append(check_value(key, value))
     f = cfg.features

@@ -164,3 +164,63 @@ def test_the_launch_hook_pickles_while_it_holds_the_signal_handlers():
     finally:
         hook._signals.close()
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_value_drawn_from_the_jobs_hydra_config_still_ends_the_sweep_parent(tmp_path, monkeypatch):
+    """``tracking.run_name=head-${hydra:runtime.choices.head}`` cannot be resolved in the launching
+    process (no job's Hydra config yet): the launch hook's value check used to raise there, Hydra
+    turned that into a warning, the hook never recorded its sweep and the parent run stayed
+    RUNNING. The value is the job's to check; the hook prepares and ends the sweep."""
+    import sys
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from mtt.config import CONF_DIR
+    from mtt.sweeps import PrepareTracking
+    from mtt.tracking import sweep_parent
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        config = compose(
+            config_name="config",
+            overrides=[
+                f"paths.cache={tmp_path}",
+                f"tracking.uri={uri}",
+                "tracking.experiment=ui",
+                "tracking.run_name=head-${hydra:runtime.choices.head}",
+            ],
+            return_hydra_config=True,
+        )
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", None)  # the launching process has none
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # on_multirun_start wraps it
+    hook = PrepareTracking()
+    hook.on_multirun_start(config)
+    parent = sweep_parent(uri, "ui", str(config.hydra.sweep.dir))  # what the first job does
+    hook.on_multirun_end(config)
+    assert MlflowClient(uri).get_run(parent).info.status == "FINISHED"
+
+
+def test_in_a_job_the_value_is_checked_as_it_resolves(monkeypatch):
+    """What the launch leaves to the job is checked there: resolved, or refused when it cannot be."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf.errors import InterpolationResolutionError
+
+    from mtt.config import CONF_DIR, config_errors
+
+    def job(run_name: str):
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            config = compose(
+                config_name="config", overrides=[f"tracking.run_name={run_name}"], return_hydra_config=True
+            )
+        monkeypatch.setattr(HydraConfig.instance(), "cfg", None)
+        HydraConfig.instance().set_config(config)  # what Hydra does before a job's task
+        return config
+
+    long = "x" * 250
+    assert config_errors(job(long + "-${hydra:runtime.choices.backbone}")) == [
+        f"tracking.run_name={'x' * 40}... (257 characters): expected a name of at most 250 characters, or null"
+    ]
+    with pytest.raises(InterpolationResolutionError):
+        config_errors(job("${no.such.key}"))
