@@ -15,7 +15,7 @@ from mtt.data.embedded.render import _generate
 from mtt.data.mtat import ANNOTATIONS, CLIP_INFO, FOLDERS, SAMPLE_RATE
 from mtt.fs import durable_replace, locked
 
-# ``cfg`` below is ``mtt.config.SynthConfig`` or anything with its three fields: not imported, since
+# ``cfg`` below is ``mtt.data.datasets.SynthConfig`` or anything with its three fields: not imported, since
 # mtt.config checks data.root through this module (``replace_refusal``) and the generator needs no Hydra.
 SynthParams = Any
 
