@@ -375,14 +375,21 @@ class Registry(Generic[E]):
             entry = self.of(node)
         except RegistryError:
             return
-        defaults = OmegaConf.structured(entry.config)
-        with open_dict(node):
-            for key in defaults:
-                if key not in node:
-                    node[key] = defaults._get_node(key)  # interpolations kept
+        _fill(node, OmegaConf.structured(entry.config))
 
 
 _ABSENT = object()
+
+
+def _fill(node: DictConfig, defaults: DictConfig) -> None:
+    """Add the keys of ``defaults`` that ``node`` lacks, in nested nodes too (``data.synth.seed``)."""
+    with open_dict(node):
+        for key in defaults:
+            value = node.get(key) if key in node else _ABSENT
+            if value is _ABSENT:
+                node[key] = defaults._get_node(key)  # interpolations kept
+            elif isinstance(value, DictConfig) and isinstance(defaults.get(key), DictConfig):
+                _fill(value, defaults[key])
 
 # The five registries, each filled by the modules that define its entries.
 BACKBONES: Registry = Registry(

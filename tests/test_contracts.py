@@ -264,7 +264,7 @@ def test_a_dataset_with_a_setting_of_its_own(tmp_path, cache_dir):
     search = f"hydra.searchpath=[file://{tmp_path / 'conf'}]"
     cfg = compose_cfg([search, "data=few2", "data.keep_every=3"])
     assert (cfg.data.name, cfg.data.keep_every, cfg.data.synth.seconds) == ("few", 3, 2.0)
-    client, run = train(tmp_path, cache_dir, "data=few2", tiny=TINY_MODEL)
+    client, run = train(tmp_path, cache_dir, "data=few2", "trainer.batch_size=8", tiny=TINY_MODEL)
     full = index_from_config(compose_cfg(TINY, cache=cache_dir).data, progress=False).splits["train"]
     assert run.data.params["data.keep_every"] == "2"
     assert int(run.data.params["derived.train_clips"]) == len(full[::2]) < len(full)
