@@ -391,6 +391,7 @@ def _fill(node: DictConfig, defaults: DictConfig) -> None:
             elif isinstance(value, DictConfig) and isinstance(defaults.get(key), DictConfig):
                 _fill(value, defaults[key])
 
+
 # The five registries, each filled by the modules that define its entries.
 BACKBONES: Registry = Registry(
     "backbone",

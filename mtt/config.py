@@ -61,7 +61,7 @@ STREAM_MODES = ("with_replacement", "single_active", "epoch")
 
 @dataclass
 class PathsConfig:
-    # Root of everything mtt generates or downloads (toy dataset, feature stores, weights).
+    # Root of everything mtt generates or downloads (the embedded dataset, feature stores, weights).
     cache: str = "${oc.env:MTT_CACHE,${oc.env:HOME}/.cache/mtt}"
 
 

@@ -7,7 +7,7 @@ A dataset is a ``DatasetSpec``: its name, its config dataclass (extending
 one-line errors about ``data.root`` (missing, a file, someone else's folder that it would write
 into), which every entry point runs before any data or MLflow work (``root_errors``). A dataset
 of one's own is a module that registers one (named by ``data.module``) and a YAML under
-conf/data/ (CONTRIBUTING.md)::
+conf/data/ (CONTRIBUTING.md; this one has a setting of its own, ``subset``)::
 
     # my_data/fma.py
     @dataclass
@@ -144,7 +144,7 @@ DATASETS.register(DatasetSpec("mtat", config=MtatConfig, index=mtat, check=_mtat
 
 
 def _toy_root(data_cfg) -> list[str]:
-    """The generated dataset is written only where nothing but an earlier one of its own lives."""
+    """The embedded dataset is written only where nothing but an earlier one of its own lives."""
     from mtt.data.embedded.cache import write_refusal
 
     refusal = write_refusal(data_cfg.root, data_cfg.synth) if data_cfg.synth is not None else None
