@@ -16,8 +16,6 @@ from safetensors.numpy import load_file
 from mtt.paths import REPO_ROOT
 from tests.helpers import TINY, TINY_MODEL, compose_cfg, run_module
 
-pytestmark = pytest.mark.slow
-
 BACKBONE = '''
     """A stack of n_blocks conv + max-pool blocks: (B, frames, mels) -> (B, 4, T, F)."""
     from dataclasses import dataclass
@@ -200,6 +198,7 @@ def weights(client: MlflowClient, run, tmp_path: Path) -> dict:
     return load_file(path)
 
 
+@pytest.mark.slow
 def test_a_backbone_with_a_setting_of_its_own(tmp_path, cache_dir):
     write(
         tmp_path,
@@ -225,6 +224,7 @@ def test_a_backbone_with_a_setting_of_its_own(tmp_path, cache_dir):
     ]
 
 
+@pytest.mark.slow
 def test_a_backbone_setting_outside_its_rule_is_refused_in_one_line(tmp_path, cache_dir):
     write(tmp_path, "backbone", "stack9", "stack", BACKBONE, "name: stack\nmodule: mine.stack\nn_blocks: 9\n")
     proc = run_module(
@@ -236,6 +236,7 @@ def test_a_backbone_setting_outside_its_rule_is_refused_in_one_line(tmp_path, ca
     assert proc.stderr.strip().splitlines() == ["error: backbone.n_blocks=9: expected an integer in [1, 4]"]
 
 
+@pytest.mark.slow
 def test_a_pool_with_a_setting_of_its_own(tmp_path, cache_dir):
     write(tmp_path, "pool", "lse2", "lse", POOL, "name: lse\nmodule: mine.lse\nr: 2.5\n")
     client, run = train(tmp_path, cache_dir, "pool=lse2")
@@ -243,6 +244,7 @@ def test_a_pool_with_a_setting_of_its_own(tmp_path, cache_dir):
     assert float(weights(client, run, tmp_path)["pool.r"]) == 2.5
 
 
+@pytest.mark.slow
 def test_a_head_with_a_setting_of_its_own(tmp_path, cache_dir):
     write(tmp_path, "head", "wide24", "wide", HEAD, "name: wide\nmodule: mine.wide\nhidden: 24\n")
     client, run = train(tmp_path, cache_dir, "+head=wide24")
@@ -250,6 +252,7 @@ def test_a_head_with_a_setting_of_its_own(tmp_path, cache_dir):
     assert weights(client, run, tmp_path)["head.net.0.weight"].shape[0] == 24
 
 
+@pytest.mark.slow
 def test_a_dataset_with_a_setting_of_its_own(tmp_path, cache_dir):
     from mtt.data.datasets import index_from_config
 
@@ -270,6 +273,7 @@ def test_a_dataset_with_a_setting_of_its_own(tmp_path, cache_dir):
     assert int(run.data.params["derived.train_clips"]) == len(full[::2]) < len(full)
 
 
+@pytest.mark.slow
 def test_a_steps_policy_with_a_setting_of_its_own(tmp_path, cache_dir):
     write(
         tmp_path, "steps", "quarter", "fraction", STEPS, "policy: fraction\nmodule: mine.fraction\nof_patches: 0.25\n"
@@ -278,3 +282,35 @@ def test_a_steps_policy_with_a_setting_of_its_own(tmp_path, cache_dir):
     patches = int(run.data.params["derived.train_patches"])
     assert run.data.params["steps.of_patches"] == "0.25"
     assert int(run.data.params["derived.steps_per_epoch"]) == max(1, int(patches * 0.25) // 2)
+
+
+def test_a_yaml_sets_what_differs_and_the_rest_comes_from_its_entry(tmp_path):
+    """A YAML option of one's own over a built-in entry: composed with its keys only, then
+    completed from the entry's dataclass (what ``hydra_entry`` does before every entry point)."""
+    from mtt.config import complete, config_errors
+
+    (tmp_path / "pool").mkdir()
+    (tmp_path / "pool" / "capped.yaml").write_text("name: autopool\nconstraint: cap\n")
+    cfg = compose_cfg([f"hydra.searchpath=[file://{tmp_path}]", "pool=capped"])
+    assert "alpha_max" not in cfg.pool
+    complete(cfg)
+    assert (cfg.pool.constraint, cfg.pool.alpha_max, cfg.pool.alpha_l2) == ("cap", 10.0, 0.0)
+    assert config_errors(cfg) == []
+
+
+def test_a_key_of_a_yaml_option_of_ones_own_is_left_to_the_composed_check(tmp_path):
+    """Before composition the keys of an entry outside mtt are unknown: with its YAML option on the
+    command line they are checked once composed; without it a typo is still refused at once."""
+    from mtt.config import override_errors
+
+    (tmp_path / "backbone").mkdir()
+    (tmp_path / "backbone" / "stack3.yaml").write_text("name: stack\nmodule: mine.stack\nn_blocks: 3\n")
+    search = f"hydra.searchpath=[file://{tmp_path}]"
+    assert override_errors([search, "backbone=stack3", "backbone.n_blocks=4"]) == []
+    assert override_errors(["backbone.widht=0.5"]) == [
+        "backbone.widht=0.5: no config key 'backbone.widht'; did you mean the key backbone.width (backbone.width=0.5)?"
+    ]
+    assert override_errors([search, "backbone=stack4"]) == [
+        "backbone=stack4: no option 'stack4' in config group backbone (did you mean stack3? options: "
+        "shortchunk, shortchunk_res, stack3, vggish)"
+    ]
