@@ -146,7 +146,9 @@ def mux_weights(kind: str, sizes: np.ndarray) -> np.ndarray | None:
     """
     if kind == "uniform":
         return None
-    return np.asarray(sizes, dtype=np.float64) / float(np.sum(sizes))  # length
+    if kind != "length":  # a library caller's value (a composed config was checked)
+        raise ValueError(f"stream.weights={kind!r}: expected uniform or length")
+    return np.asarray(sizes, dtype=np.float64) / float(np.sum(sizes))
 
 
 class WeightedMux(pescador.StochasticMux):
@@ -546,7 +548,12 @@ def steps_for(steps_cfg, batch_size: int, declared: int, cached: int, patches: i
 def steps_per_epoch(
     policy: str, batch_size: int, declared: int, cached: int, patches: int, n: int | None = None
 ) -> int:
-    """``steps_for`` a built-in ``policy`` (and ``n``, the fixed policy's count)."""
+    """``steps_for`` a registered ``policy`` (and ``n``, the fixed policy's count), for a library
+    caller: a name or count that a composed config could not hold is a ``ValueError``."""
+    if policy not in STEPS.names():
+        raise ValueError(f"steps.policy={policy!r}: expected one of {', '.join(STEPS.names())}")
+    if policy == "fixed" and (not n or n < 1):
+        raise ValueError(f"steps.policy=fixed needs steps.n >= 1, got {n!r}")
     return steps_for(SimpleNamespace(policy=policy, n=n), batch_size, declared, cached, patches)
 
 

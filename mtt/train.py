@@ -75,6 +75,8 @@ def resolve_device(spec: str) -> torch.device:
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """Mixed precision: bf16 autocast on CUDA for ``auto``; None means full fp32."""
     choices = {"fp32": None, "bf16": torch.bfloat16, "auto": torch.bfloat16 if device.type == "cuda" else None}
+    if precision not in choices:  # a library caller's value (a composed config was checked)
+        raise ValueError(f"trainer.precision={precision!r}: expected one of {sorted(choices)}")
     return choices[precision]
 
 

@@ -78,7 +78,9 @@ def select_tags(tags: tuple[str, ...], labels: np.ndarray, tag_set: str) -> tupl
             )
         chosen = top_by_frequency(tags, labels, n)
         return chosen, labels[:, [tags.index(t) for t in chosen]]
-    missing = [t for t in TOP50 if t not in tags]  # top50, the only other name data.tags allows
+    if tag_set != "top50":  # a library caller's value (a composed config was checked: TAG_SETS)
+        raise ValueError(f"data.tags={tag_set!r}: expected 'all', 'top50' or 'freqN' (e.g. freq50)")
+    missing = [t for t in TOP50 if t not in tags]
     if missing:
         raise AnnotationError(f"tag set top50: annotations lack the tags {missing[:5]}")
     cols = [tags.index(t) for t in TOP50]
