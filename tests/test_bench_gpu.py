@@ -130,10 +130,10 @@ def test_the_full_mtat_time_of_each_preset_is_its_epochs_steps_and_chunks_at_the
         3 * 60 * 14_294 / rate["head_train_cached"] + 3 * 200 * 953 * 16 / rate["shortchunk_train_fp32_nchw"]
     )
     # a preset's time uses the figure of its own settings, and none measured otherwise
-    from mtt.data import datasets
+    from mtt.components import DATASETS
 
     # importing the script registers its `bench` dataset: keep it out of the other tests' registry
-    monkeypatch.setattr(datasets, "_DATASETS", dict(datasets._DATASETS))
+    monkeypatch.setattr(DATASETS, "_entries", dict(DATASETS._entries))
     from tests.benchmarks.bench_gpu import rate_for
 
     figures, cpu, anchor_cfg = record["figures"], torch.device("cpu"), ["+experiment=anchors/shortchunk_res"]
