@@ -42,7 +42,7 @@ def checked_weights(cfg) -> WeightsInfo:
     in one line: a ``backbone.weights`` path that is no file is a bad value (exit status 2);
     official weights neither cached nor downloadable (offline, a hash mismatch) exit 1, as an
     unreachable tracking server does, naming the URL, the cache path and the override to use."""
-    from mtt.hub import DownloadError
+    from mtt.fetch import DownloadError
     from mtt.models.weights import weights_from_config
 
     try:

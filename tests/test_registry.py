@@ -70,20 +70,25 @@ def test_a_registered_backbone_is_built_by_name_with_its_declared_output(backbon
     )
 
 
-def test_the_typo_check_sees_the_options_on_hydras_search_path(backbone_dir):
-    """The command line's unknown-option check looks where Hydra composes from: one_conv is an
-    option of group backbone once its folder is on ``hydra.searchpath``, and only then."""
+def test_the_typo_check_sees_the_search_path_of_the_primary_config(backbone_dir, tmp_path, monkeypatch):
+    """The command line's unknown-option check looks where Hydra composes from: a conf/config.yaml
+    that puts a folder on ``hydra.searchpath`` makes that folder's YAMLs options, as the command
+    line's ``hydra.searchpath`` does (tests/test_contracts.py)."""
+    import shutil
+
+    import mtt.config
     from mtt.config import override_errors
 
-    searchpath = f"hydra.searchpath=[file://{backbone_dir / 'conf'}]"
-    assert override_errors([searchpath, "backbone=one_conv"]) == []
-    assert override_errors([searchpath, "backbone=one_conw"]) == [
-        "backbone=one_conw: no option 'one_conw' in config group backbone (did you mean one_conv? "
-        "options: one_conv, shortchunk, shortchunk_res, vggish)"
-    ]
-    assert override_errors(["backbone=one_conv"]) == [
-        "backbone=one_conv: no option 'one_conv' in config group backbone (options: shortchunk, shortchunk_res, vggish)"
-    ]
+    (backbone_dir / "conf" / "backbone" / "mine.yaml").write_text(YAML)  # named as no registered backbone
+    conf = shutil.copytree(mtt.config.CONF_DIR, tmp_path / "repo_conf")
+    primary = (conf / "config.yaml").read_text()
+    assert override_errors(["backbone=mine"])[0].startswith("backbone=mine: no option 'mine' in config group backbone")
+    (conf / "config.yaml").write_text(
+        primary.replace("\nhydra:\n", f"\nhydra:\n  searchpath: [file://{backbone_dir / 'conf'}]\n", 1)
+    )
+    monkeypatch.setattr(mtt.config, "CONF_DIR", conf)
+    assert override_errors(["backbone=mine"]) == []
+    assert "(did you mean mine? options: " in override_errors(["backbone=mone"])[0]
 
 
 @pytest.mark.slow

@@ -1,11 +1,16 @@
-"""Pooling of the VGGish conv map ``(batch, channels, time, freq)`` into ``(batch, channels)``."""
+"""Pooling of a backbone's map ``(batch, channels, time, freq)`` into ``(batch, channels)``, by
+``pool.name`` (the entries of ``mtt.components.POOLS``, registered at the end of this module)."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from mtt.components import POOLS, PoolConfig, Spec, finite, number, one_of, setting
 
 
 class GlobalAveragePool(nn.Module):
@@ -78,19 +83,16 @@ def project_constraints(model: nn.Module) -> None:
             module.project_()
 
 
-# pool.name -> builder(pool config, channels); mtt.config.RULES lists the names a config may use.
-POOLS = {
-    "gap": lambda cfg, channels: GlobalAveragePool(),
-    "max": lambda cfg, channels: GlobalMaxPool(),
-    "autopool": lambda cfg, channels: AutoPool(channels, cfg.alpha_init, cfg.constraint, cfg.alpha_max, cfg.alpha_l2),
-}
+@dataclass(frozen=True)
+class PoolSpec(Spec):
+    """A pool: ``build(pool_cfg, channels) -> nn.Module`` mapping ``(B, C, T, F)`` to ``(B, C)``."""
+
+    build: Callable
 
 
 def build_pool(cfg, channels: int) -> nn.Module:
-    """``cfg`` is the ``pool`` config (name gap | autopool | max)."""
-    if cfg.name not in POOLS:
-        raise ValueError(f"pool.name={cfg.name!r}: expected one of {sorted(POOLS)}")
-    return POOLS[cfg.name](cfg, channels)
+    """``cfg`` is the ``pool`` config: the entry it names builds the module."""
+    return POOLS.get(cfg.name, cfg.get("module")).build(cfg, channels)
 
 
 def alpha_summary(pool: nn.Module) -> dict | None:
@@ -125,3 +127,44 @@ def log_alphas(pool: nn.Module, tracker, step: int) -> None:
         return
     tracker.log_text(json.dumps(summary, indent=1), "autopool_alpha.json")
     tracker.log_metrics(summary["metrics"], step=step)
+
+
+# The pools: each one's settings, its rules beside them, and its builder.
+
+
+@dataclass
+class GapConfig(PoolConfig):
+    """``pool=gap``: global average pooling over time and frequency (the report's baseline)."""
+
+    name: str = "gap"
+
+
+@dataclass
+class MaxConfig(PoolConfig):
+    """``pool=max``: global max pooling over time and frequency (Won et al. 2020's short-chunk CNNs)."""
+
+    name: str = "max"
+
+
+@dataclass
+class AutoPoolConfig(PoolConfig):
+    """``pool=autopool``: AutoPool (McFee, Salamon & Bello 2018), learnable soft-max pooling over
+    time, one alpha per channel; alpha=0 starts as mean pooling."""
+
+    name: str = "autopool"
+    alpha_init: float = setting(0.0, finite())  # 0 = mean pooling
+    # none | cap (alpha projected into [-alpha_max, alpha_max] after each step)
+    constraint: str = setting("none", one_of("none", "cap"))
+    alpha_max: float = setting(10.0, number(0, lo_open=True))
+    alpha_l2: float = setting(0.0, number(0))  # L2 penalty on alpha (RAP)
+
+
+POOLS.register(PoolSpec("gap", config=GapConfig, build=lambda cfg, channels: GlobalAveragePool()))
+POOLS.register(
+    PoolSpec(
+        "autopool",
+        config=AutoPoolConfig,
+        build=lambda cfg, channels: AutoPool(channels, cfg.alpha_init, cfg.constraint, cfg.alpha_max, cfg.alpha_l2),
+    )
+)
+POOLS.register(PoolSpec("max", config=MaxConfig, build=lambda cfg, channels: GlobalMaxPool()))
