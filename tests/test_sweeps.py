@@ -178,10 +178,11 @@ def test_a_value_drawn_from_the_jobs_hydra_config_still_ends_the_sweep_parent(tm
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
 
-    from mtt.config import CONF_DIR
+    from mtt.config import CONF_DIR, register_configs
     from mtt.sweeps import PrepareTracking
     from mtt.tracking import sweep_parent
 
+    register_configs()  # the schema and mtt's resolver
     uri = f"sqlite:///{tmp_path}/m.db"
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         config = compose(
@@ -209,7 +210,9 @@ def test_in_a_job_the_value_is_checked_as_it_resolves(monkeypatch):
     from hydra.core.hydra_config import HydraConfig
     from omegaconf.errors import InterpolationResolutionError
 
-    from mtt.config import CONF_DIR, config_errors
+    from mtt.config import CONF_DIR, complete, config_errors, register_configs
+
+    register_configs()  # the schema and mtt's resolver
 
     def job(run_name: str):
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -218,7 +221,7 @@ def test_in_a_job_the_value_is_checked_as_it_resolves(monkeypatch):
             )
         monkeypatch.setattr(HydraConfig.instance(), "cfg", None)
         HydraConfig.instance().set_config(config)  # what Hydra does before a job's task
-        return config
+        return complete(config)  # what mtt's entry points do then (hydra_entry)
 
     long = "x" * 250
     assert config_errors(job(long + "-${hydra:runtime.choices.backbone}")) == [
