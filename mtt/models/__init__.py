@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtt.models.head import build_head
-from mtt.models.pooling import build_pool
+from mtt.models.pooling import build_pool, call_hook
 from mtt.models.registry import get_backbone
 
 # Output activations over the tag logits. sigmoid treats tags as independent (right for
@@ -77,8 +77,8 @@ class Tagger(nn.Module):
         else:
             probs = self.probabilities(logits).clamp(1e-7, 1 - 1e-7)
             loss = F.binary_cross_entropy(probs, targets)
-        reg = getattr(self.pool, "regularization", None)
-        return loss + reg() if reg is not None else loss
+        reg = call_hook(self.pool, "regularization")  # e.g. AutoPool's RAP penalty
+        return loss + reg if reg is not None else loss
 
 
 def build_model(cfg, n_tags: int, state_dict: Mapping[str, torch.Tensor] | None = None) -> Tagger:
