@@ -95,9 +95,15 @@ def test_a_tagger_emulates_the_cache_its_run_read(cache_dir):
     cfg = compose_cfg(TINY, cache=cache_dir)
     meta = {"config": OmegaConf.to_container(cfg, resolve=True), "tags": ["a", "b"]}
     state = build_model(cfg, 2).state_dict()
-    assert build_tagger({**meta, "cached_backbone": True, "cache_reads": "freq_mean"}, state).cache_reads == "freq_mean"
-    assert build_tagger({**meta, "cached_backbone": True}, state).cache_reads == "map"  # an older tagger.json
     assert build_tagger(meta, state).cache_reads == "freq_mean"  # best.json: GAP's
+    wave = np.random.default_rng(0).standard_normal(16000 * 3).astype(np.float32) * 0.1
+    for extra, shape in (({"cache_reads": "freq_mean"}, (64, 6, 1)), ({}, (64, 6, 4))):  # {}: an older tagger.json
+        tagger = build_tagger({**meta, "cached_backbone": True, **extra}, state)
+        seen = []
+        tagger.model.pool.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+        tagger.probabilities(wave)
+        (x,) = seen  # the pool reads what the run's cache held: that part of each map, in float16
+        assert x.shape[1:] == shape and torch.equal(x, x.half().float()), extra
 
 
 def test_a_row_needs_exactly_one_input(tmp_path, cache_dir, monkeypatch):
