@@ -149,6 +149,18 @@ def mux_weights(kind: str, sizes: np.ndarray) -> np.ndarray | None:
     raise ValueError(f"stream.weights={kind!r}: expected one of {', '.join(WEIGHTS)}")
 
 
+def sums_to_one(p: np.ndarray) -> np.ndarray:
+    """``p`` (``(n,)``, summing to 1 up to rounding) with the rounding residual added to its
+    largest entry, so that ``np.sum`` of it is exactly 1.0 where a few ulps do it (else ``p``)."""
+    p, i = p.copy(), int(np.argmax(p))
+    for _ in range(4):
+        total = np.sum(p)
+        if total == 1.0:
+            break
+        p[i] += 1.0 - total
+    return p
+
+
 class WeightedMux(pescador.StochasticMux):
     """``StochasticMux`` whose ``weights`` decide how often each streamer is drawn overall.
 
@@ -156,18 +168,57 @@ class WeightedMux(pescador.StochasticMux):
     active set; since every activation yields about ``rate`` samples whatever its weight, over a
     long stream every clip is drawn equally often. Here activations are drawn by weight, so a
     clip's share of the stream is its weight.
+
+    pescador draws the active streamer of every sample, and the clip of every activation, with
+    ``RandomState.choice(n, p=...)``, which checks ``p`` and sums it up on every call (about
+    200 us over MTAT's 19,397 training clips), after dividing the clips' distribution by its sum,
+    whose rounding makes it cycle through a few states that differ in their last bits: together
+    most of the stream's 2 ms per batch of 32 (tests/benchmarks/bench_backbone_cache.py). Here the
+    distribution is made to sum to exactly 1.0 once (``sums_to_one``: a few ulps on one clip), so
+    the division changes nothing and is skipped, and ``_choice`` is pescador's draw (one
+    ``random_sample`` searched in the same cumulative sum) reusing the sum while ``p`` is
+    unchanged: the stream is what pescador's own draws give, item for item (tests/test_streams.py).
     """
 
     def _activate(self):
         self._weighted = False
+        self._cdfs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         super()._activate()
+
+    def _choice(self, name: str, p: np.ndarray) -> int:
+        """``self.rng.choice(len(p), p=p)``: the same index from the same generator state (numpy's
+        own algorithm), the cumulative sum of ``p`` kept under ``name`` while ``p`` is unchanged."""
+        cached = self._cdfs.get(name)
+        if cached is None or cached[0].shape != p.shape or not (cached[0] == p).all():
+            cdf = p.cumsum()
+            cdf /= cdf[-1]
+            cached = self._cdfs[name] = (p.copy(), cdf)
+        return int(cached[1].searchsorted(self.rng.random_sample(), side="right"))
+
+    def _next_sample_index(self):
+        return self._choice("active", self.stream_weights_ / self.weight_norm_)
 
     def _new_stream(self, idx):
         if not self._weighted:  # the first activation since _activate reset distribution_
             self.distribution_ = self.distribution_ * self.weights
             self.distribution_ /= self.distribution_.sum()
+            self.distribution_ = sums_to_one(self.distribution_)
             self._weighted = True
-        super()._new_stream(idx)
+        # pescador's StochasticMux._new_stream, drawing through _choice
+        self.stream_idxs_[idx] = self._choice("streams", self.distribution_)
+        self.streams_[idx], self.stream_weights_[idx] = self._activate_stream(self.stream_idxs_[idx], idx)
+        self.stream_counts_[idx] = 0
+
+    def _replace_stream(self, idx):
+        # pescador's StochasticMux._replace_stream, without dividing by a sum of 1.0
+        if (self.distribution_ > 0).any():
+            total = np.sum(self.distribution_)
+            if total != 1.0:
+                self.distribution_[:] /= total
+            self._new_stream(idx)
+        else:
+            self.stream_weights_[idx] = 0.0
+        self.weight_norm_ = np.sum(self.stream_weights_)
 
 
 def patch_mux(
