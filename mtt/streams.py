@@ -180,7 +180,7 @@ class WeightedMux(pescador.StochasticMux):
     unchanged: the stream is what pescador's own draws give, item for item (tests/test_streams.py).
     """
 
-    def _activate(self):
+    def _activate(self) -> None:
         self._weighted = False
         self._cdfs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         super()._activate()

@@ -99,8 +99,8 @@ def test_a_tagger_emulates_the_cache_its_run_read(cache_dir):
     wave = np.random.default_rng(0).standard_normal(16000 * 3).astype(np.float32) * 0.1
     for extra, shape in (({"cache_reads": "freq_mean"}, (64, 6, 1)), ({}, (64, 6, 4))):  # {}: an older tagger.json
         tagger = build_tagger({**meta, "cached_backbone": True, **extra}, state)
-        seen = []
-        tagger.model.pool.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+        seen: list[torch.Tensor] = []
+        tagger.model.pool.register_forward_pre_hook(lambda module, args, seen=seen: seen.append(args[0]))
         tagger.probabilities(wave)
         (x,) = seen  # the pool reads what the run's cache held: that part of each map, in float16
         assert x.shape[1:] == shape and torch.equal(x, x.half().float()), extra
