@@ -382,6 +382,13 @@ class RowReader:
             os.close(self._fd)
 
 
+def as_float32(x: np.ndarray) -> torch.Tensor:
+    """Stored float16 rows ``(B, *item)`` as a float32 tensor: torch's conversion, exact like
+    numpy's ``astype`` but about 20x faster (numpy converts float16 element by element; 0.7 ms
+    of a full-map batch of 32, 0.16 ms of a frequency-mean one)."""
+    return torch.from_numpy(x if x.flags.writeable else x.copy()).float()
+
+
 def batches(
     mux: pescador.StochasticMux,
     store: PatchStore,
@@ -404,8 +411,8 @@ def batches(
         picked = np.fromiter(
             (v for _, item in zip(range(batch_size), items) for v in item), dtype=np.int64, count=2 * batch_size
         ).reshape(batch_size, 2)
-        x = store.verify(picked[:, 0], reader.read(picked[:, 0])).astype(np.float32)  # rows checked once
-        batch = (torch.from_numpy(x), torch.from_numpy(labels[picked[:, 1]]))
+        x = as_float32(store.verify(picked[:, 0], reader.read(picked[:, 0])))  # rows checked once
+        batch = (x, torch.from_numpy(labels[picked[:, 1]]))
         yield batch if positions is None else (*batch, torch.from_numpy(positions[picked[:, 1]]))
 
 
@@ -428,8 +435,8 @@ def epoch_batches(
 
     while True:
         rows, within, pos = sampler.batch(g)
-        x = cut_chunks(read, rows, within, sampler.hop or 1).astype(np.float32)
-        batch = (torch.from_numpy(x), torch.from_numpy(labels[pos]))
+        x = as_float32(cut_chunks(read, rows, within, sampler.hop or 1))
+        batch = (x, torch.from_numpy(labels[pos]))
         yield (*batch, torch.from_numpy(pos)) if clips else batch
         g += n_workers
 
@@ -575,8 +582,8 @@ def eval_batches(
     hop = grid.hop if grid is not None else 1
 
     for s in range(0, len(rows), batch_size):
-        x = cut_chunks(store.read, rows[s : s + batch_size], within[s : s + batch_size], hop).astype(np.float32)
-        yield torch.from_numpy(x), owner[s : s + batch_size]
+        x = cut_chunks(store.read, rows[s : s + batch_size], within[s : s + batch_size], hop)
+        yield as_float32(x), owner[s : s + batch_size]
 
 
 POLICIES = ("declared", "cached", "patches", "fixed", "epoch")
