@@ -543,3 +543,24 @@ def test_a_distribution_made_to_sum_to_one_moves_by_ulps(n):
         q = sums_to_one(p)
         assert np.sum(q) == 1.0
         assert np.abs(q - p).max() <= 8 * np.finfo(np.float64).eps
+
+
+@pytest.mark.parametrize("mode", ["with_replacement", "epoch", "eval"])
+def test_every_reader_yields_the_stored_values_as_float32(tmp_path, mode):
+    """Training batches (pescador's and the epoch sampler's) and evaluation batches carry the
+    stored float16 values exactly, as float32: what a backbone's float32 weights take."""
+    store, labels = make_store(tmp_path / "s")
+    if mode == "eval":
+        x, owner = next(eval_batches(store, store.clip_ids, batch_size=8))
+        rows = np.concatenate([np.arange(*store.rows(c).indices(len(store.patches))) for c in store.clip_ids])[:8]
+    else:
+        it = train_loader(store, store.clip_ids, labels, stream_cfg(mode=mode), 8, seed=0, clips=True)
+        x, y, pos = next(it)
+        rows = None
+    assert x.dtype == torch.float32 and x.shape[1:] == store.item_shape
+    if rows is not None:
+        np.testing.assert_array_equal(x.numpy(), np.asarray(store.patches[rows], dtype=np.float32))
+    else:  # each patch encodes (clip, patch): clip * 10 + patch, and stored float16 holds it exactly
+        assert (x == x[:, :1, :1]).all() and set(x[:, 0, 0].tolist()) <= set(
+            np.asarray(store.patches, np.float32)[:, 0, 0]
+        )
