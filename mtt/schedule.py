@@ -23,19 +23,11 @@ log = logging.getLogger(__name__)
 
 def make_optimizer(kind: str, params, lr: float, t) -> torch.optim.Optimizer:
     """``kind`` (adam | sgd) over ``params`` at ``lr``, with ``t``'s (the trainer config's) weight
-    decay, momentum and Nesterov setting.
-
-    ``foreach``: one multi-tensor kernel per update term instead of one small op per parameter
-    and term; PyTorch chooses it on CUDA, not on the CPU, where a head step's Adam update took
-    1.5 ms of about 4 (2.5x less with it: tests/benchmarks/bench_backbone_cache.py). Its
-    updates are bit-identical to the per-parameter ones (tests/test_train.py); the ``fused``
-    kernels are faster still but round differently."""
+    decay, momentum and Nesterov setting."""
     if kind == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=t.weight_decay, foreach=True)
+        return torch.optim.Adam(params, lr=lr, weight_decay=t.weight_decay)
     if kind == "sgd":
-        return torch.optim.SGD(
-            params, lr=lr, momentum=t.momentum, nesterov=t.nesterov, weight_decay=t.weight_decay, foreach=True
-        )
+        return torch.optim.SGD(params, lr=lr, momentum=t.momentum, nesterov=t.nesterov, weight_decay=t.weight_decay)
     raise ValueError(f"trainer.optimizer={kind!r}: expected adam or sgd")
 
 

@@ -197,36 +197,3 @@ def test_chunk_bce_is_torchs_bce_loss_with_its_clamp():
     ]
     assert chunk_bce(probs, labels) == pytest.approx(theirs, rel=1e-12)
     assert chunk_bce(probs, labels)[0] == pytest.approx((100 + np.log(2)) / 3)
-
-
-@pytest.mark.parametrize("kind", ["adam", "sgd"])
-def test_the_runs_optimiser_updates_as_torchs_default_one_bit_for_bit(kind):
-    """make_optimizer's multi-tensor (foreach) updates, chosen for speed on the CPU, change no
-    value: 30 steps of a BatchNorm + Dense head equal torch's per-parameter updates exactly."""
-    from mtt.schedule import make_optimizer
-
-    t = compose_cfg(["trainer.weight_decay=1e-4", "trainer.momentum=0.9", "trainer.nesterov=true"]).trainer
-    finals = []
-    for make in (
-        lambda params: make_optimizer(kind, params, 1e-3, t),
-        lambda params: (
-            torch.optim.Adam(params, lr=1e-3, weight_decay=1e-4, foreach=False)
-            if kind == "adam"
-            else torch.optim.SGD(params, lr=1e-3, momentum=0.9, nesterov=True, weight_decay=1e-4, foreach=False)
-        ),
-    ):
-        torch.manual_seed(0)
-        head = torch.nn.Sequential(
-            torch.nn.BatchNorm1d(64), torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 5)
-        )
-        opt = make(list(head.parameters()))
-        g = torch.Generator().manual_seed(1)
-        for _ in range(30):
-            x, y = torch.randn(16, 64, generator=g), (torch.rand(16, 5, generator=g) < 0.2).float()
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(head(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        finals.append(torch.cat([p.detach().flatten() for p in head.parameters()]))
-    assert make_optimizer(kind, [torch.nn.Parameter(torch.zeros(1))], 1e-3, t).defaults["foreach"] is True
-    assert torch.equal(finals[0], finals[1])
