@@ -691,7 +691,7 @@ def curves(groups: Sequence[Group], metrics: Sequence[str], uri: str | None = No
     return out
 
 
-def plot_curves(series: dict[str, dict[str, dict]], out: Path, title: str) -> Path:
+def plot_comparison(series: dict[str, dict[str, dict]], out: Path, title: str) -> Path:
     """One panel per metric, one line (the mean over seeds) and band (min-max) per group; a
     reference, which has no epochs, is a dashed horizontal line. Written atomically as a PNG of
     ``FIGURE_INCHES[0] * n_metrics x FIGURE_INCHES[1]`` inches at ``DPI``."""
@@ -755,7 +755,7 @@ def compare(
     """``build`` the comparison of ``experiment`` and write its curves PNG."""
     c = build(experiment, uri, **kwargs)
     c.series = curves(c.groups, metrics, uri)
-    c.png = plot_curves(
+    c.png = plot_comparison(
         c.series,
         Path(out) if out else default_png(uri, experiment),
         f"{experiment}: {len(c.groups)} groups, {sum(len(g.runs) for g in c.groups)} runs",

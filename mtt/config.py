@@ -1,12 +1,16 @@
 """Typed configuration schema for every run, registered in Hydra's ConfigStore.
 
-The YAML files under ``conf/`` only change values of these dataclasses, so a misspelt key or a
-value of the wrong type fails while the config is composed, before any data or model work; a value
-of the right type outside what its key allows (``trainer.batch_size=0``) fails ``validate``, which
-every entry point calls first (``exit_if_invalid``: one line, exit status 2). A key, group or option
-that does not exist (``+hed=autopool``, which Hydra would add silently) is refused the same way,
-before Hydra composes (``hydra_entry``, the entry points' ``@hydra.main``) and after
-(``unknown_key_errors``).
+The YAML files under ``conf/`` only change values of these dataclasses and of the registry
+entries' (mtt.components: a backbone, pool, head, dataset or steps policy declares its own), so a
+misspelt key or a value of the wrong type fails while the config is composed, before any data or
+model work; a value of the right type outside what its key allows (``trainer.batch_size=0``), the
+rule in its field's metadata, fails ``validate``, which every entry point calls first
+(``exit_if_invalid``: one line, exit status 2). A key, group or option that does not exist
+(``+hed=autopool``, which Hydra would add silently) is refused the same way, before Hydra composes
+(``hydra_entry``, the entry points' ``@hydra.main``) and after (``unknown_key_errors``).
+
+Nothing is registered on import: ``register_configs`` stores the schema, mtt's entries and the
+presets, and ``hydra_entry`` (or a caller that composes by itself) calls it first.
 """
 
 from __future__ import annotations
@@ -14,51 +18,51 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
-import math
-import re
+import importlib
 import secrets
 import sys
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
+from mtt.components import (  # noqa: F401  (Rule and its constructors: re-exported)
+    REGISTRIES,
+    BackboneConfig,
+    DataConfig,
+    HeadConfig,
+    PoolConfig,
+    Rule,
+    StepsConfig,
+    defaults_of,
+    field_keys,
+    field_rules,
+    integer,
+    is_int,
+    is_number,
+    load_builtins,
+    number,
+    number_list,
+    one_of,
+    or_null,
+    pattern,
+    setting,
+    show,
+    value_error,
+)
 from mtt.paths import CONF_DIR, REPO_ROOT  # noqa: F401  (re-exported: the entry points' config_path)
+
+# stream.mode: pescador's StochasticMux modes that never end, and mtt's epoch passes (mtt.streams).
+STREAM_MODES = ("with_replacement", "single_active", "epoch")
 
 
 @dataclass
 class PathsConfig:
-    # Root of everything mtt generates or downloads (toy dataset, feature stores, weights).
+    # Root of everything mtt generates or downloads (the embedded dataset, feature stores, weights).
     cache: str = "${oc.env:MTT_CACHE,${oc.env:HOME}/.cache/mtt}"
-
-
-@dataclass
-class SynthConfig:
-    """Parameters of the embedded, generated MTAT-format dataset (``data=toy``)."""
-
-    clips_per_folder: int = 20  # x 16 folders
-    seconds: float = 6.0  # clip length; real MTAT clips are 29.1 s
-    seed: int = 0
-
-
-@dataclass
-class DataConfig:
-    name: str = MISSING
-    # Folder holding annotations_final.csv and the audio folders 0-9, a-f.
-    root: str = MISSING
-    annotations: str = "annotations_final.csv"
-    clip_info: Optional[str] = "clip_info_final.csv"
-    # How long a clip should be where clip_info has no segmentStart/End for it (MTAT: 29.1 s);
-    # preprocessing reports clips shorter than that by more than one patch. null = no check.
-    clip_seconds: Optional[float] = None
-    tags: str = "all"  # all | top50 (published list) | freqN (N most frequent here, e.g. freq50)
-    split: str = "standard"  # standard (folders 0-b / c / d-f) | report (first quarter test)
-    drop_untagged: bool = True  # drop clips with no tag of the chosen set (published protocol)
-    # When set, the dataset is generated at `root` on first use (the embedded default).
-    synth: Optional[SynthConfig] = None
 
 
 @dataclass
@@ -70,96 +74,63 @@ class FeaturesConfig:
     # vggish: log(mel + log_offset), HTK mel, no centring (Google's reference) | mel_db: torchaudio's
     # MelSpectrogram (centred frames, n_fft = window) then AmplitudeToDB (Won et al. 2020)
     name: str = "vggish"
-    sample_rate: int = 16000
-    window_seconds: float = 0.025
-    hop_seconds: float = 0.010
-    n_mels: int = 64
-    fmin: float = 125.0
-    fmax: float = 7500.0
-    log_offset: float = 0.01
-    patch_frames: int = 96  # 0.96 s
-    patch_hop_frames: int = 96  # non-overlapping patches
+    sample_rate: int = setting(16000, integer(1))
+    window_seconds: float = setting(0.025, number(0, lo_open=True))
+    hop_seconds: float = setting(0.010, number(0, lo_open=True))
+    n_mels: int = setting(64, integer(1))
+    fmin: float = setting(125.0, number(0))
+    fmax: float = setting(7500.0, number(0, lo_open=True))
+    log_offset: float = setting(0.01, number(0, lo_open=True))
+    patch_frames: int = setting(96, integer(1))  # 0.96 s
+    patch_hop_frames: int = setting(96, integer(1))  # non-overlapping patches
     store: str = "${paths.cache}/features"
-    workers: int = 0  # preprocessing processes; 0 = one per core
-
-
-@dataclass
-class BackboneConfig:
-    name: str = "vggish"  # a registered backbone (mtt.models.registry)
-    # The module that registers `name` when imported (e.g. a backbone of your own, on PYTHONPATH);
-    # null = the built-in backbones (vggish, shortchunk, shortchunk_res). CONTRIBUTING.md.
-    module: Optional[str] = None
-    # none (random init) | audioset (official torchvggish file, downloaded once) | a local path
-    weights: str = "none"
-    url: str = "https://github.com/harritaylor/torchvggish/releases/download/v0.1/vggish-10086976.pth"
-    hub_dir: Optional[str] = None  # torch hub cache; None = torch.hub.get_dir()
-    freeze: bool = True  # the report froze the whole conv stack
-    finetune_last: int = 0  # with freeze=true, still train the last N conv layers
-    width: float = 1.0  # channel multiplier; must be 1.0 for pretrained weights (tests use less)
-    embeddings: bool = False  # append VGGish's 128-d embedding layers after the conv stack
-    embedding_relu: bool = True  # torchvggish keeps a ReLU after the last embedding layer
-    cache: bool = True  # with a frozen backbone, compute its conv maps once and reuse them
-
-
-@dataclass
-class PoolConfig:
-    name: str = "gap"  # gap | autopool | max (global max over time and frequency)
-    alpha_init: float = 0.0  # autopool: 0 = mean pooling
-    constraint: str = "none"  # autopool: none | cap (alpha projected into [-alpha_max, alpha_max] after each step)
-    alpha_max: float = 10.0
-    alpha_l2: float = 0.0  # autopool: L2 penalty on alpha (RAP)
-
-
-@dataclass
-class HeadConfig:
-    # bn_dropout_dense: blocks of (BatchNorm, Dropout, Dense), the report's | dense_bn: (Dense,
-    # BatchNorm, ReLU, Dropout) blocks then the output Dense (Won et al. 2020's short-chunk CNN)
-    name: str = "bn_dropout_dense"
-    blocks: int = 2  # BatchNorm + Dropout + Dense blocks; all but the last Dense have a ReLU
-    width: int = 256  # hidden width of every block but the last
-    dropout: float = 0.2
-    output: str = "sigmoid"  # sigmoid (independent tags) | softmax (the report's, wrong here)
-    # Output-layer bias at the start: prior = log-odds of each tag's training frequency, so the
-    # loss starts near its floor (most tags are on 1-5% of clips) | zero (the report's, Keras'
-    # zeros) | default (PyTorch's init, uniform within +-1/sqrt(fan in): Won et al.'s).
-    bias_init: str = "prior"
-
-
-@dataclass
-class StepsConfig:
-    # declared: annotated train clips // batch; cached: train clips with features // batch;
-    # patches: cached train patches // batch (the default: an epoch sees the data); fixed: n;
-    # epoch: one pass of stream.mode=epoch, ceil(cached train clips / batch)
-    policy: str = "patches"
-    n: Optional[int] = None
+    workers: int = setting(0, integer(0))  # preprocessing processes; 0 = one per core
 
 
 @dataclass
 class StreamConfig:
-    n_active: int = 20  # streamers the mux keeps open (the report's 20)
-    rate: Optional[float] = 8.0  # mean patches drawn from a streamer before it is replaced
+    n_active: int = setting(20, integer(1))  # streamers the mux keeps open (the report's 20)
+    # Mean patches drawn from a streamer before it is replaced; null would never replace an
+    # active clip: training would see only n_active clips, forever.
+    rate: Optional[float] = setting(
+        8.0, Rule(number(0, lo_open=True).ok, "a number > 0 (null never replaces an active clip)")
+    )
     # pescador StochasticMux mode (with_replacement | single_active), or epoch: passes over the
-    # training clips, each clip once per pass in a shuffled order at a random offset (Won et al.)
-    mode: str = "with_replacement"
-    patches_per_clip: Optional[int] = None  # None = all; 1 = the report's single random patch
-    num_workers: int = 0  # DataLoader workers (each streams a disjoint shard of clips)
+    # training clips, each clip once per pass in a shuffled order at a random offset (Won et al.).
+    # exhaustive ends the stream once every clip was drawn from: training needs an endless one.
+    mode: str = setting(
+        "with_replacement",
+        Rule(
+            one_of(*STREAM_MODES).ok,
+            f"one of {', '.join(STREAM_MODES)} (exhaustive would end the endless stream)",
+        ),
+    )
+    # None = all; 1 = the report's single random patch
+    patches_per_clip: Optional[int] = setting(None, or_null(integer(1)))
+    num_workers: int = setting(0, integer(0))  # DataLoader workers (each streams a disjoint shard of clips)
     # The mux's sampling distribution over clips: uniform | length (proportional to a clip's
-    # patches, so every patch is about equally likely)
-    weights: str = "uniform"
+    # patches, so every patch is about equally likely); mtt.streams.mux_weights
+    weights: str = setting("uniform", one_of("uniform", "length"))
 
 
 @dataclass
 class EvalConfig:
-    aggregate: str = "mean"  # how patch probabilities become a clip's: mean | max
-    patches_per_clip: Optional[int] = None  # None = all patches (clip-level); 1 = report's
-    batch_size: int = 128
+    # How patch probabilities become a clip's: mean | max (mtt.evaluate.AGGREGATES)
+    aggregate: str = setting("mean", one_of("mean", "max"))
+    # None = all patches (clip-level); 1 = report's
+    patches_per_clip: Optional[int] = setting(None, or_null(integer(1)))
+    batch_size: int = setting(128, integer(1))
     # Which patches_per_clip chunks: random (a fixed, seeded subset of the stored patches) | even
     # (Won et al. 2020's: chunk i starts at i * ((clip samples - chunk_samples) // patches_per_clip)
     # samples, to the nearest frame)
-    spacing: str = "random"
+    spacing: str = setting("random", one_of("random", "even"))
     # The samples one chunk spans in even's formula (Won et al.: 59049); null = the fewest samples
     # that make one patch of the front end
-    chunk_samples: Optional[int] = None
+    chunk_samples: Optional[int] = setting(None, or_null(integer(1)))
+
+
+# The optimisers trainer.optimizer and a phase may name (mtt.schedule builds them).
+OPTIMIZERS = ("adam", "sgd")
 
 
 @dataclass
@@ -168,34 +139,58 @@ class PhaseConfig:
 
     epoch: int = MISSING
     lr: float = MISSING
-    optimizer: Optional[str] = None  # adam | sgd | null (the one before)
+    optimizer: Optional[str] = None  # one of OPTIMIZERS | null (the one before)
     reload_best: bool = False  # start the phase from the best checkpoint so far (Won et al. do)
+
+
+def _phase_ok(p) -> bool:
+    return (
+        is_int(p.get("epoch"))
+        and p["epoch"] >= 1
+        and is_number(p.get("lr"))
+        and p["lr"] > 0
+        and p.get("optimizer") in (None, *OPTIMIZERS)
+    )
+
+
+# The metrics every epoch logs that can pick the best checkpoint (mtt.train.monitor_score).
+# val_loss is the BCE of the clip-level probabilities; val_chunk_loss the mean BCE of every
+# evaluated chunk against its clip's tags (Won et al.'s validation loss, mtt.evaluate).
+MONITORS = ("val_roc_auc", "val_pr_auc", "val_loss", "val_chunk_loss", "val_accuracy", "train_loss", "train_accuracy")
 
 
 @dataclass
 class TrainerConfig:
-    epochs: int = 60  # the maximum with early stopping (patience); the report trained 12
-    batch_size: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    optimizer: str = "adam"  # adam | sgd (the first phase's; trainer.phases may switch)
-    momentum: float = 0.9  # sgd only
+    epochs: int = setting(60, integer(1))  # the maximum with early stopping (patience); the report trained 12
+    batch_size: int = setting(32, integer(1))
+    lr: float = setting(1e-3, number(0, lo_open=True))
+    weight_decay: float = setting(0.0, number(0))
+    # The first phase's optimiser (trainer.phases may switch)
+    optimizer: str = setting("adam", one_of(*OPTIMIZERS))
+    momentum: float = setting(0.9, number(0, 1, hi_open=True))  # sgd only
     nesterov: bool = False  # sgd only
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 autocast on CUDA) | fp32 | bf16
+    seed: int = setting(0, integer(0, 2**32 - 1))  # numpy's seed range
+    device: str = setting("auto", pattern(r"auto|cpu|cuda(:[0-9]+)?", "auto, cpu, cuda or cuda:N"))
+    # auto (bf16 autocast on CUDA) | fp32 | bf16 (mtt.train.autocast_dtype)
+    precision: str = setting("auto", one_of("auto", "fp32", "bf16"))
     channels_last: bool = True  # NHWC convolutions (tensor cores on CUDA)
     deterministic: bool = False
-    monitor: str = "val_roc_auc"  # metric that picks the best checkpoint
+    monitor: str = setting("val_roc_auc", one_of(*MONITORS))  # metric that picks the best checkpoint
     # Early stopping: stop after this many epochs without a better `monitor` (epochs is then the
     # maximum); null = train all epochs (the report's fixed schedules).
-    patience: Optional[int] = 10
+    patience: Optional[int] = setting(10, or_null(integer(1)))
     # Learning-rate schedule: none | plateau (multiply the lr by lr_factor after lr_patience
     # epochs without a better `monitor`) | phases (trainer.phases: optimiser and lr by epoch).
-    lr_schedule: str = "plateau"
-    phases: list[PhaseConfig] = field(default_factory=list)
-    lr_patience: int = 3
-    lr_factor: float = 0.3
+    lr_schedule: str = setting("plateau", one_of("none", "plateau", "phases"))
+    phases: list[PhaseConfig] = setting(
+        rule=Rule(
+            lambda v: isinstance(v, (list, tuple, ListConfig)) and all(_phase_ok(p) for p in v),
+            f"a list of {{epoch: an integer >= 1, lr: a number > 0, optimizer: {', '.join(OPTIMIZERS)} or null}}",
+        ),
+        factory=list,
+    )
+    lr_patience: int = setting(3, integer(0))
+    lr_factor: float = setting(0.3, number(0, 1, lo_open=True, hi_open=True))
     progress: bool = True
     # Continue an interrupted run from its last checkpoint, into the same MLflow run:
     # true = the newest unfinished run with this config; a run id = that run; null/false = new run.
@@ -207,28 +202,57 @@ class ProbeConfig:
     """The linear-probe reference (``python -m mtt.probe``, see mtt/probe.py)."""
 
     # Inverse L2 strengths tried (scikit-learn's C); the best on the validation split is kept.
-    C: list = field(default_factory=lambda: [0.001, 0.01, 0.1, 1.0, 10.0])
+    C: list = setting(rule=number_list(), factory=lambda: [0.001, 0.01, 0.1, 1.0, 10.0])
+
+
+# The longest names every MLflow store keeps: its database columns experiments.name VARCHAR(256)
+# (its own check allows 500, which PostgreSQL and MySQL then refuse), runs.name VARCHAR(250).
+MAX_EXPERIMENT_NAME = 256
+MAX_RUN_NAME = 250
 
 
 @dataclass
 class TrackingConfig:
     uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<repo>/mlflow.db
-    experiment: str = "mtt"
-    run_name: Optional[str] = None  # None: built from the command-line overrides
+    experiment: str = setting(
+        "mtt",
+        Rule(
+            lambda v: isinstance(v, str) and v.strip() != "" and len(v) <= MAX_EXPERIMENT_NAME,
+            f"a non-empty name of at most {MAX_EXPERIMENT_NAME} characters",
+        ),
+    )
+    # None: built from the command-line overrides
+    run_name: Optional[str] = setting(
+        None,
+        or_null(
+            Rule(
+                lambda v: isinstance(v, str) and len(v) <= MAX_RUN_NAME, f"a name of at most {MAX_RUN_NAME} characters"
+            )
+        ),
+    )
     # Seconds a finished run keeps trying to ship its journal to an unreachable store before it
     # exits anyway (0, naming the journal and the `python -m mtt.sync` command that ships it).
-    flush_timeout_s: float = 120.0
+    flush_timeout_s: float = setting(120.0, number(0))
+
+
+def _group(base: type) -> Any:
+    """A component group's field: untyped until its option (a registry entry's dataclass, or a
+    YAML completed from one: mtt.components) is chosen, holding the keys every entry shares."""
+    return field(default_factory=lambda: defaults_of(base))
 
 
 @dataclass
 class Config:
+    """Every run's config. The component groups (data, backbone, pool, head, steps) take their
+    schema from the registry entry they name (mtt.components); the rest is typed here."""
+
     paths: PathsConfig = field(default_factory=PathsConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    data: Any = _group(DataConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
-    backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    pool: PoolConfig = field(default_factory=PoolConfig)
-    head: HeadConfig = field(default_factory=HeadConfig)
-    steps: StepsConfig = field(default_factory=StepsConfig)
+    backbone: Any = _group(BackboneConfig)
+    pool: Any = _group(PoolConfig)
+    head: Any = _group(HeadConfig)  # no option: conf/head/ holds presets; the default head's values
+    steps: Any = _group(StepsConfig)
     stream: StreamConfig = field(default_factory=StreamConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -237,10 +261,10 @@ class Config:
 
 
 # ---------------------------------------------------------------------------------------------
-# Values: the schema's types say what a key may hold, these rules what it may be. A value
-# outside them fails when the config is composed (``validate``), naming the key, the value and
-# what is allowed, instead of dividing by zero, streaming forever or failing after the MLflow
-# run was created.
+# Values: the schema's types say what a key may hold, the rules in its fields' metadata what it
+# may be. A value outside them fails when the config is composed (``validate``), naming the key,
+# the value and what is allowed, instead of dividing by zero, streaming forever or failing after
+# the MLflow run was created.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -248,138 +272,40 @@ class ConfigError(ValueError):
     """A config value outside what its key allows (the message is one line)."""
 
 
-@dataclass(frozen=True)
-class Rule:
-    ok: Callable[[Any], bool]
-    allowed: str  # what the error says is allowed
+def _front_end_names() -> list[str]:
+    """The front ends ``features.name`` may name (mtt.features.FRONT_ENDS, which imports torch)."""
+    return list(importlib.import_module("mtt.features").FRONT_ENDS)
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+def all_rules() -> dict[str, Rule]:
+    """Every key's rule, in the schema's order: the typed groups' field metadata and each
+    registry's (its entries' dataclasses, and the names it knows)."""
+    rules: dict[str, Rule] = {}
+    for f in dataclasses.fields(Config):
+        if f.name in REGISTRIES:
+            rules.update(REGISTRIES[f.name].rules())
+            continue
+        if f.name == "features":
+            rules["features.name"] = one_of(*_front_end_names())
+        rules.update(field_rules(typing.get_type_hints(Config)[f.name], f"{f.name}."))
+    return rules
 
 
-def _is_number(v) -> bool:
-    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+class _Rules(Mapping):
+    """``RULES``: ``all_rules()`` as a read-only mapping, computed when read (a module imported
+    later may register an entry with rules of its own)."""
+
+    def __getitem__(self, key: str) -> Rule:
+        return all_rules()[key]
+
+    def __iter__(self):
+        return iter(all_rules())
+
+    def __len__(self) -> int:
+        return len(all_rules())
 
 
-def integer(lo: int, hi: int | None = None) -> Rule:
-    if hi is None:
-        return Rule(lambda v: _is_int(v) and v >= lo, f"an integer >= {lo}")
-    return Rule(lambda v: _is_int(v) and lo <= v <= hi, f"an integer in [{lo}, {hi}]")
-
-
-def number(lo: float, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False) -> Rule:
-    def ok(v) -> bool:
-        return _is_number(v) and (v > lo if lo_open else v >= lo) and (hi is None or (v < hi if hi_open else v <= hi))
-
-    if hi is None:
-        return Rule(ok, f"a number {'>' if lo_open else '>='} {lo:g}")
-    return Rule(ok, f"a number in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}")
-
-
-def one_of(*choices: str) -> Rule:
-    return Rule(lambda v: v in choices, f"one of {', '.join(choices)}")
-
-
-def pattern(regex: str, allowed: str) -> Rule:
-    return Rule(lambda v: isinstance(v, str) and re.fullmatch(regex, v) is not None, allowed)
-
-
-def or_null(rule: Rule) -> Rule:
-    return Rule(lambda v: v is None or rule.ok(v), f"{rule.allowed}, or null")
-
-
-# The longest names every MLflow store keeps (see the rules below).
-MAX_EXPERIMENT_NAME = 256
-MAX_RUN_NAME = 250
-
-# The metrics every epoch logs that can pick the best checkpoint (mtt.train.monitor_score).
-# val_loss is the BCE of the clip-level probabilities; val_chunk_loss the mean BCE of every
-# evaluated chunk against its clip's tags (Won et al.'s validation loss, mtt.evaluate).
-MONITORS = ("val_roc_auc", "val_pr_auc", "val_loss", "val_chunk_loss", "val_accuracy", "train_loss", "train_accuracy")
-
-RULES: dict[str, Rule] = {
-    "data.tags": pattern(r"all|top50|freq[1-9][0-9]*", "all, top50 or freqN with N >= 1 (e.g. freq50)"),
-    "data.split": one_of("standard", "report"),
-    "data.clip_seconds": or_null(number(0, lo_open=True)),
-    "data.synth.clips_per_folder": integer(1),
-    "data.synth.seconds": number(0.1, 600),
-    "data.synth.seed": integer(0),
-    "features.name": one_of("vggish", "mel_db"),
-    "features.sample_rate": integer(1),
-    "features.window_seconds": number(0, lo_open=True),
-    "features.hop_seconds": number(0, lo_open=True),
-    "features.n_mels": integer(1),
-    "features.fmin": number(0),
-    "features.fmax": number(0, lo_open=True),
-    "features.log_offset": number(0, lo_open=True),
-    "features.patch_frames": integer(1),
-    "features.patch_hop_frames": integer(1),
-    "features.workers": integer(0),
-    "backbone.finetune_last": integer(0, 6),  # VGGish has 6 conv layers
-    "backbone.width": number(0, lo_open=True),
-    "pool.name": one_of("gap", "autopool", "max"),
-    "pool.alpha_init": Rule(_is_number, "a finite number"),
-    "pool.constraint": one_of("none", "cap"),
-    "pool.alpha_max": number(0, lo_open=True),
-    "pool.alpha_l2": number(0),
-    "head.name": one_of("bn_dropout_dense", "dense_bn"),
-    "head.blocks": integer(1),
-    "head.width": integer(1),
-    "head.dropout": number(0, 1, hi_open=True),
-    "head.output": one_of("sigmoid", "softmax"),
-    "head.bias_init": one_of("prior", "zero", "default"),
-    "steps.policy": one_of("declared", "cached", "patches", "fixed", "epoch"),
-    "steps.n": or_null(integer(1)),
-    "stream.n_active": integer(1),
-    # null would never replace an active clip: training would see only n_active clips, forever.
-    "stream.rate": Rule(number(0, lo_open=True).ok, "a number > 0 (null never replaces an active clip)"),
-    # exhaustive ends the stream once every clip was drawn from: training needs an endless one.
-    "stream.mode": Rule(
-        one_of("with_replacement", "single_active", "epoch").ok,
-        "one of with_replacement, single_active, epoch (exhaustive would end the endless stream)",
-    ),
-    "stream.patches_per_clip": or_null(integer(1)),
-    "stream.num_workers": integer(0),
-    "stream.weights": one_of("uniform", "length"),
-    "eval.aggregate": one_of("mean", "max"),
-    "eval.patches_per_clip": or_null(integer(1)),
-    "eval.batch_size": integer(1),
-    "eval.spacing": one_of("random", "even"),
-    "eval.chunk_samples": or_null(integer(1)),
-    "trainer.epochs": integer(1),
-    "trainer.batch_size": integer(1),
-    "trainer.lr": number(0, lo_open=True),
-    "trainer.weight_decay": number(0),
-    "trainer.optimizer": one_of("adam", "sgd"),
-    "trainer.momentum": number(0, 1, hi_open=True),
-    "trainer.seed": integer(0, 2**32 - 1),  # numpy's seed range
-    "trainer.device": pattern(r"auto|cpu|cuda(:[0-9]+)?", "auto, cpu, cuda or cuda:N"),
-    "trainer.precision": one_of("auto", "fp32", "bf16"),
-    "trainer.monitor": one_of(*MONITORS),
-    "trainer.patience": or_null(integer(1)),
-    "trainer.lr_schedule": one_of("none", "plateau", "phases"),
-    "trainer.phases": Rule(
-        lambda v: isinstance(v, (list, tuple, ListConfig)) and all(_phase_ok(p) for p in v),
-        "a list of {epoch: an integer >= 1, lr: a number > 0, optimizer: adam, sgd or null}",
-    ),
-    "trainer.lr_patience": integer(0),
-    "trainer.lr_factor": number(0, 1, lo_open=True, hi_open=True),
-    "probe.C": Rule(
-        lambda v: isinstance(v, (list, tuple, ListConfig)) and len(v) > 0 and all(_is_number(c) and c > 0 for c in v),
-        "a non-empty list of numbers > 0",
-    ),
-    # MLflow's database columns: experiments.name VARCHAR(256) (its own check allows 500, which
-    # PostgreSQL and MySQL then refuse), runs.name VARCHAR(250).
-    "tracking.experiment": Rule(
-        lambda v: isinstance(v, str) and v.strip() != "" and len(v) <= MAX_EXPERIMENT_NAME,
-        f"a non-empty name of at most {MAX_EXPERIMENT_NAME} characters",
-    ),
-    "tracking.run_name": or_null(
-        Rule(lambda v: isinstance(v, str) and len(v) <= MAX_RUN_NAME, f"a name of at most {MAX_RUN_NAME} characters")
-    ),
-    "tracking.flush_timeout_s": number(0),
-}
+RULES: Mapping[str, Rule] = _Rules()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,29 +317,20 @@ RULES: dict[str, Rule] = {
 # ---------------------------------------------------------------------------------------------
 
 
-def _schema_node(tp) -> Any:
-    """The dataclass a field holds (``Optional[X]`` -> ``X``), else None."""
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    tp = args[0] if typing.get_origin(tp) is typing.Union and len(args) == 1 else tp
-    return tp if isinstance(tp, type) and dataclasses.is_dataclass(tp) else None
-
-
-def _keys_of(cls: Any, prefix: str) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    keys: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        node = _schema_node(hints[f.name])
-        keys[prefix + f.name] = node
-        if node is not None:
-            keys.update(_keys_of(node, f"{prefix}{f.name}."))
-    return keys
-
-
-@functools.cache
 def schema_keys() -> dict[str, Any]:
     """Every dotted key of the schema (``trainer``, ``trainer.epochs``, ``data.synth.seed``) ->
-    the dataclass it holds, or None for a value (a number, a string, a list)."""
-    return _keys_of(Config, "")
+    the dataclass it holds, or None for a value (a number, a string, a list). A component group's
+    keys are those of every registered entry's dataclass (mtt.components.Registry.keys)."""
+    keys: dict[str, Any] = {}
+    hints = typing.get_type_hints(Config)
+    for f in dataclasses.fields(Config):
+        if f.name in REGISTRIES:
+            keys[f.name] = REGISTRIES[f.name].base
+            keys.update(REGISTRIES[f.name].keys())
+        else:
+            keys[f.name] = hints[f.name]
+            keys.update(field_keys(hints[f.name], f"{f.name}."))
+    return keys
 
 
 def _known(key: str) -> bool:
@@ -440,11 +357,12 @@ def unknown_key_error(key: str, value: str, groups: Sequence[str] = (), defaults
 
 @functools.cache
 def config_groups() -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(mtt's top-level config groups: conf/'s folders and ``experiment``; those of them in
-    conf/config.yaml's defaults list, changed without ``+``)."""
+    """(mtt's top-level config groups: conf/'s folders, the registries whose entries are options
+    and ``experiment``; those of them in conf/config.yaml's defaults list, changed without ``+``)."""
     from mtt.presets import GROUP
 
-    groups = sorted({p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "hydra"} | {GROUP})
+    folders = {p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "hydra"}
+    groups = sorted(folders | {g for g, r in REGISTRIES.items() if r.options} | {GROUP})
     primary = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "config.yaml"))
     defaults = primary.get("defaults", []) if isinstance(primary, dict) else []
     in_defaults = sorted(str(k) for d in defaults if isinstance(d, dict) for k in d)
@@ -464,7 +382,7 @@ def unknown_key_errors(cfg) -> list[str]:
             if path == "hydra":
                 continue
             if path not in schema_keys():
-                errors.append(unknown_key_error(path, _show(value), *config_groups()))
+                errors.append(unknown_key_error(path, show(value), *config_groups()))
             elif schema_keys()[path] is not None and isinstance(value, dict):  # (data.synth may be null)
                 walk(node[key], path + ".")
 
@@ -472,74 +390,69 @@ def unknown_key_errors(cfg) -> list[str]:
     return errors
 
 
-def _phase_ok(p) -> bool:
-    return (
-        _is_int(p.get("epoch"))
-        and p["epoch"] >= 1
-        and _is_number(p.get("lr"))
-        and p["lr"] > 0
-        and p.get("optimizer") in (None, "adam", "sgd")
-    )
-
-
 _ABSENT = object()
-
-
-def _show(value) -> str:
-    """A value as it is written on the command line."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, (list, tuple, ListConfig)):
-        return "[" + ",".join(_show(v) for v in value) + "]"
-    text = str(value)
-    return text if len(text) <= 80 else f"{text[:40]}... ({len(text)} characters)"
 
 
 def check_value(key: str, value) -> str | None:
     """The error for ``key=value`` under ``RULES`` (None when allowed or the key has no rule)."""
     rule = RULES.get(key)
-    if rule is None or rule.ok(value):
-        return None
-    return f"{key}={_show(value)}: expected {rule.allowed}"
+    return None if rule is None else value_error(rule, key, value)
+
+
+def _import_entries(cfg) -> None:
+    """Import the modules that register the entries ``cfg`` names (``<group>.module``), so that
+    their keys are known; a name or module that cannot be found is named by ``config_errors``."""
+    for group, registry in REGISTRIES.items():
+        node = cfg.get(group)
+        if isinstance(node, DictConfig):
+            try:
+                registry.of(node)
+            except LookupError:
+                pass
 
 
 def config_errors(cfg) -> list[str]:
-    """One line per value of a composed config outside ``RULES`` or the rules that tie two keys
-    together, naming the key(s), the value and what is allowed. Keys the config does not have (no
-    ``data.synth`` for real data) are skipped."""
+    """One line per value of a composed config outside its rule (``RULES``; a component's, its
+    entry's) or the rules that tie two keys together, naming the key(s), the value and what is
+    allowed. Keys the config does not have are skipped."""
+    _import_entries(cfg)
     errors = unknown_key_errors(cfg)
-    for key in RULES:
-        value = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=False)
-        if value is not _ABSENT:
-            errors.append(check_value(key, value))
+    rules = all_rules()
+    for f in dataclasses.fields(Config):
+        if f.name in REGISTRIES:
+            errors += REGISTRIES[f.name].node_errors(cfg)
+            continue
+        for key, rule in rules.items():
+            if key.startswith(f"{f.name}."):
+                value = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=False)
+                if value is not _ABSENT:
+                    errors.append(value_error(rule, key, value))
     f = cfg.features
-    if _is_number(f.fmin) and _is_number(f.fmax) and _is_int(f.sample_rate):
+    if is_number(f.fmin) and is_number(f.fmax) and is_int(f.sample_rate):
         if not f.fmin < f.fmax <= f.sample_rate / 2:
             errors.append(
-                f"features.fmin={_show(f.fmin)}, features.fmax={_show(f.fmax)}: expected "
+                f"features.fmin={show(f.fmin)}, features.fmax={show(f.fmax)}: expected "
                 f"fmin < fmax <= sample_rate / 2 = {f.sample_rate / 2:g}"
             )
-    if cfg.steps.policy == "fixed" and cfg.steps.n is None:
-        errors.append("steps.n=null: expected an integer >= 1 with steps.policy=fixed")
-    if cfg.steps.policy == "epoch" and cfg.stream.mode != "epoch":
-        errors.append(
-            f"steps.policy=epoch, stream.mode={cfg.stream.mode}: steps=epoch counts the passes of stream.mode=epoch"
-        )
     t = cfg.trainer
     epochs = [p.epoch for p in t.phases] if check_value("trainer.phases", t.phases) is None else None
     if t.lr_schedule == "phases" and epochs is not None and (not epochs or epochs != sorted(set(epochs))):
         errors.append(
-            f"trainer.phases={_show(epochs)} (epochs): expected a non-empty list in increasing "
+            f"trainer.phases={show(epochs)} (epochs): expected a non-empty list in increasing "
             "epoch order with trainer.lr_schedule=phases"
         )
     if t.nesterov and t.momentum == 0:
         errors.append("trainer.nesterov=true, trainer.momentum=0.0: expected a momentum > 0 for Nesterov")
-    from mtt.models.registry import backbone_errors  # here, not at the top: it imports torch
-
-    errors += backbone_errors(cfg)
     return [e for e in errors if e]
+
+
+def complete(cfg) -> Any:
+    """Give each component node of ``cfg`` the defaults of its entry's dataclass that it lacks
+    (a YAML of one's own sets only what differs); returns ``cfg``."""
+    _import_entries(cfg)
+    for registry in REGISTRIES.values():
+        registry.complete(cfg)
+    return cfg
 
 
 def validate(cfg) -> None:
@@ -615,6 +528,25 @@ def override_errors(overrides: Sequence[str]) -> list[str]:
     except HydraException:
         return []  # a syntax error: Hydra says where
     groups, defaults = config_groups()
+    # A group set to an option that no registry entry is (a YAML of one's own): its keys are the
+    # entry's that the YAML names, known only once composed (``unknown_key_errors`` checks them).
+    own = {
+        o.key_or_group
+        for o in parsed
+        if o.key_or_group in REGISTRIES
+        and REGISTRIES[o.key_or_group].options
+        and o.get_value_element_as_str() not in REGISTRIES[o.key_or_group].names()
+    }
+    # Folders the command line adds to Hydra's search path (hydra.searchpath=[file://DIR]): their
+    # options count too.
+    paths = [o.value() for o in parsed if o.key_or_group == "hydra.searchpath"]
+    extra = [
+        Path(str(p).removeprefix("file://"))
+        for value in paths
+        if isinstance(value, list)
+        for p in value
+        if str(p).startswith("file://")
+    ]
     errors = []
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         loader = GlobalHydra.instance().config_loader()
@@ -627,8 +559,11 @@ def override_errors(overrides: Sequence[str]) -> list[str]:
             parent, _, name = key.lstrip("+").rpartition("/")
             if name in loader.list_groups(parent):  # a group: each option (of a sweep too) must exist
                 if not searched:
-                    errors += _option_errors(o, key, loader.get_group_options(key), shown)
-            elif not _known(key.lstrip("+")):
+                    options = loader.get_group_options(key) + [
+                        p.stem for d in extra for p in sorted((d / key.lstrip("+")).glob("*.yaml"))
+                    ]
+                    errors += _option_errors(o, key, sorted(set(options)), shown)
+            elif not _known(key.lstrip("+")) and key.lstrip("+").split(".")[0] not in own:
                 prefix = _SEARCHED if searched else shown[: len(shown) - len(shown.lstrip("+~"))]
                 value = o.get_value_string() if "=" in (o.input_line or "") else ""
                 errors.append(prefix + unknown_key_error(key.lstrip("+"), value, groups, defaults))
@@ -641,10 +576,15 @@ def hydra_entry(task: Callable) -> Callable:
     status 2 before Hydra composes anything (``--help``, ``--cfg``, another config: Hydra's)."""
     import hydra
 
-    main = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(task)
+    @functools.wraps(task)  # Hydra names the job after the task's module (CREATES_DATA_ROOT)
+    def completed(cfg):
+        return task(complete(cfg))
+
+    main = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(completed)
 
     @functools.wraps(task)
     def entry(*args, **kwargs):
+        register_configs()
         if not args and not kwargs:  # from the command line (Hydra reads sys.argv)
             from hydra._internal.utils import get_args_parser
 
@@ -672,15 +612,15 @@ def hydra_entry(task: Callable) -> Callable:
 
 
 def register_configs() -> None:
-    """Register the schema so that conf/config.yaml can extend it, and its resolver (idempotent)."""
+    """Store the schema (``base_config``, which conf/config.yaml extends), mtt's registry
+    entries (each its group's option: ``pool=autopool``), the presets (``experiment``) and the
+    resolver in Hydra's ConfigStore (idempotent). Every composition needs it first: the entry
+    points call it (``hydra_entry``), so does a caller that composes by itself."""
+    from hydra.core.config_store import ConfigStore
+
     OmegaConf.register_new_resolver("mtt.launch_id", launch_id, use_cache=True, replace=True)
-    cs = ConfigStore.instance()
-    cs.store(name="base_config", node=Config)
+    ConfigStore.instance().store(name="base_config", node=Config)
+    load_builtins()
     from mtt.presets import register_presets  # the `experiment` group (experiments/)
 
     register_presets()
-    # hydra/sweeper=optuna is registered by its plugin (hydra_plugins/mtt_optuna_sweeper), which
-    # Hydra imports while scanning for plugins: mtt.search needs mtt.tracking, which needs this.
-
-
-register_configs()

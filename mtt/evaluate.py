@@ -94,8 +94,6 @@ def clip_scores(
     counts = np.zeros(n)
     losses = np.zeros(n)
     reduce = {"mean": np.add.at, "max": np.maximum.at}
-    if cfg.eval.aggregate not in reduce:
-        raise ValueError(f"eval.aggregate={cfg.eval.aggregate!r}: expected mean or max")
     for x, owner in eval_batches(
         inputs,
         split.clip_ids,

@@ -15,7 +15,7 @@ a kill) are marked failed and asked again with the same parameters, and the sear
 (``mtt.tracking.PrepareTracking``); ``experiments/search.yaml`` keeps one sweep folder per study
 so that a resumed search goes on under the same parent. One process at a time per study.
 
-Why our own plugin (measured, README "Searches"): ``hydra-optuna-sweeper`` 1.3.0 pins optuna
+Why our own plugin (measured, docs/searches.md): ``hydra-optuna-sweeper`` 1.3.0 pins optuna
 2.10.1, whose database storage fails beside the SQLAlchemy 2.1 that mlflow brings;
 ``hydra-optuna-mlflow-sweeper`` 0.1.3 takes the same module path (``hydra_plugins.
 hydra_optuna_sweeper``), registers ``hydra/sweeper=mlflow_optuna``, finds its MLflow store only

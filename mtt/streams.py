@@ -23,15 +23,17 @@ import math
 import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any, Optional
 
 import numpy as np
 import pescador
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from mtt.components import STEPS, Spec, StepsConfig, integer, or_null, setting
 from mtt.store import PatchStore
 
-WEIGHTS = ("uniform", "length")
 EPOCH = "epoch"  # stream.mode of EpochSampler; the other modes are pescador's
 
 
@@ -144,9 +146,9 @@ def mux_weights(kind: str, sizes: np.ndarray) -> np.ndarray | None:
     """
     if kind == "uniform":
         return None
-    if kind == "length":
-        return np.asarray(sizes, dtype=np.float64) / float(np.sum(sizes))
-    raise ValueError(f"stream.weights={kind!r}: expected one of {', '.join(WEIGHTS)}")
+    if kind != "length":  # a library caller's value (a composed config was checked)
+        raise ValueError(f"stream.weights={kind!r}: expected uniform or length")
+    return np.asarray(sizes, dtype=np.float64) / float(np.sum(sizes))
 
 
 def sums_to_one(p: np.ndarray) -> np.ndarray:
@@ -586,24 +588,102 @@ def eval_batches(
         yield as_float32(x), owner[s : s + batch_size]
 
 
-POLICIES = ("declared", "cached", "patches", "fixed", "epoch")
+@dataclass(frozen=True)
+class StepsSpec(Spec):
+    """A steps policy: ``count(counts, batch_size, steps_cfg) -> int`` optimiser steps per epoch,
+    ``counts`` holding ``declared`` (annotated train clips), ``cached`` (train clips with
+    features) and ``patches`` (their stored patches)."""
+
+    count: Callable[[Mapping[str, int], int, Any], int]
+
+
+def steps_for(steps_cfg, batch_size: int, declared: int, cached: int, patches: int) -> int:
+    """Optimiser steps per epoch under the policy ``steps_cfg`` names (its entry in ``STEPS``)."""
+    entry = STEPS.get(steps_cfg.policy, steps_cfg.get("module") if hasattr(steps_cfg, "get") else None)
+    return entry.count({"declared": declared, "cached": cached, "patches": patches}, batch_size, steps_cfg)
 
 
 def steps_per_epoch(
     policy: str, batch_size: int, declared: int, cached: int, patches: int, n: int | None = None
 ) -> int:
-    """Optimiser steps per epoch under a policy (see conf/steps/): ``epoch`` is one pass of
-    ``stream.mode=epoch``, every cached clip once, the last batch smaller (``ceil``)."""
-    counts = {"declared": declared, "cached": cached, "patches": patches}
-    if policy == "fixed":
-        if not n or n < 1:
-            raise ValueError(f"steps.policy=fixed needs steps.n >= 1, got {n!r}")
-        return int(n)
-    if policy == "epoch":
-        return max(1, math.ceil(cached / batch_size))
-    if policy not in counts:
-        raise ValueError(f"steps.policy={policy!r}: expected one of {', '.join(POLICIES)}")
-    return max(1, counts[policy] // batch_size)
+    """``steps_for`` a registered ``policy`` (and ``n``, the fixed policy's count), for a library
+    caller: a name or count that a composed config could not hold is a ``ValueError``."""
+    if policy not in STEPS.names():
+        raise ValueError(f"steps.policy={policy!r}: expected one of {', '.join(STEPS.names())}")
+    if policy == "fixed" and (not n or n < 1):
+        raise ValueError(f"steps.policy=fixed needs steps.n >= 1, got {n!r}")
+    return steps_for(SimpleNamespace(policy=policy, n=n), batch_size, declared, cached, patches)
+
+
+@dataclass
+class DeclaredSteps(StepsConfig):
+    """``steps=declared``: annotated train clips // batch size, whether or not their features
+    exist (the report's first setting, which over-counted)."""
+
+    policy: str = "declared"
+
+
+@dataclass
+class CachedSteps(StepsConfig):
+    """``steps=cached``: train clips that have features // batch size (the report's revised setting)."""
+
+    policy: str = "cached"
+
+
+@dataclass
+class PatchesSteps(StepsConfig):
+    """``steps=patches`` (the default): cached train patches // batch size, so that an epoch sees
+    about every stored patch once."""
+
+    policy: str = "patches"
+
+
+@dataclass
+class FixedSteps(StepsConfig):
+    """``steps=fixed``: ``n`` steps per epoch."""
+
+    policy: str = "fixed"
+    n: Optional[int] = setting(100, or_null(integer(1)))
+
+
+@dataclass
+class EpochSteps(StepsConfig):
+    """``steps=epoch``: one pass of ``stream.mode=epoch``, every train clip with features once,
+    ceil(clips / batch) steps (the last batch smaller, as Won et al.'s loader)."""
+
+    policy: str = "epoch"
+
+
+def _fixed_errors(cfg) -> list[str]:
+    return ["steps.n=null: expected an integer >= 1 with steps.policy=fixed"] if cfg.steps.n is None else []
+
+
+def _epoch_errors(cfg) -> list[str]:
+    if cfg.stream.mode == EPOCH:
+        return []
+    return [f"steps.policy=epoch, stream.mode={cfg.stream.mode}: steps=epoch counts the passes of stream.mode=epoch"]
+
+
+def _per_batch(count: str) -> Callable[[Mapping[str, int], int, Any], int]:
+    return lambda counts, batch_size, steps_cfg: max(1, counts[count] // batch_size)
+
+
+STEPS.register(StepsSpec("declared", config=DeclaredSteps, count=_per_batch("declared")))
+STEPS.register(StepsSpec("cached", config=CachedSteps, count=_per_batch("cached")))
+STEPS.register(StepsSpec("patches", config=PatchesSteps, count=_per_batch("patches")))
+STEPS.register(
+    StepsSpec(
+        "fixed", config=FixedSteps, count=lambda counts, b, steps_cfg: int(steps_cfg.n), config_errors=_fixed_errors
+    )
+)
+STEPS.register(
+    StepsSpec(
+        "epoch",
+        config=EpochSteps,
+        count=lambda counts, b, steps_cfg: max(1, math.ceil(counts["cached"] / b)),
+        config_errors=_epoch_errors,
+    )
+)
 
 
 def clip_coverage(seen: int, draws: int, n_clips: int) -> dict[str, float]:

@@ -26,7 +26,6 @@ from mtt.config import exit_if_invalid
 from mtt.fs import atomic_write_bytes
 from mtt.tracking import (
     SWEEP_FILE,
-    _task_overrides,
     end_with_summary,
     prepare_store,
     resolve_uri,
@@ -35,6 +34,7 @@ from mtt.tracking import (
     stop_received,
     sweep_targets,
     swept_value_errors,
+    task_overrides,
 )
 
 
@@ -72,12 +72,12 @@ class PrepareTracking(Callback):
         self._prepare(config)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._prepare(config, swept_value_errors(_task_overrides(config)))
+        self._prepare(config, swept_value_errors(task_overrides(config)))
         if int(os.environ.get("RANK", "0")) != 0:
             return
-        uris = sorted({u for u, _ in sweep_targets(config.tracking, _task_overrides(config))}, key=str)
+        uris = sorted({u for u, _ in sweep_targets(config.tracking, task_overrides(config))}, key=str)
         self._sweep = (str(config.hydra.sweep.dir), uris)
-        record = json.dumps({"overrides": " ".join(_task_overrides(config))}).encode()
+        record = json.dumps({"overrides": " ".join(task_overrides(config))}).encode()
         atomic_write_bytes(Path(self._sweep[0]) / SWEEP_FILE, record)  # for the jobs that create parents
         previous = sys.excepthook
 
@@ -111,7 +111,7 @@ class PrepareTracking(Callback):
         exit_if_invalid(config, swept_errors)  # before the store exists: a bad value leaves nothing
         if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 touches the store
             return
-        for uri, experiment in sweep_targets(config.tracking, _task_overrides(config)):
+        for uri, experiment in sweep_targets(config.tracking, task_overrides(config)):
             try:
                 prepare_store(uri, experiment)
             except Exception as exc:  # noqa: BLE001 - any cause: one line, not a warning and a traceback

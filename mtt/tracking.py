@@ -1,4 +1,5 @@
-"""MLflow tracking: the only module that imports mlflow.
+"""MLflow tracking of training runs: ``MlflowTracker``, the journal that ships to the store, sweeps'
+parent runs (mtt.pyfunc, mtt.tag and mtt.ui import mlflow too: the packaged model, its use, the UI).
 
 ``MlflowTracker`` is a context manager around one run: it creates the run in an explicitly
 resolved experiment (never the "active experiment" global), and on exit marks it FINISHED,
@@ -205,7 +206,7 @@ def metric_key(name: str) -> str:
     return key[:200]  # MLflow keys are at most 250 characters; the metric's name follows
 
 
-def _task_overrides(config: DictConfig) -> list[str]:
+def task_overrides(config: DictConfig) -> list[str]:
     """The command line's overrides as typed: an override may hold an interpolation (say
     ``tracking.run_name=head-${hydra:runtime.choices.head}``) that only a job can resolve."""
     return [str(o) for o in OmegaConf.to_container(config.hydra.overrides.task, resolve=False)]

@@ -57,7 +57,7 @@ from mtt.preprocess import build_feature_store
 from mtt.records import dataset_inputs, plot_curves, run_note, versions
 from mtt.schedule import Phases
 from mtt.store import PatchStore
-from mtt.streams import EPOCH, ChunkGrid, clip_coverage, epoch_counts, steps_per_epoch, train_loader
+from mtt.streams import EPOCH, ChunkGrid, clip_coverage, epoch_counts, steps_for, steps_per_epoch, train_loader
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def resolve_device(spec: str) -> torch.device:
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """Mixed precision: bf16 autocast on CUDA for ``auto``; None means full fp32."""
     choices = {"fp32": None, "bf16": torch.bfloat16, "auto": torch.bfloat16 if device.type == "cuda" else None}
-    if precision not in choices:
+    if precision not in choices:  # a library caller's value (a composed config was checked)
         raise ValueError(f"trainer.precision={precision!r}: expected one of {sorted(choices)}")
     return choices[precision]
 
@@ -332,7 +332,7 @@ def start(cfg, tracker, p: Prepared, d: distributed.Dist) -> Run:
     resumed run's state from its last checkpoint, with its stream where the killed one was."""
     t = cfg.trainer
     counts = epoch_counts(p.train.declared, p.train.clip_ids, p.store, cfg.stream.patches_per_clip)
-    steps = steps_per_epoch(cfg.steps.policy, t.batch_size, counts.declared, counts.cached, counts.patches, cfg.steps.n)
+    steps = steps_for(cfg.steps, t.batch_size, counts.declared, counts.cached, counts.patches)
     mine = distributed.shard(d, len(p.train.clip_ids))  # this rank's training clips
     shards = distributed.gather(d, p.train.clip_ids[mine].tolist())
     derived = {

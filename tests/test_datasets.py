@@ -16,7 +16,7 @@ def test_unknown_dataset_name_is_refused_listing_the_known_ones():
 
 
 def test_a_registered_dataset_is_what_its_name_selects(tmp_path, monkeypatch):
-    monkeypatch.setattr(datasets, "_DATASETS", dict(datasets._DATASETS))  # leave the registry as found
+    monkeypatch.setattr(datasets.DATASETS, "_entries", dict(datasets.DATASETS._entries))  # leave the registry as found
     seen = []
 
     @datasets.register("two_clips")

@@ -30,7 +30,7 @@ from mtt.data.download import (
 from mtt.data.index import build_index
 from mtt.data.mtat import AnnotationError
 from mtt.data.tags import TAGS, TOP50
-from mtt.hub import DownloadError
+from mtt.fetch import DownloadError
 from mtt.paths import REPO_ROOT
 from tests.helpers import mtat_tree, snapshot
 from tests.helpers.http_server import FileServer, _flip_middle, closed_port_url

@@ -18,7 +18,8 @@ import pytest
 import soundfile as sf
 
 from mtt.audio import load_audio
-from mtt.config import REPO_ROOT, SynthConfig
+from mtt.config import REPO_ROOT
+from mtt.data.datasets import SynthConfig
 from mtt.data.embedded import MARKER, SYNTH_TAGS, complete_tags, ensure_dataset, render_clip
 from mtt.data.embedded.plan import _plan
 from mtt.data.index import STANDARD_SPLIT, build_index
@@ -334,7 +335,7 @@ def test_bad_config_is_named(tmp_path, field, value):
 
 
 GENERATE = (
-    "import sys; from mtt.config import SynthConfig; from mtt.data.embedded import ensure_dataset; "
+    "import sys; from mtt.data.datasets import SynthConfig; from mtt.data.embedded import ensure_dataset; "
     "ensure_dataset(sys.argv[1], SynthConfig(int(sys.argv[2]), 1.0, 0), progress=sys.argv[3] == '1'); "
     "print('done')"
 )

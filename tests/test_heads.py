@@ -6,9 +6,21 @@ import numpy as np
 import pytest
 import torch
 
+from mtt.components import POOLS
 from mtt.models import build_model
 from mtt.models.head import Head
-from mtt.models.pooling import FREQ_MEAN, MAP, POOLS, READS, AutoPool, GlobalAveragePool, reads_of, reduce_map
+from mtt.models.pooling import (
+    FREQ_MEAN,
+    MAP,
+    READS,
+    AutoPool,
+    GapConfig,
+    GlobalAveragePool,
+    PoolSpec,
+    build_pool,
+    reads_of,
+    reduce_map,
+)
 from tests.helpers import TINY, compose_cfg
 
 
@@ -106,13 +118,13 @@ def test_gap_shape():
     assert GlobalAveragePool()(torch.randn(2, 8, 6, 4)).shape == (2, 8)
 
 
-@pytest.mark.parametrize("name", sorted(POOLS))
+@pytest.mark.parametrize("name", POOLS.names())
 def test_every_pool_gives_the_same_output_on_what_it_declares_it_reads(name):
     """The backbone cache stores only what a pool declares it reads (mtt.backbone_cache): a pool
     declaring the frequency mean must give on it what it gives on the whole map, and a pool that
     does not (max) must declare the whole map."""
-    cfg = compose_cfg(["pool.alpha_init=2.0"] if name == "autopool" else []).pool  # a non-trivial alpha
-    pool = POOLS[name](cfg, 8)
+    cfg = compose_cfg([f"pool={name}", *(["pool.alpha_init=2.0"] if name == "autopool" else [])]).pool
+    pool = build_pool(cfg, 8)  # a non-trivial alpha for AutoPool
     torch.manual_seed(0)
     x = torch.randn(3, 8, 6, 4)
     reads = reads_of(pool)
@@ -127,8 +139,8 @@ def test_every_pool_gives_the_same_output_on_what_it_declares_it_reads(name):
 
 
 def test_the_trainer_calls_the_hooks_a_pool_defines_whatever_its_name(tiny_cfg, monkeypatch):
-    """A new pool is one class and its POOLS entry: the training loop calls its hooks (after each
-    optimiser step, once at the end, its regularisation in the loss) without knowing its name."""
+    """A new pool is one class and its registry entry: the training loop calls its hooks (after
+    each optimiser step, once at the end, its regularisation in the loss) without knowing its name."""
     from mtt.tracking import MlflowTracker
     from mtt.train import train
 
@@ -145,7 +157,8 @@ def test_the_trainer_calls_the_hooks_a_pool_defines_whatever_its_name(tiny_cfg, 
             calls["regularization"].append(1)
             return torch.tensor(100.0)  # a loss the run must report
 
-    monkeypatch.setitem(POOLS, "gap", lambda cfg, channels: Hooked())
+    monkeypatch.setattr(POOLS, "_entries", dict(POOLS._entries))  # leave the registry as found
+    POOLS.register(PoolSpec("gap", config=GapConfig, build=lambda cfg, channels: Hooked()), option=False)
     cfg = compose_cfg(
         [*TINY, "steps=fixed", "steps.n=3", "trainer.epochs=2", f"tracking.uri={tiny_cfg.tracking.uri}"],
         cache=tiny_cfg.paths.cache,

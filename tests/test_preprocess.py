@@ -175,7 +175,6 @@ def test_undecodable_and_short_clips_are_reported_and_training_runs_on_the_rest(
     cfg = compose_cfg(
         [
             *mtat_overrides(root, tmp_path / "store"),
-            "data.synth=null",
             *TINY_MODEL,
             f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
         ],

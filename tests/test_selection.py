@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import mtt.train
 from mtt import distributed
-from mtt.evaluate import split_probabilities
+from mtt.evaluate import split_scores
 from mtt.probe import run_probe
 from mtt.records import PREDICTIONS, load_predictions
 from mtt.tracking import MlflowTracker
@@ -64,7 +64,7 @@ def test_the_test_metrics_are_those_of_the_best_validation_epoch(cache_dir, tmp_
     p.model.load_state_dict(
         load_file(client.download_artifacts(tracker.run_id, "checkpoint/best.safetensors", str(tmp_path)))
     )
-    best = split_probabilities(distributed.Dist(), p.model, p.inputs, p.test, cfg, p.device, p.from_backbone, p.amp)
+    best, _ = split_scores(distributed.Dist(), p.model, p.inputs, p.test, cfg, p.device, p.from_backbone, p.amp, p.grid)
     assert np.array_equal(logged.clip_ids, p.test.clip_ids)
     np.testing.assert_allclose(logged.probabilities, best, rtol=0, atol=1e-6)
 

@@ -23,7 +23,9 @@ def test_two_sweeps_in_the_same_second_get_their_own_folders_and_sweep_ids(tmp_p
     from hydra.core.utils import setup_globals
     from omegaconf import OmegaConf
 
-    from mtt.config import CONF_DIR  # registers the schema and mtt's resolver
+    from mtt.config import CONF_DIR, register_configs
+
+    register_configs()  # the schema and mtt's resolver
 
     second = datetime(2026, 5, 4, 12, 0, 0)
     try:

@@ -14,7 +14,8 @@ PRESETS = sorted(
     for p in (REPO_ROOT / "experiments").rglob("*.yaml")
 )
 
-# key -> (override, the value as the error shows it, words of what is allowed)
+# key -> (override, the value as the error shows it, words of what is allowed); an override of a
+# pool's own setting comes with the option that has it (a list)
 BAD = {
     "data.tags": ("data.tags=freq0", "freq0", "freqN with N >= 1"),
     "data.split": ("data.split=random", "random", "one of standard, report"),
@@ -36,10 +37,10 @@ BAD = {
     "backbone.finetune_last": ("backbone.finetune_last=7", "7", "an integer in [0, 6]"),
     "backbone.width": ("backbone.width=0", "0.0", "a number > 0"),
     "pool.name": ("pool.name=maxpool", "maxpool", "one of gap, autopool"),
-    "pool.alpha_init": ("pool.alpha_init=inf", "inf", "a finite number"),
-    "pool.constraint": ("pool.constraint=clip", "clip", "one of none, cap"),
-    "pool.alpha_max": ("pool.alpha_max=0", "0.0", "a number > 0"),
-    "pool.alpha_l2": ("pool.alpha_l2=-0.1", "-0.1", "a number >= 0"),
+    "pool.alpha_init": (["pool=autopool", "pool.alpha_init=inf"], "inf", "a finite number"),
+    "pool.constraint": (["pool=autopool", "pool.constraint=clip"], "clip", "one of none, cap"),
+    "pool.alpha_max": (["pool=autopool", "pool.alpha_max=0"], "0.0", "a number > 0"),
+    "pool.alpha_l2": (["pool=autopool", "pool.alpha_l2=-0.1"], "-0.1", "a number >= 0"),
     "head.name": ("head.name=mlp", "mlp", "one of bn_dropout_dense, dense_bn"),
     "head.blocks": ("head.blocks=0", "0", "an integer >= 1"),
     "head.width": ("head.width=0", "0", "an integer >= 1"),
@@ -96,7 +97,7 @@ def test_every_rule_has_a_bad_value_in_the_table():
 @pytest.mark.parametrize("key", sorted(BAD))
 def test_a_bad_value_is_named_with_what_is_allowed(key):
     override, shown, allowed = BAD[key]
-    cfg = compose_cfg([override])
+    cfg = compose_cfg(override if isinstance(override, list) else [override])
     with pytest.raises(ConfigError) as info:
         validate(cfg)
     message = str(info.value)

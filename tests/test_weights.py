@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mtt.hub import DownloadError
+from mtt.fetch import DownloadError
 from mtt.models.weights import WeightsInfo, hash_prefix, load_state_dict, resolve_weights
 from tests.helpers.http_server import FileServer, closed_port_url
 
@@ -184,7 +184,7 @@ def test_load_state_dict_reads_safetensors_and_refuses_other_objects(tmp_path):
 
 @pytest.mark.slow
 def test_cli_with_audioset_offline_fails_fast_before_data_work(tmp_path):
-    """No retries against a refused connection (tests/test_hub.py) and no data work first."""
+    """No retries against a refused connection (tests/test_fetch.py) and no data work first."""
     from tests.helpers import run_module
 
     url = closed_port_url() + "vggish-10086976.pth"

@@ -1,75 +1,83 @@
-"""Datasets by ``data.name``: one small registry instead of ``if``s on the name in several modules.
+"""Datasets by ``data.name``: the entries of ``mtt.components.DATASETS``, instead of ``if``s on
+the name in several modules.
 
-A dataset is a function ``(data_cfg, progress) -> ClipIndex`` registered under its name. Adding
-one is a reader module and a ``conf/data/<name>.yaml`` that sets ``name``; the module registers
-its function and is named in ``_MODULES``, which imports it on first lookup (a plain import here
-would be a cycle: the module imports ``register`` from this one)::
+A dataset is a ``DatasetSpec``: its name, its config dataclass (extending
+``mtt.components.DataConfig``, each field's rule in its metadata; stored as the option
+``data=<name>``), ``index(data_cfg, progress) -> ClipIndex`` and an optional ``check(data_cfg)``:
+one-line errors about ``data.root`` (missing, a file, someone else's folder that it would write
+into), which every entry point runs before any data or MLflow work (``root_errors``). A dataset
+of one's own is a module that registers one (named by ``data.module``) and a YAML under
+conf/data/ (CONTRIBUTING.md; this one has a setting of its own, ``subset``)::
 
-    # mtt/data/fma.py
-    from mtt.data.datasets import register
+    # my_data/fma.py
+    @dataclass
+    class FmaConfig(DataConfig):
+        name: str = "fma"
+        root: str = MISSING
+        subset: str = setting("small", one_of("small", "medium"))
 
-    @register("fma")
-    def fma(data_cfg, progress: bool) -> ClipIndex: ...
+    DATASETS.register(DatasetSpec("fma", config=FmaConfig, index=lambda data_cfg, progress: ...))
 
-A dataset may also register a ``check``: ``(data_cfg) -> [one-line errors]`` about ``data.root``
-(missing, a file, someone else's folder that it would write into), which every entry point runs
-before any data or MLflow work (``root_errors``, from ``mtt.preflight``).
+``register`` is the short form for a dataset without settings of its own.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
-from mtt.data.index import ClipIndex, build_index
+from omegaconf import MISSING
+
+from mtt.components import DATASETS, DataConfig, Spec, integer, number, one_of, or_null, pattern, setting
+from mtt.data.index import SPLIT_RULES, ClipIndex, build_index
 
 Dataset = Callable[[Any, bool], ClipIndex]
 Check = Callable[[Any], list[str]]
-_DATASETS: dict[str, Dataset] = {}
-_CHECKS: dict[str, Check] = {}
-# name -> the module that registers it, for datasets defined outside this module (mtat and toy
-# are below).
-_MODULES: dict[str, str] = {}
+
+
+@dataclass(frozen=True)
+class DatasetSpec(Spec):
+    index: Dataset  # (data_cfg, progress) -> ClipIndex
+    config: type = field(default=DataConfig, kw_only=True)
+    check: Optional[Check] = None  # (data_cfg) -> one-line errors about data.root
 
 
 def register(name: str, check: Check | None = None) -> Callable[[Dataset], Dataset]:
-    """Decorator: register ``fn(data_cfg, progress) -> ClipIndex`` as dataset ``name``, and
-    ``check(data_cfg)``, the errors about ``data.root`` that stop a command before any work."""
+    """Decorator: register ``fn(data_cfg, progress) -> ClipIndex`` as dataset ``name`` (its
+    config: ``DataConfig``), and ``check(data_cfg)``, the errors about ``data.root`` that stop a
+    command before any work."""
 
     def add(fn: Dataset) -> Dataset:
-        if name in _DATASETS and _DATASETS[name] is not fn:
-            raise ValueError(f"dataset {name!r} is already registered ({_DATASETS[name].__module__})")
-        _DATASETS[name] = fn
-        if check is not None:
-            _CHECKS[name] = check
+        known = DATASETS._entries.get(name)
+        if known is not None and known.index is not fn:
+            raise ValueError(f"dataset {name!r} is already registered ({known.index.__module__})")
+        DATASETS.register(DatasetSpec(name, index=fn, check=check), option=False)
         return fn
 
     return add
 
 
-def get(name: str) -> Dataset:
+def get(name: str, module: str | None = None) -> DatasetSpec:
     """The dataset registered as ``name``; ``ValueError`` listing the known ones otherwise."""
-    if name not in _DATASETS and name in _MODULES:
-        importlib.import_module(_MODULES[name])
-    if name not in _DATASETS:
-        known = sorted({*_DATASETS, *_MODULES})
-        raise ValueError(f"data.name={name!r}: no such dataset; known: {', '.join(known)}")
-    return _DATASETS[name]
+    return DATASETS.get(name, module)
+
+
+def _spec(data_cfg) -> DatasetSpec:
+    return get(data_cfg.name, getattr(data_cfg, "module", None))
 
 
 def root_errors(data_cfg) -> list[str]:
     """The registered ``check`` of ``data.name`` on ``data_cfg`` (one line per error; [] when the
     dataset registers none)."""
-    get(data_cfg.name)  # imports the module that registers it
-    check = _CHECKS.get(data_cfg.name)
+    check = _spec(data_cfg).check
     return check(data_cfg) if check is not None else []
 
 
 def index_from_config(data_cfg, progress: bool = True) -> ClipIndex:
     """The clip index of ``cfg.data``, by ``data.name`` (the embedded dataset is generated first)."""
-    return get(data_cfg.name)(data_cfg, progress)
+    return _spec(data_cfg).index(data_cfg, progress)
 
 
 def mtat_index(data_cfg) -> ClipIndex:
@@ -102,26 +110,77 @@ def _mtat_root(data_cfg) -> list[str]:
     return []
 
 
-@register("mtat", check=_mtat_root)
+# data.tags of an MTAT-format dataset (mtt.data.index.select_tags).
+TAG_SETS = pattern(r"all|top50|freq[1-9][0-9]*", "all, top50 or freqN with N >= 1 (e.g. freq50)")
+
+
+@dataclass
+class MtatConfig(DataConfig):
+    """``data=mtat``: real MagnaTagATune at ``data.root``, the folder that holds
+    annotations_final.csv and the extracted audio folders 0-9, a-f (``python -m
+    mtt.data.download data=mtat data.root=DIR`` puts it there)."""
+
+    name: str = "mtat"
+    root: str = MISSING
+    annotations: str = "annotations_final.csv"
+    clip_info: Optional[str] = "clip_info_final.csv"
+    # How long a clip should be where clip_info has no segmentStart/End for it (MTAT: 29.1 s);
+    # preprocessing reports clips shorter than that by more than one patch. null = no check.
+    clip_seconds: Optional[float] = setting(29.1, or_null(number(0, lo_open=True)))
+    # all | top50 (the published list: the field's standard benchmark subset) | freqN (the N most
+    # frequent here, e.g. freq50); mtt.data.index.select_tags
+    tags: str = setting("top50", TAG_SETS)
+    # standard (folders 0-b / c / d-f) | report (first quarter test); mtt.data.index.SPLIT_RULES
+    split: str = setting("standard", one_of(*SPLIT_RULES))
+    drop_untagged: bool = True  # drop clips with no tag of the chosen set (published protocol)
+
+
 def mtat(data_cfg, progress: bool) -> ClipIndex:
-    """Real MagnaTagATune, already at ``data.root`` (``python -m mtt.data.download`` puts it there)."""
+    """Real MagnaTagATune, already at ``data.root``."""
     return mtat_index(data_cfg)
 
 
+DATASETS.register(DatasetSpec("mtat", config=MtatConfig, index=mtat, check=_mtat_root))
+
+
 def _toy_root(data_cfg) -> list[str]:
-    """The generated dataset is written only where nothing but an earlier one of its own lives."""
+    """The embedded dataset is written only where nothing but an earlier one of its own lives."""
     from mtt.data.embedded.cache import write_refusal
 
     refusal = write_refusal(data_cfg.root, data_cfg.synth) if data_cfg.synth is not None else None
     return [refusal] if refusal else []
 
 
-@register("toy", check=_toy_root)
+@dataclass
+class SynthConfig:
+    """The embedded dataset's generator: how many clips, how long, from which seed."""
+
+    clips_per_folder: int = setting(20, integer(1))  # x 16 folders
+    seconds: float = setting(6.0, number(0.1, 600))  # clip length; real MTAT clips are 29.1 s
+    seed: int = setting(0, integer(0))
+
+
+@dataclass
+class ToyConfig(MtatConfig):
+    """``data=toy``, the embedded dataset (the default): a small MTAT-format dataset generated
+    (seeded, by ``synth``) at ``root`` on first use, so that every command works on a machine
+    without MagnaTagATune. 16 folders x 20 clips x 6 s."""
+
+    name: str = "toy"
+    root: str = "${paths.cache}/toy-v1/c${.synth.clips_per_folder}-s${.synth.seconds}-seed${.synth.seed}"
+    clip_seconds: Optional[float] = setting("${.synth.seconds}", or_null(number(0, lo_open=True)))  # the generator's
+    tags: str = setting("all", TAG_SETS)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+
+
 def toy(data_cfg, progress: bool) -> ClipIndex:
     """The embedded dataset of ``data.synth``, generated at ``data.root`` on first use."""
     from mtt.data.embedded import ensure_dataset  # scipy and the synthesiser: only for this dataset
 
     if data_cfg.synth is None:
-        raise ValueError("data.name=toy needs data.synth (clips_per_folder, seconds, seed): see conf/data/toy.yaml")
+        raise ValueError("data.name=toy needs data.synth (clips_per_folder, seconds, seed): see ToyConfig")
     ensure_dataset(data_cfg.root, data_cfg.synth, progress=progress)
     return mtat_index(data_cfg)
+
+
+DATASETS.register(DatasetSpec("toy", config=ToyConfig, index=toy, check=_toy_root))

@@ -16,7 +16,6 @@ from mtt.data.tags import TOP50, top_by_frequency
 log = logging.getLogger(__name__)
 
 STANDARD_SPLIT = {"train": tuple("0123456789ab"), "valid": ("c",), "test": ("d", "e", "f")}
-SPLITS = ("train", "valid", "test")
 
 
 @dataclass(frozen=True)
@@ -79,32 +78,36 @@ def select_tags(tags: tuple[str, ...], labels: np.ndarray, tag_set: str) -> tupl
             )
         chosen = top_by_frequency(tags, labels, n)
         return chosen, labels[:, [tags.index(t) for t in chosen]]
-    if tag_set == "top50":
-        missing = [t for t in TOP50 if t not in tags]
-        if missing:
-            raise AnnotationError(f"tag set top50: annotations lack the tags {missing[:5]}")
-        cols = [tags.index(t) for t in TOP50]
-        return TOP50, labels[:, cols]
-    raise ValueError(f"data.tags={tag_set!r}: expected 'all', 'top50' or 'freqN' (e.g. freq50)")
+    if tag_set != "top50":  # a library caller's value (a composed config was checked: TAG_SETS)
+        raise ValueError(f"data.tags={tag_set!r}: expected 'all', 'top50' or 'freqN' (e.g. freq50)")
+    missing = [t for t in TOP50 if t not in tags]
+    if missing:
+        raise AnnotationError(f"tag set top50: annotations lack the tags {missing[:5]}")
+    cols = [tags.index(t) for t in TOP50]
+    return TOP50, labels[:, cols]
+
+
+def _standard_split(paths: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Folders 0-b train, c valid, d-f test (Dieleman & Schrauwen 2014)."""
+    folder = np.array([PurePosixPath(p).parts[0] for p in paths])
+    return {name: np.flatnonzero(np.isin(folder, dirs)) for name, dirs in STANDARD_SPLIT.items()}
+
+
+def _report_split(paths: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The source report's: the first quarter of the rows is test, the rest train, and there is no
+    validation split (validation metrics are then computed on the test rows, as the report did)."""
+    cut = len(paths) // 4
+    test = np.arange(cut)
+    return {"train": np.arange(cut, len(paths)), "valid": test, "test": test}
+
+
+# data.split -> the split protocol (the names mtt.data.datasets.MtatConfig allows).
+SPLIT_RULES = {"standard": _standard_split, "report": _report_split}
 
 
 def split_rows(paths: tuple[str, ...], rule: str) -> dict[str, np.ndarray]:
-    """Row numbers per split.
-
-    ``standard``: folders 0-b train, c valid, d-f test (Dieleman & Schrauwen 2014).
-    ``report``: the source report's: the first quarter of the rows is test, the rest train, and
-    there is no validation split (validation metrics are then computed on the test rows, as the
-    report did).
-    """
-    n = len(paths)
-    if rule == "standard":
-        folder = np.array([PurePosixPath(p).parts[0] for p in paths])
-        return {name: np.flatnonzero(np.isin(folder, dirs)) for name, dirs in STANDARD_SPLIT.items()}
-    if rule == "report":
-        cut = n // 4
-        test = np.arange(cut)
-        return {"train": np.arange(cut, n), "valid": test, "test": test}
-    raise ValueError(f"data.split={rule!r}: expected 'standard' or 'report'")
+    """Row numbers per split (``train``, ``valid``, ``test``) under protocol ``rule`` (``SPLIT_RULES``)."""
+    return SPLIT_RULES[rule](paths)
 
 
 def build_index(

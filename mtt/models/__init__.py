@@ -1,5 +1,5 @@
 """The tagger: backbone -> pooling -> head, assembled by name from config by ``build_model``
-(the registries: mtt.models.registry for backbones, ``POOLS``, ``HEADS``)."""
+(the registries of mtt.components: ``BACKBONES``, ``POOLS``, ``HEADS``)."""
 
 from __future__ import annotations
 
@@ -30,8 +30,6 @@ class Tagger(nn.Module):
 
     def __init__(self, backbone: nn.Module, pool: nn.Module, head: nn.Module, output: str = "sigmoid", encode_fn=None):
         super().__init__()
-        if output not in OUTPUTS:
-            raise ValueError(f"head.output={output!r}: expected one of {sorted(OUTPUTS)}")
         self.backbone, self.pool, self.head, self.output = backbone, pool, head, output
         self._encode = encode_fn
         self.pretrained_head = False  # the head's weights came with backbone.weights (build_model)

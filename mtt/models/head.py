@@ -1,11 +1,15 @@
-"""Classification heads over the pooled vector, by ``head.name`` (``HEADS``)."""
+"""Classification heads over the pooled vector, by ``head.name`` (the entries of
+``mtt.components.HEADS``, registered at the end of this module)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from mtt.config import HeadConfig
+from mtt.components import HEADS, HeadConfig, Spec
 
 
 class Head(nn.Module):
@@ -16,7 +20,7 @@ class Head(nn.Module):
     (one ReLU hidden layer, then the output layer), ``blocks=3`` its third experiment.
     """
 
-    # The defaults are the config's (mtt.config.HeadConfig), so the two cannot drift apart.
+    # The defaults are the config's (mtt.components.HeadConfig), so the two cannot drift apart.
     def __init__(
         self,
         in_features: int,
@@ -26,8 +30,6 @@ class Head(nn.Module):
         dropout: float = HeadConfig.dropout,
     ):
         super().__init__()
-        if blocks < 1:
-            raise ValueError(f"head.blocks={blocks}: need at least 1 block")
         self.net = nn.Sequential(*self.layers(in_features, n_tags, blocks, width, dropout))
 
     @staticmethod
@@ -70,12 +72,24 @@ class DenseHead(Head):
         return [*layers, nn.Linear(size, n_tags)]
 
 
-# head.name -> class(in_features, n_tags, blocks, width, dropout); mtt.config.RULES lists the names.
-HEADS = {"bn_dropout_dense": Head, "dense_bn": DenseHead}
+@dataclass(frozen=True)
+class HeadSpec(Spec):
+    """A head: ``build(head_cfg, in_features, n_tags) -> nn.Module`` of ``(B, in_features)`` to
+    ``(B, n_tags)`` logits, whose ``output_layer`` is the last Linear (its bias: head.bias_init)."""
+
+    build: Callable
 
 
 def build_head(cfg, in_features: int, n_tags: int) -> nn.Module:
-    """``cfg`` is the ``head`` config."""
-    if cfg.name not in HEADS:
-        raise ValueError(f"head.name={cfg.name!r}: expected one of {sorted(HEADS)}")
-    return HEADS[cfg.name](in_features, n_tags, cfg.blocks, cfg.width, cfg.dropout)
+    """``cfg`` is the ``head`` config: the entry it names builds the module."""
+    return HEADS.get(cfg.name, cfg.get("module")).build(cfg, in_features, n_tags)
+
+
+def _blocks(cls: type[Head]) -> Callable:
+    return lambda cfg, in_features, n_tags: cls(in_features, n_tags, cfg.blocks, cfg.width, cfg.dropout)
+
+
+# bn_dropout_dense: blocks of (BatchNorm, Dropout, Dense), the report's | dense_bn: (Dense,
+# BatchNorm, ReLU, Dropout) blocks then the output Dense (Won et al. 2020's short-chunk CNN).
+HEADS.register(HeadSpec("bn_dropout_dense", config=HeadConfig, build=_blocks(Head)))
+HEADS.register(HeadSpec("dense_bn", config=HeadConfig, build=_blocks(DenseHead)))

@@ -1,6 +1,7 @@
 """Pooling of a backbone's map ``(batch, channels, time, freq)`` into ``(batch, channels)``.
 
-A new pool is one class and its ``POOLS`` entry. The class declares what it reads:
+A new pool is one class and its entry in ``mtt.components.POOLS`` (registered at the end of this
+module, with its config dataclass). The class declares what it reads:
 
 - ``reads``: ``FREQ_MEAN`` (the map's mean over frequency, ``(C, T, 1)``) or ``MAP`` (the whole
   ``(C, T, F)`` map; the default of a class that declares nothing). The frozen-backbone cache
@@ -21,9 +22,13 @@ the training loop knows no pool by name:
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from mtt.components import POOLS, PoolConfig, Spec, finite, number, one_of, setting
 
 MAP = "map"  # the whole (C, T, F) map
 FREQ_MEAN = "freq_mean"  # its mean over frequency, kept as a frequency axis of 1: (C, T, 1)
@@ -135,19 +140,16 @@ class AutoPool(nn.Module):
         tracker.log_metrics(summary["metrics"], step=step)
 
 
-# pool.name -> builder(pool config, channels); mtt.config.RULES lists the names a config may use.
-POOLS = {
-    "gap": lambda cfg, channels: GlobalAveragePool(),
-    "max": lambda cfg, channels: GlobalMaxPool(),
-    "autopool": lambda cfg, channels: AutoPool(channels, cfg.alpha_init, cfg.constraint, cfg.alpha_max, cfg.alpha_l2),
-}
+@dataclass(frozen=True)
+class PoolSpec(Spec):
+    """A pool: ``build(pool_cfg, channels) -> nn.Module`` mapping ``(B, C, T, F)`` to ``(B, C)``."""
+
+    build: Callable
 
 
 def build_pool(cfg, channels: int) -> nn.Module:
-    """``cfg`` is the ``pool`` config (name gap | autopool | max)."""
-    if cfg.name not in POOLS:
-        raise ValueError(f"pool.name={cfg.name!r}: expected one of {sorted(POOLS)}")
-    return POOLS[cfg.name](cfg, channels)
+    """``cfg`` is the ``pool`` config: the entry it names builds the module."""
+    return POOLS.get(cfg.name, cfg.get("module")).build(cfg, channels)
 
 
 def alpha_summary(pool: AutoPool) -> dict:
@@ -168,3 +170,44 @@ def alpha_summary(pool: AutoPool) -> dict:
             "alpha_max": alpha.max().item(),
         },
     }
+
+
+# The pools: each one's settings, its rules beside them, and its builder.
+
+
+@dataclass
+class GapConfig(PoolConfig):
+    """``pool=gap``: global average pooling over time and frequency (the report's baseline)."""
+
+    name: str = "gap"
+
+
+@dataclass
+class MaxConfig(PoolConfig):
+    """``pool=max``: global max pooling over time and frequency (Won et al. 2020's short-chunk CNNs)."""
+
+    name: str = "max"
+
+
+@dataclass
+class AutoPoolConfig(PoolConfig):
+    """``pool=autopool``: AutoPool (McFee, Salamon & Bello 2018), learnable soft-max pooling over
+    time, one alpha per channel; alpha=0 starts as mean pooling."""
+
+    name: str = "autopool"
+    alpha_init: float = setting(0.0, finite())  # 0 = mean pooling
+    # none | cap (alpha projected into [-alpha_max, alpha_max] after each step)
+    constraint: str = setting("none", one_of("none", "cap"))
+    alpha_max: float = setting(10.0, number(0, lo_open=True))
+    alpha_l2: float = setting(0.0, number(0))  # L2 penalty on alpha (RAP)
+
+
+POOLS.register(PoolSpec("gap", config=GapConfig, build=lambda cfg, channels: GlobalAveragePool()))
+POOLS.register(
+    PoolSpec(
+        "autopool",
+        config=AutoPoolConfig,
+        build=lambda cfg, channels: AutoPool(channels, cfg.alpha_init, cfg.constraint, cfg.alpha_max, cfg.alpha_l2),
+    )
+)
+POOLS.register(PoolSpec("max", config=MaxConfig, build=lambda cfg, channels: GlobalMaxPool()))

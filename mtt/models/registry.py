@@ -1,10 +1,11 @@
 """Backbones by name: the small interface ``build_model`` assembles a tagger from.
 
-A backbone module registers a ``BackboneSpec`` when it is imported (``register_backbone``); the
-config names it (``backbone.name``) and, for a backbone outside mtt, the module that registers it
-(``backbone.module``, imported here). Pools (``mtt.models.pooling.POOLS``) and heads
-(``mtt.models.head.HEADS``) are registries of builders in the same way. CONTRIBUTING.md has the
-recipe for a new backbone: one module and one YAML under conf/backbone/.
+A backbone module registers a ``BackboneSpec`` when it is imported (``register_backbone``, into
+``mtt.components.BACKBONES``); the config names it (``backbone.name``) and, for a backbone
+outside mtt, the module that registers it (``backbone.module``, imported before the config is
+checked). Pools, heads, datasets and steps policies are registries of the same kind
+(mtt.components). CONTRIBUTING.md has the recipe for a new backbone: one module and one YAML
+under conf/backbone/.
 
 What a backbone declares:
 
@@ -22,18 +23,22 @@ What a backbone declares:
   True; return False for the backbone's own state dict (then ``load_weights``). By default False.
 - ``encode(module, x)``: what the pool reads (VGGish may append its embedding layers); by default
   the module's forward.
+- ``config``: its settings, a dataclass extending ``mtt.components.BackboneConfig`` with each
+  field's rule in its metadata (``setting(3, integer(1))``); stored as the option
+  ``backbone=<name>``, and the defaults a YAML of one's own need not repeat.
 - ``config_errors(cfg)``: one line per config value this backbone cannot work with, reported
   with the schema's own errors before any work (mtt.config.config_errors).
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from mtt.components import BACKBONES, BackboneConfig, Spec
 
 
 def measured_output_shape(module: nn.Module, item_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -51,9 +56,8 @@ def measured_output_shape(module: nn.Module, item_shape: tuple[int, ...]) -> tup
 
 
 def freeze_all(module: nn.Module, finetune_last: int = 0) -> None:
-    """``requires_grad=False`` everywhere; backbones without layer-wise fine-tuning accept only 0."""
-    if finetune_last:
-        raise ValueError(f"backbone.finetune_last={finetune_last}: this backbone fine-tunes all or nothing")
+    """``requires_grad=False`` everywhere (``finetune_last`` is 0: BackboneConfig's rule, which a
+    backbone that fine-tunes layer by layer widens in its own dataclass)."""
     module.requires_grad_(False)
 
 
@@ -88,75 +92,52 @@ def strict_load(module: nn.Module, state_dict: Mapping[str, torch.Tensor], misma
 
 
 @dataclass(frozen=True)
-class BackboneSpec:
-    name: str
+class BackboneSpec(Spec):
     front_end: str  # the features.name it consumes
     build: Callable  # (backbone_cfg, item_shape) -> nn.Module
+    # Its settings: mtt.components.BackboneConfig or a dataclass extending it (rules in metadata).
+    config: type = field(default=BackboneConfig, kw_only=True)
     output_shape: Callable = measured_output_shape  # (module, item_shape) -> (C, T, F)
     load_weights: Callable = strict_load  # (module, state_dict) -> None
     freeze: Callable = freeze_all  # (module, finetune_last) -> None
     encode: Callable = field(default=lambda module, x: module(x))  # (module, x) -> (B, C, T, F)
     load_model: Callable = field(default=lambda tagger, state_dict, cfg: False)  # -> loaded as a whole?
-    config_errors: Callable = field(default=lambda cfg: [])  # (cfg) -> list[str]
+
+    def errors(self, cfg) -> list[str]:
+        """A front end other than the one it consumes, then its own ``config_errors``."""
+        errors = []
+        if cfg.features.name != self.front_end:
+            errors.append(
+                f"features.name={cfg.features.name}: backbone.name={self.name} consumes "
+                f"features.name={self.front_end} patches (choose its YAML: backbone={self.name})"
+            )
+        return errors + list(self.config_errors(cfg))
 
 
-_BACKBONES: dict[str, BackboneSpec] = {}
-# Imported before a lookup without backbone.module, so the built-ins need no config key.
-BUILTIN_MODULES = ("mtt.models.vggish", "mtt.models.shortchunk")
-
-
-def register_backbone(spec: BackboneSpec) -> BackboneSpec:
-    """Make ``spec`` buildable as ``backbone.name=<spec.name>`` (call it at import time).
-    Registering a name again replaces it (a re-imported module)."""
-    _BACKBONES[spec.name] = spec
-    return spec
+def register_backbone(spec: BackboneSpec, option: bool = True) -> BackboneSpec:
+    """Make ``spec`` buildable as ``backbone.name=<spec.name>`` (call it at import time), its
+    dataclass the option ``backbone=<spec.name>`` (``option=False`` where a YAML of that name,
+    under conf/backbone/, is the option). Registering a name again replaces it."""
+    return BACKBONES.register(spec, option)
 
 
 def backbone_names() -> list[str]:
-    for module in BUILTIN_MODULES:
-        importlib.import_module(module)
-    return sorted(_BACKBONES)
+    return BACKBONES.names()
 
 
 def get_backbone(name: str, module: str | None = None) -> BackboneSpec:
     """The spec registered as ``name``, importing ``module`` first when given. ``LookupError``
     (one line) names the key and what is registered."""
-    if module:
-        try:
-            importlib.import_module(module)
-        except ImportError as e:
-            raise LookupError(
-                f"backbone.module={module}: cannot be imported ({e}); it must be on "
-                "PYTHONPATH and register the backbone"
-            ) from e
-    names = backbone_names()
-    if name not in _BACKBONES:
-        where = f" after importing backbone.module={module}" if module else ""
-        raise LookupError(
-            f"backbone.name={name}: not a registered backbone{where}; registered: "
-            f"{', '.join(names)} (a backbone of your own: set backbone.module, CONTRIBUTING.md)"
-        )
-    return _BACKBONES[name]
+    return BACKBONES.get(name, module)
 
 
 def backbone_errors(cfg) -> list[str]:
-    """What keeps ``cfg``'s backbone from being built: an unknown name or module, a front end
-    other than the one it consumes, or its own ``config_errors``."""
-    try:
-        spec = get_backbone(cfg.backbone.name, cfg.backbone.get("module"))
-    except LookupError as e:
-        return [str(e)]
-    errors = []
-    if cfg.features.name != spec.front_end:
-        errors.append(
-            f"features.name={cfg.features.name}: backbone.name={spec.name} consumes "
-            f"features.name={spec.front_end} patches (choose its YAML: backbone={spec.name})"
-        )
-    return errors + list(spec.config_errors(cfg))
+    """What keeps ``cfg``'s backbone from being built: an unknown name or module, a value outside
+    its dataclass's rules, a front end other than the one it consumes, or its own ``config_errors``."""
+    return BACKBONES.node_errors(cfg)
 
 
 __all__ = [
-    "BUILTIN_MODULES",
     "BackboneSpec",
     "backbone_errors",
     "backbone_names",

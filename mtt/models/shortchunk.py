@@ -191,7 +191,7 @@ def _errors(name: str):
                 f"backbone.weights=audioset: {name} has no published AudioSet weights (those at "
                 "backbone.url are VGGish's); use none or the path of a state dict"
             )
-        if cfg.backbone.embeddings:
+        if cfg.backbone.get("embeddings"):  # a key of VGGish's config, left by backbone.name=
             out.append(f"backbone.embeddings=true: {name} has no embedding layers (VGGish's)")
         return out
 
@@ -208,5 +208,6 @@ for _name, _residual in (("shortchunk_res", True), ("shortchunk", False)):
             load_weights=load_weights,
             load_model=load_model,
             config_errors=_errors(_name),
-        )
+        ),
+        option=False,  # conf/backbone/<name>.yaml is the option: it also picks the front end, pool and head
     )

@@ -12,10 +12,12 @@ Known discrepancy, made explicit by ``embedding_relu``: torchvggish keeps a ReLU
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from mtt.components import BackboneConfig, integer, setting
 from mtt.models.registry import BackboneSpec, register_backbone, strict_load
 
 # torchvggish.make_layers(): channels of each 3x3 conv, "M" = 2x2 max-pool.
@@ -122,9 +124,22 @@ def _encode(model: VGGish, x: torch.Tensor) -> torch.Tensor:
     return model.embed(x)[:, :, None, None] if model.embeddings is not None else model(x)
 
 
+@dataclass
+class VGGishConfig(BackboneConfig):
+    """``backbone=vggish`` (the default): the conv stack (6 conv + 4 max-pool). ``weights: none``
+    so that the embedded default runs offline; ``backbone.weights=audioset`` (or a local .pth path)
+    for transfer learning."""
+
+    name: str = "vggish"
+    finetune_last: int = setting(0, integer(0, 6))  # with freeze=true, still train the last N of its 6 conv layers
+    embeddings: bool = False  # append VGGish's 128-d embedding layers after the conv stack
+    embedding_relu: bool = True  # torchvggish keeps a ReLU after the last embedding layer
+
+
 register_backbone(
     BackboneSpec(
         name="vggish",
+        config=VGGishConfig,
         front_end="vggish",
         build=lambda b, item_shape: VGGish(width=b.width, embeddings=b.embeddings, embedding_relu=b.embedding_relu),
         output_shape=_output_shape,

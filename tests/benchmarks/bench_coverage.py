@@ -42,7 +42,7 @@ SIZES = {
 # (policy, stream.mode): the mux under every steps policy, and the epoch mode's own
 POLICIES = [("declared", "with_replacement"), ("cached", "with_replacement"), ("patches", "with_replacement")]
 POLICIES += [("fixed", "with_replacement"), ("epoch", "epoch")]
-FIXED_N = 100  # conf/steps/fixed.yaml
+FIXED_N = 100  # steps=fixed's n (mtt.streams.FixedSteps)
 
 
 def main() -> None:

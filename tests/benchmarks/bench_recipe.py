@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from hydra import compose, initialize_config_dir  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from mtt.config import CONF_DIR, SynthConfig  # noqa: E402
+from mtt.config import CONF_DIR  # noqa: E402
+from mtt.data.datasets import SynthConfig  # noqa: E402
 from mtt.data.embedded import ensure_dataset  # noqa: E402
 from mtt.probe import run_probe  # noqa: E402
 from mtt.tracking import MlflowTracker  # noqa: E402

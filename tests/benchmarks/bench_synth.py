@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from mtt.config import SynthConfig  # noqa: E402
+from mtt.data.datasets import SynthConfig  # noqa: E402
 from mtt.data.embedded import ensure_dataset, render_clip  # noqa: E402
 from mtt.data.embedded.plan import _plan  # noqa: E402
 from mtt.data.mtat import SAMPLE_RATE, write_mp3  # noqa: E402

@@ -64,6 +64,9 @@ LEARNABLE = [
 
 def compose_cfg(overrides: list[str] = (), cache: Path | None = None):
     """Compose conf/config.yaml with overrides (``cache`` sets paths.cache)."""
+    from mtt.config import register_configs
+
+    register_configs()
     extra = [f"paths.cache={cache}"] if cache is not None else []
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=[*extra, *overrides])

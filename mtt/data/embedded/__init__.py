@@ -1,6 +1,8 @@
-"""The embedded default dataset (``data=toy``): a small MagnaTagATune look-alike generated
-(seeded) on first use, in exactly MTAT's on-disk format (``mtt.data.mtat``), so every command
-works without the real MTAT.
+"""The embedded dataset, the default: a small MagnaTagATune look-alike generated (seeded) on first
+use, in exactly MTAT's on-disk format (``mtt.data.mtat``), so every command works without the real
+MTAT. "The embedded dataset" is its one name; ``data=toy`` is its config option and ``data.synth``
+its generator's settings (``mtt.data.datasets.ToyConfig``), kept as they are in every documented
+command.
 
 Split along the generator's seams, each importing only the ones before it:
 

@@ -15,8 +15,8 @@ from mtt.data.embedded.render import _generate
 from mtt.data.mtat import ANNOTATIONS, CLIP_INFO, FOLDERS, SAMPLE_RATE
 from mtt.fs import durable_replace, locked
 
-# ``cfg`` below is ``mtt.config.SynthConfig`` or anything with its three fields: not imported, since
-# mtt.config checks data.root through this module (``replace_refusal``) and the generator needs no Hydra.
+# ``cfg`` below is ``mtt.data.datasets.SynthConfig`` or anything with its three fields: not imported, since
+# mtt.data.datasets checks data.root through this module (``write_refusal``) and the generator needs no Hydra.
 SynthParams = Any
 
 # Bump when the generator changes what it writes, so that an old cache is regenerated.
@@ -72,7 +72,7 @@ def write_refusal(root: str | Path, cfg: SynthParams) -> str | None:
 
 
 def replace_refusal(root: str | Path) -> str | None:
-    """Why the generated dataset may not be written at ``root`` (one line), or None when it may.
+    """Why the embedded dataset may not be written at ``root`` (one line), or None when it may.
 
     Only a folder that is missing, empty, or one this generator wrote (it holds ``MARKER``, which
     only ``_generate`` writes, and nothing but dataset files) may be replaced. MTAT's own names
@@ -102,7 +102,7 @@ def _check_replaceable(root: Path) -> None:
 
 
 def ensure_dataset(root: str | Path, cfg: SynthParams, progress: bool = True) -> Path:
-    """Return ``root`` holding the generated dataset of ``cfg``, generating it first if needed.
+    """Return ``root`` holding the embedded dataset of ``cfg``, generating it first if needed.
 
     A dataset counts as present only when ``root/.mtt-synth.json`` (written last) records the same
     parameters and generator version. Generation writes into a temporary sibling folder and renames
