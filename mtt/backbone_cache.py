@@ -2,19 +2,23 @@
 
 With a frozen backbone every epoch of every head variant recomputes the same conv maps. This
 module computes them once per (feature store, weights, backbone settings, device type, autocast
-dtype, memory format) and stores them as a ``PatchStore`` with the same clip table as the
-feature store, items ``(C, T, F)`` float16. Building is resumable: rows are written in chunks
-into a memory-mapped temporary file and the number of finished rows is recorded after each
-flush, so an interrupted build continues where it stopped. A changed key (other weights, other
-features, bf16 instead of fp32) is a different folder. The cache carries content checksums like
-every store (``mtt.store``): a corrupt or truncated cache is refused in one line naming the file
-and how to rebuild it.
+dtype, memory format, what the pool reads) and stores them as a ``PatchStore`` with the same clip
+table as the feature store, float16 items of what the pool reads (``mtt.models.pooling``): the
+frequency mean ``(C, T, 1)`` for GAP and AutoPool (VGGish: 6,144 bytes per patch), the whole
+``(C, T, F)`` map for a pool that needs it (``pool=max``: 24,576 bytes). Building is resumable:
+rows are written in chunks into a memory-mapped temporary file and the number of finished rows is
+recorded after each flush, so an interrupted build continues where it stopped. A changed key
+(other weights, other features, bf16 instead of fp32, a pool that reads more or less) is a
+different folder; a cache of an older format is left unread and named in one log line, with the
+space deleting it frees. The cache carries content checksums like every store (``mtt.store``): a
+corrupt or truncated cache is refused in one line naming the file and how to rebuild it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +26,13 @@ import torch
 from tqdm import tqdm
 
 from mtt.fs import atomic_write_bytes, durable_replace, locked
-from mtt.store import MANIFEST, PatchStore, finalize, params_key, row_checksums
+from mtt.models.pooling import MAP, READS, reduce_map
+from mtt.store import MANIFEST, PATCHES, PatchStore, finalize, params_key, rebuild_hint, row_checksums
+
+log = logging.getLogger(__name__)
+
+# 3: items are what the pool reads (key "reads"); 2 stored every pool's whole (C, T, F) map.
+FORMAT = 3
 
 
 def parameters_sha256(module: torch.nn.Module) -> str:
@@ -65,10 +75,12 @@ def cache_key(
     *,
     device: torch.device = torch.device("cpu"),
     autocast_dtype: torch.dtype | None = None,
+    reads: str = MAP,
 ) -> dict:
-    """Everything that determines the cached outputs: features, weights, backbone settings and
-    how the build computes (``compute_settings``: pass the ``device`` and ``autocast_dtype`` that
-    ``build_backbone_cache`` is given, which checks that they agree).
+    """Everything that determines the cached outputs: features, weights, backbone settings, how
+    the build computes (``compute_settings``: pass the ``device`` and ``autocast_dtype`` that
+    ``build_backbone_cache`` is given, which checks that they agree) and what of each map is kept
+    (``reads``: the pool's, ``mtt.models.pooling.reads_of``; by default the whole map).
 
     With a weights file its SHA-256 identifies the backbone. A randomly initialised backbone has
     no file, and its values depend on the seed (and on whatever drew from the RNG before it), so
@@ -81,6 +93,8 @@ def cache_key(
         weights = f"random-init:{parameters_sha256(backbone)}"
     else:
         weights = weights_sha256
+    if reads not in READS:
+        raise ValueError(f"cache_key: reads={reads!r}, expected one of {', '.join(READS)}")
     return {
         "features": store.fingerprint,
         "weights": weights,
@@ -88,7 +102,8 @@ def cache_key(
         "embeddings": bool(backbone_cfg.embeddings),
         "embedding_relu": bool(backbone_cfg.embedding_relu),
         "compute": compute_settings(device, autocast_dtype, backbone),
-        "format": 2,
+        "reads": reads,
+        "format": FORMAT,
     }
 
 
@@ -103,7 +118,8 @@ def build_backbone_cache(
     progress: bool = True,
     autocast_dtype: torch.dtype | None = None,
 ) -> PatchStore:
-    """Run ``encode`` (``(B, 96, 64) -> (B, C, T, F)``) over every patch of ``store`` once.
+    """Run ``encode`` (``(B, 96, 64) -> (B, C, T, F)``) over every patch of ``store`` once and
+    keep what ``key["reads"]`` says of each map (``reduce_map``: ``(C, T, 1)`` or ``(C, T, F)``).
 
     Returns the finished cache store (opened from disk if it already exists). Concurrent callers
     with the same key (parallel sweep jobs) serialise on a lock: one builds, the others open it.
@@ -117,13 +133,48 @@ def build_backbone_cache(
             f"but the build computes on {asked['device']}/{asked['dtype']}; pass the same "
             "device and autocast_dtype to cache_key"
         )
+    if key.get("reads") not in READS or key.get("format") != FORMAT:
+        raise ValueError(f"build_backbone_cache: not a key of this format ({FORMAT}), make it with cache_key")
     path = Path(root).expanduser() / params_key(key)
     if (path / MANIFEST).is_file():
-        return PatchStore(path)
+        return _opened(path, key)
     with locked(path.parent / f".{path.name}.lock"):
         if (path / MANIFEST).is_file():  # finished by another process while we waited
-            return PatchStore(path)
+            return _opened(path, key)
+        for old in older_caches(path.parent, key):
+            size = (old / PATCHES).stat().st_size if (old / PATCHES).is_file() else 0
+            log.warning(
+                "%s: a backbone cache of an older format (every pool's whole map), no longer read; "
+                "building this one at %s (rm -r it to free %.1f MB)",
+                old,
+                path,
+                size / 1e6,
+            )
         return _build(store, encode, key, path, device, batch_size, progress, autocast_dtype)
+
+
+def _opened(path: Path, key: dict) -> PatchStore:
+    """The finished cache at ``path``, refused (``ValueError``, one line) unless its manifest was
+    written for ``key``: a folder copied or renamed into place must not feed a pool another map."""
+    cache = PatchStore(path)
+    if cache.manifest["params"] != json.loads(json.dumps(key, default=str)):
+        raise ValueError(f"{path}: a backbone cache built for other settings than its name says; {rebuild_hint(path)}")
+    return cache
+
+
+def older_caches(root: Path, key: dict) -> list[Path]:
+    """Finished caches under ``root`` of the same features, weights and settings as ``key`` but an
+    older ``FORMAT`` (before caches kept only what the pool reads): never read again."""
+    same = {k: v for k, v in json.loads(json.dumps(key, default=str)).items() if k not in ("format", "reads")}
+    found = []
+    for manifest in sorted(root.glob(f"*/{MANIFEST}")):
+        try:
+            params = json.loads(manifest.read_text()).get("params", {})
+        except (OSError, ValueError):
+            continue
+        if params.get("format", 0) < FORMAT and {k: params.get(k) for k in same} == same:
+            found.append(manifest.parent)
+    return found
 
 
 def _build(
@@ -144,8 +195,9 @@ def _build(
     """
     path.mkdir(parents=True, exist_ok=True)
     total = store.patches.shape[0]
+    reads = key["reads"]
     probe = encode(torch.from_numpy(np.asarray(store.read(slice(0, 1)), dtype=np.float32)).to(device))
-    item_shape = tuple(probe.shape[1:])
+    item_shape = tuple(reduce_map(probe.float(), reads).shape[1:])
     tmp, sums_tmp, done_file = path / ".patches.npy.tmp", path / ".checksums.npy.tmp", path / "progress.json"
     done = 0
     if tmp.exists() and sums_tmp.exists() and done_file.exists():
@@ -167,7 +219,9 @@ def _build(
                 x = torch.from_numpy(np.asarray(store.read(slice(s, e)), dtype=np.float32)).to(device)
                 with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                     y = encode(x)
-                rows = y.float().cpu().numpy().astype(np.float16)
+                # Reduced in float32, then rounded to float16 once (a whole map is rounded before the
+                # pool averages it: the two differ by float16 rounding, tests/test_backbone_cache.py).
+                rows = reduce_map(y.float(), reads).cpu().numpy().astype(np.float16)
                 sums[s:e] = row_checksums(rows)
                 out[s:e] = rows
                 bar.update(e - s)

@@ -5,8 +5,9 @@
 Protocol (the one MARBLE and HEAR use for frozen embeddings):
 
 1. every patch of a clip goes through the frozen backbone (read from the backbone cache that
-   ``mtt.run`` builds and shares), and its conv map ``(C, T, F)`` is averaged over time and
-   frequency into a ``C``-vector (global average pooling);
+   ``mtt.run`` builds and shares: the conv map ``(C, T, F)``, or its frequency mean ``(C, T, 1)``
+   for the pools that read only that), which is averaged over time and frequency into a
+   ``C``-vector (global average pooling);
 2. a clip's embedding is the mean and the standard deviation of those vectors over all of the
    clip's patches, ``2C`` values (1,024 for VGGish);
 3. embeddings are standardised with the training clips' mean and standard deviation;
@@ -49,7 +50,8 @@ CARVED_FRACTION = 0.1  # of the training clips, held out when the split has no v
 
 def clip_embeddings(inputs: PatchStore, clip_ids: np.ndarray) -> np.ndarray:
     """``(n_clips, 2C)``: mean and std over each clip's patches of the time/frequency-averaged
-    backbone output. ``inputs`` is a backbone cache (items ``(C, T, F)``)."""
+    backbone output. ``inputs`` is a backbone cache (items ``(C, T, F)``, or ``(C, T, 1)``: the
+    frequency mean, whose mean over time is the same average)."""
     if len(inputs.item_shape) != 3:
         raise ValueError(f"{inputs.path}: expected backbone outputs (C, T, F), got items {inputs.item_shape}")
     out = np.empty((len(clip_ids), 2 * inputs.item_shape[0]), dtype=np.float64)

@@ -48,6 +48,8 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
+from mtt.models.pooling import MAP, reads_of, reduce_map
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -66,13 +68,15 @@ REQUIREMENTS = ("mlflow", "torch", "torchaudio", "numpy", "pandas", "omegaconf",
 class ClipTagger:
     """Front end + backbone + pooling + head of one run, with its clip-level aggregation.
 
-    ``cached_backbone``: the run evaluated from a frozen backbone's float16 cache.
+    ``cached_backbone``: the run evaluated from a frozen backbone's float16 cache, which held
+    ``cache_reads`` of each map (``mtt.models.pooling``: the frequency mean, or the whole map).
     """
 
     model: Tagger  # eval mode, CPU
     tags: list[str]
     cfg: Any  # the run's resolved config (OmegaConf)
     cached_backbone: bool
+    cache_reads: str = MAP
 
     @property
     def sample_rate(self) -> int:
@@ -118,8 +122,8 @@ class ClipTagger:
             patches = window.half().float()  # (n, frames, bands), as the feature store holds them
             for i in range(0, len(patches), size):
                 fmap = self.model.encode(patches[i : i + size])
-                if self.cached_backbone:
-                    fmap = fmap.half().float()
+                if self.cached_backbone:  # what the run's cache held: reduced, then float16
+                    fmap = reduce_map(fmap, self.cache_reads).half().float()
                 p = self.model.probabilities(self.model(fmap, from_backbone=True)).numpy().astype(np.float64)
                 if self.cfg.eval.aggregate == "max":
                     total = p.max(axis=0) if total is None else np.maximum(total, p.max(axis=0))
@@ -169,7 +173,8 @@ def _features(cfg):
 
 def build_tagger(meta: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> ClipTagger:
     """The ``ClipTagger`` of a run from its ``tagger.json`` contents (or a ``best.json``: config
-    and tags; ``cached_backbone`` then follows the config) and its state dict."""
+    and tags; ``cached_backbone`` and ``cache_reads`` then follow the config) and its state dict.
+    A ``tagger.json`` without ``cache_reads`` was written when caches held every pool's whole map."""
     from omegaconf import OmegaConf
 
     from mtt.config import Config
@@ -183,7 +188,8 @@ def build_tagger(meta: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> 
         cached = bool(cfg.backbone.freeze and cfg.backbone.finetune_last == 0 and cfg.backbone.cache)
     model = build_model(cfg, len(tags))
     model.load_state_dict(dict(state))
-    return ClipTagger(model.eval(), tags, cfg, bool(cached))
+    reads = meta.get("cache_reads") or (MAP if "cached_backbone" in meta else reads_of(model.pool))
+    return ClipTagger(model.eval(), tags, cfg, bool(cached), reads)
 
 
 def load_tagger(model_uri: str, tracking_uri: str | None = None) -> ClipTagger:
@@ -310,9 +316,12 @@ def predict(tagger: ClipTagger, frame) -> pd.DataFrame:
     return pd.DataFrame(np.stack(rows) if rows else np.zeros((0, len(tagger.tags))), columns=tagger.tags)
 
 
-def save_tagger(out: str | Path, weights: str | Path, meta: Mapping[str, Any], cached_backbone: bool) -> Path:
+def save_tagger(
+    out: str | Path, weights: str | Path, meta: Mapping[str, Any], cached_backbone: bool, cache_reads: str
+) -> Path:
     """Save the pyfunc model folder ``out`` (must not exist) from a best checkpoint's weights file
-    and metadata (``mtt.checkpoint.save_best``: config, tags); returns ``out``."""
+    and metadata (``mtt.checkpoint.save_best``: config, tags); returns ``out``. ``cache_reads``:
+    what the run's backbone cache held of each map (``mtt.models.pooling.reads_of`` its pool)."""
     out = Path(out)
     with tempfile.TemporaryDirectory() as tmp:
         meta_path = Path(tmp) / META
@@ -323,6 +332,7 @@ def save_tagger(out: str | Path, weights: str | Path, meta: Mapping[str, Any], c
                     "config": meta["config"],
                     "tags": list(meta["tags"]),
                     "cached_backbone": bool(cached_backbone),
+                    "cache_reads": cache_reads,
                     "epoch": meta.get("epoch"),
                     "monitor": meta.get("monitor"),
                 },
@@ -368,7 +378,7 @@ def _example_frame(sample_rate: int):
     return pd.DataFrame({"audio": [example_wav(sample_rate)]})
 
 
-def log_tagger(tracker, checkpoint: str | Path, cached_backbone: bool) -> None:
+def log_tagger(tracker, checkpoint: str | Path, cached_backbone: bool, cache_reads: str) -> None:
     """Log the model of a run's best checkpoint folder (``mtt.checkpoint``) as ``model/``, and the
     ``mlflow.log-model.history`` tag through which MLflow's runs table lists it (Models column)."""
     from datetime import datetime, timezone
@@ -382,6 +392,7 @@ def log_tagger(tracker, checkpoint: str | Path, cached_backbone: bool) -> None:
             checkpoint / BEST_WEIGHTS,
             json.loads((checkpoint / BEST_META).read_text()),
             cached_backbone,
+            cache_reads,
         )
         tracker.log_artifacts(folder, MODEL_PATH)
         flavors = mlflow.models.Model.load(str(folder)).flavors

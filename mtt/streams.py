@@ -151,6 +151,18 @@ def mux_weights(kind: str, sizes: np.ndarray) -> np.ndarray | None:
     return np.asarray(sizes, dtype=np.float64) / float(np.sum(sizes))
 
 
+def sums_to_one(p: np.ndarray) -> np.ndarray:
+    """``p`` (``(n,)``, summing to 1 up to rounding) with the rounding residual added to its
+    largest entry, so that ``np.sum`` of it is exactly 1.0 where a few ulps do it (else ``p``)."""
+    p, i = p.copy(), int(np.argmax(p))
+    for _ in range(4):
+        total = np.sum(p)
+        if total == 1.0:
+            break
+        p[i] += 1.0 - total
+    return p
+
+
 class WeightedMux(pescador.StochasticMux):
     """``StochasticMux`` whose ``weights`` decide how often each streamer is drawn overall.
 
@@ -158,18 +170,57 @@ class WeightedMux(pescador.StochasticMux):
     active set; since every activation yields about ``rate`` samples whatever its weight, over a
     long stream every clip is drawn equally often. Here activations are drawn by weight, so a
     clip's share of the stream is its weight.
+
+    pescador draws the active streamer of every sample, and the clip of every activation, with
+    ``RandomState.choice(n, p=...)``, which checks ``p`` and sums it up on every call (about
+    200 us over MTAT's 19,397 training clips), after dividing the clips' distribution by its sum,
+    whose rounding makes it cycle through a few states that differ in their last bits: together
+    most of the stream's 2 ms per batch of 32 (tests/benchmarks/bench_backbone_cache.py). Here the
+    distribution is made to sum to exactly 1.0 once (``sums_to_one``: a few ulps on one clip), so
+    the division changes nothing and is skipped, and ``_choice`` is pescador's draw (one
+    ``random_sample`` searched in the same cumulative sum) reusing the sum while ``p`` is
+    unchanged: the stream is what pescador's own draws give, item for item (tests/test_streams.py).
     """
 
-    def _activate(self):
+    def _activate(self) -> None:
         self._weighted = False
+        self._cdfs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         super()._activate()
+
+    def _choice(self, name: str, p: np.ndarray) -> int:
+        """``self.rng.choice(len(p), p=p)``: the same index from the same generator state (numpy's
+        own algorithm), the cumulative sum of ``p`` kept under ``name`` while ``p`` is unchanged."""
+        cached = self._cdfs.get(name)
+        if cached is None or cached[0].shape != p.shape or not (cached[0] == p).all():
+            cdf = p.cumsum()
+            cdf /= cdf[-1]
+            cached = self._cdfs[name] = (p.copy(), cdf)
+        return int(cached[1].searchsorted(self.rng.random_sample(), side="right"))
+
+    def _next_sample_index(self):
+        return self._choice("active", self.stream_weights_ / self.weight_norm_)
 
     def _new_stream(self, idx):
         if not self._weighted:  # the first activation since _activate reset distribution_
             self.distribution_ = self.distribution_ * self.weights
             self.distribution_ /= self.distribution_.sum()
+            self.distribution_ = sums_to_one(self.distribution_)
             self._weighted = True
-        super()._new_stream(idx)
+        # pescador's StochasticMux._new_stream, drawing through _choice
+        self.stream_idxs_[idx] = self._choice("streams", self.distribution_)
+        self.streams_[idx], self.stream_weights_[idx] = self._activate_stream(self.stream_idxs_[idx], idx)
+        self.stream_counts_[idx] = 0
+
+    def _replace_stream(self, idx):
+        # pescador's StochasticMux._replace_stream, without dividing by a sum of 1.0
+        if (self.distribution_ > 0).any():
+            total = np.sum(self.distribution_)
+            if total != 1.0:
+                self.distribution_[:] /= total
+            self._new_stream(idx)
+        else:
+            self.stream_weights_[idx] = 0.0
+        self.weight_norm_ = np.sum(self.stream_weights_)
 
 
 def patch_mux(
@@ -333,6 +384,13 @@ class RowReader:
             os.close(self._fd)
 
 
+def as_float32(x: np.ndarray) -> torch.Tensor:
+    """Stored float16 rows ``(B, *item)`` as a float32 tensor: torch's conversion, exact like
+    numpy's ``astype`` but about 20x faster (numpy converts float16 element by element; 0.7 ms
+    of a full-map batch of 32, 0.16 ms of a frequency-mean one)."""
+    return torch.from_numpy(x if x.flags.writeable else x.copy()).float()
+
+
 def batches(
     mux: pescador.StochasticMux,
     store: PatchStore,
@@ -355,8 +413,8 @@ def batches(
         picked = np.fromiter(
             (v for _, item in zip(range(batch_size), items) for v in item), dtype=np.int64, count=2 * batch_size
         ).reshape(batch_size, 2)
-        x = store.verify(picked[:, 0], reader.read(picked[:, 0])).astype(np.float32)  # rows checked once
-        batch = (torch.from_numpy(x), torch.from_numpy(labels[picked[:, 1]]))
+        x = as_float32(store.verify(picked[:, 0], reader.read(picked[:, 0])))  # rows checked once
+        batch = (x, torch.from_numpy(labels[picked[:, 1]]))
         yield batch if positions is None else (*batch, torch.from_numpy(positions[picked[:, 1]]))
 
 
@@ -379,8 +437,8 @@ def epoch_batches(
 
     while True:
         rows, within, pos = sampler.batch(g)
-        x = cut_chunks(read, rows, within, sampler.hop or 1).astype(np.float32)
-        batch = (torch.from_numpy(x), torch.from_numpy(labels[pos]))
+        x = as_float32(cut_chunks(read, rows, within, sampler.hop or 1))
+        batch = (x, torch.from_numpy(labels[pos]))
         yield (*batch, torch.from_numpy(pos)) if clips else batch
         g += n_workers
 
@@ -526,8 +584,8 @@ def eval_batches(
     hop = grid.hop if grid is not None else 1
 
     for s in range(0, len(rows), batch_size):
-        x = cut_chunks(store.read, rows[s : s + batch_size], within[s : s + batch_size], hop).astype(np.float32)
-        yield torch.from_numpy(x), owner[s : s + batch_size]
+        x = cut_chunks(store.read, rows[s : s + batch_size], within[s : s + batch_size], hop)
+        yield as_float32(x), owner[s : s + batch_size]
 
 
 @dataclass(frozen=True)

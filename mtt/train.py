@@ -51,7 +51,7 @@ from mtt.evaluate import (  # noqa: F401
     split_scores,
 )
 from mtt.models import Tagger, build_model, reads_backbone_cache
-from mtt.models.pooling import log_alphas, project_constraints
+from mtt.models.pooling import call_hook, reads_of
 from mtt.models.weights import WeightsInfo, load_state_dict, resolve_weights
 from mtt.preflight import Checked
 from mtt.preprocess import build_feature_store
@@ -123,7 +123,7 @@ def train_epoch(run: Run, epoch: int) -> dict[str, float]:
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         run.optimizer.step()
-        project_constraints(model)  # AutoPool's cap: back into the interval after the step
+        call_hook(model.pool, "after_step")  # e.g. AutoPool's cap: back into the interval
         loss_sum += loss.item()
         with torch.no_grad():
             correct += ((model.probabilities(logits) >= 0.5) == (y >= 0.5)).sum().item()
@@ -259,7 +259,15 @@ def prepare(
             model.backbone.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch stubs lack it
         inputs = store
         if from_backbone:
-            key = cache_key(store, weights.sha256, cfg.backbone, model.backbone, device=device, autocast_dtype=amp)
+            key = cache_key(
+                store,
+                weights.sha256,
+                cfg.backbone,
+                model.backbone,
+                device=device,
+                autocast_dtype=amp,
+                reads=reads_of(model.pool),
+            )
             inputs = build_backbone_cache(
                 store, model.encode, key, f"{cfg.paths.cache}/backbone", device, progress=t.progress, autocast_dtype=amp
             )
@@ -483,7 +491,7 @@ def test(run: Run, tracker) -> dict[str, float]:
     if d.main:  # the tagger as an MLflow model (model/): what mtt.tag and `mlflow models serve` load
         from mtt.pyfunc import log_tagger
 
-        log_tagger(tracker, run.folder, p.from_backbone)
+        log_tagger(tracker, run.folder, p.from_backbone, reads_of(p.model.pool))
     probs = run.evaluate(p.test)
     # The test metrics are those of the selected epoch's model, logged after the last epoch, with
     # that epoch's validation metrics beside them (selected_val_*: what a comparison may rank by).
@@ -498,7 +506,7 @@ def test(run: Run, tracker) -> dict[str, float]:
         seed=run.cfg.trainer.seed,
         extra={"best_epoch": state.best_epoch, "epochs_trained": end, **selected},
     )
-    log_alphas(p.model.pool, tracker, step=end)  # AutoPool's learned alphas (no-op for GAP)
+    call_hook(p.model.pool, "log_end", tracker, step=end)  # e.g. AutoPool's learned alphas
     log.info(
         "test (%s epoch %d): %s",
         run.selection,

@@ -7,7 +7,9 @@ Backbone work is counted with a real global forward hook on every VGGish module,
 from __future__ import annotations
 
 import json
+import logging
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,13 +20,14 @@ from mlflow.tracking import MlflowClient
 from mtt.backbone_cache import build_backbone_cache, cache_key
 from mtt.data.datasets import index_from_config
 from mtt.models import build_model
+from mtt.models.pooling import FREQ_MEAN, MAP, reads_of, reduce_map
 from mtt.models.vggish import VGGish
 from mtt.models.weights import load_state_dict, resolve_weights
 from mtt.preprocess import build_feature_store
-from mtt.store import MANIFEST, PatchStore, params_key
+from mtt.store import MANIFEST, PatchStore, pack, params_key
 from mtt.tracking import MlflowTracker
-from mtt.train import train
-from tests.helpers import TINY, compose_cfg
+from mtt.train import prepare, train
+from tests.helpers import TINY, compose_cfg, run_module
 
 
 class BackboneForwards:
@@ -78,7 +81,9 @@ def model_of(cfg):
 
 
 def cache_dir_of(cfg, store, model, weights):
-    return cfg.paths.cache + "/backbone/" + params_key(cache_key(store, weights.sha256, cfg.backbone, model.backbone))
+    """Where ``mtt.train.prepare`` keeps the cache of this config (keyed by what its pool reads)."""
+    key = cache_key(store, weights.sha256, cfg.backbone, model.backbone, reads=reads_of(model.pool))
+    return cfg.paths.cache + "/backbone/" + params_key(key)
 
 
 def run(cfg, name: str):
@@ -219,3 +224,143 @@ def test_disabled_cache_trains_live_with_the_same_metrics(tmp_path, cache_dir):
             assert math.isnan(cached[k]), k
         else:  # the cache stores float16 conv maps; the live path keeps float32
             assert cached[k] == pytest.approx(v, abs=5e-3), k
+
+
+@pytest.mark.parametrize("head", ["gap2", "autopool"])
+def test_compact_and_full_caches_give_the_same_metrics(tmp_path, cache_dir, monkeypatch, head):
+    """GAP and AutoPool read the frequency mean, so their cache holds ``(C, T, 1)``, a quarter of
+    the ``(C, T, F)`` map. The same run on the whole map (the same pool declared as reading it)
+    ends with the same metrics to float16 rounding: the inputs differ by where the rounding falls
+    (after the frequency mean, or before it); measured, 3 epochs: at most 6e-7 (train loss);
+    bound 1e-5."""
+    # Weights of this head's own: GAP and AutoPool share a cache (they read the same).
+    w = save_weights(tmp_path / "w.pth", {"gap2": 4, "autopool": 6}[head])
+    cfg = cfg_for(tmp_path, cache_dir, f"backbone.weights={w}", "trainer.epochs=3", f"+head={head}")
+    store = store_of(cfg)
+    metrics, caches = {}, {}
+    for reads in (FREQ_MEAN, MAP):
+        monkeypatch.setattr(type(model_of(cfg)[0].pool), "reads", reads)
+        with BackboneForwards() as built:
+            metrics[reads], r = run(cfg, reads)
+        assert built.patches == store.patches.shape[0] + 1  # each built (and trained on) its own
+        assert r.data.params["derived.backbone_cached"] == "True"
+        caches[reads] = PatchStore(cache_dir_of(cfg, store, *model_of(cfg)))
+        assert caches[reads].manifest["params"]["reads"] == reads
+    c, t, f = caches[MAP].item_shape
+    assert f > 1 and caches[FREQ_MEAN].item_shape == (c, t, 1)
+    size = {k: (v.path / "patches.npy").stat().st_size for k, v in caches.items()}
+    assert size[FREQ_MEAN] < size[MAP] / (f - 0.5)  # a quarter of the bytes for VGGish's F = 4
+    compact, full = metrics[FREQ_MEAN], metrics[MAP]
+    assert compact.keys() == full.keys()
+    for k, v in full.items():
+        if math.isnan(v):
+            assert math.isnan(compact[k]), k
+        else:
+            assert compact[k] == pytest.approx(v, abs=1e-5), k
+    assert compact != full  # really two caches: not bit-identical runs
+
+
+def test_a_pool_that_reads_more_or_less_never_reuses_another_pools_cache(tmp_path, cache_dir):
+    """pool=max needs the whole map: a GAP run's compact cache is not reused for it (nor the
+    other way round), while AutoPool, which reads what GAP reads, shares GAP's."""
+    w = save_weights(tmp_path / "w.pth", 5)
+    store = store_of(cfg_for(tmp_path, cache_dir))
+    seen = {}
+    for pool, builds in (("gap", True), ("max", True), ("autopool", False), ("gap", False), ("max", False)):
+        cfg = cfg_for(tmp_path, cache_dir, f"backbone.weights={w}", f"pool={pool}")
+        with BackboneForwards() as fw:
+            p = prepare(cfg)
+        assert fw.patches == (store.patches.shape[0] + 1 if builds else 0), pool
+        seen.setdefault(reads_of(p.model.pool), set()).add(p.inputs.path)
+        c, t, f = model_of(cfg)[0].backbone.out_channels, 6, 4
+        assert p.inputs.item_shape == ((c, t, f) if pool == "max" else (c, t, 1)), pool
+    assert {k: len(v) for k, v in seen.items()} == {MAP: 1, FREQ_MEAN: 1}
+    assert seen[MAP] != seen[FREQ_MEAN]
+
+
+def test_an_old_format_cache_is_named_in_one_line_and_the_compact_one_built(tmp_path, cache_dir, caplog):
+    """A cache written before caches kept only what the pool reads (format 2: every pool's whole
+    map) is never read again; the build of its successor names it once, with the space it holds."""
+    cfg = cfg_for(tmp_path, cache_dir)
+    store = store_of(cfg)
+    model, _ = model_of(cfg)
+    key = cache_key(store, None, cfg.backbone, model.backbone, reads=FREQ_MEAN)
+    old_key = {**{k: v for k, v in key.items() if k != "reads"}, "format": 2}
+    with torch.no_grad():
+        full = model.encode(torch.from_numpy(np.asarray(store.patches, dtype=np.float32))).numpy()
+    root = tmp_path / "bb"
+    old = root / params_key(old_key)
+    counts = {int(c): int(n) for c, n in zip(store.clip_ids, store.counts)}
+    pack(old, counts, lambda c: full[store.rows(c)], full.shape[1:], old_key)
+    before = {p.name: p.stat().st_mtime_ns for p in old.iterdir()}
+    with caplog.at_level(logging.WARNING, logger="mtt.backbone_cache"):
+        cache = build_backbone_cache(store, model.encode, key, root, torch.device("cpu"), progress=False)
+    lines = [r.getMessage() for r in caplog.records if r.name == "mtt.backbone_cache"]
+    assert len(lines) == 1 and "\n" not in lines[0], lines
+    assert str(old) in lines[0] and "older format" in lines[0] and "rm -r it to free" in lines[0]
+    assert cache.path != old and cache.item_shape == (*full.shape[1:3], 1)
+    np.testing.assert_allclose(
+        np.asarray(cache.patches, dtype=np.float32)[..., 0],
+        full.mean(axis=3),
+        rtol=2e-3,
+        atol=1e-3 * np.abs(full).max(),
+    )
+    assert {p.name: p.stat().st_mtime_ns for p in old.iterdir()} == before  # left as it was
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mtt.backbone_cache"):
+        again = build_backbone_cache(store, model.encode, key, root, torch.device("cpu"), progress=False)
+    assert again.path == cache.path and not [r for r in caplog.records if r.name == "mtt.backbone_cache"]
+
+
+def test_a_cache_folder_holding_another_keys_cache_is_refused(tmp_path, cache_dir):
+    """A whole-map cache copied under the compact key's name is refused in one line, not fed to a
+    pool; an old-format or hand-made key is refused before any work."""
+    cfg = cfg_for(tmp_path, cache_dir)
+    store = store_of(cfg)
+    model, _ = model_of(cfg)
+    cpu = torch.device("cpu")
+    keys = {reads: cache_key(store, None, cfg.backbone, model.backbone, reads=reads) for reads in (MAP, FREQ_MEAN)}
+    full = build_backbone_cache(store, model.encode, keys[MAP], tmp_path / "a", cpu, progress=False)
+    shutil.copytree(full.path, tmp_path / "b" / params_key(keys[FREQ_MEAN]))
+    with pytest.raises(ValueError, match="built for other settings than its name says; rebuild it: rm -r") as e:
+        build_backbone_cache(store, model.encode, keys[FREQ_MEAN], tmp_path / "b", cpu, progress=False)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="not a key of this format"):
+        build_backbone_cache(store, model.encode, {**keys[MAP], "format": 2}, tmp_path / "c", cpu, progress=False)
+    with pytest.raises(ValueError, match="reads='time_mean'"):
+        cache_key(store, None, cfg.backbone, model.backbone, reads="time_mean")
+    assert not (tmp_path / "c").exists()
+
+
+def test_the_default_model_caches_a_quarter_of_its_map(cache_dir):
+    """The default config (full-width VGGish, GAP) reads the frequency mean of its (512, 6, 4)
+    map: 512 x 6 x 1 float16 = 6,144 bytes per patch (+ a 4-byte CRC) instead of 24,576."""
+    model = build_model(compose_cfg([], cache=cache_dir), 50).eval()
+    with torch.no_grad():
+        fmap = model.encode(torch.zeros(1, 96, 64))
+    assert fmap.shape == (1, 512, 6, 4)
+    assert reduce_map(fmap, reads_of(model.pool)).shape == (1, 512, 6, 1)
+
+
+@pytest.mark.slow
+def test_the_default_run_caches_at_most_8_kb_per_patch(tmp_path):
+    """`python -m mtt.run trainer.epochs=1` (the full-width VGGish, GAP): the cache holds the
+    frequency mean, 512 x 6 x 1 float16 = 6,144 bytes per patch (+ a 4-byte CRC), not 24,576.
+    The embedded dataset is made small here (it does not change what a patch costs)."""
+    cache = tmp_path / "cache"
+    run_module(
+        [
+            "mtt.run",
+            "trainer.epochs=1",
+            "trainer.progress=false",
+            "data.synth.clips_per_folder=2",
+            "data.synth.seconds=2.0",
+            f"paths.cache={cache}",
+            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        ]
+    )
+    (folder,) = [p.parent for p in (cache / "backbone").glob(f"*/{MANIFEST}")]
+    built = PatchStore(folder)
+    assert built.item_shape == (512, 6, 1) and built.manifest["params"]["reads"] == FREQ_MEAN
+    per_patch = sum(f.stat().st_size for f in (folder / "patches.npy", folder / "checksums.npy")) / len(built.patches)
+    assert per_patch <= 8_000

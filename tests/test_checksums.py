@@ -19,6 +19,7 @@ from mtt.backbone_cache import build_backbone_cache, cache_key
 from mtt.checkpoint import LAST, TrainState, last_epoch, load_best, load_last, save_best, save_last
 from mtt.data.datasets import index_from_config
 from mtt.fs import CorruptFileError, atomic_replace, sidecar, verify_checksummed
+from mtt.models.pooling import FREQ_MEAN, MAP
 from mtt.preprocess import _extract, build_feature_store, frontend_params, store_path
 from mtt.store import MANIFEST, PatchStore
 from tests.helpers import TINY, compose_cfg, run_module
@@ -63,15 +64,16 @@ def feature_store(cache_dir, tmp_path) -> PatchStore:
     return PatchStore(copy)
 
 
-@pytest.fixture
-def backbone_cache(feature_store, tmp_path) -> PatchStore:
-    """The tiny VGGish's cache of that store (random weights: no download)."""
+@pytest.fixture(params=[MAP, FREQ_MEAN])
+def backbone_cache(feature_store, tmp_path, request) -> PatchStore:
+    """The tiny VGGish's cache of that store (random weights: no download), of the whole maps
+    and of their frequency means (what GAP and AutoPool read)."""
     cfg = compose_cfg(TINY)
     from mtt.models import build_model
 
     torch.manual_seed(0)
     model = build_model(cfg, 50).eval()
-    key = cache_key(feature_store, None, cfg.backbone, model.backbone)
+    key = cache_key(feature_store, None, cfg.backbone, model.backbone, reads=request.param)
     return build_backbone_cache(
         feature_store, model.encode, key, tmp_path / "backbone", torch.device("cpu"), progress=False
     )

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from mtt.compare import DPI, FIGURE_INCHES, compare, default_png, main
 from mtt.metrics import tagging_metrics
-from mtt.models.pooling import AutoPool, GlobalAveragePool, log_alphas
+from mtt.models.pooling import AutoPool, GlobalAveragePool, call_hook
 from mtt.records import PREDICTIONS, digest_test_set, save_predictions
 from mtt.tracking import MlflowTracker
 
@@ -255,8 +255,8 @@ def test_autopool_alphas_are_logged(tmp_path):
         pool.alpha.copy_(torch.tensor([0.5, -2.0, 3.0, 0.0]))
     pool.project_()  # as after an optimiser step
     with MlflowTracker(uri, "alpha", "r") as t:
-        log_alphas(pool, t, step=3)
-        log_alphas(GlobalAveragePool(), t, step=3)  # no alphas: nothing logged, no error
+        call_hook(pool, "log_end", t, step=3)
+        call_hook(GlobalAveragePool(), "log_end", t, step=3)  # no alphas: nothing logged, no error
     run = MlflowClient(uri).get_run(t.run_id)
     assert run.data.metrics["alpha_max"] == 1.0 and run.data.metrics["alpha_min"] == -1.0
     assert run.data.metrics["alpha_mean"] == pytest.approx(0.125)

@@ -6,9 +6,21 @@ import numpy as np
 import pytest
 import torch
 
+from mtt.components import POOLS
 from mtt.models import build_model
 from mtt.models.head import Head
-from mtt.models.pooling import AutoPool, GlobalAveragePool
+from mtt.models.pooling import (
+    FREQ_MEAN,
+    MAP,
+    READS,
+    AutoPool,
+    GapConfig,
+    GlobalAveragePool,
+    PoolSpec,
+    build_pool,
+    reads_of,
+    reduce_map,
+)
 from tests.helpers import TINY, compose_cfg
 
 
@@ -54,8 +66,8 @@ def test_gradients_reach_alpha_and_l2_applies():
 def test_cap_projects_after_the_step_and_an_alpha_past_it_still_learns():
     """CAP is a projection, not a clamp in the forward pass: an alpha past the cap gets a
     gradient (a clamp would give it none, so it would stick), and the step that the training
-    loop ends with project_constraints puts it back on the interval's edge."""
-    from mtt.models.pooling import project_constraints
+    loop ends with (the pool's after_step hook) puts it back on the interval's edge."""
+    from mtt.models.pooling import call_hook
 
     torch.manual_seed(0)
     pool = AutoPool(3, constraint="cap", alpha_max=1.0)
@@ -67,11 +79,11 @@ def test_cap_projects_after_the_step_and_an_alpha_past_it_still_learns():
     opt = torch.optim.SGD(pool.parameters(), lr=0.1)
     opt.step()
     assert pool.alpha[0] != 3.0 and pool.alpha[2] != -4.0  # the step moved them
-    project_constraints(pool)
+    call_hook(pool, "after_step")
     assert pool.alpha.tolist() == [1.0, pytest.approx(-0.5 - 0.1 * pool.alpha.grad[1].item()), -1.0]
     assert AutoPool(2, alpha_init=5.0, constraint="cap", alpha_max=2.0).alpha.tolist() == [2.0, 2.0]
     free = AutoPool(1, alpha_init=5.0)  # no constraint: projection leaves it alone
-    project_constraints(free)
+    call_hook(free, "after_step")
     assert free.alpha.item() == 5.0
 
 
@@ -104,6 +116,58 @@ def test_training_keeps_capped_alphas_within_the_cap(tiny_cfg):
 
 def test_gap_shape():
     assert GlobalAveragePool()(torch.randn(2, 8, 6, 4)).shape == (2, 8)
+
+
+@pytest.mark.parametrize("name", POOLS.names())
+def test_every_pool_gives_the_same_output_on_what_it_declares_it_reads(name):
+    """The backbone cache stores only what a pool declares it reads (mtt.backbone_cache): a pool
+    declaring the frequency mean must give on it what it gives on the whole map, and a pool that
+    does not (max) must declare the whole map."""
+    cfg = compose_cfg([f"pool={name}", *(["pool.alpha_init=2.0"] if name == "autopool" else [])]).pool
+    pool = build_pool(cfg, 8)  # a non-trivial alpha for AutoPool
+    torch.manual_seed(0)
+    x = torch.randn(3, 8, 6, 4)
+    reads = reads_of(pool)
+    assert reads in READS
+    assert reduce_map(x, reads).shape == ((3, 8, 6, 1) if reads == FREQ_MEAN else x.shape)
+    with torch.no_grad():
+        whole, reduced = pool(x), pool(reduce_map(x, reads))
+    torch.testing.assert_close(reduced, whole, rtol=1e-6, atol=1e-6)
+    if reads == FREQ_MEAN:  # not by accident: the frequency axis matters to none of these pools
+        assert not torch.allclose(whole, pool(x[..., :1]))
+    assert reads_of(torch.nn.Identity()) == MAP  # a pool that declares nothing gets the whole map
+
+
+def test_the_trainer_calls_the_hooks_a_pool_defines_whatever_its_name(tiny_cfg, monkeypatch):
+    """A new pool is one class and its registry entry: the training loop calls its hooks (after
+    each optimiser step, once at the end, its regularisation in the loss) without knowing its name."""
+    from mtt.tracking import MlflowTracker
+    from mtt.train import train
+
+    calls: dict[str, list] = {"after_step": [], "log_end": [], "regularization": []}
+
+    class Hooked(GlobalAveragePool):
+        def after_step(self):
+            calls["after_step"].append(self.training)
+
+        def log_end(self, tracker, step):
+            calls["log_end"].append((tracker.run_id, step))
+
+        def regularization(self):
+            calls["regularization"].append(1)
+            return torch.tensor(100.0)  # a loss the run must report
+
+    monkeypatch.setattr(POOLS, "_entries", dict(POOLS._entries))  # leave the registry as found
+    POOLS.register(PoolSpec("gap", config=GapConfig, build=lambda cfg, channels: Hooked()), option=False)
+    cfg = compose_cfg(
+        [*TINY, "steps=fixed", "steps.n=3", "trainer.epochs=2", f"tracking.uri={tiny_cfg.tracking.uri}"],
+        cache=tiny_cfg.paths.cache,
+    )
+    with MlflowTracker(cfg.tracking.uri, "hooks", "hooks") as tracker:
+        metrics = train(cfg, tracker)
+    assert calls["after_step"] == [True] * 6  # 2 epochs x 3 steps, in training mode
+    assert calls["log_end"] == [(tracker.run_id, 2)]  # once, at the end (epochs_trained), to the run
+    assert len(calls["regularization"]) >= 6 and metrics["train_loss"] > 100
 
 
 def bn(n):  # BatchNorm1d: weight and bias

@@ -40,10 +40,13 @@ def clips_of(uri: str, run_id: str, cfg, tmp_path: Path):
     return pred, [index.audio_path(row[int(c)]) for c in pred.clip_ids]
 
 
-# The default (frozen backbone read from its float16 cache, mean over patches) and a fine-tuned
-# backbone (no cache) with max aggregation: both numeric paths of evaluation.
+# The default (frozen backbone read from its float16 cache of frequency means, mean over
+# patches), a pool that reads the whole map (its cache holds it) and a fine-tuned backbone (no
+# cache) with max aggregation: every numeric path of evaluation.
 @pytest.mark.parametrize(
-    "overrides", [[], ["backbone.freeze=false", "eval.aggregate=max"]], ids=["cached", "finetuned"]
+    "overrides",
+    [[], ["pool=max"], ["backbone.freeze=false", "eval.aggregate=max"]],
+    ids=["cached", "cached-whole-map", "finetuned"],
 )
 def test_logged_model_predicts_what_the_run_evaluated(tmp_path, cache_dir, monkeypatch, overrides):
     uri, run_id, cfg = trained_run(tmp_path, cache_dir, overrides)
@@ -79,6 +82,28 @@ def test_logged_model_predicts_what_the_run_evaluated(tmp_path, cache_dir, monke
     # JSON clients send the bytes base64-encoded (as `mlflow models serve` receives them).
     one = model.predict(pd.DataFrame({"audio": [base64.b64encode(Path(paths[0]).read_bytes()).decode()]}))
     np.testing.assert_allclose(one.to_numpy()[0], pred.probabilities[0], rtol=0, atol=1e-5)
+
+
+def test_a_tagger_emulates_the_cache_its_run_read(cache_dir):
+    """tagger.json says what the run's cache held of each map; one written before caches kept
+    only what the pool reads held the whole map; a checkpoint's best.json follows its pool."""
+    from omegaconf import OmegaConf
+
+    from mtt.models import build_model
+    from mtt.pyfunc import build_tagger
+
+    cfg = compose_cfg(TINY, cache=cache_dir)
+    meta = {"config": OmegaConf.to_container(cfg, resolve=True), "tags": ["a", "b"]}
+    state = build_model(cfg, 2).state_dict()
+    assert build_tagger(meta, state).cache_reads == "freq_mean"  # best.json: GAP's
+    wave = np.random.default_rng(0).standard_normal(16000 * 3).astype(np.float32) * 0.1
+    for extra, shape in (({"cache_reads": "freq_mean"}, (64, 6, 1)), ({}, (64, 6, 4))):  # {}: an older tagger.json
+        tagger = build_tagger({**meta, "cached_backbone": True, **extra}, state)
+        seen: list[torch.Tensor] = []
+        tagger.model.pool.register_forward_pre_hook(lambda module, args, seen=seen: seen.append(args[0]))
+        tagger.probabilities(wave)
+        (x,) = seen  # the pool reads what the run's cache held: that part of each map, in float16
+        assert x.shape[1:] == shape and torch.equal(x, x.half().float()), extra
 
 
 def test_a_row_needs_exactly_one_input(tmp_path, cache_dir, monkeypatch):
@@ -153,6 +178,7 @@ def test_a_long_file_is_tagged_window_by_window_as_a_whole(tmp_path, cache_dir):
     from mtt.audio import BLOCK_FRAMES, load_audio, stream_audio
     from mtt.features import build_front_end
     from mtt.models import build_model
+    from mtt.models.pooling import reduce_map
     from mtt.pyfunc import _features, build_tagger
 
     song = tmp_path / "song.wav"
@@ -165,6 +191,7 @@ def test_a_long_file_is_tagged_window_by_window_as_a_whole(tmp_path, cache_dir):
         tags = [f"t{i}" for i in range(5)]
         meta = {"config": OmegaConf.to_container(cfg, resolve=True), "tags": tags}
         tagger = build_tagger(meta, build_model(cfg, len(tags)).state_dict())
+        assert tagger.cached_backbone and tagger.cache_reads == "freq_mean"  # GAP's compact cache
         blocks = list(stream_audio(song, 16000, block_frames=100_000))
         assert len(blocks) > 30
         streamed = tagger.tag_blocks(blocks)
@@ -175,7 +202,8 @@ def test_a_long_file_is_tagged_window_by_window_as_a_whole(tmp_path, cache_dir):
         assert len(patches) == 78
         with torch.no_grad():
             fmap = tagger.model.encode(patches)
-            fmap = fmap.half().float() if tagger.cached_backbone else fmap
+            # What the run's cache holds: the pool's part of each map, in float16.
+            fmap = reduce_map(fmap, tagger.cache_reads).half().float() if tagger.cached_backbone else fmap
             p = tagger.model.probabilities(tagger.model(fmap, from_backbone=True)).numpy().astype(np.float64)
         whole = p.max(axis=0) if aggregate == "max" else p.mean(axis=0)
         np.testing.assert_allclose(streamed, whole, rtol=0, atol=1e-6)

@@ -7,10 +7,12 @@ import itertools
 from pathlib import Path
 
 import numpy as np
+import pescador
 import pytest
 import torch
 from omegaconf import OmegaConf
 
+from mtt import streams
 from mtt.config import FeaturesConfig, StreamConfig
 from mtt.data.embedded import complete_tags, render_clip
 from mtt.data.index import build_index
@@ -21,16 +23,19 @@ from mtt.streams import (
     ChunkGrid,
     EpochSampler,
     RowReader,
+    WeightedMux,
     batches,
     clip_rows,
     epoch_counts,
     eval_batches,
     eval_cuts,
+    mux_over,
     mux_weights,
     pass_sizes,
     patch_mux,
     simulate_coverage,
     steps_per_epoch,
+    sums_to_one,
     train_loader,
 )
 from mtt.train import split_of
@@ -502,3 +507,60 @@ def test_coverage_simulation_counts_what_the_mux_draws():
     assert 0.3 < mux["train_clip_coverage"] < 1 and mux["train_draws_per_clip"] > 1.5
     epoch = simulate_coverage(sizes, stream_cfg(mode="epoch"), 32, 8, epochs=2)
     assert epoch == [{"train_clip_coverage": 1.0, "train_draws_per_clip": 1.0}] * 2
+
+
+class PescadorDraws(WeightedMux):
+    """``WeightedMux`` drawing as pescador 3.0 itself does: ``RandomState.choice`` for every
+    draw, the clips' distribution divided by its sum before every activation."""
+
+    def _choice(self, name, p):
+        return self.rng.choice(len(p), p=p)
+
+    def _replace_stream(self, idx):
+        pescador.StochasticMux._replace_stream(self, idx)
+
+
+@pytest.mark.parametrize("n_clips", [7, 1000, 19_397])  # 19,397: MTAT's training clips (report split)
+@pytest.mark.parametrize("weights", ["uniform", "length"])
+@pytest.mark.parametrize("mode", ["with_replacement", "single_active"])
+def test_the_mux_streams_what_pescadors_own_draws_give(monkeypatch, n_clips, weights, mode):
+    """The mux's cached draws (mtt.streams.WeightedMux) are pescador's, item for item."""
+    rng = np.random.default_rng(n_clips)
+    rows = [1000 * i + np.arange(k) for i, k in enumerate(rng.integers(1, 31, n_clips))]
+    cfg = stream_cfg(mode=mode, weights=weights)
+    fast = list(itertools.islice(mux_over(rows, np.arange(n_clips), cfg, seed=3).iterate(), 4000))
+    monkeypatch.setattr(streams, "WeightedMux", PescadorDraws)
+    reference = mux_over(rows, np.arange(n_clips), cfg, seed=3)
+    assert type(reference) is PescadorDraws
+    assert fast == list(itertools.islice(reference.iterate(), 4000))
+    assert len({clip for _, clip in fast}) >= min(n_clips, 100)  # many activations were drawn
+
+
+@pytest.mark.parametrize("n", [3, 7, 1000, 19_396, 19_397])
+def test_a_distribution_made_to_sum_to_one_moves_by_ulps(n):
+    for p in (np.full(n, 1.0 / n), np.random.default_rng(n).random(n)):
+        p = p / p.sum()
+        q = sums_to_one(p)
+        assert np.sum(q) == 1.0
+        assert np.abs(q - p).max() <= 8 * np.finfo(np.float64).eps
+
+
+@pytest.mark.parametrize("mode", ["with_replacement", "epoch", "eval"])
+def test_every_reader_yields_the_stored_values_as_float32(tmp_path, mode):
+    """Training batches (pescador's and the epoch sampler's) and evaluation batches carry the
+    stored float16 values exactly, as float32: what a backbone's float32 weights take."""
+    store, labels = make_store(tmp_path / "s")
+    if mode == "eval":
+        x, owner = next(eval_batches(store, store.clip_ids, batch_size=8))
+        rows = np.concatenate([np.arange(*store.rows(c).indices(len(store.patches))) for c in store.clip_ids])[:8]
+    else:
+        it = train_loader(store, store.clip_ids, labels, stream_cfg(mode=mode), 8, seed=0, clips=True)
+        x, y, pos = next(it)
+        rows = None
+    assert x.dtype == torch.float32 and x.shape[1:] == store.item_shape
+    if rows is not None:
+        np.testing.assert_array_equal(x.numpy(), np.asarray(store.patches[rows], dtype=np.float32))
+    else:  # each patch encodes (clip, patch): clip * 10 + patch, and stored float16 holds it exactly
+        assert (x == x[:, :1, :1]).all() and set(x[:, 0, 0].tolist()) <= set(
+            np.asarray(store.patches, np.float32)[:, 0, 0]
+        )

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtt.models.head import build_head
-from mtt.models.pooling import build_pool
+from mtt.models.pooling import build_pool, call_hook
 from mtt.models.registry import get_backbone
 
 # Output activations over the tag logits. sigmoid treats tags as independent (right for
@@ -75,8 +75,8 @@ class Tagger(nn.Module):
         else:
             probs = self.probabilities(logits).clamp(1e-7, 1 - 1e-7)
             loss = F.binary_cross_entropy(probs, targets)
-        reg = getattr(self.pool, "regularization", None)
-        return loss + reg() if reg is not None else loss
+        reg = call_hook(self.pool, "regularization")  # e.g. AutoPool's RAP penalty
+        return loss + reg if reg is not None else loss
 
 
 def reads_backbone_cache(backbone_cfg) -> bool:

@@ -1,5 +1,23 @@
-"""Pooling of a backbone's map ``(batch, channels, time, freq)`` into ``(batch, channels)``, by
-``pool.name`` (the entries of ``mtt.components.POOLS``, registered at the end of this module)."""
+"""Pooling of a backbone's map ``(batch, channels, time, freq)`` into ``(batch, channels)``.
+
+A new pool is one class and its entry in ``mtt.components.POOLS`` (registered at the end of this
+module, with its config dataclass). The class declares what it reads:
+
+- ``reads``: ``FREQ_MEAN`` (the map's mean over frequency, ``(C, T, 1)``) or ``MAP`` (the whole
+  ``(C, T, F)`` map; the default of a class that declares nothing). The frozen-backbone cache
+  stores only that (``mtt.backbone_cache``, ``reduce_map``): VGGish's ``(512, 6, 4)`` map is
+  24,576 bytes per patch in float16, its frequency mean a quarter of it. A ``FREQ_MEAN`` pool's
+  forward takes either the whole map (a live backbone) or the reduced one (the cache) and gives
+  the same output on both (tests/test_heads.py checks every registered pool).
+
+and may define hooks, which the trainer calls on any pool that has them (``call_hook``), so that
+the training loop knows no pool by name:
+
+- ``regularization() -> scalar tensor``: added to the loss (``mtt.models.Tagger.loss``);
+- ``after_step()``: after every optimiser step (AutoPool's cap projection);
+- ``log_end(tracker, step)``: once at the end of a run, after the test metrics (AutoPool logs
+  its learned alphas).
+"""
 
 from __future__ import annotations
 
@@ -12,9 +30,40 @@ from torch import nn
 
 from mtt.components import POOLS, PoolConfig, Spec, finite, number, one_of, setting
 
+MAP = "map"  # the whole (C, T, F) map
+FREQ_MEAN = "freq_mean"  # its mean over frequency, kept as a frequency axis of 1: (C, T, 1)
+READS = (MAP, FREQ_MEAN)
+HOOKS = ("regularization", "after_step", "log_end")
+
+
+def reduce_map(fmap: torch.Tensor, reads: str) -> torch.Tensor:
+    """What a pool that ``reads`` this reads of ``fmap`` ``(B, C, T, F)``: the map itself
+    (``MAP``) or ``(B, C, T, 1)``, its mean over frequency (``FREQ_MEAN``)."""
+    if reads == MAP:
+        return fmap
+    if reads == FREQ_MEAN:
+        return fmap.mean(dim=3, keepdim=True)
+    raise ValueError(f"a pool's reads={reads!r}: expected one of {', '.join(READS)}")
+
+
+def reads_of(pool: nn.Module) -> str:
+    """What ``pool`` declares it reads of a map (``MAP`` unless it declares ``reads``)."""
+    return getattr(pool, "reads", MAP)
+
+
+def call_hook(pool: nn.Module, name: str, *args, **kwargs):
+    """Call ``pool``'s hook ``name`` (one of ``HOOKS``) and return what it returns; None, and no
+    call, for a pool that does not define it."""
+    if name not in HOOKS:
+        raise ValueError(f"call_hook: {name!r} is not a pool hook ({', '.join(HOOKS)})")
+    hook = getattr(pool, name, None)
+    return hook(*args, **kwargs) if hook is not None else None
+
 
 class GlobalAveragePool(nn.Module):
     """Mean over time and frequency: ``(B, C, T, F) -> (B, C)`` (the report's baseline)."""
+
+    reads = FREQ_MEAN  # the mean over (T, F) is the mean over T of the mean over F
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.mean(dim=(2, 3))
@@ -23,6 +72,8 @@ class GlobalAveragePool(nn.Module):
 class GlobalMaxPool(nn.Module):
     """Max over time and frequency: ``(B, C, T, F) -> (B, C)`` (Won et al. 2020's short-chunk
     CNNs, whose frequency axis is 1 by then: a max over time)."""
+
+    reads = MAP  # a max over frequency is not a function of the frequency mean
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.amax(dim=(2, 3))
@@ -37,10 +88,12 @@ class AutoPool(nn.Module):
     pooling, ``alpha -> -inf`` min pooling. ``alpha`` has one learnable value per channel,
     initialised to ``alpha_init``. ``constraint='cap'`` keeps alpha in ``[-alpha_max, alpha_max]``
     (the paper's constrained CAP) by projection: the forward pass uses the parameter as it is, so
-    its gradient is never cut off, and ``project_()``, called after every optimiser step
-    (``project_constraints``), moves it back into the interval. ``alpha_l2 > 0`` adds
+    its gradient is never cut off, and ``project_()``, called after every optimiser step (the
+    ``after_step`` hook), moves it back into the interval. ``alpha_l2 > 0`` adds
     ``alpha_l2 * sum(alpha**2)`` to the loss through ``regularization()`` (the paper's RAP).
     """
+
+    reads = FREQ_MEAN  # the frequency axis is averaged before anything else
 
     def __init__(
         self,
@@ -72,15 +125,19 @@ class AutoPool(nn.Module):
         return (x * weights).sum(dim=2)
 
     def regularization(self) -> torch.Tensor:
+        """Hook: the RAP penalty added to the loss."""
         return self.alpha_l2 * (self.alpha**2).sum()
 
+    def after_step(self) -> None:
+        """Hook: the cap's projection after every optimiser step."""
+        self.project_()
 
-def project_constraints(model: nn.Module) -> None:
-    """Project every constrained parameter of ``model`` back into its set; call it after each
-    ``optimizer.step()``. A no-op for models without constraints (GAP, AutoPool without cap)."""
-    for module in model.modules():
-        if isinstance(module, AutoPool):
-            module.project_()
+    def log_end(self, tracker, step: int) -> None:
+        """Hook: the learned alphas to ``tracker``, ``autopool_alpha.json`` and ``alpha_*``
+        metrics (``alpha_summary``)."""
+        summary = alpha_summary(self)
+        tracker.log_text(json.dumps(summary, indent=1), "autopool_alpha.json")
+        tracker.log_metrics(summary["metrics"], step=step)
 
 
 @dataclass(frozen=True)
@@ -95,14 +152,12 @@ def build_pool(cfg, channels: int) -> nn.Module:
     return POOLS.get(cfg.name, cfg.get("module")).build(cfg, channels)
 
 
-def alpha_summary(pool: nn.Module) -> dict | None:
-    """AutoPool's learned alphas as plain data (None for a pool without alphas).
+def alpha_summary(pool: AutoPool) -> dict:
+    """AutoPool's learned alphas as plain data.
 
     ``{"alpha": [...C values], "constraint", "cap", "metrics": {"alpha_mean", "alpha_std",
     "alpha_min", "alpha_max"}}``; under ``cap`` the values lie within it (projected each step).
     """
-    if not isinstance(pool, AutoPool):
-        return None
     alpha = pool.alpha.detach().double().cpu()
     return {
         "alpha": alpha.tolist(),
@@ -115,18 +170,6 @@ def alpha_summary(pool: nn.Module) -> dict | None:
             "alpha_max": alpha.max().item(),
         },
     }
-
-
-def log_alphas(pool: nn.Module, tracker, step: int) -> None:
-    """Log AutoPool's alphas to ``tracker``: ``autopool_alpha.json`` and ``alpha_*`` metrics.
-
-    A no-op for pools without alphas, so the training loop can call it unconditionally.
-    """
-    summary = alpha_summary(pool)
-    if summary is None:
-        return
-    tracker.log_text(json.dumps(summary, indent=1), "autopool_alpha.json")
-    tracker.log_metrics(summary["metrics"], step=step)
 
 
 # The pools: each one's settings, its rules beside them, and its builder.

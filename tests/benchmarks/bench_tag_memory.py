@@ -71,6 +71,7 @@ def save_model(folder: Path) -> Path:
     from safetensors.torch import save_file
 
     from mtt.models import build_model
+    from mtt.models.pooling import reads_of
     from mtt.paths import CONF_DIR
     from mtt.pyfunc import save_tagger
 
@@ -82,7 +83,7 @@ def save_model(folder: Path) -> Path:
     weights = folder / "best.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
     meta = {"config": OmegaConf.to_container(cfg, resolve=True), "tags": tags, "epoch": 0}
-    return save_tagger(folder / "model", weights, meta, cached_backbone=True)
+    return save_tagger(folder / "model", weights, meta, cached_backbone=True, cache_reads=reads_of(model.pool))
 
 
 def peak_mb(args: list[str]) -> tuple[float, float, int]:
