@@ -268,10 +268,13 @@ def main(argv: list[str] | None = None) -> int:
         "-m", dest="marker", default="learning and not slow", help="pytest marker expression (default: %(default)s)"
     )
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="default %(default)s")
+    parser.add_argument("--records", type=Path, help="also write every record here (JSON lines)")
     args, extra = parser.parse_known_args(argv)  # the rest goes to pytest (-k EXPR, paths)
     seeds = tuple(int(s) for s in args.seeds.split(","))
     with tempfile.TemporaryDirectory(prefix="mtt-learning-grid-") as tmp:
         grid = run_grid(Path(tmp), args.marker, seeds, extra=tuple(extra))
+    if args.records:
+        args.records.write_text("".join(json.dumps(r) + "\n" for r in grid.records))
     print(f"{len(seeds)} seeds x {', '.join(grid.arithmetic)}; {grid.seconds / 60:.1f} min\n")
     print(TABLE_HEAD)
     for m in margins(grid.records):
