@@ -22,7 +22,7 @@ SERVER_AUTH ?= none
 SERVER_ALLOWED_HOSTS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv demo lint test test-slow bench ui mlflow-server clean
+.PHONY: help venv demo lint test test-slow bench bench-gpu ui mlflow-server clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -56,6 +56,11 @@ test-slow: venv  ## run the slow end-to-end tests (CI runs them too)
 
 bench: venv  ## print speed and memory figures (tests/benchmarks)
 	@for b in tests/benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+# `make bench-gpu`: OUT=dir writes the record there instead of docs/ (a device machine's $OUT);
+# COMMIT=sha names the code where the tree has no .git (a copy).
+bench-gpu: venv  ## CUDA figures, full-MTAT hours per preset, `pytest -m cuda` -> docs/gpu.md + gpu.json (no GPU: says so)
+	$(PY) tests/benchmarks/bench_gpu.py --out $(or $(OUT),docs) $(if $(COMMIT),--commit $(COMMIT))
 
 ui: venv  ## print each experiment's runs-table address, then start the MLflow UI on 127.0.0.1 against the default store
 	@$(PY) -m mtt.ui --uri '$(MLFLOW_URI)' --base http://127.0.0.1:$(UI_PORT)

@@ -6,7 +6,9 @@ dtype, memory format) and stores them as a ``PatchStore`` with the same clip tab
 feature store, items ``(C, T, F)`` float16. Building is resumable: rows are written in chunks
 into a memory-mapped temporary file and the number of finished rows is recorded after each
 flush, so an interrupted build continues where it stopped. A changed key (other weights, other
-features, bf16 instead of fp32) is a different folder.
+features, bf16 instead of fp32) is a different folder. The cache carries content checksums like
+every store (``mtt.store``): a corrupt or truncated cache is refused in one line naming the file
+and how to rebuild it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from mtt.fs import atomic_write_bytes, durable_replace, locked
-from mtt.store import MANIFEST, PatchStore, finalize, params_key
+from mtt.store import MANIFEST, PatchStore, finalize, params_key, row_checksums
 
 
 def parameters_sha256(module: torch.nn.Module) -> str:
@@ -134,37 +136,49 @@ def _build(
     progress: bool,
     autocast_dtype: torch.dtype | None,
 ) -> PatchStore:
-    """``build_backbone_cache`` under its lock: resume from ``progress.json`` or start."""
+    """``build_backbone_cache`` under its lock: resume from ``progress.json`` or start.
+
+    Each row's CRC-32 is taken from the outputs in memory, into ``.checksums.npy.tmp`` beside
+    the rows, both flushed before ``progress.json`` counts them; the feature store's rows are
+    checked as they are read (``PatchStore.read``), so a corrupt feature store stops the build.
+    """
     path.mkdir(parents=True, exist_ok=True)
     total = store.patches.shape[0]
-    probe = encode(torch.from_numpy(np.asarray(store.patches[:1], dtype=np.float32)).to(device))
+    probe = encode(torch.from_numpy(np.asarray(store.read(slice(0, 1)), dtype=np.float32)).to(device))
     item_shape = tuple(probe.shape[1:])
-    tmp, done_file = path / ".patches.npy.tmp", path / "progress.json"
+    tmp, sums_tmp, done_file = path / ".patches.npy.tmp", path / ".checksums.npy.tmp", path / "progress.json"
     done = 0
-    if tmp.exists() and done_file.exists():
+    if tmp.exists() and sums_tmp.exists() and done_file.exists():
         state = json.loads(done_file.read_text())
         if state.get("shape") == [total, *item_shape]:
             done = int(state["rows_done"])
     if done:
         out = np.load(tmp, mmap_mode="r+", allow_pickle=False)
+        sums = np.load(sums_tmp, mmap_mode="r+", allow_pickle=False)
     else:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(total, *item_shape))
+        sums = np.lib.format.open_memmap(sums_tmp, mode="w+", dtype=np.uint32, shape=(total,))
     chunk = batch_size * 8  # rows between progress records
     with tqdm(total=total, initial=done, desc="backbone cache", unit="patch", disable=not progress) as bar:
         for start in range(done, total, chunk):
             stop = min(start + chunk, total)
             for s in range(start, stop, batch_size):
                 e = min(s + batch_size, stop)
-                x = torch.from_numpy(np.asarray(store.patches[s:e], dtype=np.float32)).to(device)
+                x = torch.from_numpy(np.asarray(store.read(slice(s, e)), dtype=np.float32)).to(device)
                 with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                     y = encode(x)
-                out[s:e] = y.float().cpu().numpy().astype(np.float16)
+                rows = y.float().cpu().numpy().astype(np.float16)
+                sums[s:e] = row_checksums(rows)
+                out[s:e] = rows
                 bar.update(e - s)
             out.flush()
+            sums.flush()
             atomic_write_bytes(done_file, json.dumps({"rows_done": stop, "shape": [total, *item_shape]}).encode())
-    del out
+    checksums = np.array(sums)
+    del out, sums
     durable_replace(tmp, path / "patches.npy")
     table = np.stack([store.clip_ids, store.starts, store.counts], axis=1)
-    cache = finalize(path, table, key, item_shape, store.failed)
+    cache = finalize(path, table, key, item_shape, checksums, store.failed)
     done_file.unlink(missing_ok=True)
+    sums_tmp.unlink(missing_ok=True)
     return cache

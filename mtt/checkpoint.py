@@ -15,6 +15,13 @@ file that a later resume would read as valid:
   Written with ``torch.save`` of plain tensors, numbers and strings, read back with
   ``torch.load(weights_only=True)`` (no pickle of arbitrary objects).
 
+Each file is written with a checksum sidecar (``<name>.sha256``: size and SHA-256, see
+``mtt.fs.atomic_replace(checksum=True)``) and checked when it is read: a corrupt, truncated or
+missing ``last.pt`` is refused in one line naming it (``trainer.resume=false`` or deleting it
+starts over), never resumed; a corrupt best checkpoint is refused likewise. A ``last.pt`` without
+a sidecar (written by an older mtt) is refused too; a best checkpoint without one (an older run's
+artifacts, which ``mtt.tag`` may still read) is loaded with a warning that it is unchecked.
+
 The run's tracking journal (``journal.*``, see ``mtt.journal``) lives in the same folder.
 """
 
@@ -22,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -32,11 +40,16 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from mtt.fs import atomic_replace
+from mtt.fs import CorruptFileError, atomic_replace, sidecar, verify_checksummed
+
+log = logging.getLogger(__name__)
 
 BEST_WEIGHTS = "best.safetensors"
 BEST_META = "best.json"
 LAST = "last.pt"
+# What to do about a bad checkpoint (CorruptFileError's remedy): nothing rebuilds one but training.
+LAST_REMEDY = "cannot resume from it: run with trainer.resume=false to start over, or delete it"
+BEST_REMEDY = "the best model cannot be trusted: train the run again (trainer.resume=false)"
 
 
 def run_dir(cache: str | Path, run_id: str) -> Path:
@@ -45,22 +58,35 @@ def run_dir(cache: str | Path, run_id: str) -> Path:
 
 
 def save_best(folder: Path, model: torch.nn.Module, meta: Mapping[str, Any]) -> tuple[Path, Path]:
-    """Write the model weights (safetensors) and ``meta`` (JSON); returns both paths."""
+    """Write the model weights (safetensors) and ``meta`` (JSON), each with its checksum sidecar;
+    returns both paths."""
     # safetensors refuses shared or non-contiguous storage: save contiguous copies.
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     weights, meta_path = folder / BEST_WEIGHTS, folder / BEST_META
-    atomic_replace(weights, lambda p: save_file(state, str(p)))
-    atomic_replace(meta_path, lambda p: p.write_text(json.dumps(dict(meta), indent=2, default=str)))
+    atomic_replace(weights, lambda p: save_file(state, str(p)), checksum=True)
+    atomic_replace(meta_path, lambda p: p.write_text(json.dumps(dict(meta), indent=2, default=str)), checksum=True)
     return weights, meta_path
 
 
+def best_files(folder: Path) -> list[Path]:
+    """The files of a best checkpoint, sidecars included (what a run logs as ``checkpoint/``)."""
+    return [f for name in (BEST_WEIGHTS, BEST_META) for f in (folder / name, sidecar(folder / name)) if f.is_file()]
+
+
 def load_best(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """The best model's state dict and its metadata; ``FileNotFoundError`` naming what is missing."""
+    """The best model's state dict and its metadata, checked against their sidecars;
+    ``FileNotFoundError`` naming what is missing, ``CorruptFileError`` for a bad file."""
     folder = Path(folder)
     for name in (BEST_WEIGHTS, BEST_META):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder / name}: no best checkpoint")
-    return load_file(str(folder / BEST_WEIGHTS)), json.loads((folder / BEST_META).read_text())
+    for name in (BEST_WEIGHTS, BEST_META):
+        if not verify_checksummed(folder / name, BEST_REMEDY):
+            log.warning("%s: no checksum (written by an older mtt): loaded unchecked", folder / name)
+    try:
+        return load_file(str(folder / BEST_WEIGHTS)), json.loads((folder / BEST_META).read_text())
+    except Exception as exc:  # safetensors and json raise their own types for a damaged file
+        raise CorruptFileError(folder, f"unreadable best checkpoint ({exc})", BEST_REMEDY) from None
 
 
 def rng_state() -> dict[str, Any]:
@@ -123,29 +149,46 @@ def save_last(
         "last_timestamp": state.last_timestamp,
     }
     path = folder / LAST
-    atomic_replace(path, lambda p: torch.save(payload, p))
+    atomic_replace(path, lambda p: torch.save(payload, p), checksum=True)
     return path
 
 
 def drop_last(folder: Path) -> None:
     """Delete the resume state of a finished run (nothing is left to resume)."""
     (folder / LAST).unlink(missing_ok=True)
+    sidecar(folder / LAST).unlink(missing_ok=True)
 
 
 def has_last(folder: str | Path) -> bool:
     return (Path(folder) / LAST).is_file()
 
 
+def verify_last(folder: str | Path) -> None:
+    """``CorruptFileError`` unless ``folder/last.pt`` matches its sidecar: missing, truncated,
+    changed, or written without one (by an older mtt) are all refused, never resumed."""
+    path = Path(folder) / LAST
+    if not verify_checksummed(path, LAST_REMEDY):
+        raise CorruptFileError(path, "no checksum (written by an older mtt): cannot be checked", LAST_REMEDY)
+
+
+def _read_last(folder: Path, mmap: bool = False) -> dict:
+    verify_last(folder)
+    try:
+        return torch.load(folder / LAST, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as exc:  # torch raises many types for a damaged file
+        raise CorruptFileError(folder / LAST, f"unreadable ({str(exc).splitlines()[0]})", LAST_REMEDY) from None
+
+
 def last_epoch(folder: Path) -> int:
     """The epoch ``folder/last.pt`` was saved after, without reading its tensors (memory-mapped):
     a resume builds the optimiser that epoch trained with before loading its state."""
-    return int(torch.load(folder / LAST, map_location="cpu", weights_only=True, mmap=True)["epoch"])
+    return int(_read_last(folder, mmap=True)["epoch"])
 
 
 def load_last(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler=None) -> TrainState:
-    """Restore model, optimiser, scheduler and RNG states from ``folder/last.pt``; returns the
-    train state."""
-    payload = torch.load(folder / LAST, map_location="cpu", weights_only=True)
+    """Restore model, optimiser, scheduler and RNG states from ``folder/last.pt`` (checked against
+    its sidecar first); returns the train state."""
+    payload = _read_last(folder)
     model.load_state_dict(payload["model"])
     optimizer.load_state_dict(payload["optimizer"])
     if scheduler is not None and payload.get("scheduler"):

@@ -6,17 +6,21 @@
 
 Runs that differ only in their seed form one group (tag ``mtt.group``; named by ``mtt.group_name``).
 Per group: n, mean ± std over seeds and a 95% interval of each metric. For test ROC-AUC and
-PR-AUC the interval is a bootstrap over the test clips AND the seeds (each resample draws the
-clips with replacement, and the group's seeds with replacement, from the logged
-``test_predictions.npz``); for other metrics it is Student's t over seeds (none for n = 1).
-Pairs of groups (``--pair A B``, by default each group against the best one, chosen by its
-mean validation metric of the selected epochs, never by a test metric) get a paired bootstrap of
-the difference on the shared test clips and a verdict: "A better" / "B better" when the interval
-excludes 0, else "not distinguishable at 95%".
+PR-AUC the interval counts the test clips AND the seeds (``mtt.stats.combine``, from the logged
+``test_predictions.npz``: the seeds' variance on the shared clips, and a paired bootstrap of the
+clips with every run on the same resamples); for other metrics it is Student's t over seeds.
+A group of one seed gets no interval for them: its seed variation is unknown (``--seed-sd``
+supplies one). Pairs of groups (``--pair A B``, by default each group against the best one,
+chosen by its mean validation metric of the selected epochs, never by a test metric) get the
+same for their difference on the shared test clips and a verdict: "A better" / "B better" when
+the interval excludes 0, "not distinguishable" (with an estimate of the seeds per group that
+would resolve a difference of that size), or "seed variation unknown" (a group of one seed).
+Where the runs validate on their test clips (``data.split=report``), no group is ranked: no best
+group, pairs only as ``--pair`` names them, and ``--register`` refuses.
 
 Runs are only ranked when they share the evaluation protocol (split, tag set, evaluation
-aggregation, test clips; not the feature store, which belongs to the model: see ``PROTOCOL``); otherwise the command refuses, naming the key that
-differs (``--allow-mixed`` prints them anyway, marked). Reference runs (``mtt.probe``) are
+aggregation, patches and their spacing, test clips; not the feature store, which belongs to the
+model: see ``PROTOCOL``); otherwise the command refuses, naming the key that differs (``--allow-mixed`` prints them anyway, marked). Reference runs (``mtt.probe``) are
 labelled rows. A reading tool (argparse, no Hydra): it never changes the store, except that
 ``--register NAME`` registers the best group's best run (by its monitored validation metric) as
 a new version of MLflow model NAME (``mtt.pyfunc.register``); MLflow is reached only through
@@ -42,16 +46,7 @@ import numpy as np
 
 from mtt.fs import atomic_replace
 from mtt.records import PREDICTIONS, Predictions, load_predictions
-from mtt.stats import (
-    LEVEL,
-    RESAMPLES,
-    Difference,
-    bootstrap_weights,
-    difference,
-    interval,
-    macro_auc_under_weights,
-    seed_resampled_means,
-)
+from mtt.stats import LEVEL, RESAMPLES, Difference, bootstrap_weights, combine, macro_auc_under_weights
 from mtt.tracking import SWEEP_TAG, child_runs, metric_history, read_runs, resolve_uri, try_download_artifact
 
 DEFAULT_METRICS = ("val_roc_auc", "val_loss")
@@ -59,6 +54,9 @@ FIGURE_INCHES = (6.0, 4.0)  # per metric panel
 DPI = 100
 REFERENCE_TAG = "mtt.reference"  # set on reference runs (mtt.probe: linear_probe)
 BOOTSTRAPPED = ("test_roc_auc", "test_pr_auc")  # intervals over clips and seeds, from predictions
+METRIC_OF = {"test_roc_auc": "roc_auc", "test_pr_auc": "pr_auc"}  # --seed-sd's names
+METHOD = "seed variance + paired clip bootstrap, fiducial interval; docs/comparing.md"
+MIN_SEEDS = 3  # what compare asks for where a group has one seed: 2 give 1-df intervals, rarely decisive
 # The table's metrics: the validation score of the selected epoch, then the test scores.
 TABLE_METRICS = ("selected_val_roc_auc", "test_roc_auc", "test_pr_auc", "test_accuracy", "test_accuracy_all_negative")
 # What must be equal for two runs' test scores to be comparable: (where, key).
@@ -74,8 +72,10 @@ PROTOCOL = (
     ("params", "data.drop_untagged"),
     ("params", "eval.aggregate"),
     ("params", "eval.patches_per_clip"),
+    ("params", "eval.spacing"),  # which patches_per_clip patches (moot when every patch is scored)
     ("tags", "test_clips_sha256"),
 )
+ALL_PATCHES = "None"  # eval.patches_per_clip as logged when every patch is scored
 
 
 class ProtocolError(LookupError):
@@ -125,6 +125,8 @@ class Comparison:
     resamples: int
     skipped: list[dict]  # runs not compared (unfinished, or without test metrics)
     mixed: dict[str, list[str]]  # protocol key -> distinct values, when --allow-mixed let them in
+    ranked: bool = True  # False: the runs validate on their test clips, nothing is ranked
+    seed_sd: dict[str, float] = field(default_factory=dict)  # metric -> a supplied seed sd
     series: dict[str, dict[str, dict]] = field(default_factory=dict)  # metric -> group -> curves
     png: Path | None = None
 
@@ -134,6 +136,9 @@ class Comparison:
             "test_clips": self.test_clips,
             "resamples": self.resamples,
             "level": LEVEL,
+            "method": METHOD,
+            "seed_sd": self.seed_sd,
+            "ranked": self.ranked,
             "best": self.best.name if self.best else None,
             "mixed_protocol": self.mixed,
             "groups": [
@@ -148,12 +153,38 @@ class Comparison:
                 }
                 for g in self.groups
             ],
-            "pairs": [
-                {"a": d.a, "b": d.b, "metric": d.metric, "diff": d.diff, "ci95": [d.low, d.high], "verdict": d.verdict}
-                for d in self.pairs
-            ],
+            "pairs": [pair_json(d) for d in self.pairs],
             "skipped": [{"run_id": r["run_id"], "name": r["name"], "status": r["status"]} for r in self.skipped],
         }
+
+
+def _finite(x: float) -> float | None:
+    return None if math.isnan(x) else x
+
+
+def _sd(var: float) -> float | None:
+    return None if math.isnan(var) else math.sqrt(var)
+
+
+def pair_json(d: Difference) -> dict:
+    """A pair for ``--format json``: ``verdict`` one of ``mtt.stats.VERDICTS`` ("A better": ``a``),
+    ``reads`` it with the names; what the interval rests on (seeds, seed sd per group, the clips'
+    sd of the difference); ``seeds_needed``: an estimate, for a pair not distinguishable."""
+    return {
+        "a": d.a,
+        "b": d.b,
+        "metric": d.metric,
+        "diff": d.estimate,
+        "ci95": [d.low, d.high] if d.seed_var_known else None,
+        "verdict": d.verdict,
+        "reads": d.reads,
+        "seeds": list(d.seeds),
+        "seed_sd": [_sd(v) for v in d.seed_vars],
+        "seed_sd_supplied": d.seed_sd_known,
+        "clip_sd": math.sqrt(d.clip_var),
+        "seeds_needed_estimate": d.seeds_needed(),
+        "clips_limit": d.clips_limit if d.seed_var_known else None,
+    }
 
 
 # ------------------------------------------------------------------------------------ reading
@@ -209,7 +240,23 @@ def _seed_of(run: dict) -> int:
 
 
 def protocol_of(run: dict) -> dict[str, str]:
-    return {key: str(run[where].get(key, "?")) for where, key in PROTOCOL}
+    out = {key: str(run[where].get(key, "?")) for where, key in PROTOCOL}
+    if out["eval.patches_per_clip"] == ALL_PATCHES:  # every patch is scored: no spacing to choose
+        out["eval.spacing"] = "every patch"
+    return out
+
+
+def validates_on_test(run: dict) -> bool:
+    """Whether ``run``'s validation clips are its test clips (``data.split=report``): its
+    "selected" validation score is then a test score, and nothing may be ranked by it. A trained
+    run says so with tag ``selection=last``; the linear probe then chooses its strength on
+    training clips held out (``probe_validation=carved_from_train``); an older run by its split."""
+    tags = run["tags"]
+    if "selection" in tags:
+        return tags["selection"] == "last"
+    if "probe_validation" in tags:
+        return tags["probe_validation"] != "carved_from_train" and run["params"].get("data.split") == "report"
+    return run["params"].get("data.split") == "report"
 
 
 def check_protocol(runs: Sequence[dict], allow_mixed: bool) -> dict[str, list[str]]:
@@ -289,9 +336,27 @@ def _t_interval(values: np.ndarray) -> tuple[float, float] | None:
     return max(0.0, float(values.mean() - half)), min(1.0, float(values.mean() + half))
 
 
-def group_stats(group: Group, scorer: Scorer, clips: np.ndarray | None, seed: int) -> None:
-    """Fill ``group.stats``: for each table metric n, mean, std (over seeds) and ci95."""
+def _bootstrapped(
+    runs: Sequence[dict], scorer: Scorer, clips: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """The runs' metric ``BOOTSTRAPPED[k]`` on all ``clips`` ``(runs,)`` and under the shared
+    resamples ``(runs, B)``; None unless every run logged its predictions."""
+    ids = [r["run_id"] for r in runs]
+    if not all(i in scorer.predictions for i in ids):
+        return None
+    points = np.array([scorer.point(i, clips)[k] for i in ids])
+    return points, np.stack([scorer.boot(i, clips)[k] for i in ids])
+
+
+def group_stats(
+    group: Group, scorer: Scorer, clips: np.ndarray | None, seed_sd: dict[str, float], ranked: bool = True
+) -> None:
+    """Fill ``group.stats``: for each table metric n, mean, std (over seeds) and ci95 (test AUCs:
+    ``mtt.stats.combine`` over clips and seeds; None for one seed without a supplied seed sd).
+    Not ``ranked``: no selected validation score where it is a test score."""
     for metric in TABLE_METRICS:
+        if metric == "selected_val_roc_auc" and not ranked and any(validates_on_test(r) for r in group.runs):
+            continue
         values = np.array([v for v in (_metric(r, metric) for r in group.runs) if v is not None])
         if len(values) == 0:
             continue
@@ -303,16 +368,24 @@ def group_stats(group: Group, scorer: Scorer, clips: np.ndarray | None, seed: in
             "ci95": _t_interval(values),
             "ci_kind": "t over seeds",
         }
-        have = [r["run_id"] for r in group.runs if r["run_id"] in scorer.predictions]
-        if metric in BOOTSTRAPPED and clips is not None and len(have) == len(group.runs):
-            k = BOOTSTRAPPED.index(metric)
-            boot = np.stack([scorer.boot(r, clips)[k] for r in have])
-            stats["ci95"] = interval(seed_resampled_means(boot, seed))
-            stats["ci_kind"] = "bootstrap over clips and seeds"
+        scored = (
+            _bootstrapped(group.runs, scorer, clips, BOOTSTRAPPED.index(metric))
+            if metric in BOOTSTRAPPED and clips is not None
+            else None
+        )
+        if scored is not None:
+            est = combine([scored[0]], [scored[1]], [1], len(clips), LEVEL, seed_sd.get(metric))
+            stats["ci95"] = (est.low, est.high) if est.seed_var_known else None
+            stats["ci_kind"] = (
+                "clips and seeds" + (" (seed sd supplied)" if est.seed_sd_known else "")
+                if est.seed_var_known
+                else "none: 1 seed, seed variation unknown"
+            )
+            stats["clip_sd"] = math.sqrt(est.clip_var)
         group.stats[metric] = stats
 
 
-def pair(a: Group, b: Group, scorer: Scorer, seed: int) -> list[Difference]:
+def pair(a: Group, b: Group, scorer: Scorer, seed_sd: dict[str, float]) -> list[Difference]:
     """The paired differences ``a - b`` of test ROC-AUC and PR-AUC on their shared clips."""
     ids = [r["run_id"] for g in (a, b) for r in g.runs]
     if not all(i in scorer.predictions for i in ids):
@@ -320,9 +393,9 @@ def pair(a: Group, b: Group, scorer: Scorer, seed: int) -> list[Difference]:
     clips = scorer.shared_clips(ids)
     out = []
     for k, metric in enumerate(BOOTSTRAPPED):
-        boots = [np.stack([scorer.boot(r["run_id"], clips)[k] for r in g.runs]) for g in (a, b)]
-        points = [float(np.mean([scorer.point(r["run_id"], clips)[k] for r in g.runs])) for g in (a, b)]
-        out.append(difference(boots[0], boots[1], points[0], points[1], (a.name, b.name), metric, seed))
+        (pa, ba), (pb, bb) = (_bootstrapped(g.runs, scorer, clips, k) for g in (a, b))
+        both = combine([pa, pb], [ba, bb], [1, -1], len(clips), LEVEL, seed_sd.get(metric))
+        out.append(Difference.of(both, metric, a.name, b.name))
     return out
 
 
@@ -351,9 +424,13 @@ def build(
     resamples: int = RESAMPLES,
     seed: int = 0,
     bootstrap: bool = True,
+    seed_sd: dict[str, float] | None = None,
 ) -> Comparison:
     """Read the runs, check their protocol, group them, compute intervals and paired differences
-    (``bootstrap=False``: without reading predictions, so no bootstrap intervals or pairs)."""
+    (``bootstrap=False``: without reading predictions, so no bootstrap intervals or pairs).
+    ``seed_sd``: a known sd between seeds of ``test_roc_auc`` / ``test_pr_auc``, used instead of
+    the groups' measured ones. Where the runs validate on their test clips nothing is ranked: no
+    best group and only the ``pairs`` named."""
     runs = load_runs(experiment, uri, parent)
     finished = [r for r in runs if r["status"] == "FINISHED" and "test_roc_auc" in r["metrics"]]
     # The same config and seed run again (a repeated `make demo`) replaces the older run: a seed
@@ -383,18 +460,19 @@ def build(
         scorer = Scorer(_fetch_predictions(uri, finished, Path(tmp)) if bootstrap else {}, resamples, seed)
     all_ids = [r["run_id"] for r in finished if r["run_id"] in scorer.predictions]
     clips = scorer.shared_clips(all_ids) if all_ids else None
+    seed_sd = dict(seed_sd or {})
+    ranked = not any(validates_on_test(r) for r in finished if not r["reference"])
     for g in groups:
-        group_stats(g, scorer, clips, seed)
-    best = best_group(groups)
+        group_stats(g, scorer, clips, seed_sd, ranked)
+    best = best_group(groups) if ranked else None
     chosen = (
         [(find_group(groups, a), find_group(groups, b)) for a, b in pairs]
         if pairs
         else [(g, best) for g in groups if best is not None and g is not best]
     )
-    diffs = [d for a, b in chosen for d in pair(a, b, scorer, seed)]
-    return Comparison(
-        experiment, groups, diffs, best, len(clips) if clips is not None else None, resamples, skipped, mixed
-    )
+    diffs = [d for a, b in chosen for d in pair(a, b, scorer, seed_sd)]
+    test_clips = len(clips) if clips is not None else None
+    return Comparison(experiment, groups, diffs, best, test_clips, resamples, skipped, mixed, ranked, seed_sd)
 
 
 # ------------------------------------------------------------------------------------ output
@@ -409,7 +487,33 @@ def _fmt(stats: dict | None, digits: int = 4) -> str:
     if stats.get("ci95"):
         lo, hi = stats["ci95"]
         out += f" [{lo:.{digits}f}, {hi:.{digits}f}]"
+    elif stats.get("ci_kind", "").startswith("none"):
+        out += " (1 seed)"
     return out
+
+
+def advice(d: Difference, short: bool = False) -> str:
+    """What a verdict asks for: more seeds (how many, as an estimate), or why more will not do;
+    ``short``: for a table cell."""
+    if d.verdict == "seed variation unknown":
+        return (
+            f"run >= {MIN_SEEDS} (or --seed-sd)"
+            if short
+            else f"run at least {MIN_SEEDS} seeds per group (or pass --seed-sd)"
+        )
+    if d.verdict != "not distinguishable":
+        return ""
+    if d.estimate == 0:
+        return "none: the same scores" if short else "the same scores: nothing to resolve"
+    n = d.seeds_needed()
+    if n is None and d.clips_limit:
+        return (
+            "more would not: clips"
+            if short
+            else "more seeds alone would not resolve it: the test clips vary more than the difference"
+        )
+    count = f"about {n}" if n is not None else "over 1000"
+    return count if short else f"seeds per group to resolve a difference this size: {count} (estimate)"
 
 
 HEADERS = (
@@ -455,14 +559,25 @@ def table_rows(c: Comparison) -> list[list[str]]:
 def _notes(c: Comparison) -> list[str]:
     seeds = sorted({len(g.runs) for g in c.groups})
     per_group = f"{seeds[0]}" if len(seeds) == 1 else f"{seeds[0]} to {seeds[-1]}"
+    supplied = ", ".join(f"{m} {v:g}" for m, v in c.seed_sd.items())
     lines = [
         f"{len(c.groups)} groups, {sum(len(g.runs) for g in c.groups)} runs ({per_group} seed(s) per group); "
         f"test set: {c.test_clips if c.test_clips is not None else '?'} clips shared by "
-        f"every run; mean ± std over seeds [95% interval: test AUCs bootstrap over clips and seeds, "
-        f"{c.resamples} resamples; other metrics Student's t over seeds]"
+        f"every run; mean ± std over seeds [95% interval: test AUCs over clips and seeds ({METHOD}, "
+        f"{c.resamples} resamples{f'; seed sd supplied: {supplied}' if supplied else ''}); "
+        "other metrics Student's t over seeds]"
     ]
+    if any(s.get("ci_kind", "").startswith("none") for g in c.groups for s in g.stats.values()):
+        lines.append(
+            "(1 seed): no interval, the seed variation of a group of one seed is unknown (--seed-sd X supplies it)"
+        )
     if c.best is not None:
         lines.append(f"best group by mean validation ROC-AUC of the selected epochs: {c.best.name}")
+    if not c.ranked:
+        lines.append(
+            "no best group: the runs validate on their test clips (data.split=report), so a validation "
+            "score is a test score; nothing is ranked or registered, pairs only as --pair names them"
+        )
     if c.mixed:
         lines.append(
             "* evaluated under another protocol: " + "; ".join(f"{k}: {' vs '.join(v)}" for k, v in c.mixed.items())
@@ -491,8 +606,8 @@ def format_text(c: Comparison) -> str:
     out = [f"experiment {c.experiment}", line(HEADERS), line(["-" * w for w in widths]), *map(line, rows), ""]
     out += _notes(c)
     if c.pairs:
-        out += ["", "paired differences (same test clips, seeds resampled; 95% bootstrap interval):"]
-        out += [f"  {d.line()}" for d in c.pairs]
+        out += ["", "paired differences (same test clips; 95% interval over clips and seeds):"]
+        out += [f"  {d.line()}" + (f"; {advice(d)}" if advice(d) else "") for d in c.pairs]
     return "\n".join(out)
 
 
@@ -501,12 +616,20 @@ def format_markdown(c: Comparison) -> str:
     out += ["| " + " | ".join(r) + " |" for r in table_rows(c)]
     out += [""] + [f"{n}." if not n.endswith(".") else n for n in _notes(c)]
     if c.pairs:
-        out += ["", "| difference | metric | value | 95% interval | verdict |", "|---|---|---|---|---|"]
         out += [
-            f"| {d.a} - {d.b} | {d.metric} | {d.diff:+.4f} | [{d.low:+.4f}, {d.high:+.4f}] | {d.verdict} |"
+            "",
+            "| difference | metric | value | 95% interval | verdict | seeds per group to resolve it (estimate) |",
+            "|---|---|---|---|---|---|",
+        ]
+        out += [
+            f"| {d.a} - {d.b} | {d.metric} | {d.estimate:+.4f} | {_ci(d)} | {d.reads} | {advice(d, short=True) or '-'} |"
             for d in c.pairs
         ]
     return "\n".join(out)
+
+
+def _ci(d: Difference) -> str:
+    return f"[{d.low:+.4f}, {d.high:+.4f}]" if d.seed_var_known else "-"
 
 
 def _tex(s: str) -> str:
@@ -531,8 +654,8 @@ def format_latex(c: Comparison) -> str:
         r"\end{tabular}",
         r"\caption{"
         + _tex(
-            f"{c.experiment}: mean ± std over seeds and 95% interval (test AUCs: bootstrap over "
-            f"the {c.test_clips} test clips and the seeds, {c.resamples} resamples)."
+            f"{c.experiment}: mean ± std over seeds and 95% interval (test AUCs: over the "
+            f"{c.test_clips} test clips and the seeds, {METHOD})."
         )
         + "}",
         r"\end{table}",
@@ -654,6 +777,12 @@ def best_run(group: Group) -> dict:
     return max(group.runs, key=score)
 
 
+NOT_RANKED = (
+    "--register: the runs of {experiment!r} validate on their test clips (data.split=report), so no run "
+    "can be chosen without ranking on test clips; nothing registered"
+)
+
+
 def register_best(c: Comparison, name: str, uri: str | None = None) -> tuple[int, dict]:
     """Register the best run of the best group of comparison ``c`` (``build``'s best group, by
     mean validation ROC-AUC of the selected epochs; in it ``best_run``) as a new version of model
@@ -661,6 +790,8 @@ def register_best(c: Comparison, name: str, uri: str | None = None) -> tuple[int
     from mtt.pyfunc import register
 
     experiment = c.experiment
+    if not c.ranked:
+        raise LookupError(NOT_RANKED.format(experiment=experiment))
     if c.best is None or c.best.reference:
         raise LookupError(f"experiment {experiment!r} has no trained group with a validation score to register")
     g, run = c.best, best_run(c.best)
@@ -681,6 +812,23 @@ def register_best(c: Comparison, name: str, uri: str | None = None) -> tuple[int
 def sweep_summary(uri: str | None, parent_run_id: str, bootstrap: bool = True) -> dict:
     """The grouped summary (``--format json``) of one sweep's child runs, for its parent run."""
     return build("", uri, parent=parent_run_id, allow_mixed=True, bootstrap=bootstrap).to_json()
+
+
+def parse_seed_sd(values: Sequence[str]) -> dict[str, float]:
+    """``--seed-sd`` values (``0.004``, ``pr_auc=0.01``) as ``{test metric: sd}``."""
+    out = {}
+    for value in values:
+        metric, _, number = value.rpartition("=")
+        key = f"test_{metric or 'roc_auc'}"
+        try:
+            sd = float(number)
+        except ValueError:
+            sd = math.nan
+        if key not in METRIC_OF or not sd >= 0 or math.isinf(sd):
+            names = ", ".join(METRIC_OF.values())
+            raise ValueError(f"--seed-sd {value}: expected SD or METRIC=SD with METRIC in {names} and SD >= 0")
+        out[key] = sd
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -704,6 +852,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--parent", help="only the child runs of this sweep's parent run")
     parser.add_argument("--resamples", type=int, default=RESAMPLES, help="bootstrap resamples (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default %(default)s)")
+    parser.add_argument(
+        "--seed-sd",
+        action="append",
+        default=[],
+        metavar="[METRIC=]SD",
+        help="a known sd of one run's test score between seeds, used for every group instead of the "
+        "measured one (so groups of one seed get intervals and verdicts): X for test_roc_auc, "
+        "pr_auc=X for test_pr_auc (repeatable)",
+    )
     parser.add_argument("--out", help="PNG path (default: compare-<experiment>.png next to the store)")
     parser.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else <repo>/mlflow.db)")
     parser.add_argument(
@@ -716,6 +873,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.resamples < 100:
         parser.error(f"--resamples must be at least 100, got {args.resamples}")
     try:
+        seed_sd = parse_seed_sd(args.seed_sd)
+    except ValueError as e:
+        parser.error(str(e))
+    try:
         c = compare(
             args.experiment,
             args.metrics,
@@ -726,9 +887,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             parent=args.parent,
             resamples=args.resamples,
             seed=args.seed,
+            seed_sd=seed_sd,
         )
     except LookupError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.register and not c.ranked:  # before any output: one line, nothing registered
+        print(f"error: {NOT_RANKED.format(experiment=c.experiment)}", file=sys.stderr)
         return 2
     if args.format == "json":
         print(json.dumps(c.to_json(), indent=1))

@@ -22,7 +22,7 @@ from mtt.models import Tagger
 from mtt.records import PREDICTIONS, digest_test_set, per_tag_csv, save_predictions
 from mtt.stats import run_intervals
 from mtt.store import PatchStore
-from mtt.streams import eval_batches
+from mtt.streams import ChunkGrid, eval_batches
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,32 @@ def split_of(index: ClipIndex, store: PatchStore, name: str) -> Split:
     return Split(index.clip_ids[rows_ok], index.labels[rows_ok], declared=len(rows))
 
 
+def chunk_grid(cfg, store: PatchStore, from_backbone: bool) -> ChunkGrid:
+    """Where the rows of a run's inputs lie in their clips (``ChunkGrid``): the feature store
+    ``store``'s patches can be cut between rows when they touch or overlap; the frozen backbone's
+    cache (``from_backbone``) holds whole rows only. Lengths come from the feature store's
+    decoded seconds; ``eval.chunk_samples`` (default: the front end's fewest samples for a patch)."""
+    from mtt.features import build_front_end  # here: torchaudio is imported only when needed
+
+    f = cfg.features
+    hop_samples = int(round(f.sample_rate * f.hop_seconds))  # as both front ends round it
+    chunk = cfg.eval.get("chunk_samples") or build_front_end(f).samples_for_frames(f.patch_frames)
+    samples = {c: int(round(s * f.sample_rate)) for c, s in store.seconds.items()}
+    cuttable = not from_backbone and f.patch_hop_frames <= f.patch_frames
+    return ChunkGrid(f.patch_hop_frames, f.patch_frames, cuttable, hop_samples, int(chunk), samples)
+
+
+def chunk_bce(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Binary cross-entropy of each chunk ``(chunks, n_tags)`` against its clip's tags, averaged
+    over the tags ``(chunks,)``, as ``torch.nn.BCELoss`` computes it (each log clamped at -100)."""
+    y = labels.astype(np.float64)
+    with np.errstate(divide="ignore"):
+        log_p, log_q = np.maximum(np.log(probs), -100.0), np.maximum(np.log1p(-probs), -100.0)
+    return -(y * log_p + (1 - y) * log_q).mean(axis=1)
+
+
 @torch.no_grad()
-def clip_probabilities(
+def clip_scores(
     model: Tagger,
     inputs: PatchStore,
     split: Split,
@@ -58,12 +82,17 @@ def clip_probabilities(
     device: torch.device,
     from_backbone: bool,
     amp: torch.dtype | None,
-) -> np.ndarray:
-    """Clip-level probabilities ``(clips, n_tags)``: every patch's, aggregated per clip (mean or max)."""
+    grid: ChunkGrid | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Clip-level probabilities ``(clips, n_tags)``: every evaluated chunk's, aggregated per clip
+    (mean or max); and each clip's chunk loss ``(clips,)``: the mean ``chunk_bce`` of its chunks
+    (Won et al.'s validation loss is its mean over the clips). ``grid``: ``chunk_grid``, needed by
+    ``eval.spacing=even``."""
     model.eval()
     n, n_tags = len(split.clip_ids), split.labels.shape[1]
     agg = np.zeros((n, n_tags))
     counts = np.zeros(n)
+    losses = np.zeros(n)
     reduce = {"mean": np.add.at, "max": np.maximum.at}
     if cfg.eval.aggregate not in reduce:
         raise ValueError(f"eval.aggregate={cfg.eval.aggregate!r}: expected mean or max")
@@ -74,15 +103,22 @@ def clip_probabilities(
         cfg.eval.patches_per_clip,
         cfg.trainer.seed,
         spacing=cfg.eval.spacing,
+        grid=grid,
     ):
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             logits = model(x.to(device, non_blocking=True), from_backbone=from_backbone)
         probs = model.probabilities(logits).cpu().numpy().astype(np.float64)
         reduce[cfg.eval.aggregate](agg, owner, probs)
         np.add.at(counts, owner, 1)
+        np.add.at(losses, owner, chunk_bce(probs, split.labels[owner]))
     if cfg.eval.aggregate == "mean":
         agg /= np.maximum(counts, 1)[:, None]
-    return agg
+    return agg, losses / np.maximum(counts, 1)
+
+
+def clip_probabilities(*args, **kwargs) -> np.ndarray:
+    """Clip-level probabilities ``(clips, n_tags)`` alone (``clip_scores``, same arguments)."""
+    return clip_scores(*args, **kwargs)[0]
 
 
 def clip_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
@@ -94,7 +130,7 @@ def clip_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
     return out
 
 
-def split_probabilities(
+def split_scores(
     d: distributed.Dist,
     model: Tagger,
     inputs: PatchStore,
@@ -103,15 +139,18 @@ def split_probabilities(
     device: torch.device,
     from_backbone: bool,
     amp: torch.dtype | None,
-) -> np.ndarray:
-    """``clip_probabilities`` of a whole split; under torchrun each rank computes every
-    world-th clip and the ranks exchange results, so each clip is evaluated exactly once."""
+    grid: ChunkGrid | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``clip_scores`` of a whole split; under torchrun each rank computes every world-th clip
+    and the ranks exchange results, so each clip is evaluated exactly once."""
 
     def part(rows: np.ndarray) -> np.ndarray:
         sub = Split(split.clip_ids[rows], split.labels[rows], split.declared)
-        return clip_probabilities(model, inputs, sub, cfg, device, from_backbone, amp)
+        probs, losses = clip_scores(model, inputs, sub, cfg, device, from_backbone, amp, grid)
+        return np.column_stack([probs, losses])  # one array per rank: the loss is the last column
 
-    return distributed.gather_rows(d, len(split.clip_ids), part)
+    both = distributed.gather_rows(d, len(split.clip_ids), part)
+    return both[:, :-1], both[:, -1]
 
 
 def monitor_score(metrics: dict[str, float], monitor: str) -> float:

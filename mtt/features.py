@@ -10,6 +10,7 @@ reference builds them; see :class:`LogMelFrontEnd` for which steps need float64.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -55,8 +56,17 @@ class PatchFrontEnd(torch.nn.Module):
     """
 
     cfg: FeaturesConfig
+    hop: int  # samples between frames
+    n_fft: int  # samples a frame's FFT reads
+    # Patches at each inner edge of a window (``stream``) that can differ from the whole clip's:
+    # those whose frames reach past the window (centred frames read n_fft / 2 before their centre).
+    edge_patches = 0
 
     def frames(self, n_samples: int) -> int:
+        raise NotImplementedError
+
+    def samples_for_frames(self, frames: int) -> int:
+        """The fewest samples that make ``frames`` frames (the inverse of ``frames``)."""
         raise NotImplementedError
 
     def patches(self, waveforms: torch.Tensor, n_patches: int) -> torch.Tensor:
@@ -77,6 +87,38 @@ class PatchFrontEnd(torch.nn.Module):
         if n_patches == 0:
             return torch.zeros(batch, 0, self.cfg.patch_frames, self.cfg.n_mels, device=waveforms.device)
         return self.patches(waveforms, n_patches)
+
+    def stream(self, blocks: Iterable[torch.Tensor], window_patches: int = 32) -> Iterator[torch.Tensor]:
+        """The patches of one clip that arrives in blocks of samples (``(k,)`` tensors at
+        ``cfg.sample_rate``), about ``window_patches`` at a time: together
+        ``self(whole[None])[0]``, the same frames of the same samples (float rounding aside),
+        while only a window of samples and its patches are in memory.
+
+        Each window starts on a patch boundary (frames line up with the whole clip's) with
+        ``edge_patches`` patches of context on either side, computed and dropped.
+        """
+        step = self.cfg.patch_hop_frames * self.hop  # samples from one patch's start to the next
+        edge = self.edge_patches
+        window = (window_patches + 2 * edge) * step + self.cfg.patch_frames * self.hop + self.n_fft
+        buf = torch.zeros(0)
+        base = 0  # the sample index of buf[0]
+        given = 0  # patches given out
+        for block in blocks:
+            buf = torch.cat([buf, block])
+            while True:
+                first = max(0, given - edge)  # the window's first patch, context included
+                start = first * step - base
+                if len(buf) - start < window:
+                    break
+                patches = self(buf[None, start : start + window])[0]
+                keep = patches[given - first : len(patches) - edge]
+                given += len(keep)
+                yield keep
+            drop = max(0, given - edge) * step - base
+            buf, base = buf[drop:], base + drop
+        first = max(0, given - edge)
+        rest = self(buf[None, first * step - base :])[0]
+        yield rest[given - first :]
 
 
 class LogMelFrontEnd(PatchFrontEnd):
@@ -121,6 +163,9 @@ class LogMelFrontEnd(PatchFrontEnd):
     def frames(self, n_samples: int) -> int:
         """Complete windows only (no padding anywhere, as the reference)."""
         return 0 if n_samples < self.win else 1 + (n_samples - self.win) // self.hop
+
+    def samples_for_frames(self, frames: int) -> int:
+        return self.win + (frames - 1) * self.hop
 
     def patches(self, waveforms: torch.Tensor, n_patches: int) -> torch.Tensor:
         batch = waveforms.shape[0]
@@ -175,6 +220,8 @@ class MelDbFrontEnd(PatchFrontEnd):
         self.cfg = cfg
         self.n_fft = int(round(cfg.sample_rate * cfg.window_seconds))
         self.hop = int(round(cfg.sample_rate * cfg.hop_seconds))
+        # Centred frames: a window's first and last patches read n_fft / 2 past its edges.
+        self.edge_patches = math.ceil(self.n_fft / 2 / (cfg.patch_hop_frames * self.hop))
         self.spec = T.MelSpectrogram(
             sample_rate=cfg.sample_rate,
             n_fft=self.n_fft,
@@ -189,6 +236,9 @@ class MelDbFrontEnd(PatchFrontEnd):
         """Centred frames: ``1 + n // hop`` (the reflect padding needs more than n_fft / 2 samples)."""
         return 1 + n_samples // self.hop if n_samples > self.n_fft // 2 else 0
 
+    def samples_for_frames(self, frames: int) -> int:
+        return max((frames - 1) * self.hop, self.n_fft // 2 + 1)
+
     def patches(self, waveforms: torch.Tensor, n_patches: int) -> torch.Tensor:
         p, ph = self.cfg.patch_frames, self.cfg.patch_hop_frames
         db = self.to_db(self.spec(waveforms.float()))  # (batch, mel, frames)
@@ -201,7 +251,7 @@ class MelDbFrontEnd(PatchFrontEnd):
 FRONT_ENDS = {"vggish": LogMelFrontEnd, "mel_db": MelDbFrontEnd}
 
 
-def build_front_end(cfg: FeaturesConfig) -> torch.nn.Module:
+def build_front_end(cfg: FeaturesConfig) -> PatchFrontEnd:
     """The front end ``cfg.name`` names (a config without the key is VGGish's)."""
     name = getattr(cfg, "name", "vggish")
     if name not in FRONT_ENDS:

@@ -8,7 +8,6 @@ library's urllib is used.
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import re
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from mtt.fs import durable_replace, locked
+from mtt.fs import durable_replace, file_digest, locked
 
 CHUNK = 1 << 20  # bytes per read and per hash update
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
@@ -50,15 +49,6 @@ class DownloadError(RuntimeError):
         self.reason = reason
         self.status = status
         self.detail = detail or message
-
-
-def file_digest(path: Path, algorithm: str = "sha256") -> str:
-    """Hex digest of a file, read in chunks (any ``hashlib`` algorithm name)."""
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _check_hash(path: Path, sha256: str | None, sha256_prefix: str | None) -> tuple[bool, str, str]:

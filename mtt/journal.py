@@ -10,12 +10,16 @@ checkpoint folder ``<paths.cache>/checkpoints/<run_id>/``:
                          deleted once the store has them
     journal.acked        ``{"seq": n}``: every entry up to ``n`` is in the store (replaced atomically)
     journal.lock         held (flock) by the one process shipping this journal
+    journal.owner        ``{"host", "pid", "started", "boot"}``: the process that runs the run; its
+                         mtime is the run's heartbeat (touched every ``HEARTBEAT_S`` seconds)
+    journal.owner.lock   held (flock) by that process for as long as it runs the run
 
 Every line has ``seq`` (0, 1, 2, ...) and ``kind``:
 
     run        the header (seq 0): ``uri``, ``run_id``, ``experiment_id``, ``experiment``
     params     ``params``: {key: value (str)}
     tags       ``tags``: {key: value (str)}
+    untags     ``keys``: [key]: delete these tags (a resumed run's ``error``; none there is fine)
     metrics    ``metrics``: [{key, value, step, timestamp (ms)}]
     inputs     ``datasets``: [{name, digest, source_type, source, profile, context}] (MLflow
                dataset inputs, ``mlflow.log_input``)
@@ -23,29 +27,73 @@ Every line has ``seq`` (0, 1, 2, ...) and ``kind``:
                the folder's contents
     status     ``status`` (RUNNING | FINISHED | FAILED | KILLED), ``end_time`` (ms)
 
+plus, since format 2 (the header's ``journal`` field), ``crc``: the CRC-32 of the line's bytes
+without it (``{...,"crc":"8 hex digits"}``), checked whenever the journal is read, so a line
+changed on disk (a flipped bit, a zeroed block, a hand edit) is refused, naming the file and
+line, instead of shipping a changed number. A journal without the field (an older mtt) is read
+unchecked.
+
 A line is written with one ``write`` + ``fsync``, so a kill -9 leaves whole lines; a torn last
 line (killed mid-write) is ignored when read and cut off when the journal is reopened. An
 artifact's files are in place before its line is written. Plain JSON only: nothing that cannot
 be replayed exactly, no pickle. Nothing here talks to MLflow (``mtt.tracking`` ships).
+
+The process that writes a journal keeps it open: if ``journal.jsonl`` is deleted or replaced
+under it (a cleanup script, a user), the next entry rewrites it whole from the open copy first,
+with a warning, so the journal still holds the run from its header on and ships.
+
+Who runs a run (``claim``): the tracker takes ``journal.owner.lock`` and writes ``journal.owner``
+before it opens the journal, and touches the owner file while the run lives. With
+``process_alive`` they tell a run whose process is gone (killed with SIGKILL, a node that died)
+from one that still runs: ``python -m mtt.sync --close-stale`` ends the first kind KILLED.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
+import logging
 import os
 import shutil
+import socket
+import sys
 import threading
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from mtt.fs import atomic_replace, durable_replace, locked
+from mtt.fs import atomic_replace, atomic_write_bytes, durable_replace, locked
+
+log = logging.getLogger(__name__)
 
 JOURNAL = "journal.jsonl"
 ACKED = "journal.acked"
 FILES = "journal.files"
 LOCK = "journal.lock"
+OWNER = "journal.owner"
+OWNER_LOCK = "journal.owner.lock"
+FORMAT = 2  # 2: every line carries its crc
+HEARTBEAT_S = 30.0  # how often a running run touches journal.owner
+_CRC = b',"crc":"'  # a checked line ends with _CRC + 8 hex digits + b'"}'
+_CRC_TAIL = len(_CRC) + 8 + 2
+
+
+def _with_crc(body: bytes) -> bytes:
+    """``{...}`` -> ``{...,"crc":"<crc32 of body>"}``."""
+    return body[:-1] + _CRC + b"%08x" % zlib.crc32(body) + b'"}'
+
+
+def _crc_ok(line: bytes) -> bool | None:
+    """True/False: ``line`` carries a crc that matches / does not; None: it carries none."""
+    if len(line) < _CRC_TAIL or line[-_CRC_TAIL : -_CRC_TAIL + len(_CRC)] != _CRC or line[-2:] != b'"}':
+        return None
+    try:
+        expected = int(line[-10:-2], 16)
+    except ValueError:
+        return False
+    return zlib.crc32(line[:-_CRC_TAIL] + b"}") == expected
 
 
 class JournalError(ValueError):
@@ -60,6 +108,7 @@ class Journal:
         self.path = self.folder / JOURNAL
         self._write_lock = threading.Lock()
         self._next = 0
+        self._fd: int | None = None  # open by ``open`` until ``close``: the writer's own copy
 
     # -- writing --------------------------------------------------------------------------------
     def open(self, header: dict[str, Any]) -> bool:
@@ -69,22 +118,54 @@ class Journal:
         A torn last line is cut off first, so the next line starts on a line of its own.
         """
         self.folder.mkdir(parents=True, exist_ok=True)
-        if not self.path.exists() or self.path.stat().st_size == 0:
+        self.close()
+        reopened = self.path.exists() and self.path.stat().st_size > 0
+        if reopened:
+            entries, good_bytes = self._read()
+            if not entries:  # killed while writing its header: start again
+                os.truncate(self.path, 0)
+                reopened = False
+            else:
+                if entries[0]["kind"] != "run" or entries[0]["run_id"] != header["run_id"]:
+                    raise JournalError(f"{self.path} is not the journal of run {header['run_id']}")
+                if good_bytes < self.path.stat().st_size:
+                    os.truncate(self.path, good_bytes)
+                self._next = entries[-1]["seq"] + 1
+        self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        if not reopened:
             self._next = 0
-            self.append("run", **header)
-            return False
-        entries, good_bytes = self._read()
-        if not entries:  # killed while writing its header: start again
-            os.truncate(self.path, 0)
-            self._next = 0
-            self.append("run", **header)
-            return False
-        if entries[0]["kind"] != "run" or entries[0]["run_id"] != header["run_id"]:
-            raise JournalError(f"{self.path} is not the journal of run {header['run_id']}")
-        if good_bytes < self.path.stat().st_size:
-            os.truncate(self.path, good_bytes)
-        self._next = entries[-1]["seq"] + 1
-        return True
+            self.append("run", **{**header, "journal": FORMAT})
+        return reopened
+
+    def close(self) -> None:
+        """Let go of the open journal (the end of a run); reading and ``open`` still work."""
+        with self._write_lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+    def _in_place(self) -> None:
+        """Put the journal back at ``path`` if something deleted or replaced it while this
+        process writes it: the open copy still holds every line (call with the write lock)."""
+        if self._fd is None:
+            return
+        held = os.fstat(self._fd)
+        try:
+            there = os.stat(self.path)
+            if (there.st_dev, there.st_ino) == (held.st_dev, held.st_ino):
+                return
+        except FileNotFoundError:
+            pass
+        data = os.pread(self._fd, held.st_size, 0)
+        atomic_write_bytes(self.path, data)  # creates the folder too, if that went as well
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND)
+        os.close(self._fd)
+        self._fd = fd
+        log.warning(
+            "%s was deleted or replaced during the run; rewrote it from the run's open copy (%d entries)",
+            self.path,
+            self._next,
+        )
 
     def append(self, kind: str, **fields: Any) -> int:
         """Write one entry durably (one write, fsync); returns its ``seq``."""
@@ -92,18 +173,16 @@ class Journal:
             return self._append(kind, fields)
 
     def _append(self, kind: str, fields: dict[str, Any]) -> int:
+        if self._fd is None:
+            raise JournalError(f"{self.path}: not open for writing (Journal.open first)")
+        self._in_place()
         seq = self._next
-        line = json.dumps({"seq": seq, "kind": kind, **fields}, separators=(",", ":")) + "\n"
-        data = line.encode()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            end = os.lseek(fd, 0, os.SEEK_END)
-            if os.write(fd, data) != len(data):  # a full disk: take the part back, say so
-                os.ftruncate(fd, end)
-                raise OSError(errno.ENOSPC, f"{self.path}: short write (disk full?)")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        data = _with_crc(json.dumps({"seq": seq, "kind": kind, **fields}, separators=(",", ":")).encode()) + b"\n"
+        end = os.lseek(self._fd, 0, os.SEEK_END)
+        if os.write(self._fd, data) != len(data):  # a full disk: take the part back, say so
+            os.ftruncate(self._fd, end)
+            raise OSError(errno.ENOSPC, f"{self.path}: short write (disk full?)")
+        os.fsync(self._fd)
         self._next = seq + 1
         return seq
 
@@ -134,21 +213,42 @@ class Journal:
             return self._append("artifacts", {"dir": rel, "artifact_path": artifact_path})
 
     # -- reading --------------------------------------------------------------------------------
+    def _bytes(self) -> bytes:
+        """The journal's bytes: the writer's open copy (even while the file is gone), else the file."""
+        with self._write_lock:
+            if self._fd is not None:
+                return os.pread(self._fd, os.fstat(self._fd).st_size, 0)
+        return self.path.read_bytes()
+
     def _read(self) -> tuple[list[dict[str, Any]], int]:
-        """The whole entries and the byte length they span (a torn last line is left out)."""
-        data = self.path.read_bytes()
+        """The whole entries and the byte length they span (a torn last line is left out).
+
+        ``JournalError`` naming the file and line for a line that is not JSON (but the last:
+        torn), out of sequence, or that fails its crc (format 2: set by the header)."""
+        data = self._bytes()
         entries: list[dict[str, Any]] = []
+        checked = False  # the header says whether every line carries a crc
         pos = 0
         while pos < len(data):
             end = data.find(b"\n", pos)
             if end < 0:  # no newline: the last line was torn by a kill mid-write
                 break
+            line = data[pos:end]
             try:
-                entry = json.loads(data[pos:end])
+                entry = json.loads(line)
             except ValueError:
                 if end + 1 == len(data):
                     break  # an unparsable last line: torn as well (garbage after a power cut)
                 raise JournalError(f"{self.path}: line {len(entries) + 1} is not JSON") from None
+            crc = _crc_ok(line)
+            if not entries:
+                checked = crc is not None
+            if crc is False or (checked and crc is None):
+                raise JournalError(
+                    f"{self.path}: line {len(entries) + 1} fails its checksum (changed or damaged on disk); "
+                    "nothing from it on can be shipped"
+                )
+            entry.pop("crc", None)
             if entry.get("seq") != len(entries):
                 raise JournalError(
                     f"{self.path}: line {len(entries) + 1} has seq {entry.get('seq')}, expected {len(entries)}"
@@ -196,6 +296,128 @@ class Journal:
     def shipping_lock(self, blocking: bool = True):
         """The lock the one process shipping this journal holds (``fs.locked``)."""
         return locked(self.folder / LOCK, blocking=blocking)
+
+    # -- who runs the run -------------------------------------------------------------------------
+    def owner_lock(self, blocking: bool = True):
+        """The lock the process running the run holds for its whole life (``claim``), and that
+        ``mtt.sync --close-stale`` takes to end a run whose process is gone."""
+        return locked(self.folder / OWNER_LOCK, blocking=blocking)
+
+    def owner(self) -> dict[str, Any] | None:
+        """``journal.owner``: the process that ran the run last (None: not recorded)."""
+        try:
+            return json.loads((self.folder / OWNER).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def heartbeat(self) -> float | None:
+        """When the run's process was last seen alive (seconds since the epoch): the later of
+        the owner file's mtime (touched every ``HEARTBEAT_S``) and the journal's (None: neither
+        exists)."""
+        times = []
+        for name in (OWNER, JOURNAL):
+            with contextlib.suppress(OSError):
+                times.append((self.folder / name).stat().st_mtime)
+        return max(times, default=None)
+
+    @contextlib.contextmanager
+    def claim(self) -> Iterator[None]:
+        """Hold the run for this process (``with journal.claim(): ...``): the owner lock, the
+        owner file naming this process, touched every ``HEARTBEAT_S`` seconds.
+
+        ``JournalError`` when another process that may still be alive holds it (the same run
+        resumed twice at once); waits while a short-lived tool (``mtt.sync --close-stale``) does.
+        """
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(self.owner_lock(blocking=False))
+            except BlockingIOError:
+                owner = self.owner()
+                if owner is not None and process_alive(owner) is not False:
+                    raise JournalError(
+                        f"{self.folder}: the run is held by process {owner.get('pid')} on {owner.get('host')}"
+                    ) from None
+                stack.enter_context(self.owner_lock())
+            me = this_process()
+            atomic_write_bytes(self.folder / OWNER, json.dumps(me).encode())
+            beat = _Heartbeat(self.folder / OWNER, me)
+            beat.start()
+            stack.callback(beat.stop)
+            yield
+
+
+class _Heartbeat(threading.Thread):
+    """Touches ``path`` (the owner file) every ``HEARTBEAT_S`` seconds until ``stop``."""
+
+    def __init__(self, path: Path, record: dict[str, Any]):
+        super().__init__(name=f"mtt-heartbeat-{path.parent.name}", daemon=True)
+        self.path, self.record = path, record
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(HEARTBEAT_S):
+            try:
+                os.utime(self.path)
+            except FileNotFoundError:  # deleted under the run: put it back
+                with contextlib.suppress(OSError):
+                    atomic_write_bytes(self.path, json.dumps(self.record).encode())
+            except OSError:  # a full or read-only disk: the run goes on; the next beat retries
+                pass
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(timeout=5)
+
+
+def _boot_id() -> str | None:
+    """This boot of the machine (Linux), to tell a pid of the last boot from one of this boot."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+def _process_start(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks since boot (Linux: /proc/<pid>/stat field 22);
+    None when there is no such process or no /proc. Tells a live process from a later one that
+    reuses its pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])  # the fields after "(comm)" start at field 3
+
+
+def this_process() -> dict[str, Any]:
+    """``{"host", "pid", "started", "boot"}`` of this process (``process_alive``)."""
+    pid = os.getpid()
+    return {"host": socket.gethostname(), "pid": pid, "started": _process_start(pid), "boot": _boot_id()}
+
+
+def process_alive(owner: dict[str, Any]) -> bool | None:
+    """Whether the process ``owner`` (``this_process`` of some process) still runs: True, False,
+    or None when this machine cannot tell (it ran on another host).
+
+    On the same host: gone when the machine rebooted since (boot id), when no process has its
+    pid, or when the one that has it started at another time (pid reused); elsewhere than Linux,
+    only whether the pid exists.
+    """
+    if owner.get("host") != socket.gethostname():
+        return None
+    boot = _boot_id()
+    if owner.get("boot") and boot and owner["boot"] != boot:
+        return False
+    pid = int(owner["pid"])
+    if owner.get("started") is not None and sys.platform.startswith("linux"):
+        return _process_start(pid) == owner["started"]
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 def find_journals(path: str | Path) -> Iterator[Journal]:

@@ -21,15 +21,20 @@ listed under ``truncated`` in the manifest (clip id -> file, expected and decode
 the summary; a training run logs how many as ``derived.truncated_clips``.
 
 Resuming: shards are written to a temporary name and renamed, so a shard either exists whole or
-not at all; temporary leftovers of a killed run (``.*.tmp``) are deleted when a run starts.
+not at all; temporary leftovers of a killed run (``.*.tmp``) are deleted when a run starts. Each
+shard's patches carry their CRC-32s (``<id>.json``, written first, from the patches in memory):
+a leftover shard that no longer matches them is decoded again, and the finished store's
+checksums are those of the patches as computed (``mtt.store``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import multiprocessing
 import os
+import shlex
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -44,8 +49,8 @@ from tqdm import tqdm
 from mtt.audio import AudioDecodeError, load_audio
 from mtt.config import FeaturesConfig
 from mtt.data.index import ClipIndex
-from mtt.fs import atomic_write_bytes, locked, save_npy_atomic
-from mtt.store import MANIFEST, PatchStore, pack, params_key
+from mtt.fs import CorruptFileError, atomic_write_bytes, exit_on_corrupt, locked, save_npy_atomic
+from mtt.store import MANIFEST, PatchStore, pack, params_key, row_checksums
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +127,9 @@ def _worker_context():
 def _extract(job: tuple[int, str, str, dict]) -> tuple[int, int | None, str | None]:
     """Worker: decode one clip, compute its patches, write its shard. -> (clip_id, n, error).
 
-    The shard is ``(n_patches, patch_frames, n_mels)`` float16, written after ``<id>.seconds``
-    (the decoded duration), so a shard never lacks it; a clip that cannot be decoded gets a
-    ``<id>.failed`` file holding the reason instead.
+    The shard is ``(n_patches, patch_frames, n_mels)`` float16, written after ``<id>.json`` (the
+    decoded duration and each patch's CRC-32, taken in memory), so a shard never lacks them; a
+    clip that cannot be decoded gets a ``<id>.failed`` file holding the reason instead.
     """
     import torch
 
@@ -137,9 +142,43 @@ def _extract(job: tuple[int, str, str, dict]) -> tuple[int, int | None, str | No
         return clip_id, None, str(exc)
     with torch.inference_mode():
         patches = front(torch.from_numpy(wave)[None])[0].numpy().astype(np.float16)
-    atomic_write_bytes(Path(shard).with_suffix(".seconds"), repr(len(wave) / params["sample_rate"]).encode())
+    info = {"seconds": len(wave) / params["sample_rate"], "crc32": row_checksums(patches).tolist()}
+    atomic_write_bytes(Path(shard).with_suffix(".json"), json.dumps(info).encode())
     save_npy_atomic(Path(shard), patches)
     return clip_id, len(patches), None
+
+
+def _load_shard(shard: Path) -> tuple[np.ndarray, float]:
+    """A shard left by ``_extract`` and its decoded seconds, checked against the CRC-32s written
+    with it; ``CorruptFileError`` otherwise (or when it predates them)."""
+    remedy = f"delete it and run again (the clip is decoded again): rm {shlex.quote(str(shard))}"
+    if not shard.with_suffix(".json").is_file():
+        raise CorruptFileError(shard, "written before shards carried checksums (cannot be checked)", remedy)
+    try:
+        info = json.loads(shard.with_suffix(".json").read_text())
+        patches = np.load(shard, allow_pickle=False)
+        ok = np.array_equal(row_checksums(patches), np.asarray(info["crc32"], dtype=np.uint32))
+        seconds = float(info["seconds"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CorruptFileError(shard, f"unreadable ({exc})", remedy) from None
+    if not ok:
+        raise CorruptFileError(shard, "content differs from the CRC-32s written with it (corrupt)", remedy)
+    return patches, seconds
+
+
+def _drop_bad_shards(shards: Path, clip_ids: list[int]) -> None:
+    """Shards of an interrupted earlier run that do not match their checksums (or predate them)
+    are deleted, so that their clips are decoded again: they are mtt's own temporary files."""
+    for c in clip_ids:
+        shard = shards / f"{c}.npy"
+        if not shard.exists():
+            continue
+        try:
+            _load_shard(shard)
+        except CorruptFileError as exc:
+            log.warning("%s: %s; decoding clip %d again", shard, exc.problem, c)
+            for f in (shard, shard.with_suffix(".json"), shard.with_suffix(".seconds")):
+                f.unlink(missing_ok=True)
 
 
 def _remove_temporaries(folder: Path) -> int:
@@ -176,11 +215,24 @@ def _finished_store(path: Path, index: ClipIndex) -> PatchStore | None:
     return store if known.issuperset(int(c) for c in index.clip_ids) else None
 
 
+def _check_ours(path: Path) -> None:
+    """A store is built (and its manifest and shards replaced) only in a folder that is new, empty
+    or a store's own (it holds a manifest or shards); ``FileExistsError`` names anything else."""
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} is a file, not a feature store; move it away or set features.store elsewhere")
+    if path.is_dir() and any(path.iterdir()) and not ((path / MANIFEST).exists() or (path / "shards").is_dir()):
+        raise FileExistsError(
+            f"{path} holds files that are not a feature store's; refusing to build one there: "
+            "move them away or set features.store to another folder"
+        )
+
+
 def _build_feature_store(path: Path, index: ClipIndex, cfg: FeaturesConfig, progress: bool) -> PatchStore:
     """``build_feature_store`` under its lock."""
     finished = _finished_store(path, index)  # built by another process while we waited
     if finished is not None:
         return finished
+    _check_ours(path)
     clip_ids = [int(c) for c in index.clip_ids]
     store = PatchStore(path) if (path / MANIFEST).is_file() else None  # clips added since: extend
     shards = path / "shards"
@@ -190,6 +242,7 @@ def _build_feature_store(path: Path, index: ClipIndex, cfg: FeaturesConfig, prog
         log.info("removed %d temporary file(s) left by an interrupted run in %s", stale, path)
     params = frontend_params(cfg)
     old = set(int(c) for c in store.clip_ids) if store is not None else set()
+    _drop_bad_shards(shards, [c for c in clip_ids if c not in old])
     jobs = [
         (c, str(index.audio_path(i)), str(shards / f"{c}.npy"), params)
         for i, c in enumerate(clip_ids)
@@ -228,13 +281,13 @@ def _build_feature_store(path: Path, index: ClipIndex, cfg: FeaturesConfig, prog
             counts[c], seconds[str(c)] = store.count(c), store.seconds[str(c)]
         elif shard.exists():
             counts[c] = np.load(shard, mmap_mode="r", allow_pickle=False).shape[0]
-            seconds[str(c)] = float((shards / f"{c}.seconds").read_text())
+            seconds[str(c)] = float(json.loads(shard.with_suffix(".json").read_text())["seconds"])
         else:
             failed[str(c)] = (shards / f"{c}.failed").read_text()
     truncated = truncated_clips(index, seconds, cfg.patch_frames * cfg.hop_seconds)
 
     def load(c: int) -> np.ndarray:
-        return store.get(c) if c in old else np.load(shards / f"{c}.npy", allow_pickle=False)
+        return store.get(c) if c in old else _load_shard(shards / f"{c}.npy")[0]
 
     item_shape = (cfg.patch_frames, cfg.n_mels)
     (path / MANIFEST).unlink(missing_ok=True)
@@ -317,17 +370,16 @@ def summary(store: PatchStore, seconds: float | None = None) -> str:
 
 
 def main() -> None:
-    import hydra
+    from mtt.config import exit_if_invalid, hydra_entry
+    from mtt.preflight import checked_index
 
-    from mtt.config import CONF_DIR, exit_if_invalid
-    from mtt.data.datasets import index_from_config
-
-    @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+    @hydra_entry
     def _run(cfg) -> None:
         exit_if_invalid(cfg)
         start = time.perf_counter()
-        index = index_from_config(cfg.data)
-        store = build_feature_store(index, cfg.features)
+        index = checked_index(cfg, batch=False)
+        with exit_on_corrupt():
+            store = build_feature_store(index, cfg.features)
         print(summary(store, time.perf_counter() - start), flush=True)
 
     _run()

@@ -27,6 +27,7 @@ has learned something a linear read-out of pooled features cannot.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import warnings
@@ -34,7 +35,8 @@ import warnings
 import numpy as np
 
 from mtt import distributed
-from mtt.evaluate import Split, clip_metrics, log_test
+from mtt.data.index import ClipIndex
+from mtt.evaluate import Split, chunk_bce, clip_metrics, log_test
 from mtt.store import PatchStore
 from mtt.train import log_records, prepare
 
@@ -121,10 +123,13 @@ def carve_validation(train: Split, fraction: float, seed: int) -> tuple[Split, S
     return pick(rest), pick(val)
 
 
-def run_probe(cfg, tracker, d: distributed.Dist = distributed.Dist()) -> dict[str, float]:
-    """Fit and evaluate the linear probe of ``cfg``; log it to ``tracker``; return its metrics."""
+def run_probe(
+    cfg, tracker, d: distributed.Dist = distributed.Dist(), index: ClipIndex | None = None
+) -> dict[str, float]:
+    """Fit and evaluate the linear probe of ``cfg``; log it to ``tracker``; return its metrics
+    (``index``: the clip index already read, by ``mtt.preflight``)."""
     start = time.perf_counter()
-    p = prepare(cfg, d, cache=True)
+    p = prepare(cfg, d, cache=True, index=index)
     train, valid = p.train, p.valid
     if p.valid_is_test:  # the report split: choose the strength on training clips held out
         train, valid = carve_validation(p.train, CARVED_FRACTION, cfg.trainer.seed)
@@ -156,7 +161,11 @@ def run_probe(cfg, tracker, d: distributed.Dist = distributed.Dist()) -> dict[st
     for i, rec in enumerate(scores):  # the validation curve over strengths, for the record
         tracker.log_metrics({"probe_C": rec["C"], "probe_val_roc_auc": rec["val_roc_auc"]}, step=i)
     tracker.log_params({"probe.selected_C": probe.C})
-    val = {f"val_{k}": v for k, v in clip_metrics(valid.labels, probe.predict(emb["valid"])).items()}
+    val_probs = probe.predict(emb["valid"])
+    # The probe scores one embedding per clip, so its chunk-level loss (a trained run's
+    # val_chunk_loss, Won et al.'s criterion) is over one chunk per clip, the whole clip.
+    val_chunk_loss = float(chunk_bce(val_probs, valid.labels).mean())
+    val = {f"val_{k}": v for k, v in {**clip_metrics(valid.labels, val_probs), "chunk_loss": val_chunk_loss}.items()}
     selected = {f"selected_{k}": v for k, v in val.items()}
     test = log_test(
         tracker,
@@ -178,18 +187,21 @@ def run_probe(cfg, tracker, d: distributed.Dist = distributed.Dist()) -> dict[st
 
 
 def main() -> None:
-    import hydra
+    from mtt.config import exit_if_invalid, hydra_entry
+    from mtt.fs import exit_on_corrupt
+    from mtt.preflight import checked_index
+    from mtt.run import cli, tracked
 
-    from mtt.config import CONF_DIR, exit_if_invalid
-    from mtt.run import tracked
-
-    @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+    @hydra_entry
     def _probe(cfg) -> float:
         exit_if_invalid(cfg)
-        metrics = tracked(cfg, run_probe, name_prefix=REFERENCE, entry="mtt.probe")
+        index = checked_index(cfg, batch=False)  # before the run: freqN, the data's folder
+        probe = functools.partial(run_probe, index=index)
+        with exit_on_corrupt():
+            metrics = tracked(cfg, probe, name_prefix=REFERENCE, entry="mtt.probe")
         return metrics.get("val_roc_auc", float("nan"))
 
-    _probe()
+    cli(_probe, "mtt.probe")
 
 
 if __name__ == "__main__":

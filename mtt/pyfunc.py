@@ -12,7 +12,7 @@ is pickled. The folder holds
 
 Input (``input_schema``): a DataFrame with, per row (clip), one of
 - ``audio``: the bytes of an encoded file (mp3, wav, flac, ogg through libsndfile; m4a/AAC and
-  the rest through ffmpeg, ``mtt.audio.decode_audio``); base64 in JSON requests;
+  the rest through ffmpeg, ``mtt.audio.stream_audio``); base64 in JSON requests;
 - ``samples``: mono samples at ``features.sample_rate`` (16 kHz for VGGish), an array of doubles
   in the signature (JSON numbers are float64, which MLflow will not narrow), computed in float32.
 Output: a DataFrame with one float64 column per tag (the run's tag order), one row per clip.
@@ -36,7 +36,7 @@ import json
 import os
 import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,6 +45,8 @@ import mlflow.models
 import mlflow.pyfunc
 import numpy as np
 import torch
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -55,8 +57,8 @@ META = "tagger.json"
 MODEL_PATH = "model"  # the artifact path in every run
 CODE_FILE = Path(__file__).with_name("pyfunc_code.py")
 FORMAT = 1  # of tagger.json
-# Packages the model needs at load time, pinned to what this environment runs; mtt itself must
-# be importable too (it is in this repository's venv; `mlflow models serve --env-manager local`).
+# Packages the model needs at load time, pinned to what this environment runs (librosa brings
+# audioread, mtt.audio's ffmpeg path); mtt itself must be importable too (it is in this repository's venv; `mlflow models serve --env-manager local`).
 REQUIREMENTS = ("mlflow", "torch", "torchaudio", "numpy", "pandas", "omegaconf", "safetensors", "soundfile", "librosa")
 
 
@@ -76,48 +78,86 @@ class ClipTagger:
     def sample_rate(self) -> int:
         return int(self.cfg.features.sample_rate)
 
-    @torch.no_grad()
     def probabilities(self, wave: np.ndarray) -> np.ndarray:
         """Mono samples ``(samples,)`` at ``sample_rate`` -> float64 ``(n_tags,)``."""
+        x = np.asarray(wave)
+        if x.ndim != 1:
+            raise ValueError(f"samples: expected mono (samples,), got shape {tuple(x.shape)}")
+        return self.tag_blocks([x])
+
+    @torch.no_grad()
+    def tag_blocks(self, blocks: Iterable[np.ndarray]) -> np.ndarray:
+        """``probabilities`` of a clip that arrives in blocks of mono samples at ``sample_rate``
+        (``mtt.audio.stream_audio``): patches are computed window by window
+        (``PatchFrontEnd.stream``) and aggregated as they come, so memory stays that of one
+        window whatever the clip's length; the result is the whole clip's (float rounding aside).
+
+        ``AudioDecodeError`` for samples that are NaN or infinite, a clip shorter than one patch,
+        and probabilities that come out non-finite (samples far outside [-1, 1]).
+        """
         from mtt.audio import AudioDecodeError
         from mtt.features import build_front_end
 
         front = build_front_end(_features(self.cfg))  # the run's own (features.name: vggish, mel_db)
-        x = torch.from_numpy(np.array(wave, dtype=np.float32))  # a copy: inputs may be read-only
-        if x.dim() != 1:
-            raise ValueError(f"samples: expected mono (samples,), got shape {tuple(x.shape)}")
-        patches = front(x[None])[0].half().float()  # (n, frames, bands), as the feature store holds them
-        if len(patches) == 0:
-            raise AudioDecodeError(
-                f"shorter than one {self.cfg.features.patch_frames}-frame patch ({len(x) / self.sample_rate:.2f} s)"
-            )
+        n_samples = n_patches = 0
+        total: np.ndarray | None = None  # the running sum (mean) or max of patch probabilities
+
+        def finite(blocks: Iterable[np.ndarray]) -> Iterator[torch.Tensor]:
+            nonlocal n_samples
+            for block in blocks:
+                x = torch.from_numpy(np.array(block, dtype=np.float32))  # a copy: inputs may be read-only
+                bad = torch.nonzero(~torch.isfinite(x))
+                if len(bad):
+                    at = (n_samples + int(bad[0])) / self.sample_rate
+                    raise AudioDecodeError(f"NaN or infinite samples (the first at {at:.2f} s)")
+                n_samples += len(x)
+                yield x
+
         size = int(self.cfg.eval.batch_size)
-        probs = []
-        for i in range(0, len(patches), size):
-            fmap = self.model.encode(patches[i : i + size])
-            if self.cached_backbone:
-                fmap = fmap.half().float()
-            probs.append(self.model.probabilities(self.model(fmap, from_backbone=True)).numpy().astype(np.float64))
-        p = np.concatenate(probs)
-        return p.max(axis=0) if self.cfg.eval.aggregate == "max" else p.mean(axis=0)
+        for window in front.stream(finite(blocks)):
+            patches = window.half().float()  # (n, frames, bands), as the feature store holds them
+            for i in range(0, len(patches), size):
+                fmap = self.model.encode(patches[i : i + size])
+                if self.cached_backbone:
+                    fmap = fmap.half().float()
+                p = self.model.probabilities(self.model(fmap, from_backbone=True)).numpy().astype(np.float64)
+                if self.cfg.eval.aggregate == "max":
+                    total = p.max(axis=0) if total is None else np.maximum(total, p.max(axis=0))
+                else:
+                    total = p.sum(axis=0) if total is None else total + p.sum(axis=0)
+                n_patches += len(p)
+        if total is None:
+            raise AudioDecodeError(
+                f"shorter than one {self.cfg.features.patch_frames}-frame patch ({n_samples / self.sample_rate:.2f} s)"
+            )
+        result = total if self.cfg.eval.aggregate == "max" else total / n_patches
+        if not np.all(np.isfinite(result)):
+            raise AudioDecodeError("the model's probabilities are not finite (samples far outside [-1, 1]?)")
+        return result
 
     def tag_file(self, path: str | Path) -> np.ndarray:
-        """``probabilities`` of an audio file (libsndfile, else ffmpeg: ``mtt.audio.decode_audio``)."""
-        from mtt.audio import AudioDecodeError, decode_audio
+        """``probabilities`` of an audio file, decoded block by block (libsndfile, else ffmpeg:
+        ``mtt.audio.stream_audio``); ``AudioDecodeError`` naming the file."""
+        from mtt.audio import AudioDecodeError, stream_audio
 
-        wave = decode_audio(path, self.sample_rate)
         try:
-            return self.probabilities(wave)
+            return self.tag_blocks(stream_audio(path, self.sample_rate))
         except AudioDecodeError as exc:
-            raise AudioDecodeError(f"{path}: {exc}") from None
+            text = str(exc)
+            raise AudioDecodeError(text if text.startswith(f"{path}: ") else f"{path}: {text}") from None
 
     def tag_bytes(self, data: bytes) -> np.ndarray:
         """``probabilities`` of an encoded file's bytes (decoded from a temporary file: ffmpeg
-        reads paths)."""
+        reads paths); errors without the temporary file's name."""
+        from mtt.audio import AudioDecodeError
+
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "clip"
             path.write_bytes(data)
-            return self.tag_file(path)
+            try:
+                return self.tag_file(path)
+            except AudioDecodeError as exc:
+                raise AudioDecodeError(str(exc).removeprefix(f"{path}: ")) from None
 
 
 def _features(cfg):
@@ -214,12 +254,39 @@ with warnings.catch_warnings():
             return predict(self.tagger, model_input)
 
 
+class InvalidInput(MlflowException, ValueError):
+    """A request the model refuses, on one line. MLflow's scoring server answers an
+    ``MlflowException`` with its ``serialize_as_json()`` and HTTP status: this one's is 400 with
+    just the line (MLflow prefixes the request's data to the message of any other, and answers
+    other exceptions with the server's stack trace)."""
+
+    def __init__(self, line: str):
+        super().__init__(line, error_code=INVALID_PARAMETER_VALUE)
+        self.line = line
+
+    def serialize_as_json(self) -> str:
+        return json.dumps({"error_code": self.error_code, "message": self.line})
+
+
 def predict(tagger: ClipTagger, frame) -> pd.DataFrame:
-    """One row of tag probabilities per input row (``audio`` bytes or ``samples``)."""
+    """One row of tag probabilities per input row (``audio`` bytes or ``samples``).
+
+    ``InvalidInput`` (one line, HTTP 400 when served) naming the row and what is wrong: neither
+    column (MLflow drops columns the signature does not name, so ``Audio`` arrives as nothing),
+    both or neither in a row, base64 or audio that does not decode, NaN or infinite samples, a
+    clip shorter than one patch.
+    """
     import base64
 
     import pandas as pd
 
+    from mtt.audio import AudioDecodeError
+
+    if len(frame.columns) == 0 or not ({"audio", "samples"} & set(frame.columns)):
+        raise InvalidInput(
+            "the request has no 'audio' (encoded file bytes, base64 in JSON) or 'samples' column: column "
+            "names are case-sensitive, and other columns are dropped"
+        )
     rows = []
     for i in range(len(frame)):
         audio = frame["audio"].iloc[i] if "audio" in frame else None
@@ -227,15 +294,19 @@ def predict(tagger: ClipTagger, frame) -> pd.DataFrame:
         has_audio = audio is not None and not (isinstance(audio, float) and np.isnan(audio))
         has_samples = samples is not None and not (isinstance(samples, float) and np.isnan(samples))
         if has_audio == has_samples:
-            raise ValueError(
+            raise InvalidInput(
                 f"row {i}: give exactly one of 'audio' (encoded file bytes) or 'samples' "
                 f"(mono float32 at {tagger.sample_rate} Hz)"
             )
-        if has_audio:
-            data = base64.b64decode(audio) if isinstance(audio, str) else bytes(audio)
-            rows.append(tagger.tag_bytes(data))
-        else:
-            rows.append(tagger.probabilities(np.asarray(samples, dtype=np.float32)))
+        try:
+            if has_audio:
+                data = base64.b64decode(audio) if isinstance(audio, str) else bytes(audio)
+                rows.append(tagger.tag_bytes(data))
+            else:
+                rows.append(tagger.probabilities(np.asarray(samples, dtype=np.float32)))
+        except (AudioDecodeError, ValueError) as exc:  # binascii.Error (bad base64) is a ValueError
+            what = "audio" if has_audio else "samples"
+            raise InvalidInput(f"row {i}: {what}: {(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
     return pd.DataFrame(np.stack(rows) if rows else np.zeros((0, len(tagger.tags))), columns=tagger.tags)
 
 

@@ -1,20 +1,28 @@
 """pescador streams of patches for training, ordered clip-level batches for evaluation.
 
-Training: one ``pescador.Streamer`` per training clip yields random patches of that clip (with
-the clip's tag vector) straight from the memory-mapped store; a ``StochasticMux`` keeps
-``n_active`` of them open (the report's 20) and replaces each after about ``rate`` samples, so
-a batch mixes patches of many clips. With DataLoader workers each worker multiplexes a disjoint
-shard of the clips, so no clip is served by two workers.
+Training, ``stream.mode`` a pescador mode (the default ``with_replacement``): one
+``pescador.Streamer`` per training clip yields random stored patches of that clip (with the clip's
+tag vector) straight from the memory-mapped store; a ``StochasticMux`` keeps ``n_active`` of them
+open (the report's 20) and replaces each after about ``rate`` samples, so a batch mixes patches of
+many clips. With DataLoader workers each worker multiplexes a disjoint shard of the clips, so no
+clip is served by two workers.
 
-Evaluation never samples: every patch of every clip, in order, so val/test metrics are exactly
-repeatable.
+Training, ``stream.mode=epoch`` (Won et al. 2020's loader): passes over the training clips, each
+pass every clip exactly once in a shuffled order, each at a uniformly random offset, in batches of
+distinct clips (``EpochSampler``). The offset has frame resolution where chunks can be cut between
+stored rows (``ChunkGrid``), else it picks a stored row.
+
+Evaluation never samples: every patch of every clip, in order, or ``eval.patches_per_clip`` fixed
+chunks of each (a seeded subset, or Won et al.'s evenly spaced offsets), so val/test metrics are
+exactly repeatable.
 """
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 import pescador
@@ -24,20 +32,84 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from mtt.store import PatchStore
 
 WEIGHTS = ("uniform", "length")
+EPOCH = "epoch"  # stream.mode of EpochSampler; the other modes are pescador's
 
 
-def clip_rows(store: PatchStore, clip_id: int, limit: int | None, seed: int, spacing: str = "random") -> np.ndarray:
+@dataclass(frozen=True)
+class ChunkGrid:
+    """Where a store's rows lie in their clips, so that a chunk may start between two rows.
+
+    Row ``k`` of a clip holds frames ``[k * hop, k * hop + frames)`` of the clip's spectrogram.
+    With ``cuttable`` (the store holds patches whose rows touch or overlap, ``hop <= frames``) a
+    chunk may start at any frame ``f <= (rows - 1) * hop``: its frames come from rows ``f // hop``
+    and the next one (``cut_chunks``). Otherwise (a frozen backbone's cache holds one output per
+    row, or rows with gaps between them) a chunk is a whole stored row.
+
+    ``hop_samples``, ``chunk_samples`` and ``samples`` place Won et al.'s sample offsets on the
+    frames (``even_cuts``): samples per frame, the samples one chunk spans in their formula (their
+    59,049), and each clip's decoded length in samples (clip id as a string -> samples).
+    """
+
+    hop: int
+    frames: int
+    cuttable: bool
+    hop_samples: int = 1
+    chunk_samples: int = 0
+    samples: Mapping[str, int] = field(default_factory=dict)
+
+
+def clip_rows(store: PatchStore, clip_id: int, limit: int | None, seed: int) -> np.ndarray:
     """Row numbers of a clip's patches; with ``limit`` a fixed random subset (the report kept
-    one random patch per clip), chosen by ``seed`` and the clip id so it never changes, or with
-    ``spacing="even"`` ``limit`` evenly spaced patches from the first to the last (Won et al.
-    2020 average 16 evenly spaced chunks)."""
+    one random patch per clip), chosen by ``seed`` and the clip id so it never changes."""
     rows = np.arange(store.rows(clip_id).start, store.rows(clip_id).stop)
-    if limit is not None and len(rows) > limit and spacing == "even":
-        rows = rows[np.round(np.linspace(0, len(rows) - 1, limit)).astype(int)]
-    elif limit is not None and len(rows) > limit:
+    if limit is not None and len(rows) > limit:
         rng = np.random.default_rng([seed, int(clip_id)])
         rows = np.sort(rng.choice(rows, size=limit, replace=False))
     return rows
+
+
+def even_offsets(n_samples: int, chunk_samples: int, count: int) -> np.ndarray:
+    """Won et al.'s evaluation chunks (sota-music-tagging-models ``get_tensor``): ``count`` chunks
+    of ``chunk_samples`` starting at ``i * ((n_samples - chunk_samples) // count)`` samples,
+    ``i < count``, so the last one ends about ``(n_samples - chunk_samples) / count`` samples
+    before the clip does. ``(count,)`` sample offsets."""
+    return np.arange(count, dtype=np.int64) * max(0, (n_samples - chunk_samples) // count)
+
+
+def even_cuts(first: int, n_rows: int, n_samples: int, count: int, grid: ChunkGrid) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` chunks of a clip at ``even_offsets`` as ``(stored row, frames into it)``.
+
+    Each sample offset goes to the nearest frame (within half a frame: 8 ms for the short-chunk
+    front end), then to a cut of the stored rows ``first .. first + n_rows - 1``; a start past the
+    last row's start (the clip's last ``< hop`` frames are not stored) is clamped to it: for the
+    short-chunk store never at 27.44-29.1 s, the last chunk by at most 49 frames at 15-27.44 s.
+    On a grid that cannot be cut, the nearest stored row.
+    """
+    frame = np.floor(even_offsets(n_samples, grid.chunk_samples, count) / grid.hop_samples + 0.5).astype(np.int64)
+    if grid.cuttable:
+        frame = np.minimum(frame, (n_rows - 1) * grid.hop)
+        return first + frame // grid.hop, frame % grid.hop
+    row = np.minimum(np.floor(frame / grid.hop + 0.5).astype(np.int64), n_rows - 1)
+    return first + row, np.zeros(count, dtype=np.int64)
+
+
+def cut_chunks(read: Callable[[np.ndarray], np.ndarray], rows: np.ndarray, within: np.ndarray, hop: int) -> np.ndarray:
+    """Chunks ``(B, frames, *rest)`` that start ``within[i]`` frames into stored row ``rows[i]``.
+
+    ``read(rows)`` returns a fresh ``(B, frames, *rest)`` array of stored rows. A chunk that
+    starts inside a row takes that row's tail and the head of the next row: row ``r + 1`` starts
+    ``hop`` frames after row ``r``, so frame ``frames + t`` of row ``r`` is frame
+    ``frames - hop + t`` of row ``r + 1``.
+    """
+    x = read(rows)
+    cut = np.flatnonzero(within)
+    if len(cut):
+        frames = x.shape[1]
+        after = read(rows[cut] + 1)
+        for j, i in enumerate(cut):
+            w = int(within[i])
+            x[i] = np.concatenate([x[i, w:], after[j, frames - hop : frames - hop + w]])
+    return x
 
 
 class _SharedRng:
@@ -111,22 +183,111 @@ def patch_mux(
     """
     if len(clip_ids) == 0:
         raise ValueError("patch_mux: no clips to stream")
-    streamers, sizes = [], []
-    for pos, clip_id in enumerate(clip_ids):
-        rows = clip_rows(store, clip_id, cfg.patches_per_clip, seed)
-        if len(rows) == 0:
+    rows = [clip_rows(store, clip_id, cfg.patches_per_clip, seed) for clip_id in clip_ids]
+    for clip_id, r in zip(clip_ids, rows):
+        if len(r) == 0:
             raise ValueError(f"clip {int(clip_id)} has no patches in {store.path}")
-        streamers.append(pescador.Streamer(_rows_of_clip, rows, pos, _SharedRng([seed, int(clip_id), 1])))
-        sizes.append(len(rows))
+    return mux_over(rows, clip_ids, cfg, seed, mux_seed)
+
+
+def mux_over(
+    rows: list[np.ndarray], clip_ids: np.ndarray, cfg, seed: int, mux_seed: np.random.SeedSequence | None = None
+) -> WeightedMux:
+    """``patch_mux`` over given row numbers per clip (``rows[i]`` those of ``clip_ids[i]``)."""
+    streamers = [
+        pescador.Streamer(_rows_of_clip, r, pos, _SharedRng([seed, int(clip_id), 1]))
+        for pos, (clip_id, r) in enumerate(zip(clip_ids, rows))
+    ]
     mux_seed = mux_seed if mux_seed is not None else worker_seed(seed, 0, 1)
     return WeightedMux(
         streamers,
         n_active=min(cfg.n_active, len(streamers)),
         rate=cfg.rate,
         mode=cfg.mode,
-        weights=mux_weights(cfg.weights, np.array(sizes)),
+        weights=mux_weights(cfg.weights, np.array([len(r) for r in rows])),
         random_state=int(mux_seed.generate_state(1)[0]),
     )
+
+
+def pass_sizes(n_clips: int, steps: int, batch_size: int) -> np.ndarray:
+    """The batch sizes ``(steps,)`` of one pass over ``n_clips`` clips: ``batch_size`` each but the
+    last, which takes the rest (Won et al.'s loader keeps it: ``drop_last=False``). Where the rest
+    is fewer than 2 clips the last two batches share their clips evenly instead, since batch norm
+    in training mode refuses a batch of one.
+
+    ``steps`` is ``ceil(clips / batch)`` of the whole training set, the same on every torchrun rank
+    (``ceil(ceil(n / world) / (batch / world)) = ceil(n / batch)``); a rank whose shard is one clip
+    short gets a rest one smaller. ``ValueError`` when some batch would be empty.
+    """
+    sizes = np.full(steps, batch_size, dtype=np.int64)
+    rest = n_clips - batch_size * (steps - 1)
+    if not 0 <= rest <= batch_size:
+        raise ValueError(f"stream.mode=epoch: {n_clips} clips do not make {steps} batches of at most {batch_size}")
+    sizes[-1] = rest
+    if steps >= 2 and rest < 2 <= batch_size:
+        both = batch_size + rest
+        sizes[-2:] = (both - both // 2, both // 2)
+    if (sizes == 0).any():
+        raise ValueError(f"stream.mode=epoch: {n_clips} clips in {steps} batches of {batch_size} leave a batch empty")
+    return sizes
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One pass of ``EpochSampler``: the clip order, and each clip's chunk (row, frames into it)."""
+
+    order: np.ndarray  # (clips,) clip positions, shuffled
+    rows: np.ndarray  # (clips,) the stored row each clip's chunk starts in, by clip position
+    within: np.ndarray  # (clips,) frames into that row (0 on a grid that cannot be cut)
+
+
+class EpochSampler:
+    """``stream.mode=epoch``: pass after pass over the clips, every clip exactly once per pass, in
+    a shuffled order, each at a uniformly random offset, in batches of distinct clips (Won et al.
+    2020's loader: ``shuffle=True`` over the training clips, a random crop of each).
+
+    ``rows[i]`` are the stored rows clip ``i`` may be drawn from. On a ``cuttable`` grid whose
+    clips keep all their rows (``stream.patches_per_clip=null``), the offset is a uniformly random
+    frame in ``[0, (rows - 1) * hop]``, the starts from which a whole chunk can be cut out of the
+    stored rows (the clip's last ``< hop`` frames are not stored); otherwise a uniformly random
+    stored row. Pass ``p`` is drawn from the seed and ``p`` alone, so batch ``g`` of the stream (pass
+    ``g // steps``, batch ``g % steps`` of it) is the same whoever draws it: DataLoader workers take
+    every n-th batch of one sequence, and a resumed run replays it.
+    """
+
+    def __init__(self, rows: list[np.ndarray], steps: int, batch_size: int, seed: int, hop: int | None):
+        if len(rows) == 0:
+            raise ValueError("stream.mode=epoch: no clips to stream")
+        self.first = np.array([r[0] for r in rows], dtype=np.int64)
+        self.count = np.array([len(r) for r in rows], dtype=np.int64)
+        contiguous = all(len(r) == r[-1] - r[0] + 1 for r in rows)
+        self.hop = hop if hop is not None and contiguous else None  # frame offsets, else whole rows
+        self.flat = np.concatenate(rows).astype(np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(self.count)[:-1]])
+        self.steps, self.seed = steps, seed
+        self.bounds = np.concatenate([[0], np.cumsum(pass_sizes(len(rows), steps, batch_size))])
+        self._pass: tuple[int, Pass] | None = None
+
+    def plan(self, p: int) -> Pass:
+        """Pass ``p``: the clip order and each clip's chunk (the last pass drawn is kept)."""
+        if self._pass is None or self._pass[0] != p:
+            rng = np.random.default_rng([self.seed, 2, p])
+            order = rng.permutation(len(self.count))
+            if self.hop is not None:
+                frame = rng.integers(0, (self.count - 1) * self.hop + 1)
+                rows, within = self.first + frame // self.hop, frame % self.hop
+            else:
+                rows = self.flat[self.starts + rng.integers(0, self.count)]
+                within = np.zeros_like(rows)
+            self._pass = (p, Pass(order, rows, within))
+        return self._pass[1]
+
+    def batch(self, g: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Batch ``g`` of the stream: ``(rows, frames into them, clip positions)``, each ``(B,)``."""
+        p, s = divmod(g, self.steps)
+        plan = self.plan(p)
+        pos = plan.order[self.bounds[s] : self.bounds[s + 1]]
+        return plan.rows[pos], plan.within[pos], pos
 
 
 class RowReader:
@@ -171,13 +332,19 @@ class RowReader:
 
 
 def batches(
-    mux: pescador.StochasticMux, store: PatchStore, labels: np.ndarray, batch_size: int
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    mux: pescador.StochasticMux,
+    store: PatchStore,
+    labels: np.ndarray,
+    batch_size: int,
+    positions: np.ndarray | None = None,
+) -> Iterator[tuple[torch.Tensor, ...]]:
     """Endless ``(x (B, *item) float32, y (B, n_tags) float32)`` batches from a ``patch_mux``.
 
     ``labels`` ``(n_clips, n_tags)`` is aligned with the mux's ``clip_ids``. The mux yields only
     integers; the patches of a batch are read at once and the labels gathered by clip position,
-    so a label can only ever belong to its patch's clip.
+    so a label can only ever belong to its patch's clip. With ``positions`` (``(n_clips,)``: the
+    position of each of the mux's clips in the caller's list) each batch also carries its clips
+    ``(B,) int64``, which the training loop counts (``train_clip_coverage``).
     """
     reader = RowReader(store.patches)
     labels = np.asarray(labels, dtype=np.float32)
@@ -186,8 +353,34 @@ def batches(
         picked = np.fromiter(
             (v for _, item in zip(range(batch_size), items) for v in item), dtype=np.int64, count=2 * batch_size
         ).reshape(batch_size, 2)
-        x = reader.read(picked[:, 0]).astype(np.float32)
-        yield torch.from_numpy(x), torch.from_numpy(labels[picked[:, 1]])
+        x = store.verify(picked[:, 0], reader.read(picked[:, 0])).astype(np.float32)  # rows checked once
+        batch = (torch.from_numpy(x), torch.from_numpy(labels[picked[:, 1]]))
+        yield batch if positions is None else (*batch, torch.from_numpy(positions[picked[:, 1]]))
+
+
+def epoch_batches(
+    sampler: EpochSampler,
+    store: PatchStore,
+    labels: np.ndarray,
+    worker: int = 0,
+    n_workers: int = 1,
+    clips: bool = False,
+) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Endless batches ``(x (B, *item) float32, y (B, n_tags) float32[, clips (B,) int64])`` of an
+    ``EpochSampler``: batches ``worker, worker + n_workers, ...`` of its sequence."""
+    reader = RowReader(store.patches)
+    labels = np.asarray(labels, dtype=np.float32)
+    g = worker
+
+    def read(r: np.ndarray) -> np.ndarray:
+        return store.verify(r, reader.read(r))  # rows checked once
+
+    while True:
+        rows, within, pos = sampler.batch(g)
+        x = cut_chunks(read, rows, within, sampler.hop or 1).astype(np.float32)
+        batch = (torch.from_numpy(x), torch.from_numpy(labels[pos]))
+        yield (*batch, torch.from_numpy(pos)) if clips else batch
+        g += n_workers
 
 
 def worker_seed(seed: int, worker: int, n_workers: int) -> np.random.SeedSequence:
@@ -195,24 +388,59 @@ def worker_seed(seed: int, worker: int, n_workers: int) -> np.random.SeedSequenc
     return np.random.SeedSequence([seed, worker, n_workers])
 
 
-class PatchStream(IterableDataset):
-    """Endless training batches; each DataLoader worker streams its own shard of the clips.
+def epoch_sampler(
+    store: PatchStore, clip_ids: np.ndarray, cfg, batch_size: int, seed: int, pass_steps: int, grid: ChunkGrid | None
+) -> EpochSampler:
+    """The ``EpochSampler`` of ``clip_ids`` (``cfg`` the ``stream`` config): frame offsets where
+    ``grid`` can be cut and clips keep all their rows, else stored rows."""
+    rows = [clip_rows(store, c, cfg.patches_per_clip, seed) for c in clip_ids]
+    for clip_id, r in zip(clip_ids, rows):
+        if len(r) == 0:
+            raise ValueError(f"clip {int(clip_id)} has no patches in {store.path}")
+    # Frame offsets need every row of a clip: a stream.patches_per_clip subset is drawn from as it is.
+    hop = grid.hop if grid is not None and grid.cuttable and cfg.patches_per_clip is None else None
+    return EpochSampler(rows, pass_steps, batch_size, seed, hop)
 
-    Worker ``w`` of ``n`` takes clips ``w, w + n, ...`` and its own seed (``worker_seed``), so
-    no clip is served by two workers and the batch sequence (the DataLoader takes one batch from
-    each worker in turn) is a pure function of the seed and the number of workers.
+
+class PatchStream(IterableDataset):
+    """Endless training batches.
+
+    Under a pescador mode each DataLoader worker streams its own shard of the clips: worker ``w``
+    of ``n`` takes clips ``w, w + n, ...`` and its own seed (``worker_seed``), so no clip is
+    served by two workers and the batch sequence (the DataLoader takes one batch from each worker
+    in turn) is a pure function of the seed and the number of workers. Under ``stream.mode=epoch``
+    every worker holds the same ``EpochSampler`` and yields every n-th of its batches, so the
+    sequence does not depend on the number of workers at all. With ``clips`` each batch carries its
+    clips' positions in ``clip_ids`` as a third item.
     """
 
-    def __init__(self, store: PatchStore, clip_ids: np.ndarray, labels: np.ndarray, cfg, batch_size: int, seed: int):
+    def __init__(
+        self,
+        store: PatchStore,
+        clip_ids: np.ndarray,
+        labels: np.ndarray,
+        cfg,
+        batch_size: int,
+        seed: int,
+        pass_steps: int | None = None,
+        grid: ChunkGrid | None = None,
+        clips: bool = False,
+    ):
         self.store, self.clip_ids, self.labels = store, np.asarray(clip_ids), np.asarray(labels)
         self.cfg, self.batch_size, self.seed = cfg, batch_size, seed
+        self.pass_steps, self.grid, self.clips = pass_steps, grid, clips
 
     def __iter__(self):
         info = get_worker_info()
         wid, n = (info.id, info.num_workers) if info is not None else (0, 1)
+        if self.cfg.mode == EPOCH:
+            steps = self.pass_steps or math.ceil(len(self.clip_ids) / self.batch_size)
+            sampler = epoch_sampler(self.store, self.clip_ids, self.cfg, self.batch_size, self.seed, steps, self.grid)
+            return epoch_batches(sampler, self.store, self.labels, wid, n, self.clips)
         shard = slice(wid, None, n)
         mux = patch_mux(self.store, self.clip_ids[shard], self.cfg, self.seed, worker_seed(self.seed, wid, n))
-        return batches(mux, self.store, self.labels[shard], self.batch_size)
+        positions = np.arange(len(self.clip_ids))[shard] if self.clips else None
+        return batches(mux, self.store, self.labels[shard], self.batch_size, positions)
 
 
 def train_loader(
@@ -223,14 +451,19 @@ def train_loader(
     batch_size: int,
     seed: int,
     pin_memory: bool = False,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    **options,
+) -> Iterator[tuple[torch.Tensor, ...]]:
     """An endless iterator of training batches (take ``steps_per_epoch`` of them per epoch).
 
-    ``cfg.num_workers`` DataLoader workers (at most one per clip) each stream a disjoint shard;
+    ``cfg.num_workers`` DataLoader workers (at most one per clip) share the work (``PatchStream``);
     ``pin_memory`` (set when training on CUDA) makes the DataLoader copy each batch into
-    page-locked memory, so ``.to(device, non_blocking=True)`` overlaps with compute.
+    page-locked memory, so ``.to(device, non_blocking=True)`` overlaps with compute. ``options``
+    are ``PatchStream``'s: under ``stream.mode=epoch``, ``pass_steps`` is the batches of one pass
+    (default ``ceil(clips / batch)``; under torchrun the whole set's, ``pass_sizes``) and ``grid``
+    says whether offsets may fall between stored rows; with ``clips`` every batch also carries its
+    clips' positions in ``clip_ids`` ``(B,) int64``.
     """
-    dataset = PatchStream(store, clip_ids, labels, cfg, batch_size, seed)
+    dataset = PatchStream(store, clip_ids, labels, cfg, batch_size, seed, **options)
     workers = min(cfg.num_workers, len(clip_ids))
     if workers == 0 and not pin_memory:
         return iter(dataset)
@@ -248,6 +481,29 @@ def train_loader(
     return iter(loader)
 
 
+def eval_cuts(
+    store: PatchStore,
+    clip_id: int,
+    limit: int | None,
+    seed: int,
+    spacing: str = "random",
+    grid: ChunkGrid | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The chunks evaluation reads of one clip, ``(stored rows, frames into them)``.
+
+    Every stored patch (``limit`` null); ``limit`` fixed random ones (``spacing="random"``, all
+    of a clip with fewer); or exactly ``limit`` chunks at Won et al.'s evenly spaced offsets
+    (``spacing="even"``, ``even_cuts``: needs the ``grid`` with the clips' lengths).
+    """
+    if limit is not None and spacing == "even":
+        if grid is None:
+            raise ValueError("eval.spacing=even needs the clips' lengths (a ChunkGrid)")
+        span = store.rows(clip_id)
+        return even_cuts(span.start, span.stop - span.start, grid.samples[str(int(clip_id))], limit, grid)
+    rows = clip_rows(store, clip_id, limit, seed)
+    return rows, np.zeros(len(rows), dtype=np.int64)
+
+
 def eval_batches(
     store: PatchStore,
     clip_ids: np.ndarray,
@@ -255,31 +511,76 @@ def eval_batches(
     limit: int | None = None,
     seed: int = 0,
     spacing: str = "random",
+    grid: ChunkGrid | None = None,
 ) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
-    """Every patch (or ``limit`` fixed patches, ``spacing`` random or even) of every clip, in order.
+    """Every patch (or ``limit`` fixed chunks, ``eval_cuts``) of every clip, in order.
 
     Yields ``(x (B, *item) float32, clip (B,) int)`` where ``clip`` indexes ``clip_ids``.
     """
-    rows = [clip_rows(store, c, limit, seed, spacing) for c in clip_ids]
-    owner = np.concatenate([np.full(len(r), i) for i, r in enumerate(rows)]) if rows else np.zeros(0, int)
-    flat = np.concatenate(rows) if rows else np.zeros(0, int)
-    for s in range(0, len(flat), batch_size):
-        x = np.asarray(store.patches[flat[s : s + batch_size]], dtype=np.float32)
+    cuts = [eval_cuts(store, c, limit, seed, spacing, grid) for c in clip_ids]
+    owner = np.concatenate([np.full(len(r), i) for i, (r, _) in enumerate(cuts)]) if cuts else np.zeros(0, int)
+    rows = np.concatenate([r for r, _ in cuts]) if cuts else np.zeros(0, int)
+    within = np.concatenate([w for _, w in cuts]) if cuts else np.zeros(0, int)
+    hop = grid.hop if grid is not None else 1
+
+    for s in range(0, len(rows), batch_size):
+        x = cut_chunks(store.read, rows[s : s + batch_size], within[s : s + batch_size], hop).astype(np.float32)
         yield torch.from_numpy(x), owner[s : s + batch_size]
+
+
+POLICIES = ("declared", "cached", "patches", "fixed", "epoch")
 
 
 def steps_per_epoch(
     policy: str, batch_size: int, declared: int, cached: int, patches: int, n: int | None = None
 ) -> int:
-    """Optimiser steps per epoch under a policy (see conf/steps/)."""
+    """Optimiser steps per epoch under a policy (see conf/steps/): ``epoch`` is one pass of
+    ``stream.mode=epoch``, every cached clip once, the last batch smaller (``ceil``)."""
     counts = {"declared": declared, "cached": cached, "patches": patches}
     if policy == "fixed":
         if not n or n < 1:
             raise ValueError(f"steps.policy=fixed needs steps.n >= 1, got {n!r}")
         return int(n)
+    if policy == "epoch":
+        return max(1, math.ceil(cached / batch_size))
     if policy not in counts:
-        raise ValueError(f"steps.policy={policy!r}: expected one of declared, cached, patches, fixed")
+        raise ValueError(f"steps.policy={policy!r}: expected one of {', '.join(POLICIES)}")
     return max(1, counts[policy] // batch_size)
+
+
+def clip_coverage(seen: int, draws: int, n_clips: int) -> dict[str, float]:
+    """An epoch's ``train_clip_coverage`` (the fraction of the ``n_clips`` training clips it drew
+    at least once, from ``seen`` distinct clips) and ``train_draws_per_clip`` (``draws`` patches
+    over the clips seen: how often a seen clip came back)."""
+    return {"train_clip_coverage": seen / n_clips, "train_draws_per_clip": draws / max(seen, 1)}
+
+
+def simulate_coverage(
+    sizes: np.ndarray, cfg, batch_size: int, steps: int, epochs: int = 1, seed: int = 0, hop: int | None = None
+) -> list[dict[str, float]]:
+    """``clip_coverage`` of each of ``epochs`` epochs of ``steps`` batches, drawn by the training
+    stream of ``cfg`` (the ``stream`` config) over clips of ``sizes`` stored rows, seeded as
+    training seeds it (one process, no workers), without reading any patch: which clip a draw
+    comes from depends only on the seed, the clips' sizes and ``cfg``. ``hop``: frames between
+    rows where chunks can be cut (epoch mode's offsets; no effect on coverage)."""
+    rows = [np.arange(int(s)) for s in sizes]
+    n = len(rows)
+    if cfg.mode == EPOCH:
+        sampler = EpochSampler(rows, math.ceil(n / batch_size), batch_size, seed, hop)
+
+        def epoch(e: int) -> np.ndarray:
+            return np.concatenate([sampler.batch(g)[2] for g in range(e * steps, (e + 1) * steps)])
+    else:
+        items = mux_over(rows, np.arange(n), cfg, seed).iterate()
+
+        def epoch(e: int) -> np.ndarray:
+            return np.fromiter((pos for _, (_, pos) in zip(range(steps * batch_size), items)), np.int64)
+
+    out = []
+    for e in range(epochs):
+        counts = np.bincount(epoch(e), minlength=n)
+        out.append(clip_coverage(int((counts > 0).sum()), int(counts.sum()), n))
+    return out
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ back.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import sys
@@ -28,7 +29,10 @@ from mtt.tracking import (
     _task_overrides,
     end_with_summary,
     prepare_store,
+    resolve_uri,
     running_sweep_parents,
+    stop_on_signals,
+    stop_received,
     sweep_targets,
     swept_value_errors,
 )
@@ -48,11 +52,21 @@ class PrepareTracking(Callback):
 
     First of all it checks the config's values, and a sweep's every swept value: a bad one ends
     the launch with exit status 2 before any store, run or job (``mtt.config.exit_if_invalid``).
+    A store that cannot be prepared (unreachable, a login refused) ends it with one line and
+    exit status 1: Hydra turns a callback's exception into a warning and would start the jobs.
+    During a sweep, SIGTERM stops the launching process as Ctrl-C does (``stop_on_signals``):
+    the parents end KILLED.
     """
 
     def __init__(self) -> None:
         self._sweep: tuple[str, list[str | None]] | None = None  # sweep id, tracking URIs
         self._interrupted = False
+        self._signals = contextlib.ExitStack()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Hydra's joblib launcher pickles the callbacks into its workers: the signal handlers
+        # (a generator-based context, which cannot be pickled) belong to the launching process.
+        return {**self.__dict__, "_signals": contextlib.ExitStack()}
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._prepare(config)
@@ -73,17 +87,19 @@ class PrepareTracking(Callback):
 
         sys.excepthook = note_interrupt
         atexit.register(self._end_parents, None)  # a failed or interrupted sweep skips the end hook
+        self._signals.enter_context(stop_on_signals())
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         self._end_parents("FINISHED")
 
     def _end_parents(self, status: str | None) -> None:
+        self._signals.close()
         if self._sweep is None:
             return
         (sweep, uris), self._sweep = self._sweep, None
         bootstrap = status is not None
         if status is None:  # at exit, without on_multirun_end: the sweep did not finish
-            status = "KILLED" if self._interrupted else "FAILED"
+            status = "KILLED" if self._interrupted or stop_received() else "FAILED"
         for uri in uris:
             for run_id in running_sweep_parents(uri, sweep):
                 # At interpreter exit no thread pool takes work, and MLflow downloads
@@ -96,7 +112,14 @@ class PrepareTracking(Callback):
         if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 touches the store
             return
         for uri, experiment in sweep_targets(config.tracking, _task_overrides(config)):
-            prepare_store(uri, experiment)
+            try:
+                prepare_store(uri, experiment)
+            except Exception as exc:  # noqa: BLE001 - any cause: one line, not a warning and a traceback
+                line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                if resolve_uri(uri) not in line:
+                    line = f"tracking store {resolve_uri(uri)}: {line}"
+                print(f"error: {line}", file=sys.stderr, flush=True)
+                raise SystemExit(1) from None
 
 
 def end_parent_run(uri: str | None, run_id: str, status: str, bootstrap: bool = True) -> None:

@@ -8,7 +8,7 @@ carried a model is built from its ``config.yaml`` and best checkpoint, by the sa
 
 A folder is tagged recursively (files with an audio extension, ``AUDIO_EXTENSIONS``, sorted);
 files named on the command line are tagged whatever their name. Decoding: libsndfile (mp3, wav,
-flac, ogg), else librosa over ffmpeg (m4a/AAC, ...). Each clip's probabilities are those of the
+flac, ogg), else audioread over ffmpeg (m4a/AAC, ...). Each clip's probabilities are those of the
 run's evaluation (every patch, ``eval.aggregate``). Output (stdout, or ``--output FILE``,
 written atomically): ``text`` prints the ``top-k`` tags of each file,
 
@@ -21,7 +21,10 @@ written atomically): ``text`` prints the ``top-k`` tags of each file,
 "errors": [{"file", "error"}]}``. A progress bar on stderr counts the files.
 
 Errors print one line each (``error: ...``) and exit status 1: a missing path or model before
-any work; a file that cannot be decoded is skipped, the others are still tagged.
+any work; a file that cannot be decoded (a dangling symbolic link, NaN or infinite samples, a
+clip shorter than one patch) is skipped, named, and the others are still tagged. A long file is
+decoded and tagged window by window (``mtt.pyfunc.ClipTagger.tag_blocks``): memory does not grow
+with its length (tests/benchmarks/bench_tag_memory.py).
 """
 
 from __future__ import annotations
@@ -110,18 +113,29 @@ def load_run(run_id: str, tracking_uri: str | None = None):
     return build_tagger({"config": cfg, "tags": meta["tags"]}, state)
 
 
+def dangling(path: Path) -> bool:
+    """A symbolic link to nothing."""
+    return path.is_symlink() and not path.exists()
+
+
 def audio_files(paths: list[str]) -> list[Path]:
     """Files named, and the audio files under folders named (recursively, sorted); ``TagError``
-    for a path that does not exist or a folder without audio."""
+    for a path that does not exist or a folder without audio. A dangling symbolic link with an
+    audio extension in a folder is listed: tagging it fails, naming it, as for any file that
+    cannot be read, instead of leaving it out unsaid."""
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in AUDIO_EXTENSIONS)
+            found = sorted(
+                f for f in p.rglob("*") if (f.is_file() or dangling(f)) and f.suffix.lower() in AUDIO_EXTENSIONS
+            )
             if not found:
                 raise TagError(f"{p}: no audio files in this folder (looked for {' '.join(AUDIO_EXTENSIONS)})")
             out += found
         elif p.is_file():
             out.append(p)
+        elif dangling(p):
+            raise TagError(f"{p}: a dangling symbolic link (to {os.readlink(p)})")
         else:
             raise TagError(f"{p}: no such file or folder")
     return out

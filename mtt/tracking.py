@@ -2,14 +2,16 @@
 
 ``MlflowTracker`` is a context manager around one run: it creates the run in an explicitly
 resolved experiment (never the "active experiment" global), and on exit marks it FINISHED,
-FAILED (with the error recorded) or KILLED (Ctrl-C), so a run's status is always true.
-What it logs goes to the run's journal (``mtt.journal``) first and is shipped to the store by
-a background thread (``Shipper``, ``ship``), so an unreachable store never stops a training;
-``python -m mtt.sync`` ships what a run could not.
+FAILED (with the error recorded) or KILLED (Ctrl-C; SIGTERM inside ``stop_on_signals``), so a
+run's status is always true. What it logs goes to the run's journal (``mtt.journal``) first
+and is shipped to the store by a background thread (``Shipper``, ``ship``), so an unreachable
+store never stops a training; ``python -m mtt.sync`` ships what a run could not, and with
+``--close-stale`` ends the runs whose process died without a word.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -18,6 +20,8 @@ import os
 import re
 import shlex
 import shutil
+import signal
+import socket
 import tempfile
 import threading
 import time
@@ -298,6 +302,58 @@ _BATCH_PARAMS_TAGS = 100
 # run has ended and waits for the store (tracking.flush_timeout_s), capped lower: the process
 # has nothing else to do, and the sooner it sees the store back, the sooner it exits.
 _RETRY_FIRST_S, _RETRY_MAX_S, _RETRY_MAX_ENDING_S = 1.0, 30.0, 5.0
+# How long a stopped run (SIGTERM, Ctrl-C) waits for the store at most: schedulers kill for good
+# soon after their SIGTERM (Slurm's KillWait 30 s, docker stop 10 s); the journal keeps the rest.
+STOPPED_FLUSH_S = 5.0
+# Tags that say why a run ended; a resumed run drops them (it runs again).
+ENDING_TAGS = ("error", "killed_by")
+
+
+class Stopped(KeyboardInterrupt):
+    """A stop signal (SIGTERM from Slurm, docker or ``timeout``; SIGINT) raised in the main
+    thread by ``stop_on_signals``: a ``KeyboardInterrupt``, so everything that ends a run on
+    Ctrl-C (the tracker's KILLED status, cleanups) ends it the same way."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        self.signal_name = signal.Signals(signum).name
+        super().__init__(f"stopped by {self.signal_name}")
+
+
+_stops: list[int] = []  # the stop signals this process received (``stop_received``)
+
+
+def stop_received() -> bool:
+    """Whether a stop signal reached this process through ``stop_on_signals``."""
+    return bool(_stops)
+
+
+@contextlib.contextmanager
+def stop_on_signals(signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> Iterator[None]:
+    """Inside the block, SIGTERM and SIGINT raise ``Stopped`` in the main thread (Python's
+    default for SIGTERM ends the process at once: no status, no flushed journal). A no-op outside
+    the main thread, where handlers cannot be set. A child forked inside (a DataLoader worker)
+    dies of the signal as it would have without the handler."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    owner = os.getpid()
+
+    def handler(signum: int, frame) -> None:
+        if os.getpid() != owner:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        _stops.append(signum)
+        raise Stopped(signum)
+
+    previous = {s: signal.signal(s, handler) for s in signums}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            if h is not None:  # None: set outside Python, cannot be put back
+                signal.signal(s, h)
 
 
 def sync_command(uri: str, journal: Journal) -> str:
@@ -315,7 +371,8 @@ def rejected(exc: BaseException) -> bool:
 
 def _batches(entries: list[dict]) -> Iterator[list[dict]]:
     """Consecutive params/tags/metrics entries merged into groups one ``log_batch`` can carry
-    (an oversized entry alone: ``_send`` splits it); artifacts, inputs and status one by one."""
+    (an oversized entry alone: ``_send`` splits it); artifacts, inputs, untags and status one by
+    one."""
     group: list[dict] = []
     n_metrics = n_keys = 0
     params: dict[str, str] = {}
@@ -361,6 +418,14 @@ def _send(client: MlflowClient, run_id: str, folder: Path, group: list[dict]) ->
                 for d in e["datasets"]
             ],
         )
+        return
+    if e["kind"] == "untags":
+        for key in e["keys"]:
+            try:
+                client.delete_tag(run_id, key)
+            except MlflowException as exc:  # not there (never set, or shipped before): done
+                if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
         return
     if e["kind"] == "status":
         if e["status"] == "RUNNING":
@@ -517,9 +582,12 @@ class MlflowTracker:
     fails within seconds when the store does not answer. Everything logged afterwards goes to
     the run's journal (``mtt.journal``) in ``run_dir(cache, run_id)`` first (a temporary folder
     without ``cache``, removed once shipped) and is shipped by a background ``Shipper``, so a
-    store that goes away during training never stops it. On exit the tracker waits up to
-    ``flush_timeout_s`` for the store; if it is still away, one warning line names the journal
-    and the ``mtt.sync`` command that ships it.
+    store that goes away during training never stops it. The tracker claims that folder for
+    its process (``Journal.claim``: what ``mtt.sync --close-stale`` checks) until it exits. On
+    exit it waits up to ``flush_timeout_s`` for the store (``STOPPED_FLUSH_S`` when stopped); if
+    it is still away, one warning line names the journal and the ``mtt.sync`` command that
+    ships it. A resumed run drops ``ENDING_TAGS`` and logs no second point for a metric and step
+    it logged before.
     """
 
     def __init__(
@@ -546,6 +614,8 @@ class MlflowTracker:
         self.journal: Journal | None = None
         self._shipper: Shipper | None = None
         self._temporary: Path | None = None
+        self._held = contextlib.ExitStack()  # the run folder's claim and the open journal
+        self._logged: set[tuple[str, int]] = set()  # (key, step) a resumed run had logged before
 
     def __enter__(self) -> MlflowTracker:
         check_reachable(self.uri)
@@ -564,27 +634,32 @@ class MlflowTracker:
                 self.experiment_id, run_name=self.run_name, tags={k: str(v) for k, v in self.tags.items()}
             )
             self.run_id = run.info.run_id
-        self._open_journal()
-        if self.resumed:
-            # A journaled status, not a direct call: the killed process's pending entries (its
-            # own status among them) reach the store first. Count the resumes the journal holds
-            # too, in case the store has not seen the last one yet.
-            resumes = max(
-                [
-                    resumes,
-                    *(
-                        int(e["tags"]["resumes"])
-                        for e in self.journal.entries()
-                        if e["kind"] == "tags" and "resumes" in e["tags"]
-                    ),
-                ]
-            )
-            self._write(self.journal.append("status", status="RUNNING", end_time=None))
-            # The run keeps its original tags (overrides, sweep id); only count the resumes.
-            self.set_tags({"resumes": resumes + 1})
+        with contextlib.ExitStack() as stack:
+            stack.callback(self._close_journal)  # until __enter__ returns: a failure lets go of it all
+            self._open_journal()
+            entries = self.journal.entries()
+            if self.resumed:
+                # A journaled status, not a direct call: the killed process's pending entries
+                # (its own status among them) reach the store first. Count the resumes the
+                # journal holds too, in case the store has not seen the last one yet.
+                resumes = max(
+                    [resumes, *(int(e["tags"]["resumes"]) for e in entries if "resumes" in e.get("tags", {}))]
+                )
+                self._write(self.journal.append("status", status="RUNNING", end_time=None))
+                # The run keeps its original tags (overrides, sweep id); only count the resumes,
+                # and drop what said why it stopped: it runs again.
+                self.set_tags({"resumes": resumes + 1})
+                self._write(self.journal.append("untags", keys=list(ENDING_TAGS)))
+                # What the run logged before: a step that logs again (the last epoch healed, the
+                # test of a run stopped after it) adds no second point.
+                self._logged = {(m["key"], m["step"]) for e in entries for m in e.get("metrics", ())}
+            self.set_tags({"mtt.host": socket.gethostname(), "mtt.pid": os.getpid()})
+            stack.pop_all()
         return self
 
     def _open_journal(self) -> None:
+        """Claim the run's folder for this process (``Journal.claim``), open its journal and
+        start shipping it."""
         from mtt.checkpoint import run_dir  # torch: only where a run trains
 
         if self.cache is not None:
@@ -593,46 +668,63 @@ class MlflowTracker:
             self._temporary = Path(tempfile.mkdtemp(prefix="mtt-journal-"))
             folder = self._temporary / self.run_id
         self.journal = Journal(folder)
+        self._held.enter_context(self.journal.claim())
         self.journal.open(
             {"uri": self.uri, "run_id": self.run_id, "experiment_id": self.experiment_id, "experiment": self.experiment}
         )
+        self._held.callback(self.journal.close)
         self._shipper = Shipper(self.client, self.journal, self.journal.entries()[-1]["seq"])
         self._shipper.start()
+
+    def _close_journal(self) -> None:
+        """Stop shipping at once (whatever is unshipped stays in the journal) and let go of the
+        run's folder."""
+        if self._shipper is not None and self._shipper.is_alive():
+            self._shipper.flush(0)
+        self._held.close()
 
     def _write(self, seq: int) -> None:
         self._shipper.wrote(seq)
 
     def __exit__(self, exc_type, exc, tb) -> Literal[False]:
-        if exc_type is None:
-            status = "FINISHED"
-        elif issubclass(exc_type, KeyboardInterrupt):
-            status = "KILLED"
-        else:
-            status = "FAILED"
-            message = "".join(traceback.format_exception(exc_type, exc, tb))
-            self.set_tags({"error": f"{exc_type.__name__}: {exc}"[:5000]})
-            self.log_text(message, "error.txt")
-        # The status is the journal's last entry, shipped after everything it concludes.
-        self._write(self.journal.append("status", status=status, end_time=now_ms()))
-        self.flush()
+        timeout, shipped = self.flush_timeout_s, False
+        try:
+            if exc_type is None:
+                status = "FINISHED"
+            elif issubclass(exc_type, KeyboardInterrupt):
+                status = "KILLED"
+                self.set_tags({"killed_by": getattr(exc, "signal_name", "SIGINT")})
+                # Stopped: a scheduler's grace period (Slurm 30 s, docker 10 s) is short, and
+                # the journal on disk has everything for `mtt.sync`.
+                timeout = min(timeout, STOPPED_FLUSH_S)
+            else:
+                status = "FAILED"
+                message = "".join(traceback.format_exception(exc_type, exc, tb))
+                self.set_tags({"error": f"{exc_type.__name__}: {exc}"[:5000]})
+                self.log_text(message, "error.txt")
+            # The status is the journal's last entry, shipped after everything it concludes.
+            self._write(self.journal.append("status", status=status, end_time=now_ms()))
+            shipped = self.flush(timeout)
+        finally:
+            self._close_journal()
+        if shipped and self._temporary is not None:  # once nothing (the heartbeat) writes there
+            shutil.rmtree(self._temporary, ignore_errors=True)
         return False
 
-    def flush(self) -> bool:
-        """Wait (up to ``flush_timeout_s``) for the store to have the journal; True if it does.
-        Otherwise say, on one line, where the journal is and how to ship it."""
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait (up to ``timeout_s``, by default ``flush_timeout_s``) for the store to have the
+        journal; True if it does. Otherwise say, on one line, where the journal is and how to
+        ship it."""
+        timeout_s = self.flush_timeout_s if timeout_s is None else timeout_s
         try:
-            shipped = self._shipper.flush(self.flush_timeout_s)
+            shipped = self._shipper.flush(timeout_s)
         except KeyboardInterrupt:  # a second Ctrl-C: stop waiting, the journal keeps everything
             shipped = False
         if shipped:
-            if self._temporary is not None:
-                shutil.rmtree(self._temporary, ignore_errors=True)
             return True
         error = self._shipper.error  # else unreachable: the cause was logged when the outage began
         reason = (
-            f"did not take the journal ({_short(error)})"
-            if error
-            else f"unreachable for {self.flush_timeout_s:g} s after the run"
+            f"did not take the journal ({_short(error)})" if error else f"unreachable for {timeout_s:g} s after the run"
         )
         log.warning(
             "tracking store %s %s; run %s is journaled in %s; ship it with: %s",
@@ -652,12 +744,13 @@ class MlflowTracker:
         self._write(self.journal.append("tags", tags={k: str(v) for k, v in tags.items()}))
 
     def log_metrics(self, metrics: Mapping[str, float], step: int, timestamp: int | None = None) -> None:
-        """Log one step. With the same ``timestamp`` a repeated call adds no second point (resume)."""
+        """Log one step. A metric the run logged at this step before it was resumed is left out
+        (one point per step); in one process, the same ``timestamp`` adds no second point."""
         now = timestamp if timestamp is not None else now_ms()
         items = [
             {"key": k, "value": float(v), "step": int(step), "timestamp": now}
             for k, v in metrics.items()
-            if not math.isnan(v)
+            if not math.isnan(v) and (k, int(step)) not in self._logged
         ]
         if items:
             self._write(self.journal.append("metrics", metrics=items))

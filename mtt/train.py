@@ -25,9 +25,8 @@ from tqdm import tqdm
 from mtt import distributed
 from mtt.backbone_cache import build_backbone_cache, cache_key
 from mtt.checkpoint import (
-    BEST_META,
-    BEST_WEIGHTS,
     TrainState,
+    best_files,
     drop_last,
     last_epoch,
     load_best,
@@ -41,7 +40,16 @@ from mtt.data.datasets import index_from_config
 from mtt.data.index import ClipIndex
 
 # Re-exported: callers (mtt.probe, tests) import the evaluation helpers from here too.
-from mtt.evaluate import Split, clip_metrics, clip_probabilities, log_test, monitor_score, split_of, split_probabilities  # noqa: F401
+from mtt.evaluate import (  # noqa: F401
+    Split,
+    chunk_grid,
+    clip_metrics,
+    clip_probabilities,
+    log_test,
+    monitor_score,
+    split_of,
+    split_scores,
+)
 from mtt.models import Tagger, build_model
 from mtt.models.pooling import log_alphas, project_constraints
 from mtt.models.weights import WeightsInfo, load_state_dict, resolve_weights
@@ -49,7 +57,7 @@ from mtt.preprocess import build_feature_store
 from mtt.records import dataset_inputs, plot_curves, run_note, versions
 from mtt.schedule import Phases
 from mtt.store import PatchStore
-from mtt.streams import epoch_counts, steps_per_epoch, train_loader
+from mtt.streams import EPOCH, ChunkGrid, clip_coverage, epoch_counts, steps_per_epoch, train_loader
 
 log = logging.getLogger(__name__)
 
@@ -95,15 +103,19 @@ def train_epoch(run: Run, epoch: int) -> dict[str, float]:
     if p.frozen:
         model.backbone.eval()
     loss_sum = correct = cells = 0.0
+    draws = np.zeros(len(run.train_clips), dtype=np.int64)  # this epoch's draws of each training clip
     # Epochs are numbered from 0 everywhere: this bar, the log lines, MLflow's steps, best_epoch.
     bar = tqdm(range(run.steps), desc=f"epoch {epoch}/{t.epochs - 1}", unit="step", disable=not t.progress, leave=False)
     for step in bar:
-        x, y = next(run.stream)
+        x, y, clips = next(run.stream)
+        draws += np.bincount(clips.numpy(), minlength=len(draws))
         x, y = x.to(p.device, non_blocking=True), y.to(p.device, non_blocking=True)
         with torch.autocast(p.device.type, dtype=p.amp, enabled=p.amp is not None):
             logits = run.forward(x, from_backbone=p.from_backbone)
         loss = model.loss(logits, y)
         if not torch.isfinite(loss):
+            if not torch.isfinite(x).all():  # the data, not the optimisation
+                raise nonfinite_inputs(p, epoch, step)
             raise FloatingPointError(
                 f"loss is {loss.item()} at epoch {epoch} step {step}; stopping (trainer.lr={t.lr} too high?)"
             )
@@ -116,7 +128,38 @@ def train_epoch(run: Run, epoch: int) -> dict[str, float]:
             correct += ((model.probabilities(logits) >= 0.5) == (y >= 0.5)).sum().item()
             cells += y.numel()
         bar.set_postfix(loss=f"{loss_sum / (step + 1):.4f}")  # tqdm syncs bar.n lazily
-    return {"train_loss": loss_sum / run.steps, "train_accuracy": correct / cells}
+    return {
+        "train_loss": loss_sum / run.steps,
+        "train_accuracy": correct / cells,
+        "clips_seen": int((draws > 0).sum()),
+        "draws": int(draws.sum()),
+    }
+
+
+_NAMED = 5  # clips a non-finite-input error names
+
+
+def nonfinite_inputs(p: Prepared, epoch: int, step: int) -> FloatingPointError:
+    """The error for a batch holding NaN or infinite inputs: which stored clips hold them (the
+    feature store first, then the backbone cache computed from it), with their files, and how to
+    rebuild the store. Read only when it happens (a pass over the training clips)."""
+    where = f"non-finite input features (NaN or inf) at epoch {epoch} step {step}, not the learning rate"
+    rows = {int(c): i for i, c in enumerate(p.index.clip_ids)}
+    for store in dict.fromkeys([p.store, p.inputs]):
+        bad: list[int] = []
+        for c in p.train.clip_ids:
+            if int(c) in store and not np.isfinite(store.get(c)).all():
+                bad.append(int(c))
+                if len(bad) == _NAMED:
+                    break
+        if bad:
+            named = ", ".join(f"{c} ({p.index.audio_path(rows[c])})" for c in bad)
+            source = "the audio (python -m mtt.preprocess)" if store is p.store else "the features by the next run"
+            more = f" (the first {_NAMED})" if len(bad) == _NAMED else ""
+            return FloatingPointError(
+                f"{where}: {store.path} holds them for clip(s){more} {named}; delete it to have it rebuilt from {source}"
+            )
+    return FloatingPointError(f"{where}: the stored training clips hold none, so the batch was damaged in memory")
 
 
 def patience_spent(state: TrainState, patience: int | None) -> bool:
@@ -180,14 +223,18 @@ class Prepared:
     train: Split
     valid: Split
     test: Split
+    grid: ChunkGrid  # where the inputs' rows lie in their clips (epoch offsets, even evaluation chunks)
 
 
-def prepare(cfg, d: distributed.Dist = distributed.Dist(), cache: bool | None = None) -> Prepared:
+def prepare(
+    cfg, d: distributed.Dist = distributed.Dist(), cache: bool | None = None, index: ClipIndex | None = None
+) -> Prepared:
     """Seed, resolve the weights, build (or open) the dataset, the feature store, the model and,
     for a frozen backbone, the cache of its outputs; split the clips.
 
     ``cache`` forces the backbone cache on (the linear probe reads frozen outputs even when the
     config fine-tunes) or off; by default it follows ``backbone.freeze``/``finetune_last``/``cache``.
+    ``index``: the clip index when the caller has read it already (``mtt.preflight``).
     """
     validate(cfg)  # library callers too: a bad value fails here, not deep in the loop
     t = cfg.trainer
@@ -199,7 +246,7 @@ def prepare(cfg, d: distributed.Dist = distributed.Dist(), cache: bool | None = 
     with distributed.main_first(d):  # rank 0 downloads and builds, the others then find it all
         # The weights first: an offline `audioset` run fails here, before any data work.
         weights = resolve_weights(cfg.backbone.weights, cfg.backbone.url, cfg.backbone.hub_dir)
-        index = index_from_config(cfg.data, progress=t.progress)
+        index = index if index is not None else index_from_config(cfg.data, progress=t.progress)
         store = build_feature_store(index, cfg.features, progress=t.progress)
         state_dict = load_state_dict(weights.path) if weights.path is not None else None
         model = build_model(cfg, len(index.tags), state_dict).to(device)
@@ -215,7 +262,9 @@ def prepare(cfg, d: distributed.Dist = distributed.Dist(), cache: bool | None = 
     if len(splits[0].clip_ids) == 0:
         raise RuntimeError(f"no training clips with features under {cfg.data.root}")
     valid_is_test = np.array_equal(index.subset("valid"), index.subset("test"))
-    return Prepared(device, amp, weights, index, store, model, inputs, from_backbone, frozen, valid_is_test, *splits)
+    grid = chunk_grid(cfg, store, from_backbone)
+    fields = (device, amp, weights, index, store, model, inputs, from_backbone, frozen, valid_is_test)
+    return Prepared(*fields, train=splits[0], valid=splits[1], test=splits[2], grid=grid)
 
 
 @dataclass
@@ -237,14 +286,27 @@ class Run:
     patience: int | None  # early stopping, None = never
     phases: Phases  # the optimiser of each epoch (trainer.optimizer, trainer.phases: mtt.schedule)
     params: list  # the trained parameters, for an optimiser a phase builds
+    train_clips: np.ndarray  # this rank's training clips, which the stream's clip positions index
+
+    def scores(self, split: Split) -> tuple[np.ndarray, np.ndarray]:
+        """Clip probabilities ``(clips, n_tags)`` of ``split`` and each clip's mean chunk BCE
+        ``(clips,)`` (``mtt.evaluate.clip_scores``; across the ranks under torchrun)."""
+        p = self.p
+        return split_scores(self.d, p.model, p.inputs, split, self.cfg, p.device, p.from_backbone, p.amp, p.grid)
 
     def evaluate(self, split: Split) -> np.ndarray:
-        """Clip probabilities ``(clips, n_tags)`` of ``split`` (across the ranks under torchrun)."""
-        p = self.p
-        return split_probabilities(self.d, p.model, p.inputs, split, self.cfg, p.device, p.from_backbone, p.amp)
+        """Clip probabilities ``(clips, n_tags)`` of ``split``."""
+        return self.scores(split)[0]
+
+    def validate(self) -> dict[str, float]:
+        """The validation metrics: ``clip_metrics`` of the clip probabilities, and ``chunk_loss``
+        (Won et al.'s criterion: the BCE of every evaluated chunk, averaged per clip, then over
+        the clips; each clip has as many chunks under ``eval.patches_per_clip``)."""
+        probs, chunk_losses = self.scores(self.p.valid)
+        return {**clip_metrics(self.p.valid.labels, probs), "chunk_loss": float(np.mean(chunk_losses))}
 
 
-def train(cfg, tracker, d: distributed.Dist = distributed.Dist()) -> dict[str, float]:
+def train(cfg, tracker, d: distributed.Dist = distributed.Dist(), index: ClipIndex | None = None) -> dict[str, float]:
     """Train the tagger of ``cfg`` and log everything to ``tracker``; returns the final metrics.
 
     prepare (data, features, model) -> fit (epochs, checkpoints, validation) -> test (the
@@ -252,7 +314,7 @@ def train(cfg, tracker, d: distributed.Dist = distributed.Dist()) -> dict[str, f
     from the last checkpoint of that run. ``d`` is this process's place in a torchrun job (see
     ``mtt.distributed``); by default one process.
     """
-    run = start(cfg, tracker, prepare(cfg, d), d)
+    run = start(cfg, tracker, prepare(cfg, d, index=index), d)
     fit(run, tracker)
     return test(run, tracker)
 
@@ -299,8 +361,12 @@ def start(cfg, tracker, p: Prepared, d: distributed.Dist) -> Run:
     if not tracker.resumed:
         tracker.set_tags({"selection": selection})
     model = p.model
-    if cfg.head.bias_init == "prior":  # from the training labels, before any step
+    if model.pretrained_head:  # a head from backbone.weights keeps its trained bias
+        log.info("head.bias_init=%s not applied: the output layer comes from backbone.weights", cfg.head.bias_init)
+    elif cfg.head.bias_init == "prior":  # from the training labels, before any step
         model.init_output_bias(p.train.labels)
+    elif cfg.head.bias_init == "zero":  # Keras' zeros (the report's); "default" keeps PyTorch's init
+        model.zero_output_bias()
     params = [w for w in model.parameters() if w.requires_grad]
     folder = run_dir(cfg.paths.cache, tracker.run_id)
     phases = Phases(t, lr_schedule)  # trainer.optimizer, and trainer.phases (mtt.schedule)
@@ -326,6 +392,9 @@ def start(cfg, tracker, p: Prepared, d: distributed.Dist) -> Run:
         distributed.local_batch(d, t.batch_size),
         t.seed,
         pin_memory=p.device.type == "cuda",
+        pass_steps=steps_per_epoch(EPOCH, t.batch_size, 0, len(p.train.clip_ids), 0),  # the whole set's
+        grid=p.grid,
+        clips=True,
     )
     skip_batches(stream, steps * (state.epoch + 1))
     return Run(
@@ -343,6 +412,7 @@ def start(cfg, tracker, p: Prepared, d: distributed.Dist) -> Run:
         patience,
         phases,
         params,
+        p.train.clip_ids[mine],
     )
 
 
@@ -360,12 +430,14 @@ def fit(run: Run, tracker) -> None:
     epoch = state.epoch + 1
     while epoch < t.epochs and not patience_spent(state, run.patience):
         run.optimizer = run.phases.enter(epoch, run.optimizer, run.params, reload_best)
-        local = train_epoch(run, epoch)
+        ranks = distributed.gather(d, train_epoch(run, epoch))
         distributed.sync_buffers(d, p.model)  # every rank evaluates (and rank 0 saves) one model
         # Every rank ran the same number of equal-sized steps: the mean of means is the mean.
-        metrics = {k: float(np.mean([m[k] for m in distributed.gather(d, local)])) for k in local}
-        val = clip_metrics(p.valid.labels, run.evaluate(p.valid))
-        metrics.update({f"val_{k}": v for k, v in val.items()})
+        metrics = {k: float(np.mean([m[k] for m in ranks])) for k in ("train_loss", "train_accuracy")}
+        # The ranks' clips are disjoint: the clips seen are the sum of each rank's.
+        seen, draws = (sum(m[k] for m in ranks) for k in ("clips_seen", "draws"))
+        metrics.update(clip_coverage(seen, draws, len(p.train.clip_ids)))
+        metrics.update({f"val_{k}": v for k, v in run.validate().items()})
         metrics["lr"] = run.optimizer.param_groups[0]["lr"]  # the rate this epoch trained with
         log.info("epoch %d: %s", epoch, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         score = monitor_score(metrics, t.monitor)
@@ -400,8 +472,8 @@ def test(run: Run, tracker) -> dict[str, float]:
     distributed.barrier(d)  # rank 0's best checkpoint is on disk for every rank
     best, _ = load_best(run.folder)
     p.model.load_state_dict(best)
-    for name in (BEST_WEIGHTS, BEST_META):
-        tracker.log_artifact(run.folder / name, "checkpoint")
+    for file in best_files(run.folder):  # with their checksum sidecars, which mtt.tag checks
+        tracker.log_artifact(file, "checkpoint")
     if d.main:  # the tagger as an MLflow model (model/): what mtt.tag and `mlflow models serve` load
         from mtt.pyfunc import log_tagger
 

@@ -1,6 +1,7 @@
 """Shared fixtures: configs composed through Hydra's compose API with small overrides, a tiny
 generated dataset, a throwaway MLflow store, the seeds and checks of learning tests. The helpers
-they use are in ``tests.helpers``."""
+they use are in ``tests.helpers``. Tests marked ``cuda`` are skipped where torch sees no CUDA
+device."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import pytest
 
 from tests.helpers import TINY, compose_cfg
 from tests.helpers.learning import Learning, seeds_from_env
+
+NO_CUDA = "no CUDA device"
 
 
 @pytest.fixture(scope="session")
@@ -43,3 +46,16 @@ def learning(request) -> Learning:
     others = {k: v for k, v in node.callspec.params.items() if k != "learning"}  # the test's own parameters
     name = f"{node.path.name}::{node.originalname}" + (f"[{others}]" if others else "")
     return Learning(test=name, seed=request.param)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """``@pytest.mark.cuda`` tests need a CUDA device: without one they are skipped, all with the
+    same reason (a platform limit; ``make bench-gpu`` runs them on a GPU machine)."""
+    marked = [item for item in items if item.get_closest_marker("cuda") is not None]
+    if not marked:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        for item in marked:
+            item.add_marker(pytest.mark.skip(reason=NO_CUDA))

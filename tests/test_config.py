@@ -65,3 +65,22 @@ def test_cli_typo_fails_before_any_data_work(tmp_path):
         assert proc.returncode != 0
         assert word in proc.stderr
         assert not any(tmp_path.iterdir()), "nothing may be generated before the config is valid"
+
+
+def test_two_runs_started_in_the_same_second_get_their_own_hydra_folder():
+    """Hydra writes .hydra/*.yaml and the log into hydra.run.dir: two runs must never share one.
+    The clock is pinned to two moments 1 microsecond apart, in the same second."""
+    from datetime import datetime
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    dirs = []
+    try:
+        for moment in (datetime(2026, 1, 2, 3, 4, 5, 1), datetime(2026, 1, 2, 3, 4, 5, 2)):
+            with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):  # (re-registers "now")
+                OmegaConf.register_new_resolver("now", moment.strftime, use_cache=True, replace=True)
+                dirs.append(compose("config", return_hydra_config=True).hydra.run.dir)
+    finally:  # Hydra's own clock back
+        OmegaConf.register_new_resolver("now", lambda p: datetime.now().strftime(p), use_cache=True, replace=True)
+    assert dirs[0].endswith("03-04-05-000001") and dirs[1].endswith("03-04-05-000002"), dirs

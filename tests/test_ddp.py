@@ -26,7 +26,8 @@ from mtt.train import clip_metrics, clip_probabilities, split_of
 from tests.helpers import TINY, compose_cfg
 from tests.helpers.http_server import free_port
 
-EPOCH_METRICS = ["train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_roc_auc", "val_pr_auc"]
+EPOCH_METRICS = ["train_loss", "train_accuracy", "train_clip_coverage", "train_draws_per_clip"]
+EPOCH_METRICS += ["val_loss", "val_chunk_loss", "val_accuracy", "val_roc_auc", "val_pr_auc"]
 
 
 def descendants(pid: int) -> list[int]:
@@ -106,6 +107,30 @@ def test_torchrun_two_processes(tmp_path, cache_dir):
                 else {m.step: m.value for m in client.get_metric_history(run.info.run_id, f"val_{key}")}[step]
             )
             assert logged == pytest.approx(value, abs=1e-5), f"{prefix}_{key}"
+
+
+@pytest.mark.slow
+def test_torchrun_epoch_mode_draws_every_training_clip_once_per_epoch(tmp_path, cache_dir):
+    """stream.mode=epoch under torchrun: each rank passes over its own shard of the 24 training
+    clips in batches of 5 (batch 10 over 2 ranks), ceil(24 / 10) = 3 steps on both (5, 5, 2 each),
+    and the coverage logged is the ranks' together: every clip exactly once per epoch."""
+    uri = f"sqlite:///{tmp_path}/epoch.db"
+    overrides = [*TINY, "trainer.epochs=2", "stream.mode=epoch", "steps=epoch", "trainer.batch_size=10"]
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    proc = subprocess.run(
+        [torchrun, "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "mtt.run", *overrides],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "MLFLOW_TRACKING_URI": uri, "MTT_CACHE": str(cache_dir)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.data.params["derived.train_clips"] == "24" and run.data.params["derived.steps_per_epoch"] == "3"
+    for key in ("train_clip_coverage", "train_draws_per_clip"):
+        assert [m.value for m in client.get_metric_history(run.info.run_id, key)] == [1.0, 1.0], key
 
 
 @pytest.mark.slow

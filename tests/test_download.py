@@ -23,6 +23,7 @@ from mtt.data.download import (
     PARTS,
     PINNED_SHA256,
     ArchiveError,
+    TargetError,
     checksums_from_env,
     download_mtat,
 )
@@ -31,6 +32,7 @@ from mtt.data.mtat import AnnotationError
 from mtt.data.tags import TAGS, TOP50
 from mtt.hub import DownloadError
 from mtt.paths import REPO_ROOT
+from tests.helpers import mtat_tree, snapshot
 from tests.helpers.http_server import FileServer, _flip_middle, closed_port_url
 
 FOLDERS = ("0", "1", "f")
@@ -216,6 +218,45 @@ def test_files_copied_in_by_hand_are_extracted_offline(tmp_path, mtat):
         (tmp_path / name).write_bytes(data)
     download_mtat(tmp_path, closed_port_url(), progress=False, checksums=sums(served))
     _assert_extracted(tmp_path, served, clips)
+    assert all((tmp_path / p).read_bytes() == served[p] for p in PARTS)  # yours: kept, not deleted
+
+
+def test_a_file_copied_in_by_hand_that_fails_its_check_is_named_and_left(tmp_path, mtat):
+    served, _ = mtat
+    for name, data in served.items():
+        (tmp_path / name).write_bytes(data)
+    (tmp_path / ANNOTATIONS).write_bytes(b"my own edit\n" + served[ANNOTATIONS])
+    with pytest.raises(DownloadError, match=f"{tmp_path / ANNOTATIONS} \\(copied in, not downloaded by mtt\\)"):
+        download_mtat(tmp_path, closed_port_url(), progress=False, checksums=sums(served))
+    assert (tmp_path / ANNOTATIONS).read_bytes() == b"my own edit\n" + served[ANNOTATIONS]
+    # and one that matches its digest but is no MTAT annotations file is refused, not deleted
+    moved = {**served, ANNOTATIONS: b"<html>moved</html>"}
+    (tmp_path / ANNOTATIONS).write_bytes(moved[ANNOTATIONS])
+    with pytest.raises(AnnotationError, match="left as it is"):
+        download_mtat(tmp_path, closed_port_url(), progress=False, checksums=sums(moved))
+    assert (tmp_path / ANNOTATIONS).read_bytes() == moved[ANNOTATIONS]
+    # and a piece whose digest you gave but whose clips fail their CRC is named and kept too
+    (tmp_path / ANNOTATIONS).write_bytes(served[ANNOTATIONS])
+    (tmp_path / "mp3.zip.002").write_bytes(_flip_middle(served["mp3.zip.002"]))
+    corrupt_sums = {**sums(served), "mp3.zip.002": hashlib.sha256(_flip_middle(served["mp3.zip.002"])).hexdigest()}
+    with pytest.raises(DownloadError, match=r"mp3\.zip\.002 \(copied in, not downloaded by mtt\): corrupt .*CRC"):
+        download_mtat(tmp_path, closed_port_url(), progress=False, checksums=corrupt_sums)
+    assert (tmp_path / "mp3.zip.002").read_bytes() == _flip_middle(served["mp3.zip.002"])
+
+
+def test_a_folder_holding_anything_else_is_refused_before_any_request(tmp_path, mtat):
+    served, _ = mtat
+    root = mtat_tree(tmp_path / "mtat")  # a hand-unpacked MagnaTagATune needs no download
+    before = snapshot(root)
+    with FileServer(served) as server:
+        with pytest.raises(TargetError, match=f"data.root={root} holds files mtt did not download"):
+            download_mtat(root, server.url, progress=False, checksums=sums(served))
+        assert server.count() == 0
+    assert snapshot(root) == before
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(TargetError, match="is a file, not a folder"):
+        download_mtat(tmp_path / "file", closed_port_url(), progress=False)
+    assert (tmp_path / "file").read_text() == "mine"
 
 
 def test_offline_with_files_missing_says_what_to_do(tmp_path):

@@ -273,19 +273,46 @@ def test_other_parameters_regenerate(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".toy.gen")]  # old copy removed
 
 
-def test_partial_dataset_without_marker_is_regenerated(tiny_root, tmp_path):
+def test_a_folder_without_the_marker_is_never_replaced(tiny_root, tmp_path):
+    """MTAT's own names prove nothing (a hand-unpacked MagnaTagATune holds exactly those): without
+    the generator's marker a folder is someone's data, refused and left byte for byte."""
+    root = tmp_path / "toy"
+    (root / "0").mkdir(parents=True)
+    src = build_index(tiny_root).paths[0]
+    (root / src).write_bytes((tiny_root / src).read_bytes()[:100])
+    (root / "annotations_final.csv").write_bytes((tiny_root / "annotations_final.csv").read_bytes())
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    with pytest.raises(FileExistsError, match=f"data.root={root} holds files mtt did not generate .*data=mtat"):
+        ensure_dataset(root, TINY, progress=False)
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in root.iterdir()) == ["0", "annotations_final.csv"]
+
+
+def test_an_empty_folder_is_filled_and_a_file_refused(tmp_path):
     root = tmp_path / "toy"
     root.mkdir()
-    (root / "0").mkdir()
-    src = build_index(tiny_root).paths[0]
-    (root / src).write_bytes((tiny_root / src).read_bytes()[:100])  # a truncated clip
-    (root / "annotations_final.csv").write_bytes((tiny_root / "annotations_final.csv").read_bytes())
     stale = tmp_path / ".toy.gen-999-deadbeef"  # what a killed generator leaves behind
     (stale / "0").mkdir(parents=True)
-    ensure_dataset(root, TINY, progress=False)
+    ensure_dataset(root, SynthConfig(1, 0.5, 0), progress=False)
     assert (root / MARKER).is_file() and not stale.exists()
-    assert (root / src).read_bytes() == (tiny_root / src).read_bytes()
-    assert len(list(root.rglob("*.mp3"))) == 16 * TINY.clips_per_folder
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(FileExistsError, match="is a file, not a folder"):
+        ensure_dataset(tmp_path / "file", SynthConfig(1, 0.5, 0), progress=False)
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_a_file_of_yours_beside_a_finished_dataset_is_kept_and_only_blocks_a_regeneration(tmp_path):
+    from mtt.data.embedded.cache import write_refusal
+
+    root = ensure_dataset(tmp_path / "toy", SynthConfig(1, 0.5, 0), progress=False)
+    (root / "notes.txt").write_text("mine")
+    assert write_refusal(root, SynthConfig(1, 0.5, 0)) is None  # nothing to write: the run goes on
+    assert ensure_dataset(root, SynthConfig(1, 0.5, 0), progress=False) == root
+    refusal = write_refusal(root, SynthConfig(2, 0.5, 0))  # would replace the folder, notes and all
+    assert refusal is not None and "holds files mtt did not generate (notes.txt)" in refusal
+    with pytest.raises(FileExistsError, match="notes.txt"):
+        ensure_dataset(root, SynthConfig(2, 0.5, 0), progress=False)
+    assert (root / "notes.txt").read_text() == "mine"
 
 
 def test_foreign_folder_is_not_replaced(tmp_path):

@@ -24,6 +24,7 @@ COMMON = {
     "data.tags": "all",
     "data.drop_untagged": False,
     "stream.patches_per_clip": 1,
+    "stream.mode": "with_replacement",  # the report's pescador mux, not the epoch mode
     "eval.patches_per_clip": 1,
     "trainer.batch_size": 32,
     "tracking.experiment": "report",
@@ -84,12 +85,16 @@ EXPECTED = {
         "trainer.weight_decay": 1e-4,
         "trainer.lr_schedule": "phases",
         "trainer.nesterov": True,
-        "trainer.monitor": "val_loss",
+        "trainer.monitor": "val_chunk_loss",  # their selection: mean chunk-level validation BCE
+        "trainer.precision": "fp32",
         "trainer.patience": None,
+        "head.bias_init": "default",  # PyTorch's initial bias, as theirs
         "eval.patches_per_clip": 16,
         "eval.spacing": "even",
+        "eval.chunk_samples": 59049,
         "data.tags": "top50",
-        "steps.policy": "cached",
+        "stream.mode": "epoch",  # every training clip once per epoch, at a random offset
+        "steps.policy": "epoch",
     },
     "anchors/transfer_vs_scratch": {"tracking.experiment": "transfer_vs_scratch"},
     # its arms, swept by it: both scored over every chunk of the same top-50 test clips

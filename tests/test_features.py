@@ -127,3 +127,36 @@ def test_float32_fft_option_is_close_on_noise():
     x = SIGNALS_16K["white_noise"]()
     ours = LogMelFrontEnd(fft_dtype=torch.float32)(torch.from_numpy(x).float()[None])[0]
     assert np.abs(ours.numpy() - reference(x, SR)).max() <= 1e-4
+
+
+@pytest.mark.parametrize("features", ["vggish", "shortchunk"])
+def test_a_clip_streamed_in_windows_has_the_whole_clips_patches(features):
+    """mtt.tag and serving compute a long clip's patches window by window (PatchFrontEnd.stream):
+    the same frames of the same samples as the whole clip at once, for both front ends (the
+    centred mel_db frames need context at the windows' edges)."""
+    from mtt.features import build_front_end
+    from mtt.pyfunc import _features
+    from tests.helpers import compose_cfg
+
+    extra = ["backbone=shortchunk"] if features == "shortchunk" else []
+    front = build_front_end(_features(compose_cfg([f"features={features}", *extra])))
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal(16000 * 23 + 777).astype(np.float32) * 0.1)
+    whole = front(x[None])[0]
+    assert len(whole) >= 10
+    for block, window in [(1000, 1), (16000, 3), (100000, 8), (len(x), 32)]:
+        got = torch.cat(list(front.stream((x[i : i + block] for i in range(0, len(x), block)), window_patches=window)))
+        assert got.shape == whole.shape and torch.equal(got, whole), (block, window)
+
+
+def test_a_waveform_resampled_in_blocks_is_resampled_as_a_whole():
+    from mtt.audio import StreamResampler, resample
+
+    rng = np.random.default_rng(0)
+    for orig in (44100, 48000, 22050, 11025, 8000, 16000):
+        x = rng.standard_normal(orig * 3 + 123).astype(np.float32)
+        whole = resample(x, orig, 16000)
+        for block in (997, 4096, 100000):
+            r = StreamResampler(orig, 16000)
+            got = np.concatenate([*(r.push(x[i : i + block]) for i in range(0, len(x), block)), r.finish()])
+            assert got.shape == whole.shape, (orig, block)
+            np.testing.assert_allclose(got, whole, rtol=0, atol=1e-5, err_msg=f"{orig} Hz in blocks of {block}")

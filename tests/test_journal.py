@@ -216,3 +216,168 @@ def test_sync_names_a_missing_run_a_busy_journal_and_a_missing_path(tmp_path, ca
 
     assert sync.main([str(tmp_path / "nowhere")]) == 2
     assert "nowhere does not exist" in capsys.readouterr().err
+
+
+def test_every_line_carries_a_checksum_verified_when_read(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path}/m.db"
+    run_id = new_run(uri)
+    folder = tmp_path / "run"
+    write_run(journal_for(folder, uri, run_id), tmp_path)
+    path = folder / JOURNAL
+    lines = path.read_bytes().splitlines(keepends=True)
+    assert all(json.loads(x)["crc"] for x in lines) and json.loads(lines[0])["journal"] == 2
+    assert [e["seq"] for e in Journal(folder).entries()] == list(range(9)) and "crc" not in Journal(folder).header
+
+    # A number changed on disk: still JSON, still in sequence, no longer what was logged.
+    changed = lines[3].replace(b'"value":1.0', b'"value":7.0')
+    assert changed != lines[3]
+    path.write_bytes(b"".join([*lines[:3], changed, *lines[4:]]))
+    with pytest.raises(JournalError) as err:
+        Journal(folder).entries()
+    assert str(err.value) == (
+        f"{path}: line 4 fails its checksum (changed or damaged on disk); nothing from it on can be shipped"
+    )
+    assert sync.main([str(folder)]) == 1  # refused, naming the file: nothing shipped
+    out = capsys.readouterr().out
+    assert f"FAILED {path}: line 4 fails its checksum" in out
+    assert MlflowClient(uri).get_run(run_id).data.metrics == {}
+
+    # A zeroed block (what a disk or a power cut leaves) in the middle is refused too.
+    path.write_bytes(b"".join([*lines[:5], b"\0" * len(lines[5]), *lines[6:]]))
+    with pytest.raises(JournalError, match=r"line 6 is not JSON"):
+        Journal(folder).entries()
+
+    # A journal of an older mtt (no crc anywhere) is read unchecked, as before.
+    old = [json.loads(x) for x in lines]
+    for entry in old:
+        entry.pop("crc")
+    old[0].pop("journal")
+    path.write_text("".join(json.dumps(e, separators=(",", ":")) + "\n" for e in old))
+    assert [e["seq"] for e in Journal(folder).entries()] == list(range(9))
+    # ... but in a checked journal a line without its crc is refused.
+    path.write_bytes(b"".join([*lines[:2], json.dumps(old[2], separators=(",", ":")).encode() + b"\n", *lines[3:]]))
+    with pytest.raises(JournalError, match=r"line 3 fails its checksum"):
+        Journal(folder).entries()
+
+
+def test_journal_deleted_mid_run_is_rewritten_and_the_run_ends_finished(tmp_path, caplog):
+    uri = f"sqlite:///{tmp_path}/m.db"
+    with MlflowTracker(uri, "j", "deleted", cache=tmp_path / "cache") as tracker:
+        tracker.log_metrics({"val_loss": 1.0}, step=0)
+        tracker.log_metrics({"val_loss": 0.5}, step=1)
+        path, before = tracker.journal.path, tracker.journal.entries()
+        path.unlink()  # a cleanup script, a user, mid-run (the store is up)
+        assert tracker.journal.entries() == before  # the run still reads its own copy
+        tracker.log_metrics({"val_loss": 0.25}, step=2)
+        assert path.is_file()
+    client = MlflowClient(uri)
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED"
+    assert sorted((m.step, m.value) for m in client.get_metric_history(tracker.run_id, "val_loss")) == [
+        (0, 1.0),
+        (1, 0.5),
+        (2, 0.25),
+    ]
+    entries = Journal(path.parent).entries()  # whole again: header first, every line checked
+    assert entries[0]["kind"] == "run" and entries[-1]["status"] == "FINISHED"
+    assert [m["step"] for e in entries for m in e.get("metrics", ())] == [0, 1, 2]
+    (warning,) = [r.getMessage() for r in caplog.records if "deleted or replaced" in r.getMessage()]
+    assert str(path) in warning
+    assert sync.main([str(path.parent)]) == 0  # and `mtt.sync` finds nothing left to ship
+
+
+def test_a_run_folder_is_held_by_one_live_process(tmp_path):
+    from mtt.journal import OWNER, process_alive, this_process
+
+    journal = Journal(tmp_path / "run")
+    with journal.claim():
+        owner = json.loads((tmp_path / "run" / OWNER).read_text())
+        assert owner == this_process() and process_alive(owner) is True
+        with pytest.raises(JournalError, match=rf"held by process {owner['pid']} on "):
+            with Journal(tmp_path / "run").claim():
+                pass
+    with Journal(tmp_path / "run").claim():  # let go at the end of the block
+        pass
+
+
+def dead_process() -> dict:
+    """The identity of a process that ran on this host and has ended."""
+    import subprocess
+    import sys
+
+    from mtt.journal import this_process
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return {**this_process(), "pid": proc.pid, "started": 1}
+
+
+def open_run(tmp_path, uri: str, name: str, owner: dict | None, heartbeat_age: float = 0.0):
+    """A run RUNNING in the store whose journal (epoch 0 logged) names ``owner`` as its process."""
+    import os
+    import time
+
+    from mtt.journal import OWNER
+
+    run_id = new_run(uri)
+    journal = journal_for(tmp_path / "cache" / name, uri, run_id)
+    journal.append("metrics", metrics=[{"key": "val_loss", "value": 1.0, "step": 0, "timestamp": 1000}])
+    journal.close()
+    seen = time.time() - heartbeat_age
+    if owner is not None:
+        (journal.folder / OWNER).write_text(json.dumps(owner))
+        os.utime(journal.folder / OWNER, (seen, seen))
+    os.utime(journal.path, (seen, seen))
+    return run_id, journal
+
+
+def test_close_stale_ends_the_runs_whose_process_is_gone(tmp_path, capsys):
+    import re
+
+    from mtt.journal import this_process
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    client = MlflowClient(uri)
+    me = this_process()
+    gone, gone_journal = open_run(tmp_path, uri, "gone", dead_process(), heartbeat_age=100)
+    last_seen = gone_journal.heartbeat()
+    reused, reused_journal = open_run(tmp_path, uri, "reused", {**me, "started": me["started"] - 1})  # a later pid
+    (reused_journal.folder / "last.pt").write_bytes(b"\0" * 64)  # a damaged checkpoint: closed all the same
+    alive, _ = open_run(tmp_path, uri, "alive", me)
+    held, held_journal = open_run(tmp_path, uri, "held", dead_process())
+    elsewhere, _ = open_run(tmp_path, uri, "elsewhere", {**me, "host": "node-17"}, heartbeat_age=600)
+    fresh, _ = open_run(tmp_path, uri, "fresh", {**me, "host": "node-18"}, heartbeat_age=10)
+    with held_journal.owner_lock():  # a live run holds its folder, whatever its owner file says
+        assert sync.main(["--close-stale", str(tmp_path / "cache")]) == 0
+    out = capsys.readouterr().out
+    status = {r: client.get_run(r).info.status for r in (gone, reused, alive, held, elsewhere, fresh)}
+    assert status == {
+        gone: "KILLED",
+        reused: "KILLED",
+        alive: "RUNNING",
+        held: "RUNNING",
+        elsewhere: "RUNNING",
+        fresh: "RUNNING",
+    }
+    run = client.get_run(gone)
+    assert (
+        run.data.tags["killed_by"].startswith("mtt.sync --close-stale: process ")
+        and "is gone" in run.data.tags["killed_by"]
+    )
+    assert run.info.end_time == int(1000 * last_seen)  # ended when it was last seen alive, 100 s ago
+    assert [m.step for m in client.get_metric_history(gone, "val_loss")] == [0]  # with its last epoch
+    assert f"closed run {gone} " in out and "KILLED before its first checkpoint (nothing to resume)" in out
+    assert f"closed run {reused} " in out and "KILLED with a last.pt that cannot be resumed (" in out
+    assert f"left open run {elsewhere} " in out and "process " in out and "node-17 cannot be checked" in out
+    assert "2 closed as KILLED" in out
+
+    # Another host's run: closed only on request, once its heartbeat is older than asked.
+    assert sync.main(["--close-stale", "--stale-after", "300", str(tmp_path / "cache")]) == 0
+    out = capsys.readouterr().out
+    assert client.get_run(elsewhere).info.status == "KILLED" and client.get_run(fresh).info.status == "RUNNING"
+    assert "no heartbeat from process" in client.get_run(elsewhere).data.tags["killed_by"]
+    assert f"left open run {fresh} " in out and re.search(r"node-18 beat \d+ s ago \(--stale-after 300\)", out)
+    assert client.get_run(held).info.status == "KILLED"  # its folder no longer held, its process gone
+    assert client.get_run(alive).info.status == "RUNNING"
+    with pytest.raises(SystemExit):
+        sync.main(["--stale-after", "300", str(tmp_path)])  # only with --close-stale

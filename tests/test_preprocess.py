@@ -302,3 +302,69 @@ def test_the_store_builds_with_worker_processes_inside_a_joblib_worker(tmp_path)
         delayed(_build_in_worker)(str(tmp_path / "mtat"), str(tmp_path / "c")) for _ in range(1)
     )
     assert n == 64
+
+
+def test_a_store_folder_holding_someone_elses_files_is_refused_and_left(tmp_path):
+    """A feature store replaces its own manifest and shards only: a folder at the store's path
+    that holds anything else (however unlikely its name) is refused, byte for byte untouched."""
+    root = tmp_path / "mtat"
+    make_tree(root, 2, seconds=1.0)
+    cfg = compose_cfg(mtat_overrides(root, tmp_path / "store"))
+    index = build_index(root, tags="top50")
+    path = store_path(index, cfg.features)
+    path.mkdir(parents=True)
+    (path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=f"{path} holds files that are not a feature store's"):
+        build_feature_store(index, cfg.features, progress=False)
+    assert [p.name for p in path.iterdir()] == ["notes.txt"] and (path / "notes.txt").read_text() == "mine"
+
+
+def wav_bytes(wave: np.ndarray, subtype: str = "PCM_16") -> bytes:
+    import io
+
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, wave, SR, format="WAV", subtype=subtype)
+    return buf.getvalue()
+
+
+def test_damaged_wavs_are_named_for_what_they_are(tmp_path):
+    """A wav cut short of what its header declares is 'truncated' (not 'shorter than one patch
+    (0.00 s)'), one holding NaN samples 'non-finite' (its NaN features used to reach training and
+    be blamed on the learning rate): both are failures naming the file, for preprocessing and
+    tagging alike; a streamed wav (no length in its header) and a writer's padding are neither."""
+    import struct
+
+    from mtt.audio import DamagedAudioError, decode_audio, load_audio
+
+    wave = render_clip(complete_tags({"guitar"}), 3.0, SR, np.random.default_rng(5)).astype(np.float32)
+    full = wav_bytes(wave)
+    nan = wave.copy()
+    nan[1000:1010] = np.nan
+    damaged = {"3/cut-0-29.wav": full[:60], "4/nan-0-29.wav": wav_bytes(nan, "FLOAT")}
+    root = tmp_path / "mtat"
+    rows = make_tree(root, 4, seconds=2.0, extra=damaged)
+    store = build_feature_store(
+        build_index(root, tags="top50"), compose_cfg(mtat_overrides(root, tmp_path / "s")).features, progress=False
+    )
+    ids = {rel: str(c) for c, _, rel in rows}
+    assert set(store.failed) == {ids[rel] for rel in damaged}
+    assert store.failed[ids["3/cut-0-29.wav"]] == (
+        f"{root / '3/cut-0-29.wav'}: truncated: its header declares 3.00 s of audio, the file holds 0.00 s "
+        "(cut during a copy or a download?)"
+    )
+    assert (
+        store.failed[ids["4/nan-0-29.wav"]]
+        == f"{root / '4/nan-0-29.wav'}: 10 non-finite sample(s) (NaN or inf): damaged audio"
+    )
+    for rel in damaged:  # mtt.tag's decoder (libsndfile, then ffmpeg) says the same, without a fallback
+        with pytest.raises(DamagedAudioError, match=str(root / rel)):
+            decode_audio(root / rel)
+    streamed = bytearray(full)
+    at = streamed.find(b"data")
+    streamed[at + 4 : at + 8] = struct.pack("<I", 0xFFFFFFFF)  # what a writer that streams puts there
+    (tmp_path / "streamed.wav").write_bytes(bytes(streamed))
+    (tmp_path / "padded.wav").write_bytes(full[:-100])  # 50 samples (3 ms) short: padding, not a cut
+    assert len(load_audio(tmp_path / "streamed.wav")) == len(wave)
+    assert len(load_audio(tmp_path / "padded.wav")) == len(wave) - 50

@@ -11,6 +11,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -95,3 +96,86 @@ def test_a_row_needs_exactly_one_input(tmp_path, cache_dir, monkeypatch):
             predict(tagger, frame)
     with pytest.raises(Exception, match="shorter than one 96-frame patch"):
         predict(tagger, pd.DataFrame({"samples": [np.zeros(8000, np.float32)]}))
+
+
+def serve(model, body: dict) -> tuple[int, dict]:
+    """What `mlflow models serve` answers ``body`` with: its request handler (``invocations``)
+    inside its error handler (``_async_catch_mlflow_exception``); (HTTP status, parsed JSON)."""
+    import asyncio
+
+    from fastapi.responses import Response
+    from mlflow.pyfunc.scoring_server import _async_catch_mlflow_exception, invocations
+
+    @_async_catch_mlflow_exception
+    async def handle() -> Response:
+        r = invocations(json.dumps(body), "application/json", model, model.metadata.get_input_schema())
+        return Response(content=r.response, status_code=r.status, media_type=r.mimetype)
+
+    response = asyncio.run(handle())
+    return response.status_code, json.loads(response.body)  # strict JSON: a bare NaN fails here
+
+
+def test_served_requests_the_model_refuses_are_one_line_400s(tmp_path, cache_dir, monkeypatch):
+    from mtt.pyfunc import example_wav
+
+    uri, run_id, cfg = trained_run(tmp_path, cache_dir)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    wav = base64.b64encode(example_wav(cfg.features.sample_rate)).decode()
+    second = [0.1] * cfg.features.sample_rate
+    status, ok = serve(model, {"dataframe_split": {"columns": ["audio"], "data": [[wav]]}})
+    assert status == 200 and len(ok["predictions"]) == 1
+    for columns, row, message in [
+        (["Audio"], [wav], "the request has no 'audio' (encoded file bytes, base64 in JSON) or 'samples' column"),
+        (["samples"], [[float("nan")] * 16000], "row 0: samples: NaN or infinite samples (the first at 0.00 s)"),
+        (
+            ["samples"],
+            [[*second[:9000], float("inf"), *second]],
+            "row 0: samples: NaN or infinite samples (the first at 0.56 s)",
+        ),
+        (["audio", "samples"], [wav, second], "row 0: give exactly one of 'audio'"),
+        (["audio"], [base64.b64encode(b"not audio at all").decode()], "row 0: audio: cannot decode audio"),
+        (["samples"], [second[:8000]], "row 0: samples: shorter than one 96-frame patch (0.50 s)"),
+    ]:
+        status, answer = serve(model, {"dataframe_split": {"columns": columns, "data": [row]}})
+        assert status == 400, (columns, answer)
+        assert set(answer) == {"error_code", "message"} and answer["error_code"] == "INVALID_PARAMETER_VALUE"
+        assert answer["message"].startswith(message) and "\n" not in answer["message"], answer
+        assert "/tmp" not in answer["message"]  # not the server's temporary file
+
+
+def test_a_long_file_is_tagged_window_by_window_as_a_whole(tmp_path, cache_dir):
+    """A 44.1 kHz stereo file decoded, resampled, front-ended and tagged in blocks and windows
+    (what keeps mtt.tag's memory flat) gives the probabilities of the whole clip at once."""
+    import soundfile as sf
+    from omegaconf import OmegaConf
+
+    from mtt.audio import BLOCK_FRAMES, load_audio, stream_audio
+    from mtt.features import build_front_end
+    from mtt.models import build_model
+    from mtt.pyfunc import _features, build_tagger
+
+    song = tmp_path / "song.wav"
+    t = np.arange(44100 * 75) / 44100
+    noise = np.random.default_rng(1).standard_normal(len(t))
+    sf.write(song, np.stack([np.sin(2 * np.pi * 440 * t), noise], 1) * 0.2, 44100)
+    assert BLOCK_FRAMES < len(t)  # tag_file reads it in more than one block
+    for aggregate in ("mean", "max"):
+        cfg = compose_cfg([*TINY, f"eval.aggregate={aggregate}"], cache=cache_dir)
+        tags = [f"t{i}" for i in range(5)]
+        meta = {"config": OmegaConf.to_container(cfg, resolve=True), "tags": tags}
+        tagger = build_tagger(meta, build_model(cfg, len(tags)).state_dict())
+        blocks = list(stream_audio(song, 16000, block_frames=100_000))
+        assert len(blocks) > 30
+        streamed = tagger.tag_blocks(blocks)
+        np.testing.assert_allclose(tagger.tag_file(song), streamed, rtol=0, atol=1e-6)
+        # The reference: every patch of the whole decoded clip through the model at once.
+        front = build_front_end(_features(tagger.cfg))
+        patches = front(torch.from_numpy(load_audio(song, 16000))[None])[0].half().float()
+        assert len(patches) == 78
+        with torch.no_grad():
+            fmap = tagger.model.encode(patches)
+            fmap = fmap.half().float() if tagger.cached_backbone else fmap
+            p = tagger.model.probabilities(tagger.model(fmap, from_backbone=True)).numpy().astype(np.float64)
+        whole = p.max(axis=0) if aggregate == "max" else p.mean(axis=0)
+        np.testing.assert_allclose(streamed, whole, rtol=0, atol=1e-6)

@@ -10,12 +10,13 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from mtt import distributed
 from mtt.checkpoint import TrainState
 from mtt.models import build_model
 from mtt.records import load_predictions
 from mtt.tracking import MlflowTracker, download_artifacts
-from mtt.train import patience_spent, train
-from tests.helpers import LEARNABLE, compose_cfg
+from mtt.train import patience_spent, prepare, start, train
+from tests.helpers import LEARNABLE, TINY, compose_cfg
 
 
 @pytest.fixture
@@ -48,6 +49,24 @@ def test_prior_bias_starts_the_loss_near_its_floor_not_at_log2():
     floor = float(-(prior * np.log(prior) + (1 - prior) * np.log(1 - prior)).mean())  # BCE of the prior
     assert losses["zero"] > 0.6  # every tag at probability ~0.5
     assert losses["prior"] < floor + 0.1 < 0.45, (losses, floor)
+
+
+@pytest.mark.parametrize("init", ["prior", "zero", "default"])
+def test_each_output_bias_init_is_what_it_says(cache_dir, init):
+    """head.bias_init, as a run starts: prior = the tags' smoothed log-odds on the training clips;
+    zero = 0 (Keras'); default = PyTorch's initialisation, uniform within +-1/sqrt(fan in)."""
+    cfg = compose_cfg([*TINY, f"head.bias_init={init}"], cache=cache_dir)
+    p = prepare(cfg)
+    start(cfg, distributed.RankTracker(f"bias-{init}", resumed=False), p, distributed.Dist())  # logs nothing
+    bias = p.model.head.output_layer.bias.detach().double().numpy()
+    y = p.train.labels
+    prior = (y.sum(0) + 0.5) / (len(y) + 1)
+    expected = {"prior": np.log(prior / (1 - prior)), "zero": np.zeros_like(bias)}
+    if init == "default":
+        bound = 1 / np.sqrt(p.model.head.output_layer.in_features)
+        assert np.all(np.abs(bias) <= bound) and np.abs(bias).min() > 0 and bias.std() > bound / 4
+    else:
+        assert bias == pytest.approx(expected[init], abs=1e-6)
 
 
 def test_default_recipe_learns_tiny_data_well_beyond_the_baselines(learnable, learning, tmp_path):

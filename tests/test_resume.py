@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
-from test_status import start_run, wait_for_run
+from test_status import SIX_EPOCHS, start_run, wait_for_run
 
 from mtt.checkpoint import TrainState, config_hash, load_last, resume_choice, save_last
+from mtt.tracking import MlflowTracker
 from tests.helpers import TINY, compose_cfg, run_module
 
 
@@ -60,6 +61,27 @@ def test_config_hash_ignores_resume_and_progress_only(cache_dir):
     ]
 
 
+def test_a_resumed_run_drops_its_error_tag_and_logs_a_step_once(tmp_path):
+    """A run that failed after logging its test metrics, resumed: FINISHED without the old error,
+    one point per metric and step (the first: what the store had)."""
+    uri, cache = f"sqlite:///{tmp_path}/m.db", tmp_path / "cache"
+    with pytest.raises(RuntimeError):
+        with MlflowTracker(uri, "r", "failed", cache=cache) as first:
+            first.log_metrics({"test_roc_auc": 0.5}, step=3)
+            raise RuntimeError("disk full")
+    client = MlflowClient(uri)
+    assert client.get_run(first.run_id).data.tags["error"] == "RuntimeError: disk full"
+    with MlflowTracker(uri, "r", "failed", resume_run_id=first.run_id, cache=cache) as again:
+        again.log_metrics({"test_roc_auc": 0.6, "test_pr_auc": 0.4}, step=3)  # the test phase again
+        again.log_metrics({"test_roc_auc": 0.7}, step=4)
+    run = client.get_run(first.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["resumes"] == "1"
+    assert "error" not in run.data.tags and "killed_by" not in run.data.tags
+    history = sorted((m.step, m.value) for m in client.get_metric_history(first.run_id, "test_roc_auc"))
+    assert history == [(3, 0.5), (4, 0.7)]
+    assert [(m.step, m.value) for m in client.get_metric_history(first.run_id, "test_pr_auc")] == [(3, 0.4)]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
 def test_sigkill_then_resume_continues_the_same_run(tmp_path, cache_dir, workers):
@@ -101,3 +123,34 @@ def test_sigkill_then_resume_continues_the_same_run(tmp_path, cache_dir, workers
         assert {m.step: m.value for m in history} == ref, key
     finals = {k: v for k, v in reference.data.metrics.items() if k.startswith("test_")}
     assert finals and {k: run.data.metrics[k] for k in finals} == finals
+
+
+@pytest.mark.slow
+def test_sigkill_then_close_stale_ends_the_run_killed_with_its_last_epoch(tmp_path, cache_dir):
+    """kill -9 leaves a run RUNNING; `mtt.sync --close-stale` sees its process gone and ends it
+    KILLED with the epochs it finished; trainer.resume=true continues it."""
+    from mtt.checkpoint import last_epoch, run_dir
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    args = [*SIX_EPOCHS, f"paths.cache={cache_dir}"]
+    proc = start_run([*args, "tracking.experiment=stale"], uri)
+    run_id = wait_for_run(proc, uri, "stale", points=1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    client = MlflowClient(uri)
+    assert client.get_run(run_id).info.status == "RUNNING"  # nobody could mark it
+    folder = run_dir(cache_dir, run_id)
+
+    closed = run_module(["mtt.sync", "--close-stale", str(folder)])
+    done = last_epoch(folder)
+    assert f"closed run {run_id} " in closed.stdout and f"is gone; KILLED after epoch {done};" in closed.stdout
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED" and "is gone" in run.data.tags["killed_by"]
+    assert [m.step for m in client.get_metric_history(run_id, "val_loss")] == list(range(done + 1))
+    again = run_module(["mtt.sync", "--close-stale", str(folder)])  # nothing left to close or ship
+    assert "0 closed as KILLED, 0 shipped, 1 already shipped" in again.stdout
+
+    run_module(["mtt.run", *args, "tracking.experiment=stale", "trainer.resume=true"], env={"MLFLOW_TRACKING_URI": uri})
+    (run,) = client.search_runs([client.get_experiment_by_name("stale").experiment_id])
+    assert run.info.run_id == run_id and run.info.status == "FINISHED" and run.data.tags["resumes"] == "1"
+    assert sorted(m.step for m in client.get_metric_history(run_id, "val_loss")) == [0, 1, 2, 3, 4, 5]

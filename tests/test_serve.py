@@ -101,6 +101,16 @@ def test_served_model_answers_a_clip_with_its_tag_probabilities(tmp_path, cache_
                 {"dataframe_split": {"columns": ["audio", "samples"], "data": [[audio, samples]]}},
             )
         assert refused.value.code in (400, 500) and "exactly one of 'audio'" in refused.value.read().decode()
+        # A misspelt column and NaN samples: HTTP 400 with one line, no stack trace.
+        for body, message in [
+            ({"columns": ["Audio"], "data": [[audio]]}, "the request has no 'audio'"),
+            ({"columns": ["samples"], "data": [[[float("nan")] * 16000]]}, "row 0: samples: NaN or infinite samples"),
+        ]:
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                post(f"http://127.0.0.1:{port}/invocations", {"dataframe_split": body})
+            answer = json.loads(refused.value.read())
+            assert refused.value.code == 400 and set(answer) == {"error_code", "message"}, answer
+            assert answer["message"].startswith(message) and "\n" not in answer["message"]
         assert proc.poll() is None
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # the server's own group (start_new_session: pgid == pid)

@@ -92,6 +92,9 @@ def test_basic_auth_server_refuses_anonymous_runs_and_records_signed_in_ones(tmp
         anonymous = run_module(["mtt.run", *run], env={"MLFLOW_TRACKING_URI": uri}, check=False)
         assert anonymous.returncode != 0
         assert "MLFLOW_TRACKING_USERNAME" in anonymous.stderr and uri in anonymous.stderr, anonymous.stderr[-3000:]
+        # One line from the launch hook, not a warning followed by the job's 401 traceback.
+        (line,) = anonymous.stderr.strip().splitlines()
+        assert line.startswith("error: ") and "HTTP 401" in line and anonymous.returncode == 1
         login = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": password}
         run_module(["mtt.run", *run], env={"MLFLOW_TRACKING_URI": uri, **login})
         for key, value in login.items():
@@ -299,6 +302,22 @@ def test_lab_server_on_postgresql(postgres, tmp_path, cache_dir):
         for run_id, points in served.items():  # what the server answered is what PostgreSQL holds
             stored = conn.execute("SELECT key, step, value FROM metrics WHERE run_uuid = %s", (run_id,)).fetchall()
             assert sorted(stored) == points and len(points) >= 2 * 8 + 7
+
+
+@pytest.mark.parametrize("mode", [[], ["-m"]], ids=["run", "sweep"])
+def test_a_store_the_launch_cannot_prepare_ends_it_in_one_line(tmp_path, mode):
+    """Hydra turns an exception in a launch callback into a warning and starts the jobs anyway:
+    the launch hook itself ends the launch, with the reason on one line."""
+    uri = f"http://127.0.0.1:{free_port()}"
+    proc = run_module(
+        ["mtt.run", *mode, f"paths.cache={tmp_path}"], env={"MLFLOW_TRACKING_URI": uri}, check=False, timeout=120
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"error: MLflow tracking server {uri} is not reachable ([Errno 111] Connection refused); start it "
+        "(make mlflow-server) or set tracking.uri / MLFLOW_TRACKING_URI"
+    ]
+    assert not (tmp_path / "multirun").exists() and not (tmp_path / "outputs").exists()
 
 
 @pytest.mark.slow

@@ -11,11 +11,11 @@ import torch
 import torchaudio.transforms as T
 from mlflow.tracking import MlflowClient
 
+from mtt import distributed
 from mtt.config import FeaturesConfig
 from mtt.features import MelDbFrontEnd
 from mtt.models import build_model
 from mtt.schedule import Phases
-from mtt.streams import clip_rows
 from mtt.tracking import MlflowTracker
 from mtt.train import train
 from tests.helpers import LEARNABLE, TINY, compose_cfg
@@ -90,29 +90,146 @@ def test_every_block_has_the_shortcut_because_every_block_halves():
     assert head == ["Linear", "BatchNorm1d", "ReLU", "Dropout", "Linear"] and model.head.net[3].p == 0.5
 
 
-def test_a_state_dict_of_theirs_loads_into_the_backbone():
-    """Their best_model.pth holds the front end's buffers and the dense layers too; the backbone
-    takes its own keys and refuses a file that misses one."""
-    model = build_model(compose_cfg(["backbone=shortchunk_res"]), n_tags=50)
-    theirs = {f"{k}": v.clone() + 1 for k, v in model.backbone.state_dict().items()}
-    theirs.update({"spec.mel_scale.fb": torch.zeros(257, 128), "dense1.weight": torch.zeros(512, 512)})
+def test_the_backbones_own_state_dict_loads_strictly():
+    """A state dict of the backbone alone loads as it is; one key too many or too few is refused,
+    named (nothing is dropped silently)."""
     from mtt.models.shortchunk import load_weights
 
-    load_weights(model.backbone, theirs)
-    assert torch.equal(model.backbone.layer7.conv_3.weight, theirs["layer7.conv_3.weight"])
-    del theirs["layer3.bn_2.weight"]
-    with pytest.raises(ValueError, match="missing keys: \\['layer3.bn_2.weight'\\]"):
-        load_weights(model.backbone, theirs)
+    model = build_model(compose_cfg(["backbone=shortchunk_res"]), n_tags=50)
+    mine = {k: v.clone() + 1 for k, v in model.backbone.state_dict().items()}
+    load_weights(model.backbone, mine)
+    assert torch.equal(model.backbone.layer7.conv_3.weight, mine["layer7.conv_3.weight"])
+    with pytest.raises(ValueError, match=r"unexpected keys: \['layer8.conv_1.weight'\]"):
+        load_weights(model.backbone, {**mine, "layer8.conv_1.weight": torch.zeros(1)})
+    del mine["layer3.bn_2.weight"]
+    with pytest.raises(ValueError, match=r"missing keys: \['layer3.bn_2.weight'\]"):
+        load_weights(model.backbone, mine)
 
 
-def test_even_spacing_picks_evenly_spaced_chunks_from_first_to_last(cache_dir):
-    class Store:  # clip 7 owns rows 10..26 (17 chunks, as a 29.1 s clip)
-        def rows(self, clip_id):
-            return slice(10, 27)
+class TheirRes2d(torch.nn.Module):
+    """sota-music-tagging-models training/modules.py ``Res_2d``, from its layer list: 3x3 conv
+    (stride) -> BN -> ReLU -> 3x3 conv -> BN, plus 3x3 conv (stride) -> BN on the shortcut when
+    the shape changes, ReLU after the sum."""
 
-    rows = clip_rows(Store(), 7, limit=16, seed=0, spacing="even")
-    assert len(rows) == 16 and rows[0] == 10 and rows[-1] == 26 and np.all(np.diff(rows) >= 1)
-    assert list(clip_rows(Store(), 7, limit=3, seed=0, spacing="even")) == [10, 18, 26]
+    def __init__(self, cin: int, cout: int, stride: int = 2):
+        super().__init__()
+        self.conv_1 = torch.nn.Conv2d(cin, cout, 3, stride=stride, padding=1)
+        self.bn_1 = torch.nn.BatchNorm2d(cout)
+        self.conv_2 = torch.nn.Conv2d(cout, cout, 3, padding=1)
+        self.bn_2 = torch.nn.BatchNorm2d(cout)
+        self.diff = stride != 1 or cin != cout
+        if self.diff:
+            self.conv_3 = torch.nn.Conv2d(cin, cout, 3, stride=stride, padding=1)
+            self.bn_3 = torch.nn.BatchNorm2d(cout)
+        self.relu = torch.nn.ReLU()
+
+    def forward(self, x):
+        out = self.bn_2(self.conv_2(self.relu(self.bn_1(self.conv_1(x)))))
+        return self.relu((self.bn_3(self.conv_3(x)) if self.diff else x) + out)
+
+
+class TheirShortChunkRes(torch.nn.Module):
+    """Their training/model.py ``ShortChunkCNN_Res``, from its layer list: raw audio ``(B,
+    samples)`` -> MelSpectrogram -> AmplitudeToDB -> BatchNorm2d(1) -> 7 ``Res_2d`` (n, n, 2n, 2n,
+    2n, 2n, 4n channels) -> max over time -> dense1 -> bn -> ReLU -> dropout -> dense2 -> sigmoid."""
+
+    def __init__(self, n_channels: int = 128, n_mels: int = 128, n_class: int = 50):
+        super().__init__()
+        self.spec = T.MelSpectrogram(sample_rate=16000, n_fft=512, f_min=0.0, f_max=8000.0, n_mels=n_mels)
+        self.to_db = T.AmplitudeToDB()
+        self.spec_bn = torch.nn.BatchNorm2d(1)
+        widths = [1, n_channels, n_channels, 2 * n_channels, *[2 * n_channels] * 3, 4 * n_channels]
+        for i in range(7):
+            setattr(self, f"layer{i + 1}", TheirRes2d(widths[i], widths[i + 1]))
+        self.dense1 = torch.nn.Linear(4 * n_channels, 4 * n_channels)
+        self.bn = torch.nn.BatchNorm1d(4 * n_channels)
+        self.dense2 = torch.nn.Linear(4 * n_channels, n_class)
+        self.dropout = torch.nn.Dropout(0.5)
+        self.relu = torch.nn.ReLU()
+
+    def forward(self, x):
+        x = self.spec_bn(self.to_db(self.spec(x)).unsqueeze(1))  # (B, 1, mel, time)
+        for i in range(7):
+            x = getattr(self, f"layer{i + 1}")(x)
+        x = x.squeeze(2)  # (B, C, time): the mel axis is 1 by now
+        if x.size(-1) != 1:
+            x = torch.nn.MaxPool1d(x.size(-1))(x)
+        x = self.dense2(self.dropout(self.relu(self.bn(self.dense1(x.squeeze(2))))))
+        return torch.sigmoid(x)
+
+
+def their_trained_model(samples: int, **kw) -> TheirShortChunkRes:
+    """Their model with batch-norm statistics of real inputs (one training-mode pass over 8 noisy
+    tones sets each BN's running stats to that batch's) and a non-default output bias, in eval mode."""
+    torch.manual_seed(0)
+    theirs = TheirShortChunkRes(**kw)
+    for m in theirs.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.momentum = 1.0
+    t = torch.arange(samples) / 16000
+    tones = [0.3 * torch.sin(2 * math.pi * 110 * (k + 1) * t) + 0.05 * torch.randn(samples) for k in range(8)]
+    with torch.no_grad():
+        theirs.train()(torch.stack(tones))
+        theirs.dense2.bias.normal_(-2.0, 1.0)  # as a trained head: most tags unlikely
+    return theirs.eval()
+
+
+def test_their_whole_model_loads_and_gives_their_probabilities_on_raw_audio(tmp_path):
+    """A state dict saved by their ShortChunkCNN_Res (backbone, dense head, front-end buffers)
+    loads through backbone.weights' reader into mtt's model, and on raw audio mtt (its front end,
+    then the tagger) gives their probabilities to 1e-5."""
+    from mtt.models.weights import load_state_dict
+
+    theirs = their_trained_model(CHUNK)
+    path = tmp_path / "best_model.pth"
+    torch.save(theirs.state_dict(), path)  # what their Solver.validation saves
+    cfg = compose_cfg(["backbone=shortchunk_res"])
+    model = build_model(cfg, n_tags=50, state_dict=load_state_dict(path)).eval()
+    assert model.pretrained_head
+    rng = np.random.default_rng(1)
+    t = np.arange(CHUNK) / 16000
+    audio = np.stack([0.2 * np.sin(2 * np.pi * f * t) + rng.normal(scale=0.05, size=CHUNK) for f in (220, 440, 1000)])
+    wave = torch.from_numpy(audio.astype(np.float32))
+    with torch.no_grad():
+        expected = theirs(wave)
+        patches = MelDbFrontEnd(shortchunk_features())(wave)[:, 0]  # (3, 231, 128): one chunk each
+        got = model.probabilities(model(patches))
+    assert expected.std() > 0.01  # distinct values, not saturated ones
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_their_state_dict_with_an_extra_or_missing_key_is_refused_naming_it():
+    theirs = {k: v.clone() for k, v in their_trained_model(CHUNK).state_dict().items()}
+    cfg = compose_cfg(["backbone=shortchunk_res"])
+    with pytest.raises(ValueError, match=r"unexpected keys: \['dense3.weight'\]"):
+        build_model(cfg, n_tags=50, state_dict={**theirs, "dense3.weight": torch.zeros(50, 50)})
+    with pytest.raises(ValueError, match=r"missing keys: \['dense2.bias'\]"):
+        build_model(cfg, n_tags=50, state_dict={k: v for k, v in theirs.items() if k != "dense2.bias"})
+    with pytest.raises(ValueError, match=r"dense2.weight: file \(50, 512\) vs model \(10, 512\)"):
+        build_model(cfg, n_tags=10, state_dict=theirs)  # another tag set
+    fb = {**theirs, "spec.mel_scale.fb": theirs["spec.mel_scale.fb"] * 2}
+    with pytest.raises(ValueError, match=r"front end differs from features.*spec.mel_scale.fb"):
+        build_model(cfg, n_tags=50, state_dict=fb)
+    with pytest.raises(ValueError, match="pool.name=gap: their model max-pools over time"):
+        build_model(compose_cfg(["backbone=shortchunk_res", "pool=gap"]), n_tags=50, state_dict=theirs)
+
+
+def test_a_run_from_their_weights_keeps_their_head(cache_dir, tmp_path):
+    """backbone.weights=PATH of their (small) model in a run: the first epoch starts from their
+    head's trained bias, not from the prior that head.bias_init would set."""
+    from mtt.train import prepare, start
+
+    theirs = their_trained_model(16000, n_channels=16, n_mels=32, n_class=50)
+    path = tmp_path / "theirs.pth"
+    torch.save(theirs.state_dict(), path)
+    cfg = compose_cfg(
+        [*TINY, *SMALL, "data.tags=freq50", "backbone.width=0.125", "head.width=64", f"backbone.weights={path}"],
+        cache=cache_dir,
+    )
+    p = prepare(cfg)
+    assert p.model.pretrained_head and cfg.head.bias_init == "prior"
+    start(cfg, distributed.RankTracker("their-weights", resumed=False), p, distributed.Dist())  # logs nothing
+    assert torch.equal(p.model.head.output_layer.bias, theirs.dense2.bias)
 
 
 def test_phases_switch_optimiser_and_rate_and_a_resume_gets_the_phase_of_its_epoch():

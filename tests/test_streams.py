@@ -18,13 +18,18 @@ from mtt.data.mtat import SAMPLE_RATE, write_annotations, write_mp3
 from mtt.preprocess import build_feature_store
 from mtt.store import MANIFEST, PatchStore, pack
 from mtt.streams import (
+    ChunkGrid,
+    EpochSampler,
     RowReader,
     batches,
     clip_rows,
     epoch_counts,
     eval_batches,
+    eval_cuts,
     mux_weights,
+    pass_sizes,
     patch_mux,
+    simulate_coverage,
     steps_per_epoch,
     train_loader,
 )
@@ -346,3 +351,154 @@ def test_patches_policy_counts_only_the_patches_the_stream_can_draw(generated):
     assert epoch_counts(split.declared, split.clip_ids, store, patches_per_clip=1).patches == 6
     assert epoch_counts(split.declared, split.clip_ids, store, patches_per_clip=2).patches == 1 + 1 + 2 + 1 + 2 + 2
     assert epoch_counts(split.declared, split.clip_ids, store, patches_per_clip=None).patches == 12
+
+
+def frame_store(path: Path, n_clips: int = 11, hop: int = 3, frames: int = 5) -> tuple[PatchStore, np.ndarray]:
+    """Clip ``c`` (id 100 + c) has ``c % 5 + 2`` overlapping rows: row ``k`` holds its frames
+    ``k * hop .. k * hop + frames - 1``, each frame's values ``c * 100 + frame``, so a chunk shows
+    where it was cut from."""
+    counts = {100 + c: c % 5 + 2 for c in range(n_clips)}
+
+    def load(clip_id):
+        c = clip_id - 100
+        rows = [c * 100 + k * hop + np.arange(frames) for k in range(counts[clip_id])]
+        return np.stack([np.repeat(r[:, None], 2, axis=1) for r in rows]).astype(np.float16)
+
+    store = pack(path, counts, load, (frames, 2), {"test": 2})
+    return store, np.eye(n_clips, dtype=np.uint8)
+
+
+def epoch_loader(store, labels, n, batch_size=4, workers=0, grid=ChunkGrid(3, 5, True), seed=0, **kw):
+    cfg = stream_cfg(mode="epoch", num_workers=workers, **kw)
+    it = train_loader(store, store.clip_ids, labels, cfg, batch_size, seed=seed, grid=grid, clips=True)
+    return list(itertools.islice(it, n))
+
+
+def test_epoch_mode_draws_every_clip_once_per_pass_at_a_random_frame(tmp_path):
+    """stream.mode=epoch: 11 clips in batches of 4 make passes of 3 batches (4, 4, 3); each pass
+    holds every clip exactly once, in an order of its own; each chunk is `frames` consecutive
+    frames of its clip starting at any frame up to the last row's start, and its label and
+    reported position are its clip's."""
+    store, labels = frame_store(tmp_path / "s")
+    got = epoch_loader(store, labels, 3 * 4)
+    assert [len(x) for x, _, _ in got] == [4, 4, 3] * 4
+    orders = []
+    for p in range(4):
+        order = np.concatenate([pos.numpy() for _, _, pos in got[3 * p : 3 * p + 3]])
+        assert sorted(order.tolist()) == list(range(11))
+        orders.append(order.tolist())
+    assert len({tuple(o) for o in orders}) == 4  # shuffled anew each pass
+    for x, y, pos in got:
+        v = x[:, :, 0].numpy().astype(int)
+        clip, start = v[:, 0] // 100, v[:, 0] % 100
+        assert (clip == pos.numpy()).all() and (y.numpy().argmax(axis=1) == clip).all()
+        assert (v == v[:, :1] + np.arange(5)).all()  # consecutive frames of one clip
+        assert (start <= (clip % 5 + 1) * 3).all()  # within the stored frames
+
+
+def test_epoch_mode_offsets_are_uniform_over_every_start_frame(tmp_path):
+    """Over many passes a clip with 6 rows (hop 3) starts its chunk at each of the frames 0..15
+    about equally often, frames between rows included (a chi-square test against uniform)."""
+    rows = [np.arange(10, 16)]  # one clip, 6 rows
+    sampler = EpochSampler(rows * 1, steps=1, batch_size=1, seed=3, hop=3)
+    starts = collections.Counter()
+    for g in range(3200):
+        r, within, _ = sampler.batch(g)
+        starts[int((r[0] - 10) * 3 + within[0])] += 1
+    assert sorted(starts) == list(range(16))
+    got = np.array([starts[f] for f in range(16)])
+    assert ((got - 200) ** 2 / 200).sum() < 45  # 15 degrees of freedom: beyond 45 has p < 1e-4
+    # Without frame cuts (a backbone cache) the offset is a whole stored row, each about as often.
+    whole = EpochSampler(rows, steps=1, batch_size=1, seed=3, hop=None)
+    picked = collections.Counter(int(whole.batch(g)[0][0]) for g in range(600))
+    assert sorted(picked) == list(range(10, 16)) and min(picked.values()) > 60
+    assert all(whole.batch(g)[1][0] == 0 for g in range(50))
+
+
+def test_epoch_mode_is_one_sequence_whatever_the_workers(tmp_path):
+    """Workers take every n-th batch of one sequence, so 0, 1 and 2 workers yield the same
+    batches; a fresh sampler replays it (a resume skips the same batches); another seed differs."""
+    store, labels = frame_store(tmp_path / "s")
+    plain = epoch_loader(store, labels, 9)
+    for workers in (1, 2):
+        other = epoch_loader(store, labels, 9, workers=workers)
+        assert all(torch.equal(a, b) for pa, pb in zip(plain, other) for a, b in zip(pa, pb)), workers
+    assert all(torch.equal(a, b) for pa, pb in zip(plain, epoch_loader(store, labels, 9)) for a, b in zip(pa, pb))
+    seeded = epoch_loader(store, labels, 9, seed=1)
+    assert any(not torch.equal(a[2], b[2]) for a, b in zip(plain, seeded))
+
+
+def test_epoch_mode_without_frame_cuts_reads_whole_rows(tmp_path):
+    """On a grid that cannot be cut (the backbone cache) or with stream.patches_per_clip, every
+    chunk is one stored row: with patches_per_clip=1 always the clip's one fixed row."""
+    store, labels = frame_store(tmp_path / "s")
+    for x, _, _ in epoch_loader(store, labels, 6, grid=ChunkGrid(3, 5, False)):
+        assert (x[:, 0, 0].numpy().astype(int) % 100 % 3 == 0).all()  # rows start every 3 frames
+    for x, _, pos in epoch_loader(store, labels, 6, patches_per_clip=1):
+        for xi, p in zip(x.numpy(), pos.numpy()):
+            (row,) = clip_rows(store, store.clip_ids[p], 1, seed=0)
+            assert (xi == store.patches[row].astype(np.float32)).all()
+
+
+def test_pass_sizes_keep_every_clip_once_and_no_batch_of_one():
+    assert steps_per_epoch("epoch", 16, declared=0, cached=15247, patches=0) == 953  # ceil: one pass
+    assert pass_sizes(15247, 953, 16).tolist() == [16] * 952 + [15]  # MTAT's top-50 training clips
+    assert pass_sizes(33, 3, 16).tolist() == [16, 9, 8]  # a rest of 1 shares the last two batches
+    # torchrun, 17 clips, 2 ranks of 8: ceil(17 / 16) = 2 steps on both; rank 0 has 9 clips, rank 1 has 8.
+    assert pass_sizes(9, 2, 8).tolist() == [5, 4] and pass_sizes(8, 2, 8).tolist() == [4, 4]
+    with pytest.raises(ValueError, match="leave a batch empty"):
+        pass_sizes(1, 2, 1)
+    with pytest.raises(ValueError, match="do not make 2 batches"):
+        pass_sizes(40, 2, 16)
+
+
+def test_mux_batches_report_the_clips_they_drew(tmp_path):
+    """With two workers each streams its own shard; the clip positions a batch reports are
+    positions in the caller's clip list, the clips of the batch's patches."""
+    store, labels = make_store(tmp_path / "s", n_clips=12)
+    it = train_loader(store, store.clip_ids, labels, stream_cfg(n_active=4, num_workers=2), 8, seed=0, clips=True)
+    for x, y, pos in itertools.islice(it, 20):
+        clip = x[:, 0, 0].numpy().astype(int) // 10
+        assert (pos.numpy() == clip).all() and (y.numpy().argmax(axis=1) == clip).all()
+
+
+@pytest.mark.parametrize("clip_seconds, clamped", [(29.1, 0), (24.0, 1)])
+def test_even_chunks_start_at_won_et_als_offsets(tmp_path, clip_seconds, clamped):
+    """eval.spacing=even, 16 chunks of a clip of L samples: chunk i starts at the frame nearest
+    sample i * ((L - 59049) // 16) (their get_tensor), cut from the stored rows of the short-chunk
+    store (231 frames every 99, 256 samples a frame). A start past the last stored row's (a 24 s
+    clip: frame 1190 of rows ending at 1188 + 231) is that row's. On a grid that cannot be cut, the
+    nearest stored row."""
+    samples = int(round(clip_seconds * 16000))
+    n_frames = 1 + samples // 256
+    n_rows = 1 + (n_frames - 231) // 99
+    store = pack(
+        tmp_path / "s",
+        {7: n_rows},
+        lambda c: np.stack([k * 99 + np.arange(231.0) for k in range(n_rows)])[:, :, None].astype(np.float16),
+        (231, 1),
+        {"test": 3},
+    )
+    grid = ChunkGrid(99, 231, True, hop_samples=256, chunk_samples=59049, samples={"7": samples})
+    (x, owner), *_ = eval_batches(store, np.array([7]), 64, limit=16, spacing="even", grid=grid)
+    theirs = np.array([i * ((samples - 59049) // 16) for i in range(16)])  # sample offsets
+    starts = x[:, 0, 0].numpy().astype(int)
+    assert len(starts) == 16 and (owner == 0).all()
+    assert (x[:, :, 0].numpy() == starts[:, None] + np.arange(231)).all()  # whole chunks, frame by frame
+    nearest = np.floor(theirs / 256 + 0.5).astype(int)
+    assert (np.abs(nearest * 256 - theirs) <= 128).all()
+    assert (starts == np.minimum(nearest, (n_rows - 1) * 99)).all() and (starts != nearest).sum() == clamped
+    hop = (samples - 59049) // 16  # 25,409 samples (1.6 s) at 29.1 s: the clip's last hop is never scored
+    assert starts[-1] * 256 + 59049 <= samples - hop + 128
+    rows, _ = eval_cuts(store, 7, 16, 0, "even", ChunkGrid(99, 231, False, 256, 59049, {"7": samples}))
+    assert (rows == np.minimum(np.floor(nearest / 99 + 0.5), n_rows - 1)).all()
+
+
+def test_coverage_simulation_counts_what_the_mux_draws():
+    """simulate_coverage: the default mux over 240 clips of 6 patches, one epoch of 45 steps of 32
+    (steps=patches): far from every clip; epoch mode: every clip once."""
+    sizes = np.full(240, 6)
+    (mux,) = simulate_coverage(sizes, stream_cfg(), 32, 45)
+    assert 0.3 < mux["train_clip_coverage"] < 1 and mux["train_draws_per_clip"] > 1.5
+    epoch = simulate_coverage(sizes, stream_cfg(mode="epoch"), 32, 8, epochs=2)
+    assert epoch == [{"train_clip_coverage": 1.0, "train_draws_per_clip": 1.0}] * 2

@@ -12,6 +12,39 @@ from mlflow.tracking import MlflowClient
 from mtt.records import PREDICTIONS, load_predictions
 from tests.helpers import TINY, run_module, sweep_children
 
+
+def test_two_sweeps_in_the_same_second_get_their_own_folders_and_sweep_ids(tmp_path):
+    """The sweep id is the sweep's folder: two sweeps started in the same second shared it (one
+    parent run, one set of job folders overwritten by the other). (Single runs' folders carry
+    microseconds: tests/test_config.py.)"""
+    from datetime import datetime
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.utils import setup_globals
+    from omegaconf import OmegaConf
+
+    from mtt.config import CONF_DIR  # registers the schema and mtt's resolver
+
+    second = datetime(2026, 5, 4, 12, 0, 0)
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            OmegaConf.register_new_resolver("now", second.strftime, use_cache=True, replace=True)
+            launches = [
+                compose(config_name="config", overrides=[f"paths.cache={tmp_path}"], return_hydra_config=True)
+                for _ in range(3)
+            ]
+            job = compose(config_name="config", overrides=[f"paths.cache={tmp_path}"], return_hydra_config=True)
+    finally:
+        setup_globals()  # Hydra's own `now` again
+    sweeps = [str(c.hydra.sweep.dir) for c in launches]
+    assert all(d.startswith(f"{tmp_path}/multirun/2026-05-04/12-00-00-") for d in sweeps), sweeps
+    assert len(set(sweeps)) == 3
+    # A job's config gets the launch's resolved values as Hydra gives them (it copies the launch
+    # config's resolver cache into each job's): every job of a sweep has its sweep's folder.
+    OmegaConf.copy_cache(from_config=launches[1], to_config=job)
+    assert str(job.hydra.sweep.dir) == sweeps[1]
+
+
 CI = ["test_roc_auc_ci95_low", "test_roc_auc_ci95_high", "test_pr_auc_ci95_low", "test_pr_auc_ci95_high"]
 
 
@@ -112,3 +145,22 @@ def test_a_failed_job_ends_the_parent_failed_with_what_finished(tmp_path, cache_
     ]
     summary = json.load(open(client.download_artifacts(parent.info.run_id, "summary.json", str(tmp_path))))
     assert [g["n"] for g in summary["groups"]] == [1]
+
+
+def test_the_launch_hook_pickles_while_it_holds_the_signal_handlers():
+    """Hydra's joblib launcher pickles the callbacks into its workers after on_multirun_start,
+    which holds the launching process's stop-signal handlers."""
+    import pickle
+    import signal
+
+    from mtt.sweeps import PrepareTracking
+    from mtt.tracking import stop_on_signals
+
+    before = signal.getsignal(signal.SIGTERM)
+    hook = PrepareTracking()
+    hook._signals.enter_context(stop_on_signals())  # what on_multirun_start does
+    try:
+        assert isinstance(pickle.loads(pickle.dumps(hook)), PrepareTracking)
+    finally:
+        hook._signals.close()
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -206,7 +206,7 @@ def test_m4a_is_tagged_through_the_ffmpeg_fallback(tiny_run, tmp_path):
     import shutil
     import subprocess
 
-    from mtt.audio import decode_audio, load_audio
+    from mtt.audio import decode_audio, load_audio, stream_audio
 
     assert shutil.which("ffmpeg"), "ffmpeg is not installed (.ci/run installs Debian's ffmpeg)"
     uri, run_id, pred, paths = tiny_run
@@ -220,7 +220,44 @@ def test_m4a_is_tagged_through_the_ffmpeg_fallback(tiny_run, tmp_path):
     decoded = decode_audio(song, 16000)
     # AAC is lossy and pads its frames: same length to within one 1024-sample frame, same loudness.
     assert abs(len(decoded) - len(original)) <= 1024
+    # mtt.tag reads it in blocks (ffmpeg's 4 kB buffers gathered, then resampled as they come):
+    # the same samples in any block size.
+    blocks = list(stream_audio(song, 16000, block_frames=3000))
+    assert len(blocks) > 5
+    np.testing.assert_allclose(np.concatenate(blocks), decoded, rtol=0, atol=1e-6)
     rms = lambda x: float(np.sqrt(np.mean(np.square(x, dtype=np.float64))))  # noqa: E731
     assert rms(decoded) == pytest.approx(rms(original), rel=0.1)
     proc = run_module(["mtt.tag", str(song), "--run", run_id, "--tracking-uri", uri, "--top-k", "3"])
     assert list(top_tags(proc.stdout)) == [str(song)] and len(top_tags(proc.stdout)[str(song)]) == 3
+
+
+def test_nan_audio_and_dangling_links_are_failures_named(tiny_run, tmp_path, capsys):
+    """A file whose samples are NaN tagged as a success, and a dangling symbolic link in a
+    folder was left out unsaid: both are failures now, named, and the other files are tagged."""
+    import json
+    import shutil
+
+    import soundfile as sf
+
+    from mtt.tag import main
+
+    uri, run_id, pred, paths = tiny_run
+    lib = tmp_path / "library"
+    lib.mkdir()
+    shutil.copy(paths[0], lib / "a.mp3")
+    wave = (0.1 * np.sin(np.arange(48000) / 10)).astype(np.float32)
+    wave[16000:] = np.nan  # a float WAV that decodes to NaN after its first second
+    sf.write(lib / "b.wav", wave, 16000, subtype="FLOAT")
+    (lib / "c.mp3").symlink_to(tmp_path / "moved-away.mp3")
+    assert main([str(lib), "--run", run_id, "--tracking-uri", uri, "--format", "json"]) == 1
+    captured = capsys.readouterr()
+    doc = json.loads(captured.out)
+    assert [f["file"] for f in doc["files"]] == [str(lib / "a.mp3")]
+    nan = f"{lib / 'b.wav'}: 32000 non-finite sample(s) (NaN or inf): damaged audio"
+    link = f"{lib / 'c.mp3'}: a dangling symbolic link (to {tmp_path / 'moved-away.mp3'})"
+    assert doc["errors"] == [{"file": str(lib / "b.wav"), "error": nan}, {"file": str(lib / "c.mp3"), "error": link}]
+    assert f"error: {nan}" in captured.err and f"error: {link}" in captured.err
+    assert "error: 2 of 3 files could not be tagged" in captured.err
+    # Named on the command line, it is refused before any work, saying what it is.
+    assert main([str(lib / "c.mp3"), "--run", run_id, "--tracking-uri", uri]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {link}"]

@@ -5,15 +5,21 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
+from mtt import distributed
+from mtt.evaluate import chunk_bce, clip_scores
+from mtt.streams import simulate_coverage
 from mtt.tracking import MlflowTracker, download_artifacts
-from mtt.train import clip_metrics, clip_probabilities, prepare, train
+from mtt.train import clip_metrics, clip_probabilities, prepare, start, train
 from tests.helpers import TINY, compose_cfg, run_module, sweep_children
 
-EPOCH_METRICS = ["train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_roc_auc", "val_pr_auc"]
+EPOCH_METRICS = ["train_loss", "train_accuracy", "train_clip_coverage", "train_draws_per_clip"]
+EPOCH_METRICS += ["val_loss", "val_chunk_loss", "val_accuracy", "val_roc_auc", "val_pr_auc"]
 FINAL_METRICS = ["test_loss", "test_accuracy", "test_roc_auc", "test_pr_auc"]
 
 
@@ -114,3 +120,80 @@ def test_artifacts_live_beside_the_sqlite_store_not_in_the_working_directory(tin
     assert not (tmp_path / "mlruns").exists()
     db_dir = tiny_cfg.tracking.uri[len("sqlite:///") :].rsplit("/", 1)[0]
     assert list((Path(db_dir) / "mlartifacts" / "where").rglob("note.txt"))
+
+
+def epoch_history(uri: str, run_id: str, key: str) -> list[float]:
+    return [m.value for m in sorted(MlflowClient(uri).get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+def test_every_run_logs_the_share_of_training_clips_each_epoch_saw(tiny_cfg, cache_dir, tmp_path):
+    """train_clip_coverage and train_draws_per_clip, per epoch: 1.0 and 1.0 under stream.mode=epoch
+    with steps=epoch (every clip once); under the default mux what that stream really drew (the
+    same figures as simulate_coverage), short of every clip here; and trainer.monitor=val_chunk_loss
+    selects the epoch of the lowest chunk-level validation loss."""
+    uri = tiny_cfg.tracking.uri
+    runs = {}
+    for name, extra in {
+        "epoch": ["stream.mode=epoch", "steps=epoch", "trainer.monitor=val_chunk_loss"],
+        "mux": ["steps=cached"],
+    }.items():
+        cfg = compose_cfg(
+            [*TINY, "trainer.epochs=2", "trainer.patience=null", f"tracking.uri={uri}", *extra], cache=cache_dir
+        )
+        with MlflowTracker(uri, "coverage", name) as tracker:
+            runs[name] = (cfg, tracker.run_id, train(cfg, tracker))
+    cfg, run_id, metrics = runs["epoch"]
+    assert epoch_history(uri, run_id, "train_clip_coverage") == [1.0, 1.0]
+    assert epoch_history(uri, run_id, "train_draws_per_clip") == [1.0, 1.0]
+    chunk_losses = epoch_history(uri, run_id, "val_chunk_loss")
+    assert metrics["best_epoch"] == int(np.argmin(chunk_losses))
+    # The logged value is the chunk loss of the selected checkpoint on the validation clips.
+    p = prepare(cfg)
+    p.model.load_state_dict(load_file(download_artifacts(uri, run_id, "checkpoint/best.safetensors", tmp_path)))
+    _, losses = clip_scores(p.model, p.inputs, p.valid, cfg, p.device, p.from_backbone, p.amp, p.grid)
+    assert chunk_losses[metrics["best_epoch"]] == pytest.approx(float(np.mean(losses)), rel=1e-6)
+    cfg, run_id, _ = runs["mux"]
+    p = prepare(cfg)
+    steps = int(MlflowClient(uri).get_run(run_id).data.params["derived.steps_per_epoch"])
+    sizes = np.array([p.store.count(c) for c in p.train.clip_ids])
+    expected = simulate_coverage(sizes, cfg.stream, cfg.trainer.batch_size, steps, epochs=2, seed=cfg.trainer.seed)
+    coverage = epoch_history(uri, run_id, "train_clip_coverage")
+    assert coverage == pytest.approx([e["train_clip_coverage"] for e in expected])
+    assert epoch_history(uri, run_id, "train_draws_per_clip") == pytest.approx(
+        [e["train_draws_per_clip"] for e in expected]
+    )
+    assert max(coverage) < 1
+
+
+def test_val_chunk_loss_is_the_mean_over_clips_of_their_chunks_bce(tiny_cfg):
+    """Won et al.'s validation loss: per clip, nn.BCELoss of every evaluated chunk's probabilities
+    against the clip's tags, then the mean over the clips (Run.validate's chunk_loss), which is
+    not the BCE of the clip-level probabilities (val_loss) once a clip's chunks disagree."""
+    p = prepare(tiny_cfg)
+    run = start(tiny_cfg, distributed.RankTracker("chunk-loss", resumed=False), p, distributed.Dist())  # logs nothing
+    with torch.no_grad():  # tags decided by small differences between chunks: a clip's chunks disagree
+        p.model.head.output_layer.weight.normal_(0, 300)
+        p.model.head.output_layer.bias.zero_()
+    theirs = []
+    p.model.eval()
+    with torch.no_grad():
+        for clip, labels in zip(p.valid.clip_ids, p.valid.labels):
+            x = torch.from_numpy(np.asarray(p.inputs.get(clip), dtype=np.float32))
+            out = p.model.probabilities(p.model(x, from_backbone=p.from_backbone))
+            y = torch.tensor(labels, dtype=torch.float32).expand_as(out)
+            theirs.append(torch.nn.BCELoss()(out, y).item())
+    val = run.validate()
+    assert val["chunk_loss"] == pytest.approx(float(np.mean(theirs)), rel=1e-5)
+    assert abs(val["chunk_loss"] - val["loss"]) > 0.01, val
+
+
+def test_chunk_bce_is_torchs_bce_loss_with_its_clamp():
+    """A saturated probability costs what nn.BCELoss charges (its logs clamped at -100), not
+    infinity, and each chunk's loss is the mean over its tags."""
+    probs = np.array([[1.0, 0.5, 0.0], [0.9, 0.2, 1e-30]])
+    labels = np.array([[0, 1, 0], [1, 0, 1]], dtype=np.uint8)
+    theirs = [
+        torch.nn.BCELoss()(torch.tensor(p), torch.tensor(y, dtype=torch.float64)).item() for p, y in zip(probs, labels)
+    ]
+    assert chunk_bce(probs, labels) == pytest.approx(theirs, rel=1e-12)
+    assert chunk_bce(probs, labels)[0] == pytest.approx((100 + np.log(2)) / 3)

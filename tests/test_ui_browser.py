@@ -1,6 +1,6 @@
 """The MLflow UI comparison, checked like a user would: a real 3-run sweep, `mlflow ui` on
-127.0.0.1, headless Chromium opening the experiment's runs table, expanding the sweep's parent
-run, sorting by test_roc_auc.
+127.0.0.1, headless Chromium (Debian's, driven by Playwright: tests/helpers/browser.py) opening
+the experiment's runs table, expanding the sweep's parent run, sorting by test_roc_auc.
 
 Provisioned by `.ci/run` (Debian's chromium); the test installs nothing and FAILS without it.
 ``MTT_UI_SCREENSHOT=docs/mlflow-ui.png`` also writes the README's screenshot there.
@@ -23,8 +23,8 @@ from mlflow import MlflowClient
 
 from mtt.paths import REPO_ROOT
 from tests.helpers import TINY, run_module, sweep_children
-from tests.helpers.cdp import INSTALL_HINT, chromium_page, stop_process_group
-from tests.helpers.http_server import free_port
+from tests.helpers.browser import INSTALL_HINT, chromium_page, wait_for
+from tests.helpers.http_server import free_port, stop_process_group
 
 METRIC = "test_roc_auc"
 # The expand toggle in a parent run's name cell.
@@ -105,26 +105,27 @@ def sorted_runs_table(uri: str, experiment: str, workdir: Path, n_runs: int) -> 
     from mtt.ui import runs_table_url
 
     exp = MlflowClient(uri).get_experiment_by_name(experiment)
-    with mlflow_ui(uri, workdir) as base, chromium_page(workdir / f"chromium-{experiment}") as page:
-        page.navigate(runs_table_url(base, exp.experiment_id))
-        page.wait_for(f"!!document.querySelector('{EXPAND}')", 90, "the runs table with a parent run")
+    with mlflow_ui(uri, workdir) as base, chromium_page() as page:
+        page.goto(runs_table_url(base, exp.experiment_id))
+        wait_for(page, f"!!document.querySelector('{EXPAND}')", 90, "the runs table with a parent run")
         # The sidebar is Model training's (Runs, Models, Model registry), not GenAI's (Sessions,
         # Judges, ...): the address's workflowType beats the fresh browser's GenAI default (MLflow
         # issue #24498, mtt/ui.py).
-        sidebar = page.wait_for(
-            "Array.from(document.querySelectorAll('aside')).map(a => a.innerText).join(' ')", 30, "the sidebar"
+        sidebar = wait_for(
+            page, "Array.from(document.querySelectorAll('aside')).map(a => a.innerText).join(' ')", 30, "the sidebar"
         )
         assert "Model registry" in sidebar and "Sessions" not in sidebar, sidebar
         # As a user: close the assistant panel (it hides half the table), then Sort -> METRIC,
         # which sorts descending and adds the metric as a column.
-        if page.eval("!!document.querySelector('[data-component-id=\"mlflow.assistant.chat_panel.close\"]')"):
+        if page.evaluate("!!document.querySelector('[data-component-id=\"mlflow.assistant.chat_panel.close\"]')"):
             page.click('[data-component-id="mlflow.assistant.chat_panel.close"]')
         page.click('[data-testid="sort-select-dropdown"]')
         page.click(f'[data-testid="sort-select-{METRIC}"]')
-        page.wait_for(f"!!document.querySelector('[data-testid=\"sort-header-{METRIC}\"]')", 30, f"a {METRIC} column")
+        wait_for(page, f"!!document.querySelector('[data-testid=\"sort-header-{METRIC}\"]')", 30, f"a {METRIC} column")
         # The table re-renders after the sort: wait until the runs show it, sorted (a table that
         # never sorts times out here).
-        rows = page.wait_for(
+        rows = wait_for(
+            page,
             f"(r => (r = r.filter(x => x.metric && x.metric !== '-')).length === {n_runs} && "
             f"r.every((x, i) => i === 0 || parseFloat(r[i - 1].metric) >= parseFloat(x.metric))"
             f" ? r : null)({ROWS_JS})",

@@ -58,6 +58,7 @@ BAD = {
     "eval.patches_per_clip": ("eval.patches_per_clip=-1", "-1", "an integer >= 1, or null"),
     "eval.batch_size": ("eval.batch_size=0", "0", "an integer >= 1"),
     "eval.spacing": ("eval.spacing=middle", "middle", "one of random, even"),
+    "eval.chunk_samples": ("eval.chunk_samples=0", "0", "an integer >= 1, or null"),
     "trainer.epochs": ("trainer.epochs=0", "0", "an integer >= 1"),
     "trainer.batch_size": ("trainer.batch_size=0", "0", "an integer >= 1"),
     "trainer.lr": ("trainer.lr=-1", "-1.0", "a number > 0"),
@@ -79,6 +80,11 @@ BAD = {
     "trainer.lr_factor": ("trainer.lr_factor=1.0", "1.0", "a number in (0, 1)"),
     "probe.C": ("probe.C=[]", "[]", "a non-empty list of numbers > 0"),
     "tracking.experiment": ("tracking.experiment=' '", " ", "a non-empty name"),
+    "tracking.run_name": (
+        f"tracking.run_name={'r' * 251}",
+        f"{'r' * 40}... (251 characters)",
+        "at most 250 characters",
+    ),
     "tracking.flush_timeout_s": ("tracking.flush_timeout_s=-1", "-1.0", "a number >= 0"),
 }
 
@@ -106,6 +112,10 @@ def test_values_that_depend_on_each_other():
     assert config_errors(compose_cfg(["steps=fixed", "steps.n=null"])) == [
         "steps.n=null: expected an integer >= 1 with steps.policy=fixed"
     ]
+    assert config_errors(compose_cfg(["steps=epoch"])) == [
+        "steps.policy=epoch, stream.mode=with_replacement: steps=epoch counts the passes of stream.mode=epoch"
+    ]
+    assert config_errors(compose_cfg(["steps=epoch", "stream.mode=epoch"])) == []
     assert config_errors(compose_cfg(["trainer.lr_schedule=phases"])) == [
         "trainer.phases=[] (epochs): expected a non-empty list in increasing epoch order with trainer.lr_schedule=phases"
     ]
@@ -207,7 +217,7 @@ def test_a_bad_swept_value_stops_the_sweep_before_its_first_job(tmp_path):
     assert_refused(
         proc,
         "trainer.lr=-1: expected a number > 0; stream.mode=exhaustive: expected one of "
-        "with_replacement, single_active (exhaustive would end the endless stream)",
+        "with_replacement, single_active, epoch (exhaustive would end the endless stream)",
         store,
     )
     assert not cache.exists(), "a job started"
@@ -240,4 +250,88 @@ def test_preprocess_refuses_a_bad_value_too(tmp_path):
         ["mtt.preprocess", "features.n_mels=0", f"paths.cache={cache}", f"tracking.uri=sqlite:///{store}"], check=False
     )
     assert_refused(proc, "features.n_mels=0: expected an integer >= 1", store)
+    assert not cache.exists()
+
+
+# A mistyped key or group: (override, the one line that refuses it). Hydra would accept the
+# first two (the default head trains, the run named after the typo) and refuse the rest in
+# several lines with exit status 1.
+TYPOS = {
+    "+hed=autopool": "+hed=autopool: no config key or config group 'hed'; did you mean the config group head "
+    "(+head=autopool)?",
+    "+trainer.epochz=3": "+trainer.epochz=3: no config key 'trainer.epochz'; did you mean the key trainer.epochs "
+    "(trainer.epochs=3)?",
+    "head.blockz=3": "head.blockz=3: no config key 'head.blockz'; did you mean the key head.blocks (head.blocks=3)?",
+    "+data.synth.sede=2": "+data.synth.sede=2: no config key 'data.synth.sede'; did you mean the key data.synth.seed "
+    "(data.synth.seed=2)?",
+    "+experimnt=search": "+experimnt=search: no config key or config group 'experimnt'; did you mean the config group "
+    "experiment (+experiment=search)?",
+    "+head=gap2,autopol": "+head=gap2,autopol: no option 'autopol' in config group head (did you mean autopool? "
+    "options: autopool, autopool3, gap2, gap3)",
+    "data=mtatt": "data=mtatt: no option 'mtatt' in config group data (did you mean mtat? options: mtat, toy)",
+    "hydra.sweeper.params.trainer.lrr=interval(0.1,1)": "hydra.sweeper.params.trainer.lrr=interval(0.1,1): no config "
+    "key 'trainer.lrr'; did you mean the key trainer.lr (trainer.lr=interval(0.1,1))?",
+    "+zzz=1": "+zzz=1: no config key or config group 'zzz'; the top-level ones: backbone, data, eval, experiment, "
+    "features, head, paths, pool, probe, steps, stream, tracking, trainer",
+}
+
+
+@pytest.mark.parametrize("override", sorted(TYPOS))
+def test_a_mistyped_key_or_group_is_named_with_the_closest_known_one(override):
+    from mtt.config import override_errors
+
+    assert override_errors([override]) == [TYPOS[override]]
+
+
+def test_what_hydra_and_the_presets_add_is_not_a_typo():
+    from mtt.config import override_errors
+
+    legit = [
+        "+head=autopool",
+        "+experiment=report/prelim",
+        "+experiment=glob(report/*)",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "hydra/sweeper=optuna",
+        "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.params.trainer.lr=interval(1e-4,1e-2)",
+        "trainer.weight_decay=interval(0,1e-3)",
+        "trainer.lr=0.1,0.01",
+        "trainer.phases=[{epoch:1,lr:0.1}]",
+        "~trainer.phases",
+        "data=mtat",
+        "data.root=/data/mtat",
+        "backbone=shortchunk_res",
+    ]
+    assert override_errors(legit) == []
+
+
+def test_a_key_added_by_composition_is_refused_too():
+    """What did not come from the command line (a compose call, a preset) is checked as composed."""
+    assert sorted(config_errors(compose_cfg(["+hed=autopool", "+trainer.epochz=3"]))) == [
+        "hed=autopool: no config key or config group 'hed'; did you mean the config group head (+head=autopool)?",
+        "trainer.epochz=3: no config key 'trainer.epochz'; did you mean the key trainer.epochs (trainer.epochs=3)?",
+    ]
+
+
+EPOCHZ = "no config key 'trainer.epochz'; did you mean the key trainer.epochs"
+
+
+@pytest.mark.parametrize(
+    "command, message",
+    [
+        (["mtt.run", "+hed=autopool"], TYPOS["+hed=autopool"]),
+        (["mtt.run", "-m", "+trainer.epochz=1,2"], f"+trainer.epochz=1,2: {EPOCHZ} (trainer.epochs=1,2)?"),
+        (["mtt.preprocess", "+trainer.epochz=3"], TYPOS["+trainer.epochz=3"]),
+        (["mtt.probe", "+trainer.epochz=3"], TYPOS["+trainer.epochz=3"]),
+        (
+            ["mtt.data.download", "data=mtat", "data.root=/nonexistent/mtat", "+trainer.epochz=3"],
+            TYPOS["+trainer.epochz=3"],
+        ),
+    ],
+)
+def test_every_entry_point_refuses_a_typo_in_one_line_before_any_work(tmp_path, command, message):
+    cache, store = tmp_path / "cache", tmp_path / "m.db"
+    proc = run_module([*command, f"paths.cache={cache}", f"tracking.uri=sqlite:///{store}"], check=False)
+    assert_refused(proc, message, store)
     assert not cache.exists()

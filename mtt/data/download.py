@@ -31,10 +31,19 @@ Which digest a file must have, in this order:
    needs nothing else; a manifest a server offers is never read unless asked for (``served``),
    so no server can loosen the check of the published files.
 
+Nothing that mtt did not download is deleted or overwritten. ``data.root`` must be new, empty,
+hold nothing but (some of) the five files, copied in by hand, or be a folder an earlier download
+started (``STARTED``, which records the files mtt fetched). A folder that already holds audio
+folders or anything else (a hand-unpacked MTAT needs no download: use it with ``data=mtat``) is
+refused before any network access (``TargetError``). A file copied in by hand is checked like a
+download, but one that fails is left where it is and named, not deleted, and its zip pieces are
+kept after the extraction.
+
 Every step can be interrupted: downloads resume (``mtt.hub.download``), extracted clips are
 written atomically and skipped when present, and a completion marker is written last, so running
 the command again after an interruption finishes the job and after success does nothing (no
-network). The zip pieces are deleted once the marker is written, unless ``keep_archives``.
+network). The zip pieces mtt downloaded are deleted once the marker is written, unless
+``keep_archives``.
 """
 
 from __future__ import annotations
@@ -43,12 +52,12 @@ import io
 import json
 import os
 import re
+import sys
 import zipfile
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
@@ -71,6 +80,7 @@ PINNED_SHA256 = {
 SERVED = "served"  # checksums=SERVED: use the manifest served at the base URL
 MANIFESTS = ("SHA256SUMS", "MD5SUMS")  # looked for at the base URL (checksums=SERVED), in this order
 MARKER = ".mtat-complete.json"  # written last: its presence means the dataset is complete
+STARTED = ".mtt-download.json"  # written first: the folder is mtt's download; the files it fetched
 CHECKSUM_STATE = ".mtat-checksums.json"  # what the manifest lookup found, so it is done once
 _DIGESTS = {32: "md5", 64: "sha256"}  # hex length -> algorithm
 _MANIFEST_LINE = re.compile(r"^([0-9a-fA-F]{32}|[0-9a-fA-F]{64})\s+\*?(\S.*)$")
@@ -78,6 +88,10 @@ _MANIFEST_LINE = re.compile(r"^([0-9a-fA-F]{32}|[0-9a-fA-F]{64})\s+\*?(\S.*)$")
 
 class ArchiveError(RuntimeError):
     """The archive is readable but unsafe or unusable (e.g. an entry outside ``root``)."""
+
+
+class TargetError(FileExistsError):
+    """``data.root`` holds files that mtt did not download: nothing is fetched into it."""
 
 
 class _CorruptParts(Exception):
@@ -108,14 +122,18 @@ def download_mtat(
     root = Path(root).expanduser().resolve()
     if (root / MARKER).is_file():
         return root
-    root.mkdir(parents=True, exist_ok=True)
+    fetched = _claim(root)
     base_url = base_url if base_url.endswith("/") else base_url + "/"
     sums = expected_digests(root, base_url, checksums)
 
     for attempt in range(2):
         for name in FILES:
             try:
-                _fetch_checked(base_url + name, root / name, *sums[name], progress)
+                if (root / name).exists() and name not in fetched:
+                    _check_yours(root / name, *sums[name])  # copied in by hand: never deleted
+                else:
+                    _fetch_checked(base_url + name, root / name, *sums[name], progress)
+                    _record_fetched(root, fetched, name)
             except DownloadError as e:
                 if e.reason != "offline":
                     raise
@@ -129,11 +147,21 @@ def download_mtat(
                     reason="offline",
                     detail=e.detail,
                 ) from None
-        _check_annotations(root / ANNOTATIONS, base_url + ANNOTATIONS)  # before the long part
+        _check_annotations(root / ANNOTATIONS, base_url + ANNOTATIONS, ANNOTATIONS in fetched)  # before the long part
         try:
             members = _extract(root, [root / p for p in PARTS], progress)
             break
         except _CorruptParts as e:
+            yours = [name for name in e.parts if name not in fetched]
+            if yours:
+                raise DownloadError(
+                    f"{', '.join(str(root / n) for n in yours)} (copied in, not downloaded by mtt): corrupt ({e}); "
+                    "left as it is: replace it with a good copy, or delete it to have it downloaded",
+                    url=base_url + yours[0],
+                    dest=root / yours[0],
+                    reason="mismatch",
+                    detail=str(e),
+                ) from None
             for name in e.parts:
                 (root / name).unlink(missing_ok=True)
             if attempt:
@@ -154,8 +182,54 @@ def download_mtat(
     atomic_write_text(root / MARKER, json.dumps(record, indent=1))
     if not keep_archives:
         for name in PARTS:
-            (root / name).unlink(missing_ok=True)
+            if name in fetched:  # pieces copied in by hand are the user's to delete
+                (root / name).unlink(missing_ok=True)
     return root
+
+
+def _claim(root: Path) -> list[str]:
+    """Make ``root`` mtt's download folder (``STARTED``) and return the files mtt fetched into it
+    before; ``TargetError`` (one line) when it holds anything a download would not put there."""
+    state = root / STARTED
+    if state.is_file():
+        return list(json.loads(state.read_text(encoding="utf-8")).get("fetched", []))
+    if root.exists() and not root.is_dir():
+        raise TargetError(f"data.root={root} is a file, not a folder; choose an empty or new folder to download into")
+    if root.is_dir():
+        names = sorted(p.name for p in root.iterdir())
+        foreign = [n for n in names if n not in FILES and n.removesuffix(".part") not in FILES]
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+            raise TargetError(
+                f"data.root={root} holds files mtt did not download ({shown}); refusing to download "
+                "into it: if it holds MagnaTagATune already, use it as it is (data=mtat "
+                f"data.root={root}), otherwise choose an empty or new folder"
+            )
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(state, json.dumps({"fetched": []}))
+    return []
+
+
+def _record_fetched(root: Path, fetched: list[str], name: str) -> None:
+    """Remember that mtt downloaded ``name`` (so that it may delete it later)."""
+    if name not in fetched:
+        fetched.append(name)
+        atomic_write_text(root / STARTED, json.dumps({"fetched": fetched}))
+
+
+def _check_yours(path: Path, expected: str, source: str) -> None:
+    """A file copied in by hand: its digest must match; if not it is named and left alone."""
+    actual = file_digest(path, _DIGESTS[len(expected)])
+    if actual != expected.lower():
+        raise DownloadError(
+            f"{path} (copied in, not downloaded by mtt) does not match its checksum (expected "
+            f"{expected}: {source}; got {actual}); left as it is: replace it with the published "
+            "file, delete it to have it downloaded, or give its digest (MTT_MTAT_CHECKSUMS)",
+            url=str(path),
+            dest=path,
+            reason="mismatch",
+            detail=f"{_DIGESTS[len(expected)]} mismatch, expected {expected}, got {actual}",
+        )
 
 
 def expected_digests(
@@ -228,11 +302,14 @@ def _fetch(url: str, dest: Path, expected: str | None, progress: bool) -> None:
         raise DownloadError(f"{url}: {detail}; deleted {dest}", url=url, dest=dest, reason="mismatch", detail=detail)
 
 
-def _check_annotations(path: Path, url: str) -> None:
-    """Parse the annotations; a file that is not in MTAT's format is deleted and refused."""
+def _check_annotations(path: Path, url: str, downloaded: bool = True) -> None:
+    """Parse the annotations; a file that is not in MTAT's format is refused, and deleted when
+    mtt downloaded it (so that the next run fetches it again)."""
     try:
         read_annotations(path)
     except AnnotationError as e:
+        if not downloaded:
+            raise AnnotationError(f"{e} (copied in, not downloaded by mtt; left as it is)") from None
         path.unlink()
         raise AnnotationError(f"{e} (downloaded from {url}; deleted, so that the next run fetches it again)") from None
 
@@ -403,10 +480,10 @@ class _JoinedFile(io.RawIOBase):
         super().close()
 
 
-@hydra.main(config_path="../../conf", config_name="config", version_base="1.3")
+@mtt.config.hydra_entry
 def main(cfg: DictConfig) -> None:
     """Hydra entry: compose the project config and download into ``data.root`` (``data=mtat``)."""
-    mtt.config.exit_if_invalid(cfg)
+    mtt.config.exit_if_invalid(cfg, data=False)  # it creates data.root: download_mtat checks it
     if cfg.data.name != "mtat":
         raise SystemExit(
             f"data={cfg.data.name}: this command downloads MagnaTagATune; run it with data=mtat data.root=DIR"
@@ -420,6 +497,9 @@ def main(cfg: DictConfig) -> None:
     try:
         checksums = checksums_from_env(os.environ.get("MTT_MTAT_CHECKSUMS"))
         root = download_mtat(Path(cfg.data.root), base_url, progress=True, checksums=checksums)
+    except TargetError as e:  # a usage error: the wrong folder, before any network access
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     except (DownloadError, ArchiveError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None  # the message says it all; no traceback
     print(f"MagnaTagATune is ready in {root} (use data=mtat data.root={root})")

@@ -74,7 +74,9 @@ def select_tags(tags: tuple[str, ...], labels: np.ndarray, tag_set: str) -> tupl
     if tag_set.startswith("freq") and tag_set[4:].isdigit():
         n = int(tag_set[4:])
         if not 1 <= n <= len(tags):
-            raise ValueError(f"data.tags={tag_set!r}: N must be between 1 and {len(tags)}")
+            raise ValueError(
+                f"data.tags={tag_set}: expected freqN with N <= {len(tags)}, the number of tags in the annotations"
+            )
         chosen = top_by_frequency(tags, labels, n)
         return chosen, labels[:, [tags.index(t) for t in chosen]]
     if tag_set == "top50":

@@ -34,6 +34,7 @@ class Tagger(nn.Module):
             raise ValueError(f"head.output={output!r}: expected one of {sorted(OUTPUTS)}")
         self.backbone, self.pool, self.head, self.output = backbone, pool, head, output
         self._encode = encode_fn
+        self.pretrained_head = False  # the head's weights came with backbone.weights (build_model)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Backbone output ``(B, C, T, F)`` (VGGish: the conv map, or the 128-d embedding as
@@ -59,6 +60,12 @@ class Tagger(nn.Module):
         layer: torch.nn.Linear = self.head.output_layer  # type: ignore[assignment]  # every registered head has one
         layer.bias.copy_(bias.to(layer.bias.dtype))
 
+    @torch.no_grad()
+    def zero_output_bias(self) -> None:
+        """Set the last layer's bias to 0 (Keras' default, ``head.bias_init=zero``)."""
+        layer: torch.nn.Linear = self.head.output_layer  # type: ignore[assignment]  # every registered head has one
+        layer.bias.zero_()
+
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return OUTPUTS[self.output](logits.float())
 
@@ -79,19 +86,25 @@ def build_model(cfg, n_tags: int, state_dict: Mapping[str, torch.Tensor] | None 
     ``backbone.name`` (mtt.models.registry), ``pool.name`` and ``head.name``, sized from the
     backbone's output shape for a ``(features.patch_frames, features.n_mels)`` patch.
 
-    ``state_dict`` holds pretrained backbone weights in the layout the backbone loads (VGGish:
-    torchvggish's; ``None``: random init). The backbone is frozen per ``backbone.freeze`` /
+    ``state_dict`` holds pretrained weights (``None``: random init): the backbone's, in the layout
+    it loads (VGGish: torchvggish's), or a whole model that the backbone's ``load_model`` knows
+    (Won et al.'s ``ShortChunkCNN_Res`` state dict: backbone and head, the head's keys remapped;
+    ``Tagger.pretrained_head`` is then True). Either is loaded strictly: a missing, unused or
+    misshapen key is a ``ValueError`` naming it. The backbone is frozen per ``backbone.freeze`` /
     ``backbone.finetune_last``.
     """
     b = cfg.backbone
     spec = get_backbone(b.name, b.get("module"))
     item_shape = (cfg.features.patch_frames, cfg.features.n_mels)
     backbone = spec.build(b, item_shape)
-    if state_dict is not None:
-        spec.load_weights(backbone, state_dict)
-    if b.freeze:
-        spec.freeze(backbone, b.finetune_last)
     channels = spec.output_shape(backbone, item_shape)[0]
     pool = build_pool(cfg.pool, channels)
     head = build_head(cfg.head, channels, n_tags)
-    return Tagger(backbone, pool, head, cfg.head.output, encode_fn=spec.encode)
+    tagger = Tagger(backbone, pool, head, cfg.head.output, encode_fn=spec.encode)
+    if state_dict is not None:
+        tagger.pretrained_head = bool(spec.load_model(tagger, state_dict, cfg))
+        if not tagger.pretrained_head:
+            spec.load_weights(backbone, state_dict)
+    if b.freeze:
+        spec.freeze(backbone, b.finetune_last)
+    return tagger

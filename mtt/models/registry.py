@@ -17,6 +17,9 @@ What a backbone declares:
   head are sized from it); by default measured with one forward of a zero patch.
 - ``load_weights(module, state_dict)``: load a pretrained state dict (``backbone.weights``),
   raising ``ValueError`` naming what does not fit; ``freeze(module, finetune_last)``.
+- ``load_model(tagger, state_dict, cfg)``: where ``state_dict`` is a whole model saved by
+  another code base (backbone and head), load all of it into the tagger, strictly, and return
+  True; return False for the backbone's own state dict (then ``load_weights``). By default False.
 - ``encode(module, x)``: what the pool reads (VGGish may append its embedding layers); by default
   the module's forward.
 - ``config_errors(cfg)``: one line per config value this backbone cannot work with, reported
@@ -54,10 +57,12 @@ def freeze_all(module: nn.Module, finetune_last: int = 0) -> None:
     module.requires_grad_(False)
 
 
-def strict_load(module: nn.Module, state_dict: Mapping[str, torch.Tensor], mismatch_hint: str = "") -> None:
-    """``load_state_dict`` naming missing and unexpected keys and shape mismatches in one error
-    (``mismatch_hint`` is appended when shapes differ)."""
-    expected = module.state_dict()
+def fit_errors(
+    expected: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor], mismatch_hint: str = ""
+) -> str:
+    """What keeps ``state_dict`` from fitting ``expected`` (a module's state dict, by the same
+    names): ``"; missing keys: [...]; unexpected keys: [...]; shape mismatches: [...]"``, or ``""``
+    when every key is there, used, and of its shape (``mismatch_hint`` follows shape mismatches)."""
     missing = sorted(expected.keys() - state_dict.keys())
     unexpected = sorted(state_dict.keys() - expected.keys())
     mismatched = [
@@ -65,14 +70,20 @@ def strict_load(module: nn.Module, state_dict: Mapping[str, torch.Tensor], misma
         for k, v in expected.items()
         if k in state_dict and state_dict[k].shape != v.shape
     ]
-    if missing or unexpected or mismatched:
-        raise ValueError(
-            f"state dict does not fit this {type(module).__name__}"
-            + (f"; missing keys: {missing}" if missing else "")
-            + (f"; unexpected keys: {unexpected}" if unexpected else "")
-            + (f"; shape mismatches: {mismatched}" if mismatched else "")
-            + (f" {mismatch_hint}" if mismatched and mismatch_hint else "")
-        )
+    return (
+        (f"; missing keys: {missing}" if missing else "")
+        + (f"; unexpected keys: {unexpected}" if unexpected else "")
+        + (f"; shape mismatches: {mismatched}" if mismatched else "")
+        + (f" {mismatch_hint}" if mismatched and mismatch_hint else "")
+    )
+
+
+def strict_load(module: nn.Module, state_dict: Mapping[str, torch.Tensor], mismatch_hint: str = "") -> None:
+    """``load_state_dict`` naming missing and unexpected keys and shape mismatches in one error
+    (``mismatch_hint`` is appended when shapes differ)."""
+    errors = fit_errors(module.state_dict(), state_dict, mismatch_hint)
+    if errors:
+        raise ValueError(f"state dict does not fit this {type(module).__name__}{errors}")
     module.load_state_dict(state_dict)
 
 
@@ -85,6 +96,7 @@ class BackboneSpec:
     load_weights: Callable = strict_load  # (module, state_dict) -> None
     freeze: Callable = freeze_all  # (module, finetune_last) -> None
     encode: Callable = field(default=lambda module, x: module(x))  # (module, x) -> (B, C, T, F)
+    load_model: Callable = field(default=lambda tagger, state_dict, cfg: False)  # -> loaded as a whole?
     config_errors: Callable = field(default=lambda cfg: [])  # (cfg) -> list[str]
 
 
@@ -148,6 +160,7 @@ __all__ = [
     "BackboneSpec",
     "backbone_errors",
     "backbone_names",
+    "fit_errors",
     "freeze_all",
     "get_backbone",
     "measured_output_shape",

@@ -12,7 +12,8 @@ global max pool is ``pool=max`` and their dense layers are ``head.name=dense_bn`
 
 Module names follow theirs (``spec_bn``, ``layer1`` ... ``layer7``, ``conv_1``, ``bn_1``, ...)
 and the convolutions run in their (mel, time) orientation, so the backbone part of one of their
-``best_model.pth`` state dicts loads as it is (``load_weights``).
+``best_model.pth`` state dicts loads as it is (``load_weights``), and the whole of it, dense layers
+included, with their head's three keys renamed (``load_model``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from mtt.models.registry import BackboneSpec, register_backbone, strict_load
+from mtt.models.registry import BackboneSpec, fit_errors, register_backbone, strict_load
 
 CHANNELS = (1, 128, 128, 256, 256, 256, 256, 512)  # input, then the output of each of 7 blocks
 
@@ -107,11 +108,79 @@ def output_shape(model: ShortChunkCNN, item_shape: tuple[int, ...]) -> tuple[int
 
 
 def load_weights(model: ShortChunkCNN, state_dict: Mapping[str, torch.Tensor]) -> None:
-    """Load the backbone from a state dict of this module or of a whole sota-music-tagging-models
-    ``ShortChunkCNN(_Res)`` (their ``best_model.pth``): keys outside the backbone (their ``spec.*``
-    front end, ``dense1``, ``bn``, ``dense2``) are ignored, every backbone key must fit."""
-    mine = {name for name, _ in model.named_children()}  # spec_bn, layer1 ... layer7
-    strict_load(model, {k: v for k, v in state_dict.items() if k.split(".")[0] in mine})
+    """Load the backbone's own state dict (``spec_bn``, ``layer1`` ... ``layer7``), strictly. A
+    whole model of theirs goes through ``load_model`` instead."""
+    strict_load(model, state_dict)
+
+
+# Their dense layers (model.py: dense1 -> bn -> relu -> dropout -> dense2) are, in mtt, the
+# DenseHead of head.name=dense_bn with head.blocks=2: Linear, BatchNorm1d, ReLU, Dropout, Linear.
+THEIR_HEAD = {"net.0": "dense1", "net.1": "bn", "net.4": "dense2"}
+FRONT_END = "spec"  # their MelSpectrogram: its window and mel filterbank are in their state dict
+
+
+def their_key(key: str) -> str:
+    """A tagger's state-dict key -> the same tensor's key in their ``ShortChunkCNN(_Res)``
+    (``backbone.layer1.conv_1.weight`` -> ``layer1.conv_1.weight``, ``head.net.4.bias`` ->
+    ``dense2.bias``)."""
+    part, _, rest = key.partition(".")
+    if part == "backbone":
+        return rest
+    layer, param = ".".join(rest.split(".")[:2]), ".".join(rest.split(".")[2:])
+    return f"{THEIR_HEAD[layer]}.{param}"
+
+
+def load_model(tagger: nn.Module, state_dict: Mapping[str, torch.Tensor], cfg) -> bool:
+    """Load a state dict saved by sota-music-tagging-models' ``ShortChunkCNN_Res`` (or
+    ``ShortChunkCNN``) into ``tagger``: backbone and head, strictly; False for a backbone-only
+    state dict (no ``spec.*`` or head key), which ``load_weights`` loads.
+
+    Every key of theirs must be used and every tensor of the tagger given: the backbone's by
+    name, the head's as ``THEIR_HEAD`` renames them; their front end's window and filterbank
+    (``spec.*``) must equal ``features``' (mtt computes the front end in the feature store, so a
+    model trained on another one would be fed inputs it never saw). ``ValueError`` names what
+    does not fit: a config that is not their model (head, pooling, output), a missing, unused or
+    misshapen key, a front-end tensor that differs.
+    """
+    heads = set(THEIR_HEAD.values())
+    if not any(k.split(".")[0] in (FRONT_END, *heads) for k in state_dict):
+        return False
+    model = "ShortChunkCNN_Res" if cfg.backbone.name == "shortchunk_res" else "ShortChunkCNN"
+    h = cfg.head
+    wrong = [
+        *(
+            [f"head.name={h.name}, head.blocks={h.blocks}: their head is head.name=dense_bn, head.blocks=2"]
+            if (h.name, h.blocks) != ("dense_bn", 2)
+            else []
+        ),
+        *(
+            [f"pool.name={cfg.pool.name}: their model max-pools over time (pool.name=max)"]
+            if cfg.pool.name != "max"
+            else []
+        ),
+        *([f"head.output={h.output}: their model ends in a sigmoid"] if h.output != "sigmoid" else []),
+    ]
+    if wrong:
+        raise ValueError(f"a {model} state dict (backbone and head) needs their model: {'; '.join(wrong)}")
+    from mtt.features import MelDbFrontEnd  # here: the feature code is needed only for their files
+
+    mine = tagger.state_dict()
+    front = MelDbFrontEnd(cfg.features).state_dict()  # spec.spectrogram.window, spec.mel_scale.fb
+    expected = {**{their_key(k): v for k, v in mine.items()}, **front}
+    errors = fit_errors(expected, state_dict)
+    differ = [
+        f"{k} (max |difference| {float((state_dict[k].float() - v).abs().max()):.3g})"
+        for k, v in front.items()
+        if k in state_dict
+        and state_dict[k].shape == v.shape
+        and not torch.allclose(state_dict[k].float(), v, atol=1e-5)
+    ]
+    if differ:
+        errors += f"; front end differs from features (features.name={cfg.features.name}): {differ}"
+    if errors:
+        raise ValueError(f"state dict does not fit {model} with mtt's backbone={cfg.backbone.name}{errors}")
+    tagger.load_state_dict({k: state_dict[their_key(k)] for k in mine})
+    return True
 
 
 def _errors(name: str):
@@ -137,6 +206,7 @@ for _name, _residual in (("shortchunk_res", True), ("shortchunk", False)):
             build=lambda b, item_shape, residual=_residual: ShortChunkCNN(residual=residual, width=b.width),
             output_shape=output_shape,
             load_weights=load_weights,
+            load_model=load_model,
             config_errors=_errors(_name),
         )
     )

@@ -2,7 +2,7 @@
 
 For each dataset, 3 seeds of: the linear probe (mtt.probe), the heads gap2, gap3 and autopool
 with the default recipe (mtt.run's defaults), and gap2 with the previous default (steps=cached,
-zero output bias, a fixed 12 epochs) for contrast. Prints test ROC-AUC and PR-AUC (mean and
+PyTorch's initial output bias, a fixed 12 epochs) for contrast. Prints test ROC-AUC and PR-AUC (mean and
 standard deviation over seeds), the epochs used (best epoch / epochs trained), the wall time of
 one run, and whether each head's mean ROC-AUC is within 0.01 of the probe's (the acceptance rule).
 
@@ -45,7 +45,7 @@ VARIANTS = {  # name -> (overrides, job)
         [
             "+head=gap2",
             "steps=cached",
-            "head.bias_init=zero",
+            "head.bias_init=default",
             "trainer.epochs=12",
             "trainer.patience=null",
             "trainer.lr_schedule=none",

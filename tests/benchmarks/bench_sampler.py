@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a check
 
 from mtt.config import Config  # noqa: E402
 from mtt.models import build_model  # noqa: E402
-from mtt.store import PatchStore, finalize  # noqa: E402
+from mtt.store import PatchStore, finalize, row_checksums  # noqa: E402
 from mtt.streams import batches, patch_mux, train_loader  # noqa: E402
 
 N_CLIPS, PER_CLIP, ITEM, N_TAGS, BATCH = 25_863, 30, (96, 64), 50, 32
@@ -41,12 +41,15 @@ def make_store(path: Path) -> PatchStore:
     path.mkdir(parents=True)
     total = N_CLIPS * PER_CLIP
     out = np.lib.format.open_memmap(path / "patches.npy", mode="w+", dtype=np.float16, shape=(total, *ITEM))
-    out[:WRITTEN_ROWS] = np.random.default_rng(0).standard_normal((WRITTEN_ROWS, *ITEM)).astype(np.float16)
+    written = np.random.default_rng(0).standard_normal((WRITTEN_ROWS, *ITEM)).astype(np.float16)
+    out[:WRITTEN_ROWS] = written
     out.flush()
     del out
+    checksums = np.full(total, row_checksums(np.zeros((1, *ITEM), np.float16))[0], dtype=np.uint32)
+    checksums[:WRITTEN_ROWS] = row_checksums(written)
     ids = np.arange(N_CLIPS, dtype=np.int64) * 3 + 2  # MTAT's ids are sparse too
     table = np.stack([ids, np.arange(N_CLIPS, dtype=np.int64) * PER_CLIP, np.full(N_CLIPS, PER_CLIP)], axis=1)
-    return finalize(path, table, {"bench": "sampler"}, ITEM)
+    return finalize(path, table, {"bench": "sampler"}, ITEM, checksums)
 
 
 def labels_for(n: int) -> np.ndarray:

@@ -14,7 +14,9 @@ so tests serve generated files themselves and can make the server misbehave on p
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import socket
 import subprocess
 import threading
@@ -219,3 +221,17 @@ def wait_until_answering(
             if time.monotonic() > deadline:
                 raise RuntimeError(f"no answer from {url} within {seconds} s:\n{output()[-3000:]}") from None
             time.sleep(pause)
+
+
+def stop_process_group(proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    """Stop a server started with ``start_new_session=True`` and its children (its own group,
+    nothing else): SIGTERM, then SIGKILL after ``timeout`` seconds."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=timeout)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()

@@ -8,22 +8,23 @@ import os
 import secrets
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 from mtt.data.embedded.labels import SYNTH_TAGS
 from mtt.data.embedded.render import _generate
 from mtt.data.mtat import ANNOTATIONS, CLIP_INFO, FOLDERS, SAMPLE_RATE
 from mtt.fs import durable_replace, locked
 
-if TYPE_CHECKING:  # the generator itself needs no Hydra
-    from mtt.config import SynthConfig
+# ``cfg`` below is ``mtt.config.SynthConfig`` or anything with its three fields: not imported, since
+# mtt.config checks data.root through this module (``replace_refusal``) and the generator needs no Hydra.
+SynthParams = Any
 
 # Bump when the generator changes what it writes, so that an old cache is regenerated.
 SYNTH_VERSION = 1
 MARKER = ".mtt-synth.json"
 
 
-def _params(cfg: SynthConfig) -> dict:
+def _params(cfg: SynthParams) -> dict:
     def get(key):
         try:
             return getattr(cfg, key)
@@ -58,29 +59,57 @@ def _is_complete(root: Path, params: dict) -> bool:
 _OURS = {*FOLDERS, ANNOTATIONS, CLIP_INFO, MARKER}
 
 
-def _check_replaceable(root: Path) -> None:
-    """Refuse to replace a folder that holds anything but (a part of) a generated dataset."""
+def write_refusal(root: str | Path, cfg: SynthParams) -> str | None:
+    """``replace_refusal`` for the dataset of ``cfg``: None when ``root`` already holds it (nothing
+    will be written there, whatever else the folder holds) or when the parameters are invalid
+    (their own check names them)."""
+    try:
+        if _is_complete(Path(root).expanduser(), _params(cfg)):
+            return None
+    except ValueError:
+        return None
+    return replace_refusal(root)
+
+
+def replace_refusal(root: str | Path) -> str | None:
+    """Why the generated dataset may not be written at ``root`` (one line), or None when it may.
+
+    Only a folder that is missing, empty, or one this generator wrote (it holds ``MARKER``, which
+    only ``_generate`` writes, and nothing but dataset files) may be replaced. MTAT's own names
+    alone prove nothing: a hand-unpacked MagnaTagATune holds exactly those, and replacing it would
+    delete the user's data.
+    """
+    root = Path(root).expanduser()
     if not root.exists():
-        return
+        return None
+    what = "refusing to write the generated dataset (data=toy) there"
+    todo = "for MagnaTagATune add data=mtat, otherwise point data.root at an empty or new folder"
     if not root.is_dir():
-        raise FileExistsError(f"{root} exists and is not a folder; cannot generate the toy dataset there")
-    foreign = sorted(p.name for p in root.iterdir() if p.name not in _OURS)
-    if foreign:
-        raise FileExistsError(
-            f"{root} holds {foreign[0]!r}, which is not part of a generated dataset; "
-            f"refusing to replace it: remove it or point data.root elsewhere"
-        )
+        return f"data.root={root} is a file, not a folder; {what}: {todo}"
+    names = sorted(p.name for p in root.iterdir())
+    foreign = [n for n in names if n not in _OURS]
+    if names and (foreign or MARKER not in names):
+        shown = ", ".join((foreign or names)[:3]) + (", ..." if len(foreign or names) > 3 else "")
+        return f"data.root={root} holds files mtt did not generate ({shown}); {what}: {todo}"
+    return None
 
 
-def ensure_dataset(root: str | Path, cfg: SynthConfig, progress: bool = True) -> Path:
+def _check_replaceable(root: Path) -> None:
+    """Raise ``FileExistsError`` (``replace_refusal``) unless ``root`` may be replaced."""
+    refusal = replace_refusal(root)
+    if refusal is not None:
+        raise FileExistsError(refusal)
+
+
+def ensure_dataset(root: str | Path, cfg: SynthParams, progress: bool = True) -> Path:
     """Return ``root`` holding the generated dataset of ``cfg``, generating it first if needed.
 
     A dataset counts as present only when ``root/.mtt-synth.json`` (written last) records the same
     parameters and generator version. Generation writes into a temporary sibling folder and renames
     it into place, so an interrupted run never leaves a half dataset that reads as complete. A lock
     file beside ``root`` serialises concurrent callers; the second one finds the dataset made.
-    An existing ``root`` is replaced only if it holds nothing but dataset files (an older or partial
-    dataset); otherwise ``FileExistsError`` names what is in the way.
+    An existing ``root`` is replaced only if this generator wrote it (an older version or another
+    parameter set: ``replace_refusal``); otherwise ``FileExistsError`` names what is in the way.
     """
     params = _params(cfg)
     root = Path(root).expanduser()
