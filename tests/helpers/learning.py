@@ -44,8 +44,15 @@ SEEDS = (0, 1, 2, 3, 4)
 THREADS = (1, 2)
 SPREAD_SHARE = 0.5  # the margin a bound needs beyond the worst variant, as a share of the spread
 # An AVX2-only CPU's kernels (an AVX-512 machine running another CPU's arithmetic): torch's own
-# vectorised ops, oneDNN's convolutions, MKL's BLAS.
-AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "DNNL_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+# vectorised ops, oneDNN's convolutions, MKL's BLAS (torch's), and for numpy, scipy and
+# scikit-learn (the probe, mtt.stats) numpy's dispatched loops and OpenBLAS's kernels.
+AVX2 = {
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "DNNL_MAX_CPU_ISA": "AVX2",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    "NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512_ICL AVX512_SPR",
+    "OPENBLAS_CORETYPE": "Haswell",
+}
 
 
 def seeds_from_env() -> tuple[int, ...]:
