@@ -440,17 +440,18 @@ def clip_features(wave: np.ndarray, mel: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.slow
-def test_default_dataset_is_learnable(tmp_path, learning):
+def test_default_dataset_is_learnable(tmp_path):
     """Per-tag logistic regression on simple clip features, trained on folders 0-b of the default
-    dataset (generated with seed ``learning.seed``, 0 by default), must reach macro ROC-AUC >= 0.95
-    on folders d-f (measured: see the printout)."""
+    dataset, must reach macro ROC-AUC >= 0.95 on folders d-f (measured: see the printout). Not a
+    learning test (docs/development.md): the default dataset is the same for every user, and
+    the fit is convex."""
     import librosa
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
     from sklearn.preprocessing import StandardScaler
 
     start = time.perf_counter()
-    root = ensure_dataset(tmp_path / "toy", SynthConfig(seed=learning.seed), progress=False)
+    root = ensure_dataset(tmp_path / "toy", SynthConfig(), progress=False)
     generated = time.perf_counter() - start
     idx = build_index(root)
     mel = librosa.filters.mel(sr=SR, n_fft=512, n_mels=64, fmin=125, fmax=7500, htk=True, norm=None)
@@ -469,5 +470,5 @@ def test_default_dataset_is_learnable(tmp_path, learning):
         f"generated {len(idx.paths)} clips in {generated:.1f} s; test macro ROC-AUC {macro:.4f}; "
         + ", ".join(f"{t} {a:.2f}" for t, a in sorted(aucs.items(), key=lambda kv: kv[1]))
     )
-    learning.at_least("macro test ROC-AUC", macro, 0.95, baseline=0.5)
-    learning.at_least("lowest tag's test ROC-AUC", min(aucs.values()), 0.8, baseline=0.5)
+    assert macro >= 0.95, aucs
+    assert min(aucs.values()) >= 0.8, aucs

@@ -54,9 +54,9 @@ def test_tag_prints_the_rendered_tag_first(tmp_path, cache_dir, learning):
     for i, tag in enumerate(["flute", "female"]):
         clips[tag] = str(tmp_path / f"{tag}.mp3")
         write_mp3(clips[tag], render_clip(complete_tags({tag}), 5.0, 16000, np.random.default_rng(100 + i)))
-    proc = run_module(["mtt.tag", *clips.values(), "--run", run.info.run_id, "--top-k", "3"], env=env)
+    proc = run_module(["mtt.tag", *clips.values(), "--run", run.info.run_id, "--top-k", "5"], env=env)
     printed = top_tags(proc.stdout)
-    assert list(printed) == list(clips.values()) and all(len(t) == 3 for t in printed.values())
+    assert list(printed) == list(clips.values()) and all(len(t) == 5 for t in printed.values())
     # Every tag's probability (json), for how far each verdict is from turning.
     as_json = run_module(["mtt.tag", *clips.values(), "--run", run.info.run_id, "--format", "json"], env=env)
     doc = json.loads(as_json.stdout)
@@ -68,10 +68,11 @@ def test_tag_prints_the_rendered_tag_first(tmp_path, cache_dir, learning):
     learning.at_least("flute clip: p(flute) - p(likeliest other tag)", lead, 0.0, baseline=0.0)
     # "female" always comes with "vocal" (so the data can never make it the likelier of the two),
     # and a small model trained for seconds mixes up the breathy timbres: the voice is among the
-    # top 3 tags printed for the second clip (by chance, the better of 2 of n ranks (n + 1) / 3).
+    # top 5 tags printed for the second clip (by chance, the better of 2 of n ranks (n + 1) / 3;
+    # over 5 seeds it ranked 1 to 3, so top 3 had no margin: docs/development.md).
     ranked = sorted(probs[clips["female"]], key=probs[clips["female"]].get, reverse=True)
     rank = 1 + min(ranked.index("female"), ranked.index("vocal"))
-    learning.at_most("female clip: rank of female or vocal", rank, 3, baseline=round((len(ranked) + 1) / 3, 1))
+    learning.at_most("female clip: rank of female or vocal", rank, 5, baseline=round((len(ranked) + 1) / 3, 1))
     assert {"female", "vocal"} & set(printed[clips["female"]]), printed
 
     # Clear one-line errors, exit code 1.
