@@ -43,7 +43,7 @@ def top_tags(stdout: str) -> dict[str, list[str]]:
 
 
 @pytest.mark.slow
-def test_tag_prints_the_rendered_tag_first(tmp_path, cache_dir, learning):
+def test_tag_prints_the_rendered_tags_near_the_top(tmp_path, cache_dir, learning):
     uri = f"sqlite:///{tmp_path}/m.db"
     env = {"MLFLOW_TRACKING_URI": uri}
     overrides = [*LEARNS, f"trainer.seed={learning.seed}", f"paths.cache={cache_dir}", "tracking.experiment=tag"]
@@ -62,10 +62,13 @@ def test_tag_prints_the_rendered_tag_first(tmp_path, cache_dir, learning):
     doc = json.loads(as_json.stdout)
     probs = {f["file"]: f["probabilities"] for f in doc["files"]}
     assert all(printed[f][0] == max(p, key=p.get) for f, p in probs.items())  # text and json agree
-    # A clip with one strong tag (flute implies only "no vocals") is tagged with it first.
-    flute = probs[clips["flute"]]
-    lead = flute["flute"] - max(p for t, p in flute.items() if t != "flute")
-    learning.at_least("flute clip: p(flute) - p(likeliest other tag)", lead, 0.0, baseline=0.0)
+    # A clip with one strong tag (flute implies only "no vocals") is tagged with it in the top 2
+    # (by chance, one of n ranks (n + 1) / 2). Over 5 seeds it ranked first, but once by 0.0098
+    # of probability over the next tag: "first" had no margin (docs/development.md).
+    ranked = sorted(probs[clips["flute"]], key=probs[clips["flute"]].get, reverse=True)
+    rank = 1 + ranked.index("flute")
+    learning.at_most("flute clip: rank of flute", rank, 2, baseline=round((len(ranked) + 1) / 2, 1))
+    assert "flute" in printed[clips["flute"]][:2], printed
     # "female" always comes with "vocal" (so the data can never make it the likelier of the two),
     # and a small model trained for seconds mixes up the breathy timbres: the voice is among the
     # top 5 tags printed for the second clip (by chance, the better of 2 of n ranks (n + 1) / 3;
