@@ -13,7 +13,8 @@ from mlflow.tracking import MlflowClient
 from mtt import distributed
 from mtt.checkpoint import TrainState
 from mtt.models import build_model
-from mtt.tracking import MlflowTracker
+from mtt.records import load_predictions
+from mtt.tracking import MlflowTracker, download_artifacts
 from mtt.train import patience_spent, prepare, start, train
 from tests.helpers import LEARNABLE, TINY, compose_cfg
 
@@ -68,14 +69,18 @@ def test_each_output_bias_init_is_what_it_says(cache_dir, init):
         assert bias == pytest.approx(expected[init], abs=1e-6)
 
 
-def test_default_recipe_learns_tiny_data_well_beyond_the_baselines(learnable):
-    cfg = learnable()
+def test_default_recipe_learns_tiny_data_well_beyond_the_baselines(learnable, learning, tmp_path):
+    cfg = learnable(f"trainer.seed={learning.seed}")
     with MlflowTracker(cfg.tracking.uri, "recipe", "default") as tracker:
         m = train(cfg, tracker)
-    # Chance: ROC-AUC 0.5; a PR-AUC equal to each tag's positive rate; accuracy of "no tag at all".
-    assert m["test_roc_auc"] >= 0.72, m
-    assert m["test_pr_auc"] >= 0.5, m  # the tags here are positive on 5-30% of clips
-    assert m["test_accuracy"] > m["test_accuracy_all_negative"], m
+    predictions = download_artifacts(cfg.tracking.uri, tracker.run_id, "test_predictions.npz", tmp_path)
+    labels = load_predictions(predictions).labels
+    both = labels[:, (labels.min(0) == 0) & (labels.max(0) == 1)]  # the tags the AUCs average over
+    # Chance: ROC-AUC 0.5; a PR-AUC equal to each tag's positive rate (0.197 here). Bounds: half the
+    # spread of 5 seeds x 4 CPU arithmetics below the worst (docs/development.md). Binary accuracy
+    # is no such figure: it beat "no tag at all" by 4-20 of 3,384 cells, less than its spread.
+    learning.at_least("test_roc_auc", m["test_roc_auc"], 0.65, baseline=0.5)
+    learning.at_least("test_pr_auc", m["test_pr_auc"], 0.35, baseline=round(float(both.mean()), 3))
     run = MlflowClient(cfg.tracking.uri).get_run(tracker.run_id)
     assert run.data.params["steps.policy"] == "patches"
     # The test metrics are those of the best validation epoch, which the run names.
@@ -84,14 +89,16 @@ def test_default_recipe_learns_tiny_data_well_beyond_the_baselines(learnable):
     assert val[best] == max(val) and m["val_roc_auc"] == val[best]
 
 
-def test_early_stopping_ends_patience_epochs_after_the_best(learnable):
-    cfg = learnable("trainer.epochs=40", "trainer.patience=3")
+def test_early_stopping_ends_patience_epochs_after_the_best(learnable, learning):
+    cfg = learnable("trainer.epochs=40", "trainer.patience=3", f"trainer.seed={learning.seed}")
     with MlflowTracker(cfg.tracking.uri, "recipe", "patience") as tracker:
         train(cfg, tracker)
     run = MlflowClient(cfg.tracking.uri).get_run(tracker.run_id)
     trained, best = int(run.data.metrics["epochs_trained"]), int(run.data.metrics["best_epoch"])
     val = _history(cfg.tracking.uri, tracker.run_id, "val_roc_auc")
-    assert len(val) == trained < 40, "6 validation clips saturate long before 40 epochs"
+    assert len(val) == trained
+    # 6 validation clips saturate long before 40 epochs (a model that never stops improving: 40).
+    learning.at_most("epochs_trained", trained, 39, baseline=40)
     assert trained - 1 - best == 3  # stopped exactly when the patience was spent
     assert all(v <= val[best] for v in val[best + 1 :])
 
@@ -104,13 +111,22 @@ def test_without_patience_every_epoch_is_trained(learnable):
     assert _history(cfg.tracking.uri, tracker.run_id, "lr") == [1e-3] * 4
 
 
-def test_plateau_schedule_cuts_the_rate_after_epochs_without_improvement(learnable):
-    cfg = learnable("trainer.epochs=25", "trainer.patience=null", "trainer.lr_patience=1", "trainer.lr_factor=0.5")
+def test_plateau_schedule_cuts_the_rate_after_epochs_without_improvement(learnable, learning):
+    cfg = learnable(
+        "trainer.epochs=25",
+        "trainer.patience=null",
+        "trainer.lr_patience=1",
+        "trainer.lr_factor=0.5",
+        f"trainer.seed={learning.seed}",
+    )
     with MlflowTracker(cfg.tracking.uri, "recipe", "plateau") as tracker:
         train(cfg, tracker)
     lr = _history(cfg.tracking.uri, tracker.run_id, "lr")
     val = _history(cfg.tracking.uri, tracker.run_id, "val_roc_auc")
-    assert lr[0] == 1e-3 and min(lr) < 1e-3, "a tiny validation set plateaus within 25 epochs"
+    assert lr[0] == 1e-3
+    # A tiny validation set plateaus within 25 epochs: the first epoch at a lower rate (25: never).
+    first_cut = next((e for e, rate in enumerate(lr) if rate < 1e-3), len(lr))
+    learning.at_most("first epoch at a lower lr", first_cut, 24, baseline=25)
     best = -np.inf
     bad = 0
     for e in range(1, len(lr)):  # replay the rule: halve after more than 1 epoch without a new best

@@ -281,9 +281,10 @@ def test_a_run_follows_its_phases_and_logs_each_epochs_rate(cache_dir, tmp_path)
     assert lrs == [pytest.approx(1e-3), pytest.approx(0.01), pytest.approx(0.002)]
 
 
-def test_it_learns_on_tiny_data_through_the_same_records_as_vggish(cache_dir, tmp_path):
-    """A few epochs on the 72 tiny training clips: the validation loss falls, and the run has the
-    records of a VGGish run (test metrics with intervals, predictions, per-tag table)."""
+def test_it_learns_on_tiny_data_through_the_same_records_as_vggish(cache_dir, tmp_path, learning):
+    """16 epochs on the 72 tiny training clips: the validation loss falls well below its first
+    epoch's, the test ROC-AUC lies well above chance, and the run has the records of a VGGish run
+    (test metrics with intervals, predictions, per-tag table)."""
     uri = f"sqlite:///{tmp_path}/m.db"
     cfg = compose_cfg(
         [
@@ -291,9 +292,10 @@ def test_it_learns_on_tiny_data_through_the_same_records_as_vggish(cache_dir, tm
             *SMALL,
             "backbone.width=0.125",
             "head.width=64",
-            "trainer.epochs=6",
+            "trainer.epochs=16",
             "trainer.patience=null",
             "trainer.lr_schedule=none",
+            f"trainer.seed={learning.seed}",
             f"tracking.uri={uri}",
         ],
         cache=cache_dir,
@@ -301,9 +303,12 @@ def test_it_learns_on_tiny_data_through_the_same_records_as_vggish(cache_dir, tm
     with MlflowTracker(uri, "shortchunk", "learns") as tracker:
         metrics = train(cfg, tracker)
     client = MlflowClient(uri)
-    val_loss = [m.value for m in client.get_metric_history(tracker.run_id, "val_loss")]
-    assert len(val_loss) == 6 and min(val_loss[1:]) < val_loss[0] * 0.9, val_loss
-    assert metrics["test_roc_auc"] > 0.6, metrics
+    val_loss = [m.value for m in sorted(client.get_metric_history(tracker.run_id, "val_loss"), key=lambda m: m.step)]
+    assert len(val_loss) == 16
+    # After the first epoch the loss is still about that of the tags' prior (where the output bias starts).
+    fall = 1 - min(val_loss[1:]) / val_loss[0]
+    learning.at_least("val_loss fall below epoch 0's", fall, 0.1, baseline=0.0)
+    learning.at_least("test_roc_auc", metrics["test_roc_auc"], 0.6, baseline=0.5)
     run = client.get_run(tracker.run_id)
     assert {"test_roc_auc_ci95_low", "test_pr_auc_ci95_high", "selected_val_roc_auc"} <= set(run.data.metrics)
     assert run.data.params["backbone.name"] == "shortchunk_res" and run.data.params["features.name"] == "mel_db"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
@@ -41,24 +43,39 @@ def top_tags(stdout: str) -> dict[str, list[str]]:
 
 
 @pytest.mark.slow
-def test_tag_prints_the_rendered_tag_first(tmp_path, cache_dir):
+def test_tag_prints_the_rendered_tags_near_the_top(tmp_path, cache_dir, learning):
     uri = f"sqlite:///{tmp_path}/m.db"
     env = {"MLFLOW_TRACKING_URI": uri}
-    run_module(["mtt.run", *LEARNS, f"paths.cache={cache_dir}", "tracking.experiment=tag"], env=env)
+    overrides = [*LEARNS, f"trainer.seed={learning.seed}", f"paths.cache={cache_dir}", "tracking.experiment=tag"]
+    run_module(["mtt.run", *overrides], env=env)
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("tag").experiment_id])
     clips = {}
     for i, tag in enumerate(["flute", "female"]):
         clips[tag] = str(tmp_path / f"{tag}.mp3")
         write_mp3(clips[tag], render_clip(complete_tags({tag}), 5.0, 16000, np.random.default_rng(100 + i)))
-    proc = run_module(["mtt.tag", *clips.values(), "--run", run.info.run_id, "--top-k", "3"], env=env)
+    proc = run_module(["mtt.tag", *clips.values(), "--run", run.info.run_id, "--top-k", "5"], env=env)
     printed = top_tags(proc.stdout)
-    assert list(printed) == list(clips.values()) and all(len(t) == 3 for t in printed.values())
-    # A clip with one strong tag (flute implies only "no vocals") is tagged with it first.
-    assert printed[clips["flute"]][0] == "flute", printed
+    assert list(printed) == list(clips.values()) and all(len(t) == 5 for t in printed.values())
+    # Every tag's probability (json), for how far each verdict is from turning.
+    as_json = run_module(["mtt.tag", *clips.values(), "--run", run.info.run_id, "--format", "json"], env=env)
+    doc = json.loads(as_json.stdout)
+    probs = {f["file"]: f["probabilities"] for f in doc["files"]}
+    assert all(printed[f][0] == max(p, key=p.get) for f, p in probs.items())  # text and json agree
+    # A clip with one strong tag (flute implies only "no vocals") is tagged with it in the top 2
+    # (by chance, one of n ranks (n + 1) / 2). Over 5 seeds it ranked first, but once by 0.0098
+    # of probability over the next tag: "first" had no margin (docs/development.md).
+    ranked = sorted(probs[clips["flute"]], key=probs[clips["flute"]].get, reverse=True)
+    rank = 1 + ranked.index("flute")
+    learning.at_most("flute clip: rank of flute", rank, 2, baseline=round((len(ranked) + 1) / 2, 1))
+    assert "flute" in printed[clips["flute"]][:2], printed
     # "female" always comes with "vocal" (so the data can never make it the likelier of the two),
     # and a small model trained for seconds mixes up the breathy timbres: the voice is among the
-    # top 3 tags printed for the second clip.
+    # top 5 tags printed for the second clip (by chance, the better of 2 of n ranks (n + 1) / 3;
+    # over 5 seeds it ranked 1 to 3, so top 3 had no margin: docs/development.md).
+    ranked = sorted(probs[clips["female"]], key=probs[clips["female"]].get, reverse=True)
+    rank = 1 + min(ranked.index("female"), ranked.index("vocal"))
+    learning.at_most("female clip: rank of female or vocal", rank, 5, baseline=round((len(ranked) + 1) / 3, 1))
     assert {"female", "vocal"} & set(printed[clips["female"]]), printed
 
     # Clear one-line errors, exit code 1.
@@ -115,7 +132,6 @@ def test_tag_a_folder_to_csv_and_json(tiny_run, tmp_path, capsys):
     """Folders are searched recursively for audio; every tag's probability per file, as the run
     evaluated the clip; a file that cannot be decoded is reported and skipped."""
     import csv
-    import json
     import shutil
 
     import soundfile as sf
