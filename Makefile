@@ -8,7 +8,7 @@ UI_PORT ?= 5000
 # `make demo`: parallel jobs, one per core, each with one torch thread (the small head's steps
 # run faster on one thread than on two that compete with the other job's).
 DEMO_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
-# `make mlflow-server`: a tracking server for a team (mtt/server.py; docs/scaling-out.md).
+# `make mlflow-server`: a tracking server for a team (mtt/tracking/server.py; docs/scaling-out.md).
 # SERVER_DB: postgresql://user@host/db for a lab (SQLAlchemy's driver for it, psycopg, is in the lock).
 SERVER_PORT ?= 5001
 SERVER_HOST ?= 127.0.0.1

@@ -2,7 +2,7 @@
 
 Thin on purpose: compose the config, open the MLflow run, train, return the best epoch's
 monitored metric (``trainer.monitor`` at the selected epoch, on validation), so Hydra sweepers
-(``hydra/sweeper=optuna``, mtt/search.py) optimise what selects the checkpoint.
+(``hydra/sweeper=optuna``, mtt/analysis/search.py) optimise what selects the checkpoint.
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ def resume_target(cfg, config_hash: str) -> str | None:
     """The run id that ``trainer.resume`` asks to continue, or None for a new run. Its
     ``last.pt`` is checked here, before the run is reopened: a corrupt one is refused
     (``CorruptFileError``), never skipped for an older run or a fresh start."""
-    from mtt.checkpoint import has_last, resume_choice, run_dir, verify_last
-    from mtt.tracking import resumable_runs, run_exists
+    from mtt.tracking.checkpoint import has_last, resume_choice, run_dir, verify_last
+    from mtt.tracking.runs import resumable_runs, run_exists
 
     choice = resume_choice(cfg.trainer.resume)
     if choice is None:
@@ -87,12 +87,12 @@ def tracked(
 
     The run is tagged with the Hydra choices, overrides, sweep id and config hash, and named
     after the overrides (``name_prefix`` first), with MLflow's source tags (``entry``, the git
-    state: ``mtt.records.source_tags``). ``resumable`` honours ``trainer.resume``.
+    state: ``mtt.tracking.records.source_tags``). ``resumable`` honours ``trainer.resume``.
     """
-    from mtt import distributed
-    from mtt.checkpoint import NOT_GROUPED, config_hash
-    from mtt.records import source_tags
-    from mtt.tracking import MlflowTracker, stop_on_signals, sweep_parent
+    from mtt.core import distributed
+    from mtt.tracking.checkpoint import NOT_GROUPED, config_hash
+    from mtt.tracking.records import source_tags
+    from mtt.tracking.runs import MlflowTracker, stop_on_signals, sweep_parent
 
     hc = HydraConfig.get()
     tags = {f"choice.{k}": v for k, v in hc.runtime.choices.items() if v is not None and not k.startswith("hydra/")}
@@ -140,7 +140,7 @@ def tracked(
 
 
 def cli(entry, prog: str) -> None:
-    """Run the Hydra entry ``entry``; a stop (``mtt.tracking.Stopped``: SIGTERM, SIGINT) ends the
+    """Run the Hydra entry ``entry``; a stop (``mtt.tracking.runs.Stopped``: SIGTERM, SIGINT) ends the
     process with one line and status 128 + the signal's number, as shells and schedulers read a
     process a signal ended, instead of a traceback."""
     try:
@@ -154,9 +154,9 @@ def cli(entry, prog: str) -> None:
 @hydra_entry
 def main(cfg: DictConfig) -> float:
     exit_if_invalid(cfg)  # before any data, model or MLflow work
-    from mtt.fs import exit_on_corrupt
-    from mtt.preflight import checked
-    from mtt.train import train
+    from mtt.core.fs import exit_on_corrupt
+    from mtt.training.preflight import checked
+    from mtt.training.train import train
 
     # Before the run: the weights (an offline audioset run, before any data work), then what
     # depends on the data (freqN, the batch size).

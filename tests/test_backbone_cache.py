@@ -17,16 +17,16 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from mtt.backbone_cache import build_backbone_cache, cache_key
 from mtt.data.datasets import index_from_config
+from mtt.features.preprocess import build_feature_store
+from mtt.features.store import MANIFEST, PatchStore, pack, params_key
 from mtt.models import build_model
 from mtt.models.pooling import FREQ_MEAN, MAP, reads_of, reduce_map
 from mtt.models.vggish import VGGish
 from mtt.models.weights import load_state_dict, resolve_weights
-from mtt.preprocess import build_feature_store
-from mtt.store import MANIFEST, PatchStore, pack, params_key
-from mtt.tracking import MlflowTracker
-from mtt.train import prepare, train
+from mtt.tracking.runs import MlflowTracker
+from mtt.training.backbone_cache import build_backbone_cache, cache_key
+from mtt.training.train import prepare, train
 from tests.helpers import TINY, compose_cfg, run_module
 
 
@@ -75,13 +75,13 @@ def model_of(cfg):
     w = resolve_weights(cfg.backbone.weights, cfg.backbone.url, progress=False)
     torch.manual_seed(cfg.trainer.seed)
     model = build_model(cfg, 50, load_state_dict(w.path) if w.path else None).eval()
-    if cfg.trainer.channels_last:  # as mtt.train.prepare lays it out
+    if cfg.trainer.channels_last:  # as mtt.training.train.prepare lays it out
         model.backbone.to(memory_format=torch.channels_last)
     return model, w
 
 
 def cache_dir_of(cfg, store, model, weights):
-    """Where ``mtt.train.prepare`` keeps the cache of this config (keyed by what its pool reads)."""
+    """Where ``mtt.training.train.prepare`` keeps the cache of this config (keyed by what its pool reads)."""
     key = cache_key(store, weights.sha256, cfg.backbone, model.backbone, reads=reads_of(model.pool))
     return cfg.paths.cache + "/backbone/" + params_key(key)
 
@@ -293,9 +293,9 @@ def test_an_old_format_cache_is_named_in_one_line_and_the_compact_one_built(tmp_
     counts = {int(c): int(n) for c, n in zip(store.clip_ids, store.counts)}
     pack(old, counts, lambda c: full[store.rows(c)], full.shape[1:], old_key)
     before = {p.name: p.stat().st_mtime_ns for p in old.iterdir()}
-    with caplog.at_level(logging.WARNING, logger="mtt.backbone_cache"):
+    with caplog.at_level(logging.WARNING, logger="mtt.training.backbone_cache"):
         cache = build_backbone_cache(store, model.encode, key, root, torch.device("cpu"), progress=False)
-    lines = [r.getMessage() for r in caplog.records if r.name == "mtt.backbone_cache"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "mtt.training.backbone_cache"]
     assert len(lines) == 1 and "\n" not in lines[0], lines
     assert str(old) in lines[0] and "older format" in lines[0] and "rm -r it to free" in lines[0]
     assert cache.path != old and cache.item_shape == (*full.shape[1:3], 1)
@@ -307,9 +307,9 @@ def test_an_old_format_cache_is_named_in_one_line_and_the_compact_one_built(tmp_
     )
     assert {p.name: p.stat().st_mtime_ns for p in old.iterdir()} == before  # left as it was
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="mtt.backbone_cache"):
+    with caplog.at_level(logging.WARNING, logger="mtt.training.backbone_cache"):
         again = build_backbone_cache(store, model.encode, key, root, torch.device("cpu"), progress=False)
-    assert again.path == cache.path and not [r for r in caplog.records if r.name == "mtt.backbone_cache"]
+    assert again.path == cache.path and not [r for r in caplog.records if r.name == "mtt.training.backbone_cache"]
 
 
 def test_a_cache_folder_holding_another_keys_cache_is_refused(tmp_path, cache_dir):

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from mtt.paths import REPO_ROOT
+from mtt.core.paths import REPO_ROOT
 from tests.helpers import compose_cfg
 
 SCRIPT = REPO_ROOT / "tests" / "benchmarks" / "bench_gpu.py"
@@ -132,7 +132,7 @@ def test_the_full_mtat_time_of_each_preset_is_its_epochs_steps_and_chunks_at_the
         3 * 60 * 14_294 / rate["head_train_cached"] + 3 * 200 * 953 * 16 / rate["shortchunk_train_fp32_nchw"]
     )
     # a preset's time uses the figure of its own settings, and none measured otherwise
-    from mtt.components import DATASETS
+    from mtt.core.components import DATASETS
 
     # importing the script registers its `bench` dataset: keep it out of the other tests' registry
     monkeypatch.setattr(DATASETS, "_entries", dict(DATASETS._entries))

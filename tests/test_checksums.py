@@ -15,13 +15,13 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from mtt.backbone_cache import build_backbone_cache, cache_key
-from mtt.checkpoint import LAST, TrainState, last_epoch, load_best, load_last, save_best, save_last
+from mtt.core.fs import CorruptFileError, atomic_replace, sidecar, verify_checksummed
 from mtt.data.datasets import index_from_config
-from mtt.fs import CorruptFileError, atomic_replace, sidecar, verify_checksummed
+from mtt.features.preprocess import _extract, build_feature_store, frontend_params, store_path
+from mtt.features.store import MANIFEST, PatchStore
 from mtt.models.pooling import FREQ_MEAN, MAP
-from mtt.preprocess import _extract, build_feature_store, frontend_params, store_path
-from mtt.store import MANIFEST, PatchStore
+from mtt.tracking.checkpoint import LAST, TrainState, last_epoch, load_best, load_last, save_best, save_last
+from mtt.training.backbone_cache import build_backbone_cache, cache_key
 from tests.helpers import TINY, compose_cfg, run_module
 
 STORE_FILES = ["patches.npy", "clips.npy", "checksums.npy", MANIFEST]
@@ -120,13 +120,13 @@ def test_zeroed_rows_are_found_when_read_naming_the_first_bad_row(feature_store,
 
 @pytest.mark.parametrize("workers,mode", [(0, "with_replacement"), (2, "with_replacement"), (0, "epoch")])
 def test_training_stream_and_evaluation_check_the_rows_they_read(feature_store, workers, mode):
-    """The readers of mtt.streams (training batches through pread, in DataLoader workers too,
+    """The readers of mtt.features.streams (training batches through pread, in DataLoader workers too,
     whose error torch re-raises in the main process: still the one-line error; the epoch mode's
     chunk cutter; evaluation)."""
     from omegaconf import OmegaConf
 
     from mtt.config import StreamConfig
-    from mtt.streams import eval_batches, train_loader
+    from mtt.features.streams import eval_batches, train_loader
 
     patches = feature_store.path / "patches.npy"
     zero(patches, rows_offset(patches))
@@ -211,7 +211,7 @@ def test_a_cache_is_never_built_from_a_corrupt_feature_store(feature_store, tmp_
 def test_the_fingerprint_covers_the_contents(feature_store, tmp_path):
     """Two stores share a fingerprint only if they hold the same numbers (a store rebuilt from
     other audio, or by another decoder, never reuses a cache built from the first)."""
-    from mtt.store import pack
+    from mtt.features.store import pack
 
     store, params = feature_store, feature_store.manifest["params"]
     rows = {int(c): np.asarray(store.get(c)) for c in store.clip_ids}
@@ -296,7 +296,7 @@ def test_a_best_checkpoint_of_an_older_run_loads_with_a_warning(tmp_path, caplog
     """Runs logged before checkpoints carried sidecars: mtt.tag still reads their artifacts."""
     model, _ = trained(tmp_path)
     sidecar(tmp_path / "best.safetensors").unlink()
-    with caplog.at_level(logging.WARNING, logger="mtt.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="mtt.tracking.checkpoint"):
         state, _ = load_best(tmp_path)
     assert torch.equal(state["weight"], model.weight)
     assert f"{tmp_path / 'best.safetensors'}: no checksum (written by an older mtt): loaded unchecked" in caplog.text
@@ -305,24 +305,24 @@ def test_a_best_checkpoint_of_an_older_run_loads_with_a_warning(tmp_path, caplog
 def test_a_crash_between_the_two_renames_leaves_a_file_that_still_verifies(tmp_path, monkeypatch):
     """The sidecar lands first; killed before the file's rename, the old file must still verify,
     also after a second crash at the same point, and a corrupt old file must still fail."""
-    import mtt.fs
+    import mtt.core.fs
 
     file = tmp_path / "x.bin"
     atomic_replace(file, lambda p: p.write_bytes(b"old"), checksum=True)
-    real = mtt.fs.durable_replace
+    real = mtt.core.fs.durable_replace
 
     def killed(src, dst):  # the process dies after the sidecar's rename, before the file's
         if Path(dst) != sidecar(file):
             raise KeyboardInterrupt
         real(src, dst)
 
-    monkeypatch.setattr(mtt.fs, "durable_replace", killed)
+    monkeypatch.setattr(mtt.core.fs, "durable_replace", killed)
     for new in (b"new one", b"newer"):
         with pytest.raises(KeyboardInterrupt):
             atomic_replace(file, lambda p, new=new: p.write_bytes(new), checksum=True)
         assert json.loads(sidecar(file).read_text())["size"] == len(new), "the sidecar landed"
         assert file.read_bytes() == b"old" and verify_checksummed(file, "-")
-    monkeypatch.setattr(mtt.fs, "durable_replace", real)
+    monkeypatch.setattr(mtt.core.fs, "durable_replace", real)
     atomic_replace(file, lambda p: p.write_bytes(b"fresh"), checksum=True)
     assert verify_checksummed(file, "-")
     file.write_bytes(b"frash")  # same size, other content
@@ -392,7 +392,7 @@ def test_cli_refuses_to_resume_from_a_zeroed_last_checkpoint(tmp_path):
         "cannot resume from it: run with trainer.resume=false to start over, or delete it"
     )
     assert client.get_run(run.info.run_id).info.status == "KILLED"
-    # The clip index is read before any run is reopened (mtt.preflight: freqN and the batch size
+    # The clip index is read before any run is reopened (mtt.training.preflight: freqN and the batch size
     # are checked before the run), which generates the embedded dataset; nothing is computed from it.
     assert not (tmp_path / "cache" / "features").exists(), "no feature or training work"
 

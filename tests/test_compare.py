@@ -13,11 +13,11 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from mtt.compare import DPI, FIGURE_INCHES, compare, default_png, main
-from mtt.metrics import tagging_metrics
+from mtt.analysis.compare import DPI, FIGURE_INCHES, compare, default_png, main
+from mtt.metrics.tagging import tagging_metrics
 from mtt.models.pooling import AutoPool, GlobalAveragePool, call_hook
-from mtt.records import PREDICTIONS, digest_test_set, save_predictions
-from mtt.tracking import MlflowTracker
+from mtt.tracking.records import PREDICTIONS, digest_test_set, save_predictions
+from mtt.tracking.runs import MlflowTracker
 
 CLIPS = np.arange(100, 400, dtype=np.int64)  # 300 test clips
 RNG = np.random.default_rng(0)
@@ -269,7 +269,7 @@ def test_a_groups_runs_are_in_seed_order_whatever_order_they_ended_in():
     """Parallel jobs end in any order; the seeds' bootstrap draws follow the runs' order, so a
     group lists its runs by seed (a rerun of one seed after the older one) for intervals that do
     not change from one identical sweep to the next."""
-    from mtt.compare import group_runs
+    from mtt.analysis.compare import group_runs
 
     def run(run_id, seed, group="g"):
         return {
@@ -310,7 +310,7 @@ def _report_runs(uri, tmp_path):
 def test_runs_validated_on_their_test_clips_are_not_ranked(store, tmp_path, capsys):
     """The report split validates on its test clips: a "selected" validation score is a test
     score, so nothing is ranked by it: no best group, no default pairs, no (selected) column."""
-    from mtt.compare import build, format_text, table_rows
+    from mtt.analysis.compare import build, format_text, table_rows
 
     uri, _ = store
     _report_runs(uri, tmp_path)
@@ -353,10 +353,10 @@ def test_eval_spacing_is_part_of_the_protocol_where_patches_are_chosen(store, tm
 
 def test_intervals_are_mtt_stats_on_resamples_shared_by_every_run(store, capsys):
     """compare scores every run on the SAME resamples of the shared clips: its group intervals
-    and pairs are exactly mtt.stats' on the logged predictions (a run with resamples of its own
+    and pairs are exactly mtt.metrics.stats' on the logged predictions (a run with resamples of its own
     would drop the clips' shared effect from every interval), and pairing is what makes the
     difference's interval narrow: correlated predictions, a clip term far below the groups'."""
-    from mtt.stats import group_estimate, paired_difference
+    from mtt.metrics.stats import group_estimate, paired_difference
 
     uri, _ = store
     out = _json(["exp", "--tracking-uri", uri, "--out", "/dev/null", "--pair", "head=weak", "head=good"], capsys)

@@ -1,4 +1,4 @@
-"""The contract of every registry (mtt.components): a backbone, pool, head, dataset or steps
+"""The contract of every registry (mtt.core.components): a backbone, pool, head, dataset or steps
 policy with a setting of its own is one module and one YAML (CONTRIBUTING.md). Each test writes
 both from here alone (the module on PYTHONPATH, the YAML in a conf folder on Hydra's search path;
 nothing in mtt names them) and trains through ``python -m mtt.run``; the setting of its own is
@@ -13,7 +13,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from safetensors.numpy import load_file
 
-from mtt.paths import REPO_ROOT
+from mtt.core.paths import REPO_ROOT
 from tests.helpers import TINY, TINY_MODEL, compose_cfg, run_module
 
 BACKBONE = '''
@@ -22,7 +22,7 @@ BACKBONE = '''
 
     from torch import nn
 
-    from mtt.components import BackboneConfig, integer, setting
+    from mtt.core.components import BackboneConfig, integer, setting
     from mtt.models.registry import BackboneSpec, register_backbone
 
 
@@ -59,7 +59,7 @@ POOL = '''
     import torch
     from torch import nn
 
-    from mtt.components import POOLS, PoolConfig, number, setting
+    from mtt.core.components import POOLS, PoolConfig, number, setting
     from mtt.models.pooling import PoolSpec
 
 
@@ -88,7 +88,7 @@ HEAD = '''
 
     from torch import nn
 
-    from mtt.components import HEADS, HeadConfig, integer, setting
+    from mtt.core.components import HEADS, HeadConfig, integer, setting
     from mtt.models.head import HeadSpec
 
 
@@ -118,7 +118,7 @@ DATASET = '''
     """The embedded generator's clips, but only `folders` of MTAT's 16 audio folders kept."""
     from dataclasses import dataclass
 
-    from mtt.components import DATASETS, integer, setting
+    from mtt.core.components import DATASETS, integer, setting
     from mtt.data.datasets import DatasetSpec, ToyConfig, mtat_index
     from mtt.data.embedded import ensure_dataset
 
@@ -143,8 +143,8 @@ STEPS = '''
     """A fraction of the patches policy's steps."""
     from dataclasses import dataclass
 
-    from mtt.components import STEPS, StepsConfig, number, setting
-    from mtt.streams import StepsSpec
+    from mtt.core.components import STEPS, StepsConfig, number, setting
+    from mtt.features.streams import StepsSpec
 
 
     @dataclass

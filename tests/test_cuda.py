@@ -24,14 +24,14 @@ import torch.distributed as dist
 from mlflow.tracking import MlflowClient
 from test_pyfunc import clips_of, trained_run
 
-from mtt import distributed
-from mtt.audio import load_audio
-from mtt.checkpoint import TrainState, load_last, save_last
+from mtt.core import distributed
+from mtt.data.audio import load_audio
+from mtt.features.streams import train_loader
 from mtt.models import build_model
-from mtt.records import load_predictions
-from mtt.streams import train_loader
-from mtt.tracking import download_artifacts
-from mtt.train import autocast_dtype, prepare, resolve_device
+from mtt.tracking.checkpoint import TrainState, load_last, save_last
+from mtt.tracking.records import load_predictions
+from mtt.tracking.runs import download_artifacts
+from mtt.training.train import autocast_dtype, prepare, resolve_device
 from tests.helpers import SHORTCHUNK_SMALL, TINY, TINY_MODEL, compose_cfg
 
 pytestmark = pytest.mark.cuda

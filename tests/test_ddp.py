@@ -16,13 +16,13 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from mtt.backbone_cache import build_backbone_cache, cache_key
+from mtt.core.paths import REPO_ROOT
 from mtt.data.datasets import index_from_config
+from mtt.features.preprocess import build_feature_store
 from mtt.models import build_model
-from mtt.paths import REPO_ROOT
-from mtt.preprocess import build_feature_store
-from mtt.tracking import download_artifacts
-from mtt.train import clip_metrics, clip_probabilities, split_of
+from mtt.tracking.runs import download_artifacts
+from mtt.training.backbone_cache import build_backbone_cache, cache_key
+from mtt.training.train import clip_metrics, clip_probabilities, split_of
 from tests.helpers import TINY, compose_cfg
 from tests.helpers.http_server import free_port
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from mtt.tracking import MlflowTracker
-from mtt.train import autocast_dtype, resolve_device, train
+from mtt.tracking.runs import MlflowTracker
+from mtt.training.train import autocast_dtype, resolve_device, train
 from tests.helpers import TINY, compose_cfg
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mtt.core.fetch import DownloadError
+from mtt.core.paths import REPO_ROOT
 from mtt.data.download import (
     ANNOTATIONS,
     CLIP_INFO,
@@ -30,8 +32,6 @@ from mtt.data.download import (
 from mtt.data.index import build_index
 from mtt.data.mtat import AnnotationError
 from mtt.data.tags import TAGS, TOP50
-from mtt.fetch import DownloadError
-from mtt.paths import REPO_ROOT
 from tests.helpers import mtat_tree, snapshot
 from tests.helpers.http_server import FileServer, _flip_middle, closed_port_url
 

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from mtt.audio import load_audio
 from mtt.config import REPO_ROOT
+from mtt.data.audio import load_audio
 from mtt.data.datasets import SynthConfig
 from mtt.data.embedded import MARKER, SYNTH_TAGS, complete_tags, ensure_dataset, render_clip
 from mtt.data.embedded.plan import _plan

@@ -10,8 +10,8 @@ import pytest
 from hydra.errors import MissingConfigException
 from mlflow.tracking import MlflowClient
 
-from mtt.compare import DEFAULT_METRICS, DPI, FIGURE_INCHES, compare
-from mtt.paths import REPO_ROOT
+from mtt.analysis.compare import DEFAULT_METRICS, DPI, FIGURE_INCHES, compare
+from mtt.core.paths import REPO_ROOT
 from tests.helpers import TINY, compose_cfg, run_module, sweep_children
 
 EXPERIMENTS = REPO_ROOT / "experiments"

@@ -5,9 +5,9 @@ import pytest
 import torch
 from torchvggish import vggish_input
 
-from mtt.audio import resample
 from mtt.config import FeaturesConfig
-from mtt.features import LogMelFrontEnd, log_mel_patches
+from mtt.data.audio import resample
+from mtt.features.frontend import LogMelFrontEnd, log_mel_patches
 
 SR = 16000
 
@@ -134,8 +134,8 @@ def test_a_clip_streamed_in_windows_has_the_whole_clips_patches(features):
     """mtt.tag and serving compute a long clip's patches window by window (PatchFrontEnd.stream):
     the same frames of the same samples as the whole clip at once, for both front ends (the
     centred mel_db frames need context at the windows' edges)."""
-    from mtt.features import build_front_end
-    from mtt.pyfunc import _features
+    from mtt.features.frontend import build_front_end
+    from mtt.serving.pyfunc import _features
     from tests.helpers import compose_cfg
 
     extra = ["backbone=shortchunk"] if features == "shortchunk" else []
@@ -149,7 +149,7 @@ def test_a_clip_streamed_in_windows_has_the_whole_clips_patches(features):
 
 
 def test_a_waveform_resampled_in_blocks_is_resampled_as_a_whole():
-    from mtt.audio import StreamResampler, resample
+    from mtt.data.audio import StreamResampler, resample
 
     rng = np.random.default_rng(0)
     for orig in (44100, 48000, 22050, 11025, 8000, 16000):

@@ -1,4 +1,4 @@
-"""mtt.fetch.download against a local HTTP server that can drop, ignore Range and corrupt."""
+"""mtt.core.fetch.download against a local HTTP server that can drop, ignore Range and corrupt."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from mtt.fetch import DownloadError, download, file_digest
+from mtt.core.fetch import DownloadError, download, file_digest
 from tests.helpers.http_server import FileServer, closed_port_url
 
 DATA = np.random.default_rng(0).integers(0, 256, 300_000, dtype=np.uint8).tobytes()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mtt.components import POOLS
+from mtt.core.components import POOLS
 from mtt.models import build_model
 from mtt.models.head import Head
 from mtt.models.pooling import (
@@ -91,8 +91,8 @@ def test_training_keeps_capped_alphas_within_the_cap(tiny_cfg):
     """Through train(): a cap of 0.01 under lr 0.5 is hit at once; every logged alpha is within it."""
     from mlflow.tracking import MlflowClient
 
-    from mtt.tracking import MlflowTracker
-    from mtt.train import train
+    from mtt.tracking.runs import MlflowTracker
+    from mtt.training.train import train
 
     cfg = compose_cfg(
         [
@@ -120,7 +120,7 @@ def test_gap_shape():
 
 @pytest.mark.parametrize("name", POOLS.names())
 def test_every_pool_gives_the_same_output_on_what_it_declares_it_reads(name):
-    """The backbone cache stores only what a pool declares it reads (mtt.backbone_cache): a pool
+    """The backbone cache stores only what a pool declares it reads (mtt.training.backbone_cache): a pool
     declaring the frequency mean must give on it what it gives on the whole map, and a pool that
     does not (max) must declare the whole map."""
     cfg = compose_cfg([f"pool={name}", *(["pool.alpha_init=2.0"] if name == "autopool" else [])]).pool
@@ -141,8 +141,8 @@ def test_every_pool_gives_the_same_output_on_what_it_declares_it_reads(name):
 def test_the_trainer_calls_the_hooks_a_pool_defines_whatever_its_name(tiny_cfg, monkeypatch):
     """A new pool is one class and its registry entry: the training loop calls its hooks (after
     each optimiser step, once at the end, its regularisation in the loss) without knowing its name."""
-    from mtt.tracking import MlflowTracker
-    from mtt.train import train
+    from mtt.tracking.runs import MlflowTracker
+    from mtt.training.train import train
 
     calls: dict[str, list] = {"after_step": [], "log_end": [], "regularization": []}
 

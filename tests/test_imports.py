@@ -86,3 +86,72 @@ def test_cycle_finder_sees_a_cycle_through_a_lazy_import(tmp_path):
     assert find_cycle(graph) == ["pkg.data.index", "pkg.data.synth", "pkg.data.index"]
     (pkg / "data" / "synth.py").write_text("import json\n")
     assert find_cycle(import_graph(pkg)) is None
+
+
+# mtt's layers, lowest first (README's module map): a module may import its own layer and the
+# ones before it, never a later one. The commands (``python -m mtt.run``, ``mtt.compare``, ...)
+# are the modules directly under mtt/, above every layer.
+LAYERS = (
+    "mtt.core",
+    "mtt.metrics",
+    "mtt.config",
+    "mtt.data",
+    "mtt.features",
+    "mtt.models",
+    "mtt.tracking",
+    "mtt.serving",
+    "mtt.training",
+    "mtt.analysis",
+)
+COMMANDS = "commands"
+
+
+def layer_of(module: str, layers: tuple[str, ...] = LAYERS, root: str = "mtt") -> str:
+    """The declared layer ``module`` belongs to: a package of ``layers`` (or a module under it),
+    ``COMMANDS`` for a module directly under ``root``, ``root`` for the package itself."""
+    if module == root:
+        return root
+    for layer in layers:
+        if module == layer or module.startswith(layer + "."):
+            return layer
+    if module.count(".") == root.count(".") + 1:
+        return COMMANDS
+    raise AssertionError(f"{module} is in no declared layer: add its package to LAYERS")
+
+
+def upward_imports(graph: dict[str, set[str]], layers: tuple[str, ...] = LAYERS, root: str = "mtt") -> list[str]:
+    """'a -> b' for every import of a module ``b`` in a later layer than ``a``'s (a command may
+    import anything; the package itself nothing)."""
+    order = {root: -1, **{layer: i for i, layer in enumerate(layers)}, COMMANDS: len(layers)}
+    found = []
+    for module, deps in sorted(graph.items()):
+        for dep in sorted(deps):
+            if order[layer_of(dep, layers, root)] > order[layer_of(module, layers, root)]:
+                found.append(f"{module} ({layer_of(module, layers, root)}) -> {dep} ({layer_of(dep, layers, root)})")
+    return found
+
+
+def test_no_layer_imports_a_later_one():
+    graph = import_graph()
+    assert {layer_of(m) for m in graph} == {"mtt", COMMANDS, *LAYERS}  # every layer holds modules
+    assert layer_of("mtt.run") == COMMANDS and layer_of("mtt.data.embedded.cache") == "mtt.data"
+    assert upward_imports(graph) == []
+
+
+def test_the_layer_check_sees_a_lower_layer_importing_a_higher_one(tmp_path):
+    # The check itself, on a package shaped like mtt: the config importing the data's readers
+    # (as mtt.config once did, lazily, for data.root's checks) is an import against the order.
+    pkg = tmp_path / "pkg"
+    for sub in ("config", "data"):
+        (pkg / sub).mkdir(parents=True)
+        (pkg / sub / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    (pkg / "data" / "datasets.py").write_text("from pkg.config import rules\n")
+    (pkg / "config" / "rules.py").write_text("def check(cfg):\n    from pkg.data.datasets import x\n")
+    (pkg / "run.py").write_text("import pkg.data.datasets\n")
+    layers = ("pkg.config", "pkg.data")
+    assert upward_imports(import_graph(pkg), layers, "pkg") == [
+        "pkg.config.rules (pkg.config) -> pkg.data.datasets (pkg.data)"
+    ]
+    (pkg / "config" / "rules.py").write_text("def check(cfg):\n    return []\n")
+    assert upward_imports(import_graph(pkg), layers, "pkg") == []

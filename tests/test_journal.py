@@ -1,4 +1,4 @@
-"""The run journal (mtt/journal.py) and its shipping (mtt/tracking.py ``ship``/``Shipper``,
+"""The run journal (mtt/tracking/journal.py) and its shipping (mtt/tracking/runs.py ``ship``/``Shipper``,
 ``python -m mtt.sync``) against real local sqlite stores: torn lines, idempotent replay,
 order with the status last, a store that is away, sync's outcomes."""
 
@@ -10,9 +10,9 @@ import shutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from mtt import sync
-from mtt.journal import JOURNAL, Journal, JournalError
-from mtt.tracking import MlflowTracker, Shipper, ship_to
+from mtt.tracking import sync
+from mtt.tracking.journal import JOURNAL, Journal, JournalError
+from mtt.tracking.runs import MlflowTracker, Shipper, ship_to
 from tests.helpers.http_server import closed_port_url
 
 
@@ -287,7 +287,7 @@ def test_journal_deleted_mid_run_is_rewritten_and_the_run_ends_finished(tmp_path
 
 
 def test_a_run_folder_is_held_by_one_live_process(tmp_path):
-    from mtt.journal import OWNER, process_alive, this_process
+    from mtt.tracking.journal import OWNER, process_alive, this_process
 
     journal = Journal(tmp_path / "run")
     with journal.claim():
@@ -305,7 +305,7 @@ def dead_process() -> dict:
     import subprocess
     import sys
 
-    from mtt.journal import this_process
+    from mtt.tracking.journal import this_process
 
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
@@ -317,7 +317,7 @@ def open_run(tmp_path, uri: str, name: str, owner: dict | None, heartbeat_age: f
     import os
     import time
 
-    from mtt.journal import OWNER
+    from mtt.tracking.journal import OWNER
 
     run_id = new_run(uri)
     journal = journal_for(tmp_path / "cache" / name, uri, run_id)
@@ -334,7 +334,7 @@ def open_run(tmp_path, uri: str, name: str, owner: dict | None, heartbeat_age: f
 def test_close_stale_ends_the_runs_whose_process_is_gone(tmp_path, capsys):
     import re
 
-    from mtt.journal import this_process
+    from mtt.tracking.journal import this_process
 
     uri = f"sqlite:///{tmp_path}/m.db"
     client = MlflowClient(uri)

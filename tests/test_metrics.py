@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from mtt.metrics import per_tag_table, tagging_metrics
+from mtt.metrics.tagging import per_tag_table, tagging_metrics
 
 
 def test_all_negative_prediction_scores_the_baseline_accuracy():

@@ -7,11 +7,11 @@ from __future__ import annotations
 import numpy as np
 from mlflow.tracking import MlflowClient
 
-from mtt import sync
-from mtt.journal import Journal
-from mtt.records import dataset_inputs, run_note
-from mtt.tracking import EXPERIMENT_KIND, MlflowTracker, Shipper, prepare_store, ship_to
-from mtt.train import train
+from mtt.tracking import sync
+from mtt.tracking.journal import Journal
+from mtt.tracking.records import dataset_inputs, run_note
+from mtt.tracking.runs import EXPERIMENT_KIND, MlflowTracker, Shipper, prepare_store, ship_to
+from mtt.training.train import train
 from tests.helpers.http_server import closed_port_url
 
 
@@ -98,7 +98,7 @@ def test_note_of_an_autopool_run_and_of_the_probe(tiny_cfg):
 
 
 def test_make_ui_prints_each_experiments_runs_table(tmp_path, capsys):
-    from mtt import ui
+    from mtt.tracking import ui
 
     uri = f"sqlite:///{tmp_path}/m.db"
     assert ui.main(["--uri", uri, "--base", "http://127.0.0.1:5123"]) == 0  # no store yet: none made

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from mlflow.tracking import MlflowClient
 
-from mtt.tracking import MlflowTracker, prepare_store, sweep_targets
-from mtt.train import train
+from mtt.tracking.runs import MlflowTracker, prepare_store, sweep_targets
+from mtt.training.train import train
 from tests.helpers import TINY, compose_cfg, run_module, sweep_children
 
 HEADS = ["gap2", "gap3", "autopool", "autopool3"]

@@ -1,7 +1,7 @@
 """Values that used to fail late, after the MLflow run existed (a FAILED run and a traceback), or
 never (a batch that grows memory forever), are refused before any run: one line, exit status 2
 (issue 25, item 5). ``data.root`` is checked with the config (``exit_if_invalid``), what depends
-on the data once its index is read (``mtt.preflight``)."""
+on the data once its index is read (``mtt.training.preflight``)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from mtt.config import MAX_RUN_NAME
 from mtt.data.datasets import index_from_config
 from mtt.models import training_input_shape
 from mtt.models.registry import BackboneSpec, register_backbone
-from mtt.preflight import batch_errors, checked
 from mtt.run import clipped_run_name
+from mtt.training.preflight import batch_errors, checked
 from tests.helpers import TINY, TINY_MODEL, compose_cfg, run_module
 
 

@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mtt.core.paths import REPO_ROOT
 from mtt.data.embedded import complete_tags, render_clip
 from mtt.data.index import build_index
 from mtt.data.mtat import FOLDERS, write_annotations, write_mp3
-from mtt.paths import REPO_ROOT
-from mtt.preprocess import build_feature_store, store_path, summary
-from mtt.store import MANIFEST, PatchStore
+from mtt.features.preprocess import build_feature_store, store_path, summary
+from mtt.features.store import MANIFEST, PatchStore
 from tests.helpers import TINY_MODEL, compose_cfg, run_module
 
 SR = 16000
@@ -155,8 +155,8 @@ def test_temporaries_and_partial_shards_are_never_read(tmp_path):
 
 
 def test_undecodable_and_short_clips_are_reported_and_training_runs_on_the_rest(tmp_path, capsys):
-    from mtt.tracking import MlflowTracker
-    from mtt.train import train
+    from mtt.tracking.runs import MlflowTracker
+    from mtt.training.train import train
 
     root = tmp_path / "mtat"
     root.mkdir()
@@ -213,9 +213,9 @@ def test_truncated_clips_are_reported_kept_and_counted_in_the_run(tmp_path):
 
     from mtt.data.datasets import index_from_config
     from mtt.data.mtat import write_clip_info
-    from mtt.preprocess import truncated_clips
-    from mtt.tracking import MlflowTracker
-    from mtt.train import train
+    from mtt.features.preprocess import truncated_clips
+    from mtt.tracking.runs import MlflowTracker
+    from mtt.training.train import train
 
     root = tmp_path / "mtat"
     rows = make_tree(root, 16, seconds=4.0)
@@ -335,7 +335,7 @@ def test_damaged_wavs_are_named_for_what_they_are(tmp_path):
     tagging alike; a streamed wav (no length in its header) and a writer's padding are neither."""
     import struct
 
-    from mtt.audio import DamagedAudioError, decode_audio, load_audio
+    from mtt.data.audio import DamagedAudioError, decode_audio, load_audio
 
     wave = render_clip(complete_tags({"guitar"}), 3.0, SR, np.random.default_rng(5)).astype(np.float32)
     full = wav_bytes(wave)

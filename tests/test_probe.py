@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from mtt.compare import load_runs
-from mtt.probe import REFERENCE, REFERENCE_TAG, clip_embeddings, fit_probe, run_probe
-from mtt.store import PatchStore, pack
-from mtt.tracking import MlflowTracker
-from mtt.train import clip_metrics, train
+from mtt.analysis.compare import load_runs
+from mtt.features.store import PatchStore, pack
+from mtt.tracking.runs import MlflowTracker
+from mtt.training.probe import REFERENCE, REFERENCE_TAG, clip_embeddings, fit_probe, run_probe
+from mtt.training.train import clip_metrics, train
 from tests.helpers import LEARNABLE, TINY, compose_cfg, run_module
 
 

@@ -15,11 +15,11 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from mtt.audio import load_audio
+from mtt.data.audio import load_audio
 from mtt.data.datasets import index_from_config
-from mtt.records import load_predictions
-from mtt.tracking import MlflowTracker, download_artifacts
-from mtt.train import train
+from mtt.tracking.records import load_predictions
+from mtt.tracking.runs import MlflowTracker, download_artifacts
+from mtt.training.train import train
 from tests.helpers import TINY, compose_cfg
 
 
@@ -90,7 +90,7 @@ def test_a_tagger_emulates_the_cache_its_run_read(cache_dir):
     from omegaconf import OmegaConf
 
     from mtt.models import build_model
-    from mtt.pyfunc import build_tagger
+    from mtt.serving.pyfunc import build_tagger
 
     cfg = compose_cfg(TINY, cache=cache_dir)
     meta = {"config": OmegaConf.to_container(cfg, resolve=True), "tags": ["a", "b"]}
@@ -107,8 +107,8 @@ def test_a_tagger_emulates_the_cache_its_run_read(cache_dir):
 
 
 def test_a_row_needs_exactly_one_input(tmp_path, cache_dir, monkeypatch):
-    from mtt.pyfunc import example_wav, predict
-    from mtt.tag import load_run
+    from mtt.serving.pyfunc import example_wav, predict
+    from mtt.serving.tag import load_run
 
     uri, run_id, cfg = trained_run(tmp_path, cache_dir)
     tagger = load_run(run_id, uri)
@@ -141,7 +141,7 @@ def serve(model, body: dict) -> tuple[int, dict]:
 
 
 def test_served_requests_the_model_refuses_are_one_line_400s(tmp_path, cache_dir, monkeypatch):
-    from mtt.pyfunc import example_wav
+    from mtt.serving.pyfunc import example_wav
 
     uri, run_id, cfg = trained_run(tmp_path, cache_dir)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -175,11 +175,11 @@ def test_a_long_file_is_tagged_window_by_window_as_a_whole(tmp_path, cache_dir):
     import soundfile as sf
     from omegaconf import OmegaConf
 
-    from mtt.audio import BLOCK_FRAMES, load_audio, stream_audio
-    from mtt.features import build_front_end
+    from mtt.data.audio import BLOCK_FRAMES, load_audio, stream_audio
+    from mtt.features.frontend import build_front_end
     from mtt.models import build_model
     from mtt.models.pooling import reduce_map
-    from mtt.pyfunc import _features, build_tagger
+    from mtt.serving.pyfunc import _features, build_tagger
 
     song = tmp_path / "song.wav"
     t = np.arange(44100 * 75) / 44100

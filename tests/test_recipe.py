@@ -10,12 +10,12 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from mtt import distributed
-from mtt.checkpoint import TrainState
+from mtt.core import distributed
 from mtt.models import build_model
-from mtt.records import load_predictions
-from mtt.tracking import MlflowTracker, download_artifacts
-from mtt.train import patience_spent, prepare, start, train
+from mtt.tracking.checkpoint import TrainState
+from mtt.tracking.records import load_predictions
+from mtt.tracking.runs import MlflowTracker, download_artifacts
+from mtt.training.train import patience_spent, prepare, start, train
 from tests.helpers import LEARNABLE, TINY, compose_cfg
 
 

@@ -11,7 +11,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from mtt.data.tags import TAGS
-from mtt.records import GIT_COMMIT, GIT_DIRTY, git_state, plot_curves, versions
+from mtt.tracking.records import GIT_COMMIT, GIT_DIRTY, git_state, plot_curves, versions
 from tests.helpers import RUN_ARTIFACTS, TINY, run_module
 
 

@@ -8,12 +8,12 @@ import json
 import numpy as np
 from mlflow.tracking import MlflowClient
 
-from mtt.compare import main as compare_main
+from mtt.analysis.compare import main as compare_main
 from mtt.data.datasets import index_from_config
-from mtt.records import load_predictions
-from mtt.tag import main as tag_main
-from mtt.tracking import MlflowTracker, download_artifacts
-from mtt.train import train
+from mtt.serving.tag import main as tag_main
+from mtt.tracking.records import load_predictions
+from mtt.tracking.runs import MlflowTracker, download_artifacts
+from mtt.training.train import train
 from tests.helpers import TINY, compose_cfg
 
 # Scores written over the trained runs' own (a tiny run's are noise): group A has the better mean

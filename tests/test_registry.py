@@ -96,7 +96,7 @@ def test_a_backbone_defined_in_the_test_trains_through_mtt_run(backbone_dir, cac
     """``python -m mtt.run backbone=one_conv`` with the test's conf folder on Hydra's search path
     and its module on PYTHONPATH: nothing in mtt names it."""
     uri = f"sqlite:///{backbone_dir}/m.db"
-    from mtt.paths import REPO_ROOT
+    from mtt.core.paths import REPO_ROOT
 
     run_module(
         [

@@ -12,8 +12,8 @@ import torch
 from mlflow.tracking import MlflowClient
 from test_status import SIX_EPOCHS, start_run, wait_for_run
 
-from mtt.checkpoint import TrainState, config_hash, load_last, resume_choice, save_last
-from mtt.tracking import MlflowTracker
+from mtt.tracking.checkpoint import TrainState, config_hash, load_last, resume_choice, save_last
+from mtt.tracking.runs import MlflowTracker
 from tests.helpers import TINY, compose_cfg, run_module
 
 
@@ -129,7 +129,7 @@ def test_sigkill_then_resume_continues_the_same_run(tmp_path, cache_dir, workers
 def test_sigkill_then_close_stale_ends_the_run_killed_with_its_last_epoch(tmp_path, cache_dir):
     """kill -9 leaves a run RUNNING; `mtt.sync --close-stale` sees its process gone and ends it
     KILLED with the epochs it finished; trainer.resume=true continues it."""
-    from mtt.checkpoint import last_epoch, run_dir
+    from mtt.tracking.checkpoint import last_epoch, run_dir
 
     uri = f"sqlite:///{tmp_path}/m.db"
     args = [*SIX_EPOCHS, f"paths.cache={cache_dir}"]

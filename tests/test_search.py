@@ -1,4 +1,4 @@
-"""Optuna searches (``hydra/sweeper=optuna``, mtt/search.py) as a user runs them:
+"""Optuna searches (``hydra/sweeper=optuna``, mtt/analysis/search.py) as a user runs them:
 ``python -m mtt.run -m +experiment=search`` on the tiny data, read back from the study's
 database and the MLflow store."""
 
@@ -14,7 +14,7 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 
-from mtt.paths import REPO_ROOT
+from mtt.core.paths import REPO_ROOT
 from tests.helpers import TINY, run_module, sweep_children
 
 # 3 epochs without early stopping: the best epoch need not be the last.

@@ -10,22 +10,22 @@ import numpy as np
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-import mtt.train
-from mtt import distributed
-from mtt.evaluate import split_scores
-from mtt.probe import run_probe
-from mtt.records import PREDICTIONS, load_predictions
-from mtt.tracking import MlflowTracker
-from mtt.train import prepare, train
+import mtt.training.train
+from mtt.core import distributed
+from mtt.tracking.records import PREDICTIONS, load_predictions
+from mtt.tracking.runs import MlflowTracker
+from mtt.training.evaluate import split_scores
+from mtt.training.probe import run_probe
+from mtt.training.train import prepare, train
 from tests.helpers import LEARNABLE, TINY, compose_cfg
 
 
 def scripted_validation(monkeypatch, roc_aucs: list[float]) -> None:
     """Each epoch's validation ROC-AUC, in order, whatever the model does (the monitored metric
-    and the curve); the test split is scored apart (mtt.evaluate.log_test), for real."""
-    real, script = mtt.train.clip_metrics, iter(roc_aucs)
+    and the curve); the test split is scored apart (mtt.training.evaluate.log_test), for real."""
+    real, script = mtt.training.train.clip_metrics, iter(roc_aucs)
     monkeypatch.setattr(
-        mtt.train, "clip_metrics", lambda labels, probs: {**real(labels, probs), "roc_auc": next(script)}
+        mtt.training.train, "clip_metrics", lambda labels, probs: {**real(labels, probs), "roc_auc": next(script)}
     )
 
 

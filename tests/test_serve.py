@@ -21,8 +21,8 @@ import pytest
 from mtt.data.embedded.labels import complete_tags
 from mtt.data.embedded.synthesis import render_clip
 from mtt.data.mtat import write_mp3
-from mtt.tracking import MlflowTracker
-from mtt.train import train
+from mtt.tracking.runs import MlflowTracker
+from mtt.training.train import train
 from tests.helpers import TINY, compose_cfg
 from tests.helpers.http_server import free_port, wait_until_answering
 
@@ -85,7 +85,7 @@ def test_served_model_answers_a_clip_with_its_tag_probabilities(tmp_path, cache_
             [served[t] for t in expected.columns], expected.iloc[0].to_numpy(), rtol=0, atol=1e-6
         )
         # Decoded samples work too (a JSON array of floats at the model's 16 kHz).
-        from mtt.audio import load_audio
+        from mtt.data.audio import load_audio
 
         samples = load_audio(clip, 16000).tolist()
         answer = post(

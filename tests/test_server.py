@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from mtt.paths import REPO_ROOT
+from mtt.core.paths import REPO_ROOT
 from tests.helpers import TINY, run_module
 from tests.helpers.http_server import free_port, wait_until_answering
 from tests.helpers.mlflow_server import MlflowServer
@@ -54,7 +54,7 @@ def make_server(state: Path, **variables: str):
 
 
 def test_a_server_anyone_can_reach_without_login_is_warned_about():
-    from mtt.server import exposure_warning
+    from mtt.tracking.server import exposure_warning
 
     for host in ("0.0.0.0", "10.1.2.3", "mlflow.lab", "::"):
         warning = exposure_warning(host, None)
@@ -64,7 +64,7 @@ def test_a_server_anyone_can_reach_without_login_is_warned_about():
 
 
 def test_basic_auth_config_and_secret_are_written_once(tmp_path, monkeypatch):
-    from mtt.server import parse_args, server_command
+    from mtt.tracking.server import parse_args, server_command
 
     monkeypatch.delenv("MLFLOW_FLASK_SERVER_SECRET_KEY", raising=False)
     args = parse_args(["--db", "sqlite:///x.db", "--artifacts", "a", "--auth", "basic", "--state", str(tmp_path)])

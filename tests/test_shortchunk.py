@@ -11,13 +11,13 @@ import torch
 import torchaudio.transforms as T
 from mlflow.tracking import MlflowClient
 
-from mtt import distributed
 from mtt.config import FeaturesConfig
-from mtt.features import MelDbFrontEnd
+from mtt.core import distributed
+from mtt.features.frontend import MelDbFrontEnd
 from mtt.models import build_model
-from mtt.schedule import Phases
-from mtt.tracking import MlflowTracker
-from mtt.train import train
+from mtt.tracking.runs import MlflowTracker
+from mtt.training.schedule import Phases
+from mtt.training.train import train
 from tests.helpers import LEARNABLE, TINY, compose_cfg
 
 CHUNK = 59049  # the paper's input: 3.69 s at 16 kHz
@@ -217,7 +217,7 @@ def test_their_state_dict_with_an_extra_or_missing_key_is_refused_naming_it():
 def test_a_run_from_their_weights_keeps_their_head(cache_dir, tmp_path):
     """backbone.weights=PATH of their (small) model in a run: the first epoch starts from their
     head's trained bias, not from the prior that head.bias_init would set."""
-    from mtt.train import prepare, start
+    from mtt.training.train import prepare, start
 
     theirs = their_trained_model(16000, n_channels=16, n_mels=32, n_class=50)
     path = tmp_path / "theirs.pth"

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from mtt.metrics import tagging_metrics
-from mtt.stats import (
+from mtt.metrics.stats import (
     PAIRWISE_MAX,
     VERDICTS,
     bootstrap_weights,
@@ -25,6 +24,7 @@ from mtt.stats import (
     resampled,
     run_intervals,
 )
+from mtt.metrics.tagging import tagging_metrics
 
 
 def _data(n=200, tags=6, seed=0, signal=1.0):

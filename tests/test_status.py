@@ -13,9 +13,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from mtt.journal import Journal
-from mtt.tracking import MlflowTracker, Stopped, stop_on_signals
-from mtt.train import train
+from mtt.tracking.journal import Journal
+from mtt.tracking.runs import MlflowTracker, Stopped, stop_on_signals
+from mtt.training.train import train
 from tests.helpers import REPO_ROOT, TINY, compose_cfg
 
 
@@ -106,10 +106,10 @@ def test_nonfinite_inputs_are_named_with_their_files_not_blamed_on_the_lr(tiny_c
     rows as a store computed with NaN would carry them), so the shared cache stays clean."""
     import numpy as np
 
-    import mtt.train
-    from mtt.store import row_checksums
+    import mtt.training.train
+    from mtt.features.store import row_checksums
 
-    real_prepare = mtt.train.prepare
+    real_prepare = mtt.training.train.prepare
 
     def poisoned(*args, **kwargs):
         p = real_prepare(*args, **kwargs)
@@ -120,7 +120,7 @@ def test_nonfinite_inputs_are_named_with_their_files_not_blamed_on_the_lr(tiny_c
         poisoned.p = p
         return p
 
-    monkeypatch.setattr(mtt.train, "prepare", poisoned)
+    monkeypatch.setattr(mtt.training.train, "prepare", poisoned)
     cfg = compose_cfg(
         [*TINY, f"tracking.uri={tiny_cfg.tracking.uri}", "steps=fixed", "steps.n=3"], cache=tiny_cfg.paths.cache
     )
@@ -198,7 +198,7 @@ def test_ctrl_c_during_training_marks_the_run_killed(tmp_path, cache_dir):
 @pytest.mark.slow
 def test_ctrl_c_during_data_preparation_is_killed_and_leaves_nothing_corrupt(tmp_path):
     # A fresh cache: the features are computed inside the run, for seconds (the dataset itself is
-    # generated before the run exists: its index is read first, mtt.preflight).
+    # generated before the run exists: its index is read first, mtt.training.preflight).
     cache = tmp_path / "cache"
     data = [
         "data.synth.clips_per_folder=6",
@@ -234,7 +234,7 @@ def test_sigterm_during_an_epoch_ends_the_run_killed_and_resume_continues_it(tmp
     """What Slurm, docker and `timeout` send: the run ends KILLED with the epochs it finished (its
     checkpoint and journal), the process says so in one line with status 143, and
     trainer.resume=true continues the same run."""
-    from mtt.checkpoint import last_epoch, run_dir
+    from mtt.tracking.checkpoint import last_epoch, run_dir
 
     uri = f"sqlite:///{tmp_path}/m.db"
     args = [*SIX_EPOCHS, f"paths.cache={cache_dir}"]

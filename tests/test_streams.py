@@ -12,14 +12,14 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from mtt import streams
 from mtt.config import FeaturesConfig, StreamConfig
 from mtt.data.embedded import complete_tags, render_clip
 from mtt.data.index import build_index
 from mtt.data.mtat import SAMPLE_RATE, write_annotations, write_mp3
-from mtt.preprocess import build_feature_store
-from mtt.store import MANIFEST, PatchStore, pack
-from mtt.streams import (
+from mtt.features import streams
+from mtt.features.preprocess import build_feature_store
+from mtt.features.store import MANIFEST, PatchStore, pack
+from mtt.features.streams import (
     ChunkGrid,
     EpochSampler,
     RowReader,
@@ -38,7 +38,7 @@ from mtt.streams import (
     sums_to_one,
     train_loader,
 )
-from mtt.train import split_of
+from mtt.training.train import split_of
 from tests.helpers import compose_cfg
 
 
@@ -76,7 +76,7 @@ def test_lock_admits_one_holder_at_a_time_and_leaves_no_file(tmp_path):
     import threading
     import time
 
-    from mtt.fs import locked
+    from mtt.core.fs import locked
 
     inside, most, lock = [0], [0], tmp_path / ".x.lock"
 
@@ -524,7 +524,7 @@ class PescadorDraws(WeightedMux):
 @pytest.mark.parametrize("weights", ["uniform", "length"])
 @pytest.mark.parametrize("mode", ["with_replacement", "single_active"])
 def test_the_mux_streams_what_pescadors_own_draws_give(monkeypatch, n_clips, weights, mode):
-    """The mux's cached draws (mtt.streams.WeightedMux) are pescador's, item for item."""
+    """The mux's cached draws (mtt.features.streams.WeightedMux) are pescador's, item for item."""
     rng = np.random.default_rng(n_clips)
     rows = [1000 * i + np.arange(k) for i, k in enumerate(rng.integers(1, 31, n_clips))]
     cfg = stream_cfg(mode=mode, weights=weights)

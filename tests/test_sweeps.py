@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from mtt.records import PREDICTIONS, load_predictions
+from mtt.tracking.records import PREDICTIONS, load_predictions
 from tests.helpers import TINY, run_module, sweep_children
 
 
@@ -155,8 +155,8 @@ def test_the_launch_hook_pickles_while_it_holds_the_signal_handlers():
     import pickle
     import signal
 
-    from mtt.sweeps import PrepareTracking
-    from mtt.tracking import stop_on_signals
+    from mtt.analysis.sweeps import PrepareTracking
+    from mtt.tracking.runs import stop_on_signals
 
     before = signal.getsignal(signal.SIGTERM)
     hook = PrepareTracking()
@@ -178,9 +178,9 @@ def test_a_value_drawn_from_the_jobs_hydra_config_still_ends_the_sweep_parent(tm
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
 
+    from mtt.analysis.sweeps import PrepareTracking
     from mtt.config import CONF_DIR, register_configs
-    from mtt.sweeps import PrepareTracking
-    from mtt.tracking import sweep_parent
+    from mtt.tracking.runs import sweep_parent
 
     register_configs()  # the schema and mtt's resolver
     uri = f"sqlite:///{tmp_path}/m.db"

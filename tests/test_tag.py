@@ -93,8 +93,8 @@ def test_tag_prints_the_rendered_tags_near_the_top(tmp_path, cache_dir, learning
 
 
 def test_run_without_checkpoint_is_a_clear_error(tmp_path, capsys):
-    from mtt.tag import main
-    from mtt.tracking import MlflowTracker
+    from mtt.serving.tag import main
+    from mtt.tracking.runs import MlflowTracker
 
     uri = f"sqlite:///{tmp_path}/m.db"
     with MlflowTracker(uri, "tag", "no-checkpoint") as tracker:
@@ -112,9 +112,9 @@ def test_run_without_checkpoint_is_a_clear_error(tmp_path, capsys):
 def tiny_run(tmp_path_factory, cache_dir):
     """A tiny finished run: (tracking URI, run id, its test predictions, their audio files)."""
     from mtt.data.datasets import index_from_config
-    from mtt.records import load_predictions
-    from mtt.tracking import MlflowTracker, download_artifacts
-    from mtt.train import train
+    from mtt.tracking.records import load_predictions
+    from mtt.tracking.runs import MlflowTracker, download_artifacts
+    from mtt.training.train import train
     from tests.helpers import compose_cfg
 
     tmp = tmp_path_factory.mktemp("tag-run")
@@ -136,8 +136,8 @@ def test_tag_a_folder_to_csv_and_json(tiny_run, tmp_path, capsys):
 
     import soundfile as sf
 
-    from mtt.audio import load_audio
-    from mtt.tag import main
+    from mtt.data.audio import load_audio
+    from mtt.serving.tag import main
 
     uri, run_id, pred, paths = tiny_run
     lib = tmp_path / "library"
@@ -174,7 +174,7 @@ def test_tag_a_folder_to_csv_and_json(tiny_run, tmp_path, capsys):
 
 
 def test_tag_refuses_a_missing_path_or_an_empty_folder(tmp_path, capsys):
-    from mtt.tag import main
+    from mtt.serving.tag import main
 
     (tmp_path / "empty").mkdir()
     for path, message in [(tmp_path / "nothing", "no such file or folder"), (tmp_path / "empty", "no audio files")]:
@@ -187,7 +187,7 @@ def test_no_decoder_names_what_to_install(tmp_path, monkeypatch):
     """A file libsndfile refuses, on a machine without ffmpeg: one line naming what to install."""
     import audioread
 
-    from mtt.audio import AudioDecodeError, decode_audio
+    from mtt.data.audio import AudioDecodeError, decode_audio
 
     song = tmp_path / "song.m4a"
     song.write_bytes(b"\0\0\0\x20ftypM4A " + b"\0" * 2048)  # an MP4 box header: libsndfile has no AAC
@@ -210,7 +210,7 @@ def test_m4a_is_tagged_through_the_ffmpeg_fallback(tiny_run, tmp_path):
     import shutil
     import subprocess
 
-    from mtt.audio import decode_audio, load_audio, stream_audio
+    from mtt.data.audio import decode_audio, load_audio, stream_audio
 
     assert shutil.which("ffmpeg"), "ffmpeg is not installed (.ci/run installs Debian's ffmpeg)"
     uri, run_id, pred, paths = tiny_run
@@ -243,7 +243,7 @@ def test_nan_audio_and_dangling_links_are_failures_named(tiny_run, tmp_path, cap
 
     import soundfile as sf
 
-    from mtt.tag import main
+    from mtt.serving.tag import main
 
     uri, run_id, pred, paths = tiny_run
     lib = tmp_path / "library"

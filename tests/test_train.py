@@ -11,11 +11,11 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from mtt import distributed
-from mtt.evaluate import chunk_bce, clip_scores
-from mtt.streams import simulate_coverage
-from mtt.tracking import MlflowTracker, download_artifacts
-from mtt.train import clip_metrics, clip_probabilities, prepare, start, train
+from mtt.core import distributed
+from mtt.features.streams import simulate_coverage
+from mtt.tracking.runs import MlflowTracker, download_artifacts
+from mtt.training.evaluate import chunk_bce, clip_scores
+from mtt.training.train import clip_metrics, clip_probabilities, prepare, start, train
 from tests.helpers import TINY, compose_cfg, run_module, sweep_children
 
 EPOCH_METRICS = ["train_loss", "train_accuracy", "train_clip_coverage", "train_draws_per_clip"]

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from mtt.paths import REPO_ROOT
+from mtt.core.paths import REPO_ROOT
 from tests.helpers import TINY, run_module, sweep_children
 from tests.helpers.browser import INSTALL_HINT, chromium_page, wait_for
 from tests.helpers.http_server import free_port, stop_process_group
@@ -98,11 +98,11 @@ ROWS_JS = """(() => {
 
 
 def sorted_runs_table(uri: str, experiment: str, workdir: Path, n_runs: int) -> tuple[bytes, list[dict]]:
-    """Open ``experiment``'s runs table as `make ui` prints it (``mtt.ui.runs_table_url``) in a fresh
+    """Open ``experiment``'s runs table as `make ui` prints it (``mtt.tracking.ui.runs_table_url``) in a fresh
     browser, close the assistant panel, Sort -> METRIC; check that the n_runs runs with METRIC
     are shown sorted, descending, and that the browser opened on Model training (not GenAI).
     Returns the screenshot and the sorted rows (``text``, ``metric``)."""
-    from mtt.ui import runs_table_url
+    from mtt.tracking.ui import runs_table_url
 
     exp = MlflowClient(uri).get_experiment_by_name(experiment)
     with mlflow_ui(uri, workdir) as base, chromium_page() as page:
@@ -110,7 +110,7 @@ def sorted_runs_table(uri: str, experiment: str, workdir: Path, n_runs: int) -> 
         wait_for(page, f"!!document.querySelector('{EXPAND}')", 90, "the runs table with a parent run")
         # The sidebar is Model training's (Runs, Models, Model registry), not GenAI's (Sessions,
         # Judges, ...): the address's workflowType beats the fresh browser's GenAI default (MLflow
-        # issue #24498, mtt/ui.py).
+        # issue #24498, mtt/tracking/ui.py).
         sidebar = wait_for(
             page, "Array.from(document.querySelectorAll('aside')).map(a => a.innerText).join(' ')", 30, "the sidebar"
         )
@@ -212,5 +212,5 @@ def test_the_demo_in_the_ui(tmp_path):
     check_rows(rows, logged)
     for row in rows:
         assert "toy-all-standard (" in row["text"] and ("mtt.run" in row["text"] or "mtt.pr" in row["text"])
-        if "mtt.run" in row["text"]:  # a trained tagger's model/ (mtt.pyfunc) fills the Models column
+        if "mtt.run" in row["text"]:  # a trained tagger's model/ (mtt.serving.pyfunc) fills the Models column
             assert "pyfunc" in row["text"], row["text"]

@@ -186,7 +186,7 @@ def test_cli_refuses_a_bad_value_before_any_work(tmp_path):
 
 
 def test_swept_values_are_checked_one_by_one_and_interpolations_left_to_the_job():
-    from mtt.tracking import swept_value_errors
+    from mtt.tracking.runs import swept_value_errors
 
     assert swept_value_errors(
         ["trainer.lr=0.1,-1", "trainer.seed=0,1", "+head=gap2,autopool", "trainer.epochs=${oc.env:EPOCHS},0"]
@@ -195,7 +195,7 @@ def test_swept_values_are_checked_one_by_one_and_interpolations_left_to_the_job(
 
 def test_a_swept_group_glob_is_left_to_hydra():
     """+experiment=glob(report/*) (the report sweep) has no rule; expanding it needs Hydra's loader."""
-    from mtt.tracking import swept_value_errors
+    from mtt.tracking.runs import swept_value_errors
 
     assert swept_value_errors(["+experiment=glob(report/*)", "trainer.seed=0,1"]) == []
     assert swept_value_errors(["+experiment=glob(report/*)", "trainer.seed=0,-1"]) != []

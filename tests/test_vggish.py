@@ -5,7 +5,7 @@ import pytest
 import torch
 from torchvggish.torchvggish import VGG, make_layers
 
-from mtt.features import log_mel_patches
+from mtt.features.frontend import log_mel_patches
 from mtt.models.vggish import VGGish, freeze, load_torchvggish_state_dict
 
 

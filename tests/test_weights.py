@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mtt.fetch import DownloadError
+from mtt.core.fetch import DownloadError
 from mtt.models.weights import WeightsInfo, hash_prefix, load_state_dict, resolve_weights
 from tests.helpers.http_server import FileServer, closed_port_url
 
@@ -82,7 +82,7 @@ def test_four_processes_resolving_at_once_download_once(tmp_path, served_weights
     import sys
     import time
 
-    from mtt.paths import REPO_ROOT
+    from mtt.core.paths import REPO_ROOT
 
     data, sha, name = served_weights
     go = tmp_path / "go"
@@ -204,7 +204,7 @@ def test_cli_with_audioset_offline_fails_fast_before_data_work(tmp_path):
     for needle in (url, str(tmp_path / "hub" / "checkpoints" / "vggish-10086976.pth"), "backbone.weights="):
         assert needle in proc.stderr
     assert not (tmp_path / "cache" / "toy-v1").exists(), "no data work before the weights are resolved"
-    # Resolved before the run is created (mtt.preflight): one line, exit 1 as an offline server, no run.
+    # Resolved before the run is created (mtt.training.preflight): one line, exit 1 as an offline server, no run.
     assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith("error: VGGish AudioSet weights")
     from mlflow import MlflowClient
 

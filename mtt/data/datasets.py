@@ -1,11 +1,11 @@
-"""Datasets by ``data.name``: the entries of ``mtt.components.DATASETS``, instead of ``if``s on
+"""Datasets by ``data.name``: the entries of ``mtt.core.components.DATASETS``, instead of ``if``s on
 the name in several modules.
 
 A dataset is a ``DatasetSpec``: its name, its config dataclass (extending
-``mtt.components.DataConfig``, each field's rule in its metadata; stored as the option
+``mtt.core.components.DataConfig``, each field's rule in its metadata; stored as the option
 ``data=<name>``), ``index(data_cfg, progress) -> ClipIndex`` and an optional ``check(data_cfg)``:
 one-line errors about ``data.root`` (missing, a file, someone else's folder that it would write
-into), which every entry point runs before any data or MLflow work (``root_errors``). A dataset
+into), which every entry point runs before any data or MLflow work (``mtt.config.root_errors``). A dataset
 of one's own is a module that registers one (named by ``data.module``) and a YAML under
 conf/data/ (CONTRIBUTING.md; this one has a setting of its own, ``subset``)::
 
@@ -30,7 +30,7 @@ from typing import Any, Optional
 
 from omegaconf import MISSING
 
-from mtt.components import DATASETS, DataConfig, Spec, integer, number, one_of, or_null, pattern, setting
+from mtt.core.components import DATASETS, DataConfig, Spec, integer, number, one_of, or_null, pattern, setting
 from mtt.data.index import SPLIT_RULES, ClipIndex, build_index
 
 Dataset = Callable[[Any, bool], ClipIndex]
@@ -66,13 +66,6 @@ def get(name: str, module: str | None = None) -> DatasetSpec:
 
 def _spec(data_cfg) -> DatasetSpec:
     return get(data_cfg.name, getattr(data_cfg, "module", None))
-
-
-def root_errors(data_cfg) -> list[str]:
-    """The registered ``check`` of ``data.name`` on ``data_cfg`` (one line per error; [] when the
-    dataset registers none)."""
-    check = _spec(data_cfg).check
-    return check(data_cfg) if check is not None else []
 
 
 def index_from_config(data_cfg, progress: bool = True) -> ClipIndex:

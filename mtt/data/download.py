@@ -39,7 +39,7 @@ refused before any network access (``TargetError``). A file copied in by hand is
 download, but one that fails is left where it is and named, not deleted, and its zip pieces are
 kept after the extraction.
 
-Every step can be interrupted: downloads resume (``mtt.fetch.download``), extracted clips are
+Every step can be interrupted: downloads resume (``mtt.core.fetch.download``), extracted clips are
 written atomically and skipped when present, and a completion marker is written last, so running
 the command again after an interruption finishes the job and after success does nothing (no
 network). The zip pieces mtt downloaded are deleted once the marker is written, unless
@@ -62,9 +62,9 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 import mtt.config  # noqa: F401  (registers the schema that conf/config.yaml extends)
+from mtt.core.fetch import DownloadError, download, file_digest
+from mtt.core.fs import atomic_write_text, durable_replace
 from mtt.data.mtat import ANNOTATIONS, CLIP_INFO, AnnotationError, read_annotations
-from mtt.fetch import DownloadError, download, file_digest
-from mtt.fs import atomic_write_text, durable_replace
 
 OFFICIAL_URL = "https://mirg.city.ac.uk/datasets/magnatagatune/"
 PARTS = ("mp3.zip.001", "mp3.zip.002", "mp3.zip.003")

@@ -22,8 +22,8 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import soundfile as sf
 
+from mtt.core.fs import atomic_replace, atomic_write_text
 from mtt.data.tags import TAGS
-from mtt.fs import atomic_replace, atomic_write_text
 
 SAMPLE_RATE = 16000  # MTAT's clips
 FOLDERS = tuple("0123456789abcdef")
@@ -188,7 +188,7 @@ def write_clip_info(path: str | Path, rows: Sequence[dict]) -> None:
 
 def write_mp3(path: str | Path, waveform: np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:
     """Encode a ``(n,)`` mono waveform in [-1, 1] as mp3 (LAME's default VBR, ~32 kbps at 16 kHz,
-    like MTAT's clips; decodes to exactly ``n`` samples). Atomic (``mtt.fs.atomic_replace``)."""
+    like MTAT's clips; decodes to exactly ``n`` samples). Atomic (``mtt.core.fs.atomic_replace``)."""
     path = Path(path)
     waveform = np.asarray(waveform)
     if waveform.ndim != 1:

@@ -1,5 +1,5 @@
 """The tagger: backbone -> pooling -> head, assembled by name from config by ``build_model``
-(the registries of mtt.components: ``BACKBONES``, ``POOLS``, ``HEADS``)."""
+(the registries of mtt.core.components: ``BACKBONES``, ``POOLS``, ``HEADS``)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Classification heads over the pooled vector, by ``head.name`` (the entries of
-``mtt.components.HEADS``, registered at the end of this module)."""
+``mtt.core.components.HEADS``, registered at the end of this module)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mtt.components import HEADS, HeadConfig, Spec
+from mtt.core.components import HEADS, HeadConfig, Spec
 
 
 class Head(nn.Module):
@@ -20,7 +20,7 @@ class Head(nn.Module):
     (one ReLU hidden layer, then the output layer), ``blocks=3`` its third experiment.
     """
 
-    # The defaults are the config's (mtt.components.HeadConfig), so the two cannot drift apart.
+    # The defaults are the config's (mtt.core.components.HeadConfig), so the two cannot drift apart.
     def __init__(
         self,
         in_features: int,

@@ -1,11 +1,11 @@
 """Pooling of a backbone's map ``(batch, channels, time, freq)`` into ``(batch, channels)``.
 
-A new pool is one class and its entry in ``mtt.components.POOLS`` (registered at the end of this
+A new pool is one class and its entry in ``mtt.core.components.POOLS`` (registered at the end of this
 module, with its config dataclass). The class declares what it reads:
 
 - ``reads``: ``FREQ_MEAN`` (the map's mean over frequency, ``(C, T, 1)``) or ``MAP`` (the whole
   ``(C, T, F)`` map; the default of a class that declares nothing). The frozen-backbone cache
-  stores only that (``mtt.backbone_cache``, ``reduce_map``): VGGish's ``(512, 6, 4)`` map is
+  stores only that (``mtt.training.backbone_cache``, ``reduce_map``): VGGish's ``(512, 6, 4)`` map is
   24,576 bytes per patch in float16, its frequency mean a quarter of it. A ``FREQ_MEAN`` pool's
   forward takes either the whole map (a live backbone) or the reduced one (the cache) and gives
   the same output on both (tests/test_heads.py checks every registered pool).
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mtt.components import POOLS, PoolConfig, Spec, finite, number, one_of, setting
+from mtt.core.components import POOLS, PoolConfig, Spec, finite, number, one_of, setting
 
 MAP = "map"  # the whole (C, T, F) map
 FREQ_MEAN = "freq_mean"  # its mean over frequency, kept as a frequency axis of 1: (C, T, 1)

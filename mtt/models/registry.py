@@ -1,16 +1,16 @@
 """Backbones by name: the small interface ``build_model`` assembles a tagger from.
 
 A backbone module registers a ``BackboneSpec`` when it is imported (``register_backbone``, into
-``mtt.components.BACKBONES``); the config names it (``backbone.name``) and, for a backbone
+``mtt.core.components.BACKBONES``); the config names it (``backbone.name``) and, for a backbone
 outside mtt, the module that registers it (``backbone.module``, imported before the config is
 checked). Pools, heads, datasets and steps policies are registries of the same kind
-(mtt.components). CONTRIBUTING.md has the recipe for a new backbone: one module and one YAML
+(mtt.core.components). CONTRIBUTING.md has the recipe for a new backbone: one module and one YAML
 under conf/backbone/.
 
 What a backbone declares:
 
 - ``front_end``: the ``features.name`` whose patches it consumes. The feature store is keyed by
-  every ``features.*`` value (mtt.preprocess.store_path), so a backbone's YAML selects its
+  every ``features.*`` value (mtt.features.preprocess.store_path), so a backbone's YAML selects its
   ``features`` option and the patches it trains on are stored once, resumable, like VGGish's.
 - ``build(backbone_cfg, item_shape)``: an ``nn.Module`` mapping patches ``(B, frames, mels)`` to
   a map ``(B, C, T, F)`` = (batch, channels, time, freq) that a pool reduces to ``(B, C)``.
@@ -23,7 +23,7 @@ What a backbone declares:
   True; return False for the backbone's own state dict (then ``load_weights``). By default False.
 - ``encode(module, x)``: what the pool reads (VGGish may append its embedding layers); by default
   the module's forward.
-- ``config``: its settings, a dataclass extending ``mtt.components.BackboneConfig`` with each
+- ``config``: its settings, a dataclass extending ``mtt.core.components.BackboneConfig`` with each
   field's rule in its metadata (``setting(3, integer(1))``); stored as the option
   ``backbone=<name>``, and the defaults a YAML of one's own need not repeat.
 - ``config_errors(cfg)``: one line per config value this backbone cannot work with, reported
@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from mtt.components import BACKBONES, BackboneConfig, Spec
+from mtt.core.components import BACKBONES, BackboneConfig, Spec
 
 
 def measured_output_shape(module: nn.Module, item_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -95,7 +95,7 @@ def strict_load(module: nn.Module, state_dict: Mapping[str, torch.Tensor], misma
 class BackboneSpec(Spec):
     front_end: str  # the features.name it consumes
     build: Callable  # (backbone_cfg, item_shape) -> nn.Module
-    # Its settings: mtt.components.BackboneConfig or a dataclass extending it (rules in metadata).
+    # Its settings: mtt.core.components.BackboneConfig or a dataclass extending it (rules in metadata).
     config: type = field(default=BackboneConfig, kw_only=True)
     output_shape: Callable = measured_output_shape  # (module, item_shape) -> (C, T, F)
     load_weights: Callable = strict_load  # (module, state_dict) -> None

@@ -6,7 +6,7 @@ Won, Ferraro, Bogdanov & Serra, "Evaluation of CNN-based automatic music tagging
 
 The backbone here is their model from the spectrogram's batch norm to the last block; the front
 end (16 kHz, 128-band mel, FFT 512, hop 256, 0-8000 Hz, dB) is ``features=shortchunk``
-(mtt.features.MelDbFrontEnd: stored once in the feature store, not recomputed on every step), the
+(mtt.features.frontend.MelDbFrontEnd: stored once in the feature store, not recomputed on every step), the
 global max pool is ``pool=max`` and their dense layers are ``head.name=dense_bn`` (Dense 512 ->
 512, BatchNorm, ReLU, Dropout 0.5, Dense 512 -> tags), all selected by conf/backbone/*.yaml.
 
@@ -162,7 +162,7 @@ def load_model(tagger: nn.Module, state_dict: Mapping[str, torch.Tensor], cfg) -
     ]
     if wrong:
         raise ValueError(f"a {model} state dict (backbone and head) needs their model: {'; '.join(wrong)}")
-    from mtt.features import MelDbFrontEnd  # here: the feature code is needed only for their files
+    from mtt.features.frontend import MelDbFrontEnd  # here: the feature code is needed only for their files
 
     mine = tagger.state_dict()
     front = MelDbFrontEnd(cfg.features).state_dict()  # spec.spectrogram.window, spec.mel_scale.fb

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mtt.components import BackboneConfig, integer, setting
+from mtt.core.components import BackboneConfig, integer, setting
 from mtt.models.registry import BackboneSpec, register_backbone, strict_load
 
 # torchvggish.make_layers(): channels of each 3x3 conv, "M" = 2x2 max-pool.

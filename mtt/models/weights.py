@@ -21,7 +21,7 @@ from urllib.parse import unquote, urlsplit
 
 import torch
 
-from mtt.fetch import DownloadError, download, file_digest
+from mtt.core.fetch import DownloadError, download, file_digest
 
 # torch.hub's convention: "name-<sha256 prefix>.ext" (torch.hub.HASH_REGEX).
 HASH_REGEX = re.compile(r"-([a-f0-9]*)\.")

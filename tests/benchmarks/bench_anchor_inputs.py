@@ -22,10 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a check
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from mtt.audio import load_audio  # noqa: E402
 from mtt.config import CONF_DIR  # noqa: E402
+from mtt.data.audio import load_audio  # noqa: E402
 from mtt.data.datasets import index_from_config  # noqa: E402
-from mtt.features import MelDbFrontEnd  # noqa: E402
+from mtt.features.frontend import MelDbFrontEnd  # noqa: E402
 
 CHUNK = 59049
 

@@ -8,7 +8,7 @@ backbone caches of it are created SPARSE with open_memmap (nothing written: thei
 zeros, so disk reads cost nothing here and the figures are compute): the compact cache that GAP
 and AutoPool read (the frequency mean, (512, 6, 1) per patch) and the full one that pool=max
 reads ((512, 6, 4)). Every side trains the real model (full-width VGGish, GAP + 2 blocks, Adam as
-mtt.train makes it) through mtt.train.train_epoch and the real pescador stream, with the report's
+mtt.training.train makes it) through mtt.training.train.train_epoch and the real pescador stream, with the report's
 `cached` steps (19,397 train clips // 32 = 606 per epoch). Printed:
 
 1. bytes per patch of each store, and MTAT's sizes from its patch count;
@@ -19,7 +19,7 @@ mtt.train makes it) through mtt.train.train_epoch and the real pescador stream, 
    live step) is its cost with the least interference from other processes (timeit's rule);
    the ratios of the best samples are what holds from run to run on a loaded machine, the
    medians are printed beside them;
-   and a validation pass over the test quarter from each cache (mtt.evaluate.clip_scores);
+   and a validation pass over the test quarter from each cache (mtt.training.evaluate.clip_scores);
 4. where a cached step's time goes (stream: mux, row reads, checks, float16 -> float32; forward,
    backward, optimiser, bookkeeping) and the floor its matrix products set;
 5. the report's sweep on full MTAT with and without the caches, from the figures above.
@@ -46,14 +46,14 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from mtt.backbone_cache import build_backbone_cache, cache_key  # noqa: E402
 from mtt.config import CONF_DIR  # noqa: E402
+from mtt.features.store import PatchStore, finalize, row_checksums  # noqa: E402
+from mtt.features.streams import RowReader, as_float32, patch_mux, train_loader  # noqa: E402
 from mtt.models import build_model  # noqa: E402
 from mtt.models.pooling import FREQ_MEAN, MAP  # noqa: E402
-from mtt.schedule import make_optimizer  # noqa: E402
-from mtt.store import PatchStore, finalize, row_checksums  # noqa: E402
-from mtt.streams import RowReader, as_float32, patch_mux, train_loader  # noqa: E402
-from mtt.train import train_epoch  # noqa: E402
+from mtt.training.backbone_cache import build_backbone_cache, cache_key  # noqa: E402
+from mtt.training.schedule import make_optimizer  # noqa: E402
+from mtt.training.train import train_epoch  # noqa: E402
 
 DEFAULT_THREADS = torch.get_num_threads()  # torch's own choice, before main() sets one
 CLIPS, PATCHES, TRAIN = 25_863, 30, 19_397  # MTAT clips, patches per 29 s clip, report train rows
@@ -95,7 +95,7 @@ LABELS = (np.random.default_rng(0).random((TRAIN, 50)) < 0.05).astype(np.float32
 
 
 class Trainer:
-    """mtt.train.train_epoch over one store: the run's stream, optimiser and loop, ``steps`` at a
+    """mtt.training.train.train_epoch over one store: the run's stream, optimiser and loop, ``steps`` at a
     time, timed in wall-clock and CPU seconds."""
 
     def __init__(self, model, store: PatchStore, from_backbone: bool, cfg):
@@ -248,8 +248,8 @@ class Phases:
 
 
 def profile(model, store: PatchStore, cfg) -> None:
-    """CPU ms per phase of a cached step, the stream taken apart into what ``mtt.streams.batches``
-    does (the same calls, in the same order), the rest as ``mtt.train.train_epoch`` does it."""
+    """CPU ms per phase of a cached step, the stream taken apart into what ``mtt.features.streams.batches``
+    does (the same calls, in the same order), the rest as ``mtt.training.train.train_epoch`` does it."""
     mux = patch_mux(store, store.clip_ids[:TRAIN], stream_cfg(), seed=0).iterate()
     reader = RowReader(store.patches)
     opt = make_optimizer("adam", [p for p in model.parameters() if p.requires_grad], 1e-3, cfg.trainer)
@@ -307,9 +307,9 @@ def floor(model) -> None:
 
 
 def validation(model, cfg, stores: dict[str, PatchStore]) -> dict[str, float]:
-    """CPU seconds per patch of evaluating from each cache (mtt.evaluate.clip_scores: every patch
+    """CPU seconds per patch of evaluating from each cache (mtt.training.evaluate.clip_scores: every patch
     of EVAL_CLIPS clips, head only), best of two passes."""
-    from mtt.evaluate import Split, clip_scores
+    from mtt.training.evaluate import Split, clip_scores
 
     split = Split(np.arange(EVAL_CLIPS), LABELS[:EVAL_CLIPS], EVAL_CLIPS)
     per_patch = {}
@@ -356,7 +356,7 @@ def main() -> None:
         cfg = compose(config_name="config")
     torch.manual_seed(0)
     model = build_model(cfg, 50)
-    model.backbone.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # as mtt.train.prepare
+    model.backbone.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # as mtt.training.train.prepare
     print(
         f"torch threads: {torch.get_num_threads()} (of {os.cpu_count()} cores; {load()}); {CLIPS:,} clips x {PATCHES} "
         f"patches; {STEPS} steps/epoch of batch {BATCH} ({TRAIN:,} train clips)"

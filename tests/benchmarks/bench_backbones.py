@@ -20,7 +20,7 @@ sys.path.insert(0, str(REPO / "tests"))
 import torch  # noqa: E402
 
 from mtt.models import build_model  # noqa: E402
-from mtt.train import autocast_dtype  # noqa: E402
+from mtt.training.train import autocast_dtype  # noqa: E402
 from tests.helpers import compose_cfg  # noqa: E402
 
 MODELS = {"vggish (trained, no cache)": ["backbone.freeze=false"], "shortchunk_res": ["backbone=shortchunk_res"]}

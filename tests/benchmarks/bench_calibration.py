@@ -1,4 +1,4 @@
-"""Calibration of mtt.stats' intervals and verdicts, measured on simulated runs whose true AUC is
+"""Calibration of mtt.metrics.stats' intervals and verdicts, measured on simulated runs whose true AUC is
 known: does a 95% interval cover the truth 95% of the time, and how often does a comparison of
 two groups of the SAME config call one "better"?
 
@@ -24,7 +24,7 @@ The generative model (one draw = one test set and every group's runs on it):
 
 Per cell (N test clips, n seeds per group, seed sd / clip sd), each draw makes four groups of n
 runs on one test set: A and B of the same config, C truly better than A by 0.01, D truly better
-than B by 0.02, all scored on the same 1,000 resamples (mtt.stats' defaults). It counts: the
+than B by 0.02, all scored on the same 1,000 resamples (mtt.metrics.stats' defaults). It counts: the
 coverage and mean width of A's 95% group interval; false "better" verdicts of A against B (either
 direction); the power to call C better than A and D better than B. The method before issue 24
 (a percentile bootstrap that redraws clips and seeds; ``legacy_*`` below, copied from it) is
@@ -54,7 +54,7 @@ from scipy import stats as st  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout, uninstalled
 
-from mtt.stats import LEVEL, Difference, Interval, combine, metric_under_weights, resampled  # noqa: E402
+from mtt.metrics.stats import LEVEL, Difference, Interval, combine, metric_under_weights, resampled  # noqa: E402
 
 TAGS = 8
 PREVALENCE = np.linspace(0.08, 0.30, TAGS)
@@ -117,7 +117,7 @@ def shift_for(delta: float, sigma: float) -> float:
 
 
 def legacy_means(per_run: np.ndarray, seed: int = 0) -> np.ndarray:
-    """mtt.stats.seed_resampled_means before issue 24: each resample's mean over the group's
+    """mtt.metrics.stats.seed_resampled_means before issue 24: each resample's mean over the group's
     runs drawn with replacement (one run: its values)."""
     n, b = per_run.shape
     if n == 1:
@@ -138,7 +138,7 @@ def legacy_group(boot: np.ndarray) -> tuple[float, float]:
 
 
 def legacy_difference(boot_a: np.ndarray, boot_b: np.ndarray) -> tuple[float, float]:
-    """mtt.stats.difference before issue 24 (seed 0 for A, 1 for B)."""
+    """mtt.metrics.stats.difference before issue 24 (seed 0 for A, 1 for B)."""
     return legacy_interval(legacy_means(boot_a, 0) - legacy_means(boot_b, 1))
 
 

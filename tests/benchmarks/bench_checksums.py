@@ -36,22 +36,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_backbone_cache import BATCH, CLIPS, PATCHES, STEPS, TRAIN, sparse_store  # noqa: E402
 
-from mtt.checkpoint import TrainState, last_epoch, save_last  # noqa: E402
 from mtt.config import CONF_DIR  # noqa: E402
-from mtt.fs import file_digest  # noqa: E402
+from mtt.core.fs import file_digest  # noqa: E402
+from mtt.features.store import PatchStore  # noqa: E402
 from mtt.models import build_model  # noqa: E402
-from mtt.store import PatchStore  # noqa: E402
+from mtt.tracking.checkpoint import TrainState, last_epoch, save_last  # noqa: E402
 
 K_LIVE = 4  # uncached steps timed (each runs the full VGGish)
 
 
 def epoch(model, store: PatchStore, steps: int, from_backbone: bool) -> tuple[float, float]:
-    """(seconds of ``steps`` training steps, seconds of them spent checking rows), as mtt.train
+    """(seconds of ``steps`` training steps, seconds of them spent checking rows), as mtt.training.train
     steps: the real stream, forward, loss, backward, Adam."""
     from omegaconf import OmegaConf
 
     from mtt.config import StreamConfig
-    from mtt.streams import train_loader
+    from mtt.features.streams import train_loader
 
     labels = (np.random.default_rng(0).random((TRAIN, 50)) < 0.05).astype(np.float32)
     stream = train_loader(store, store.clip_ids[:TRAIN], labels, OmegaConf.structured(StreamConfig()), BATCH, seed=0)

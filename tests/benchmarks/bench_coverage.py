@@ -3,7 +3,7 @@
 Run: ``python tests/benchmarks/bench_coverage.py [--seeds 3] [--epochs 3]`` (about 16 minutes on
 two shared cores, 14 of them the two MTAT ``patches`` rows). For each dataset size
 and ``steps`` policy it draws the epochs from the training stream exactly as a run seeds it
-(``mtt.streams.simulate_coverage``: the same mux or epoch sampler, no patch read) and prints
+(``mtt.features.streams.simulate_coverage``: the same mux or epoch sampler, no patch read) and prints
 ``train_clip_coverage`` (the share of training clips drawn at least once in an epoch) and
 ``train_draws_per_clip`` (draws per clip seen), each as the mean over seeds x epochs with its
 range. Every run logs the same two figures per epoch.
@@ -30,7 +30,7 @@ from omegaconf import OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout, uninstalled
 
 from mtt.config import StreamConfig  # noqa: E402
-from mtt.streams import simulate_coverage, steps_per_epoch  # noqa: E402
+from mtt.features.streams import simulate_coverage, steps_per_epoch  # noqa: E402
 
 # name -> (training clips, patches per clip, batch)
 SIZES = {
@@ -42,7 +42,7 @@ SIZES = {
 # (policy, stream.mode): the mux under every steps policy, and the epoch mode's own
 POLICIES = [("declared", "with_replacement"), ("cached", "with_replacement"), ("patches", "with_replacement")]
 POLICIES += [("fixed", "with_replacement"), ("epoch", "epoch")]
-FIXED_N = 100  # steps=fixed's n (mtt.streams.FixedSteps)
+FIXED_N = 100  # steps=fixed's n (mtt.features.streams.FixedSteps)
 
 
 def main() -> None:

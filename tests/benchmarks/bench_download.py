@@ -5,7 +5,7 @@ and how long a download takes to fail on a machine that is offline.
 
 Prints wall time and extra disk for both ways on a generated archive of ~3 MB mp3-sized clips
 (stored, like mp3s in MTAT's zip). The baseline joins the pieces into one file (what the usual
-`cat mp3.zip.* > mp3.zip && unzip` does) and extracts that. Then the time `mtt.fetch.download`
+`cat mp3.zip.* > mp3.zip && unzip` does) and extracts that. Then the time `mtt.core.fetch.download`
 takes to give up on a refused connection (no retries: it should be milliseconds, not the
 seconds of a back-off).
 """
@@ -22,8 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from mtt.core.fetch import DownloadError, download  # noqa: E402
 from mtt.data.download import PARTS, _extract  # noqa: E402
-from mtt.fetch import DownloadError, download  # noqa: E402
 from tests.helpers.http_server import closed_port_url  # noqa: E402
 
 

@@ -1,4 +1,4 @@
-"""Front-end throughput: mtt.features vs torchvggish's reference ``waveform_to_examples``.
+"""Front-end throughput: mtt.features.frontend vs torchvggish's reference ``waveform_to_examples``.
 
 Run: ``python tests/benchmarks/bench_frontend.py``. Clips are 29.1 s of noise and tones at 16 kHz,
 encoded to mp3 and decoded once, so both front ends get the same float32 audio an MTAT clip
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a check
 
 from torchvggish import vggish_input  # noqa: E402
 
-from mtt.features import LogMelFrontEnd, log_mel_patches  # noqa: E402
+from mtt.features.frontend import LogMelFrontEnd, log_mel_patches  # noqa: E402
 
 SR, SECONDS, BATCH, ROUNDS = 16000, 29.1, 32, 5
 

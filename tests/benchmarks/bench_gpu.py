@@ -5,9 +5,9 @@ full-MTAT time of each preset computed from them, and the suite's CUDA tests run
     make venv >/dev/null && OUT=$OUT make bench-gpu   # a bare device machine: the record under $OUT
     .venv/bin/python tests/benchmarks/bench_gpu.py --cpu --out /tmp/g   # the same code paths on CPU
 
-Every figure runs mtt's code as a run does: ``mtt.train.prepare`` (model build, device,
-precision, channels-last, the backbone cache build), ``mtt.train.start`` (optimiser, pescador or
-epoch stream with pinned memory on CUDA), ``mtt.train.train_epoch`` (the training step) and
+Every figure runs mtt's code as a run does: ``mtt.training.train.prepare`` (model build, device,
+precision, channels-last, the backbone cache build), ``mtt.training.train.start`` (optimiser, pescador or
+epoch stream with pinned memory on CUDA), ``mtt.training.train.train_epoch`` (the training step) and
 ``Run.evaluate`` (clip-level evaluation), on a synthetic MTAT-shaped dataset (dataset ``bench``
 below: 16 folders, the standard split, 50 tags, 29.1 s clips) whose feature store is written
 directly (random float16 patches: the figures are compute and I/O, not tagging). Each figure is
@@ -51,16 +51,16 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from mtt.core.distributed import Dist, RankTracker  # noqa: E402
+from mtt.core.fs import atomic_write_text  # noqa: E402
 from mtt.data.datasets import register  # noqa: E402
 from mtt.data.index import STANDARD_SPLIT, ClipIndex  # noqa: E402
-from mtt.distributed import Dist, RankTracker  # noqa: E402
-from mtt.features import build_front_end  # noqa: E402
-from mtt.fs import atomic_write_text  # noqa: E402
-from mtt.preprocess import frontend_params, store_path  # noqa: E402
-from mtt.records import GIT_COMMIT, GIT_DIRTY, git_state  # noqa: E402
-from mtt.store import MANIFEST, pack  # noqa: E402
-from mtt.streams import eval_cuts, steps_per_epoch  # noqa: E402
-from mtt.train import Run, autocast_dtype, prepare, start, train_epoch  # noqa: E402
+from mtt.features.frontend import build_front_end  # noqa: E402
+from mtt.features.preprocess import frontend_params, store_path  # noqa: E402
+from mtt.features.store import MANIFEST, pack  # noqa: E402
+from mtt.features.streams import eval_cuts, steps_per_epoch  # noqa: E402
+from mtt.tracking.records import GIT_COMMIT, GIT_DIRTY, git_state  # noqa: E402
+from mtt.training.train import Run, autocast_dtype, prepare, start, train_epoch  # noqa: E402
 from tests.helpers import SHORTCHUNK_SMALL, compose_cfg  # noqa: E402
 
 NO_CUDA = "no CUDA device"
@@ -149,7 +149,7 @@ class Figure:
 
 
 def precision(amp: torch.dtype | None) -> str:
-    """The autocast dtype a run resolved (``mtt.train.autocast_dtype``) as ``trainer.precision`` names it."""
+    """The autocast dtype a run resolved (``mtt.training.train.autocast_dtype``) as ``trainer.precision`` names it."""
     return {None: "fp32", torch.bfloat16: "bf16"}[amp]
 
 

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a check
 from mtt.config import FeaturesConfig  # noqa: E402
 from mtt.data.index import build_index  # noqa: E402
 from mtt.data.mtat import FOLDERS  # noqa: E402
-from mtt.preprocess import build_feature_store  # noqa: E402
+from mtt.features.preprocess import build_feature_store  # noqa: E402
 
 SECONDS, SR, MTAT_CLIPS = 29.1, 16000, 25_863
 RECIPES = [

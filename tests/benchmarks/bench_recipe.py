@@ -33,9 +33,9 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from mtt.config import CONF_DIR  # noqa: E402
 from mtt.data.datasets import SynthConfig  # noqa: E402
 from mtt.data.embedded import ensure_dataset  # noqa: E402
-from mtt.probe import run_probe  # noqa: E402
-from mtt.tracking import MlflowTracker  # noqa: E402
-from mtt.train import train  # noqa: E402
+from mtt.tracking.runs import MlflowTracker  # noqa: E402
+from mtt.training.probe import run_probe  # noqa: E402
+from mtt.training.train import train  # noqa: E402
 
 VARIANTS = {  # name -> (overrides, job)
     "linear probe": ([], run_probe),

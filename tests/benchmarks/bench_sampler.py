@@ -3,7 +3,7 @@
 Run: ``python tests/benchmarks/bench_sampler.py``. The store is MTAT-sized: 25,863 clips x 30
 patches of (96, 64) float16 (9.5 GB), memory-mapped. It is a sparse file (only a small part is
 written with random values, so the benchmark neither needs nor writes 9.5 GB) in a temporary
-folder that is removed at the end; its clip table and manifest are written by ``mtt.store``.
+folder that is removed at the end; its clip table and manifest are written by ``mtt.features.store``.
 
 Prints, all on this machine's CPU:
 - sampler throughput in patches/s through the real path: ``patch_mux`` + ``batches`` in this
@@ -28,9 +28,9 @@ from omegaconf import OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout, uninstalled
 
 from mtt.config import Config  # noqa: E402
+from mtt.features.store import PatchStore, finalize, row_checksums  # noqa: E402
+from mtt.features.streams import batches, patch_mux, train_loader  # noqa: E402
 from mtt.models import build_model  # noqa: E402
-from mtt.store import PatchStore, finalize, row_checksums  # noqa: E402
-from mtt.streams import batches, patch_mux, train_loader  # noqa: E402
 
 N_CLIPS, PER_CLIP, ITEM, N_TAGS, BATCH = 25_863, 30, (96, 64), 50, 32
 RSS_BATCHES, WRITTEN_ROWS = 10_000, 4096

@@ -2,13 +2,13 @@
 
 Run: ``python tests/benchmarks/bench_tag_memory.py``. A model folder is saved from the default
 config (full-width VGGish, GAP + 2 blocks, 50 tags; random weights: memory does not depend on
-them) with ``mtt.pyfunc.save_tagger``, and ``mtt.tag`` runs on it in a fresh process per file,
+them) with ``mtt.serving.pyfunc.save_tagger``, and ``mtt.tag`` runs on it in a fresh process per file,
 as a user runs it. The files are what a music library holds: 44.1 kHz stereo, as WAV (decoded
 by libsndfile), mp3 and, with ffmpeg on PATH, m4a (AAC, decoded through audioread's ffmpeg), of
 3 s, 10 min and 30 min (noise and tones). The figure is the child
 process's peak resident set (``ru_maxrss`` from ``wait4``): imports and the model take most of
 it, so the ratio of a long file to the 3 s one is what decoding and tagging add. mtt.tag decodes,
-front-ends and tags a long file in windows (``mtt.pyfunc.ClipTagger.tag_file``), so the ratio
+front-ends and tags a long file in windows (``mtt.serving.pyfunc.ClipTagger.tag_file``), so the ratio
 stays near 1; the target is at most 1.5 for 10 min.
 """
 
@@ -70,10 +70,10 @@ def save_model(folder: Path) -> Path:
     from omegaconf import OmegaConf
     from safetensors.torch import save_file
 
+    from mtt.core.paths import CONF_DIR
     from mtt.models import build_model
     from mtt.models.pooling import reads_of
-    from mtt.paths import CONF_DIR
-    from mtt.pyfunc import save_tagger
+    from mtt.serving.pyfunc import save_tagger
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[f"paths.cache={folder / 'cache'}"])

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from hydra import compose, initialize_config_dir
 
+from mtt.core.paths import CONF_DIR, REPO_ROOT
 from mtt.data.mtat import ANNOTATIONS, CLIP_INFO, FOLDERS
-from mtt.paths import CONF_DIR, REPO_ROOT
 
 # A tiny but complete setup: 16 folders x 2 clips x 2 s, VGGish at 1/8 width, small head.
 TINY = [

@@ -45,7 +45,7 @@ THREADS = (1, 2)
 SPREAD_SHARE = 0.5  # the margin a bound needs beyond the worst variant, as a share of the spread
 # An AVX2-only CPU's kernels (an AVX-512 machine running another CPU's arithmetic): torch's own
 # vectorised ops, oneDNN's convolutions, MKL's BLAS (torch's), and for numpy, scipy and
-# scikit-learn (the probe, mtt.stats) numpy's dispatched loops and OpenBLAS's kernels.
+# scikit-learn (the probe, mtt.metrics.stats) numpy's dispatched loops and OpenBLAS's kernels.
 AVX2 = {
     "ATEN_CPU_CAPABILITY": "avx2",
     "DNNL_MAX_CPU_ISA": "AVX2",
@@ -225,7 +225,7 @@ def run_grid(
     variant (``variants()``), each over ``seeds``, in pytest subprocesses with their own temporary
     folders under ``folder``; variants of one thread count run side by side on ``cores`` (default:
     all)."""
-    from mtt.paths import REPO_ROOT
+    from mtt.core.paths import REPO_ROOT
 
     folder.mkdir(parents=True, exist_ok=True)
     cores = cores or os.cpu_count() or 1
@@ -258,7 +258,7 @@ def run_grid(
 def _arithmetic_of(v: Variant) -> str:
     """How a process started with ``v.env()`` names its arithmetic (what its records say)."""
     code = "from tests.helpers.learning import arithmetic; print(arithmetic())"
-    from mtt.paths import REPO_ROOT
+    from mtt.core.paths import REPO_ROOT
 
     env = {**os.environ, **v.env()}
     return subprocess.run(

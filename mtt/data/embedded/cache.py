@@ -10,10 +10,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from mtt.core.fs import durable_replace, locked
 from mtt.data.embedded.labels import SYNTH_TAGS
 from mtt.data.embedded.render import _generate
 from mtt.data.mtat import ANNOTATIONS, CLIP_INFO, FOLDERS, SAMPLE_RATE
-from mtt.fs import durable_replace, locked
 
 # ``cfg`` below is ``mtt.data.datasets.SynthConfig`` or anything with its three fields: not imported, since
 # mtt.data.datasets checks data.root through this module (``write_refusal``) and the generator needs no Hydra.

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from mtt.core.fs import atomic_write_text
 from mtt.data.embedded.plan import _plan
 from mtt.data.embedded.synthesis import render_clip
 from mtt.data.mtat import ANNOTATIONS, CLIP_INFO, FOLDERS, SAMPLE_RATE, write_annotations, write_clip_info, write_mp3
-from mtt.fs import atomic_write_text
 
 
 def _generate(out: Path, params: dict, progress: bool, marker: str) -> None:

@@ -1,10 +1,10 @@
 """MLflow tracking of training runs: ``MlflowTracker``, the journal that ships to the store, sweeps'
-parent runs (mtt.pyfunc, mtt.tag and mtt.ui import mlflow too: the packaged model, its use, the UI).
+parent runs (mtt.serving.pyfunc, mtt.tag and mtt.ui import mlflow too: the packaged model, its use, the UI).
 
 ``MlflowTracker`` is a context manager around one run: it creates the run in an explicitly
 resolved experiment (never the "active experiment" global), and on exit marks it FINISHED,
 FAILED (with the error recorded) or KILLED (Ctrl-C; SIGTERM inside ``stop_on_signals``), so a
-run's status is always true. What it logs goes to the run's journal (``mtt.journal``) first
+run's status is always true. What it logs goes to the run's journal (``mtt.tracking.journal``) first
 and is shipped to the store by a background thread (``Shipper``, ``ship``), so an unreachable
 store never stops a training; ``python -m mtt.sync`` ships what a run could not, and with
 ``--close-stale`` ends the runs whose process died without a word.
@@ -37,9 +37,9 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from mtt.config import RULES, check_value
-from mtt.fs import locked
-from mtt.journal import Journal, JournalError
-from mtt.paths import REPO_ROOT
+from mtt.core.fs import locked
+from mtt.core.paths import REPO_ROOT
+from mtt.tracking.journal import Journal, JournalError
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +224,7 @@ def running_sweep_parents(uri: str | None, sweep: str) -> list[str]:
 
 
 def end_with_summary(uri: str | None, run_id: str, summary: dict, status: str) -> None:
-    """Log a sweep's grouped ``summary`` (``mtt.compare.sweep_summary``) into its parent run
+    """Log a sweep's grouped ``summary`` (``mtt.analysis.compare.sweep_summary``) into its parent run
     (``<group>/<metric>_mean`` ... metrics and ``summary.json``) and end it with ``status``."""
     client = MlflowClient(tracking_uri=resolve_uri(uri))
     metrics = []
@@ -581,7 +581,7 @@ class MlflowTracker:
 
     The run is created (or, with ``resume_run_id``, reopened) on the store at the start, which
     fails within seconds when the store does not answer. Everything logged afterwards goes to
-    the run's journal (``mtt.journal``) in ``run_dir(cache, run_id)`` first (a temporary folder
+    the run's journal (``mtt.tracking.journal``) in ``run_dir(cache, run_id)`` first (a temporary folder
     without ``cache``, removed once shipped) and is shipped by a background ``Shipper``, so a
     store that goes away during training never stops it. The tracker claims that folder for
     its process (``Journal.claim``: what ``mtt.sync --close-stale`` checks) until it exits. On
@@ -661,7 +661,7 @@ class MlflowTracker:
     def _open_journal(self) -> None:
         """Claim the run's folder for this process (``Journal.claim``), open its journal and
         start shipping it."""
-        from mtt.checkpoint import run_dir  # torch: only where a run trains
+        from mtt.tracking.checkpoint import run_dir  # torch: only where a run trains
 
         if self.cache is not None:
             folder = run_dir(self.cache, self.run_id)
@@ -757,7 +757,7 @@ class MlflowTracker:
             self._write(self.journal.append("metrics", metrics=items))
 
     def log_inputs(self, datasets: list[Mapping[str, str]]) -> None:
-        """MLflow dataset inputs (``mtt.records.dataset_inputs``): the runs table's Dataset column."""
+        """MLflow dataset inputs (``mtt.tracking.records.dataset_inputs``): the runs table's Dataset column."""
         self._write(self.journal.append("inputs", datasets=[dict(d) for d in datasets]))
 
     def log_text(self, text: str, artifact_file: str) -> None:

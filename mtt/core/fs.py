@@ -137,7 +137,7 @@ class CorruptFileError(OSError):
 
 def _parse_report(report: str) -> tuple[str, str, str]:
     """(path, problem, remedy) from torch's report of a worker's error, whose last line is the
-    original ``mtt.fs.CorruptFileError: <path>: <problem>; <remedy>``."""
+    original ``mtt.core.fs.CorruptFileError: <path>: <problem>; <remedy>``."""
     prefix = f"{CorruptFileError.__module__}.{CorruptFileError.__qualname__}: "
     line = next((x[len(prefix) :] for x in reversed(report.splitlines()) if x.startswith(prefix)), report)
     path, _, rest = line.partition(": ")

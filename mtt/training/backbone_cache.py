@@ -10,7 +10,7 @@ rows are written in chunks into a memory-mapped temporary file and the number of
 recorded after each flush, so an interrupted build continues where it stopped. A changed key
 (other weights, other features, bf16 instead of fp32, a pool that reads more or less) is a
 different folder; a cache of an older format is left unread and named in one log line, with the
-space deleting it frees. The cache carries content checksums like every store (``mtt.store``): a
+space deleting it frees. The cache carries content checksums like every store (``mtt.features.store``): a
 corrupt or truncated cache is refused in one line naming the file and how to rebuild it.
 """
 
@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mtt.fs import atomic_write_bytes, durable_replace, locked
+from mtt.core.fs import atomic_write_bytes, durable_replace, locked
+from mtt.features.store import MANIFEST, PATCHES, PatchStore, finalize, params_key, rebuild_hint, row_checksums
 from mtt.models.pooling import MAP, READS, reduce_map
-from mtt.store import MANIFEST, PATCHES, PatchStore, finalize, params_key, rebuild_hint, row_checksums
 
 log = logging.getLogger(__name__)
 

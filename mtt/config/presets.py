@@ -25,10 +25,10 @@ from hydra.core.plugins import Plugins
 from hydra.plugins.config_source import ConfigLoadError, ConfigResult, ConfigSource
 from hydra.plugins.search_path_plugin import SearchPathPlugin
 
-# From mtt.paths, not mtt.config: that module imports this one while it registers the configs,
+# From mtt.core.paths, not mtt.config: that module imports this one while it registers the configs,
 # and a worker process that unpickles one of these plugins first would then meet a
 # half-initialised mtt.config.
-from mtt.paths import REPO_ROOT  # noqa: E402
+from mtt.core.paths import REPO_ROOT  # noqa: E402
 
 GROUP = "experiment"
 _EXT = ".yaml"

@@ -16,13 +16,13 @@ file that a later resume would read as valid:
   ``torch.load(weights_only=True)`` (no pickle of arbitrary objects).
 
 Each file is written with a checksum sidecar (``<name>.sha256``: size and SHA-256, see
-``mtt.fs.atomic_replace(checksum=True)``) and checked when it is read: a corrupt, truncated or
+``mtt.core.fs.atomic_replace(checksum=True)``) and checked when it is read: a corrupt, truncated or
 missing ``last.pt`` is refused in one line naming it (``trainer.resume=false`` or deleting it
 starts over), never resumed; a corrupt best checkpoint is refused likewise. A ``last.pt`` without
 a sidecar (written by an older mtt) is refused too; a best checkpoint without one (an older run's
 artifacts, which ``mtt.tag`` may still read) is loaded with a warning that it is unchecked.
 
-The run's tracking journal (``journal.*``, see ``mtt.journal``) lives in the same folder.
+The run's tracking journal (``journal.*``, see ``mtt.tracking.journal``) lives in the same folder.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from mtt.fs import CorruptFileError, atomic_replace, sidecar, verify_checksummed
+from mtt.core.fs import CorruptFileError, atomic_replace, sidecar, verify_checksummed
 
 log = logging.getLogger(__name__)
 

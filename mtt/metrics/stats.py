@@ -18,7 +18,7 @@ real (the method, its sources and its measured calibration: docs/comparing.md):
   verdict: ``A better``, ``B better``, ``not distinguishable`` or ``seed variation unknown``
   (a group of one seed, unless its seed sd is supplied).
 
-Tags are scored where the resample holds both classes (as ``mtt.metrics`` does on the full set).
+Tags are scored where the resample holds both classes (as ``mtt.metrics.tagging`` does on the full set).
 """
 
 from __future__ import annotations

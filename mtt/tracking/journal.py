@@ -1,7 +1,7 @@
 """A run's journal: everything a run logs, appended to a local file first, shipped to MLflow after.
 
 Training must not depend on the tracking server being up when an epoch ends, so the tracker
-(``mtt.tracking.MlflowTracker``) writes each record here and a background thread ships it; if
+(``mtt.tracking.runs.MlflowTracker``) writes each record here and a background thread ships it; if
 the store stays away, ``python -m mtt.sync`` ships it later. The journal lives in the run's
 checkpoint folder ``<paths.cache>/checkpoints/<run_id>/``:
 
@@ -36,7 +36,7 @@ unchecked.
 A line is written with one ``write`` + ``fsync``, so a kill -9 leaves whole lines; a torn last
 line (killed mid-write) is ignored when read and cut off when the journal is reopened. An
 artifact's files are in place before its line is written. Plain JSON only: nothing that cannot
-be replayed exactly, no pickle. Nothing here talks to MLflow (``mtt.tracking`` ships).
+be replayed exactly, no pickle. Nothing here talks to MLflow (``mtt.tracking.runs`` ships).
 
 The process that writes a journal keeps it open: if ``journal.jsonl`` is deleted or replaced
 under it (a cleanup script, a user), the next entry rewrites it whole from the open copy first,
@@ -64,7 +64,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from mtt.fs import atomic_replace, atomic_write_bytes, durable_replace, locked
+from mtt.core.fs import atomic_replace, atomic_write_bytes, durable_replace, locked
 
 log = logging.getLogger(__name__)
 

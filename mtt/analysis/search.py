@@ -12,7 +12,7 @@ MLflow store (else under ``paths.cache``), named ``<tracking.experiment>-<study_
 same command again resumes it: trials that were running when the search was interrupted (Ctrl-C,
 a kill) are marked failed and asked again with the same parameters, and the search stops once
 ``n_trials`` trials have finished. Every trial's run is a child of the sweep's parent run
-(``mtt.tracking.PrepareTracking``); ``experiments/search.yaml`` keeps one sweep folder per study
+(``mtt.tracking.runs.PrepareTracking``); ``experiments/search.yaml`` keeps one sweep folder per study
 so that a resumed search goes on under the same parent. One process at a time per study.
 
 Why our own plugin (measured, docs/searches.md): ``hydra-optuna-sweeper`` 1.3.0 pins optuna
@@ -107,7 +107,7 @@ def search_space(params: dict[str, str], arguments: list[str]) -> tuple[dict, li
 def default_storage(config: DictConfig) -> str:
     """``sqlite:///<folder of the MLflow sqlite store>/optuna.db``; for a tracking server,
     ``sqlite:///<paths.cache>/optuna.db``."""
-    from mtt.tracking import resolve_uri
+    from mtt.tracking.runs import resolve_uri
 
     uri = resolve_uri(config.tracking.uri)
     folder = Path(uri[len("sqlite:///") :]).parent if uri.startswith("sqlite:///") else Path(config.paths.cache)
@@ -260,7 +260,7 @@ class OptunaSweeper(Sweeper):
             log.info("best trial %d: %s = %s", best.number, result["direction"], best.value)
         folder = Path(str(self.config.hydra.sweep.dir))
         folder.mkdir(parents=True, exist_ok=True)
-        from mtt.fs import atomic_write_bytes
+        from mtt.core.fs import atomic_write_bytes
 
         atomic_write_bytes(folder / RESULTS, json.dumps(result, indent=1).encode())
 

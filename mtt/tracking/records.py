@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mtt.paths import REPO_ROOT
+from mtt.core.paths import REPO_ROOT
 
 PACKAGES = ("torch", "mlflow", "hydra-core", "pescador", "numpy", "librosa")
 
@@ -128,7 +128,7 @@ def run_note(cfg, derived: Mapping, kind: str = "trained tagger") -> str:
 
 
 def per_tag_csv(rows: Sequence[Mapping]) -> str:
-    """``mtt.metrics.per_tag_table`` rows as CSV text (tag, positives, roc_auc, pr_auc)."""
+    """``mtt.metrics.tagging.per_tag_table`` rows as CSV text (tag, positives, roc_auc, pr_auc)."""
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=["tag", "positives", "roc_auc", "pr_auc"], lineterminator="\n")
     writer.writeheader()

@@ -31,8 +31,8 @@ import pescador
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from mtt.components import STEPS, Spec, StepsConfig, integer, or_null, setting
-from mtt.store import PatchStore
+from mtt.core.components import STEPS, Spec, StepsConfig, integer, or_null, setting
+from mtt.features.store import PatchStore
 
 EPOCH = "epoch"  # stream.mode of EpochSampler; the other modes are pescador's
 

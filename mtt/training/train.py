@@ -1,7 +1,7 @@
 """Training: ``train(cfg, tracker)`` = ``prepare`` -> ``fit`` -> ``test``, no Hydra in here.
 
 Data flows one way: clip index -> feature store -> (frozen-backbone cache) -> pescador stream ->
-model -> clip-level evaluation (``mtt.evaluate``) -> tracker. The state of a run between those
+model -> clip-level evaluation (``mtt.training.evaluate``) -> tracker. The state of a run between those
 steps is one ``Run``.
 """
 
@@ -22,9 +22,17 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from mtt import distributed
-from mtt.backbone_cache import build_backbone_cache, cache_key
-from mtt.checkpoint import (
+from mtt.config import validate
+from mtt.core import distributed
+from mtt.data.datasets import index_from_config
+from mtt.data.index import ClipIndex
+from mtt.features.preprocess import build_feature_store
+from mtt.features.store import PatchStore
+from mtt.features.streams import EPOCH, ChunkGrid, clip_coverage, epoch_counts, steps_for, steps_per_epoch, train_loader
+from mtt.models import Tagger, build_model, reads_backbone_cache
+from mtt.models.pooling import call_hook, reads_of
+from mtt.models.weights import WeightsInfo, load_state_dict, resolve_weights
+from mtt.tracking.checkpoint import (
     TrainState,
     best_files,
     drop_last,
@@ -35,12 +43,11 @@ from mtt.checkpoint import (
     save_best,
     save_last,
 )
-from mtt.config import validate
-from mtt.data.datasets import index_from_config
-from mtt.data.index import ClipIndex
+from mtt.tracking.records import dataset_inputs, plot_curves, run_note, versions
+from mtt.training.backbone_cache import build_backbone_cache, cache_key
 
 # Re-exported: callers (mtt.probe, tests) import the evaluation helpers from here too.
-from mtt.evaluate import (  # noqa: F401
+from mtt.training.evaluate import (  # noqa: F401
     Split,
     chunk_grid,
     clip_metrics,
@@ -50,15 +57,8 @@ from mtt.evaluate import (  # noqa: F401
     split_of,
     split_scores,
 )
-from mtt.models import Tagger, build_model, reads_backbone_cache
-from mtt.models.pooling import call_hook, reads_of
-from mtt.models.weights import WeightsInfo, load_state_dict, resolve_weights
-from mtt.preflight import Checked
-from mtt.preprocess import build_feature_store
-from mtt.records import dataset_inputs, plot_curves, run_note, versions
-from mtt.schedule import Phases
-from mtt.store import PatchStore
-from mtt.streams import EPOCH, ChunkGrid, clip_coverage, epoch_counts, steps_for, steps_per_epoch, train_loader
+from mtt.training.preflight import Checked
+from mtt.training.schedule import Phases
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +236,7 @@ def prepare(
     ``cache`` forces the backbone cache on (the linear probe reads frozen outputs even when the
     config fine-tunes) or off; by default it follows ``backbone.freeze``/``finetune_last``/``cache``.
     ``checked``: the clip index and the resolved weights when the caller has them already
-    (``mtt.preflight``).
+    (``mtt.training.preflight``).
     """
     validate(cfg)  # library callers too: a bad value fails here, not deep in the loop
     t = cfg.trainer
@@ -297,13 +297,13 @@ class Run:
     state: TrainState  # where the run is (resumed from the last checkpoint, or fresh)
     selection: str  # best_val: test the best validation epoch; last: the last one
     patience: int | None  # early stopping, None = never
-    phases: Phases  # the optimiser of each epoch (trainer.optimizer, trainer.phases: mtt.schedule)
+    phases: Phases  # the optimiser of each epoch (trainer.optimizer, trainer.phases: mtt.training.schedule)
     params: list  # the trained parameters, for an optimiser a phase builds
     train_clips: np.ndarray  # this rank's training clips, which the stream's clip positions index
 
     def scores(self, split: Split) -> tuple[np.ndarray, np.ndarray]:
         """Clip probabilities ``(clips, n_tags)`` of ``split`` and each clip's mean chunk BCE
-        ``(clips,)`` (``mtt.evaluate.clip_scores``; across the ranks under torchrun)."""
+        ``(clips,)`` (``mtt.training.evaluate.clip_scores``; across the ranks under torchrun)."""
         p = self.p
         return split_scores(self.d, p.model, p.inputs, split, self.cfg, p.device, p.from_backbone, p.amp, p.grid)
 
@@ -325,7 +325,7 @@ def train(cfg, tracker, d: distributed.Dist = distributed.Dist(), checked: Check
     prepare (data, features, model) -> fit (epochs, checkpoints, validation) -> test (the
     selected epoch's model on the test split). With ``tracker.resumed`` the training continues
     from the last checkpoint of that run. ``d`` is this process's place in a torchrun job (see
-    ``mtt.distributed``); by default one process. ``checked``: what ``mtt.preflight`` has read
+    ``mtt.core.distributed``); by default one process. ``checked``: what ``mtt.training.preflight`` has read
     and resolved already.
     """
     run = start(cfg, tracker, prepare(cfg, d, checked=checked), d)
@@ -383,7 +383,7 @@ def start(cfg, tracker, p: Prepared, d: distributed.Dist) -> Run:
         model.zero_output_bias()
     params = [w for w in model.parameters() if w.requires_grad]
     folder = run_dir(cfg.paths.cache, tracker.run_id)
-    phases = Phases(t, lr_schedule)  # trainer.optimizer, and trainer.phases (mtt.schedule)
+    phases = Phases(t, lr_schedule)  # trainer.optimizer, and trainer.phases (mtt.training.schedule)
     optimizer = phases.optimizer_at(params, last_epoch(folder) if tracker.resumed else 0)
     scheduler = None
     if lr_schedule == "plateau":
@@ -489,7 +489,7 @@ def test(run: Run, tracker) -> dict[str, float]:
     for file in best_files(run.folder):  # with their checksum sidecars, which mtt.tag checks
         tracker.log_artifact(file, "checkpoint")
     if d.main:  # the tagger as an MLflow model (model/): what mtt.tag and `mlflow models serve` load
-        from mtt.pyfunc import log_tagger
+        from mtt.serving.pyfunc import log_tagger
 
         log_tagger(tracker, run.folder, p.from_backbone, reads_of(p.model.pool))
     probs = run.evaluate(p.test)

@@ -4,9 +4,9 @@
 ``checked_weights`` resolves ``backbone.weights`` (downloads the official ones when they are not
 cached) before anything generates or reads data: an offline ``audioset`` run ends in one line
 within seconds, with no dataset generated first. (The tracking store is checked before either, by
-the launch hook, ``mtt.sweeps.PrepareTracking``.)
+the launch hook, ``mtt.analysis.sweeps.PrepareTracking``.)
 
-``exit_if_invalid`` (mtt/config.py) checks what the config alone decides, and ``data.root`` on
+``exit_if_invalid`` (mtt/config/__init__.py) checks what the config alone decides, and ``data.root`` on
 disk; some values can only be judged against the dataset itself: ``data.tags=freqN`` (at most
 the tags the annotations have) and ``trainer.batch_size`` (``batch_errors``: a batch whose inputs
 alone take more than the machine's memory, or under ``stream.mode=epoch`` more than the training
@@ -42,7 +42,7 @@ def checked_weights(cfg) -> WeightsInfo:
     in one line: a ``backbone.weights`` path that is no file is a bad value (exit status 2);
     official weights neither cached nor downloadable (offline, a hash mismatch) exit 1, as an
     unreachable tracking server does, naming the URL, the cache path and the override to use."""
-    from mtt.fetch import DownloadError
+    from mtt.core.fetch import DownloadError
     from mtt.models.weights import weights_from_config
 
     try:
@@ -73,8 +73,8 @@ def batch_errors(cfg, index: ClipIndex, memory: int | None = None) -> list[str]:
     ``machine_memory()``): the model's activations only add to it. ``stream.mode=epoch`` batches
     distinct clips, so there a batch holds at most the training clips.
     """
+    from mtt.features.streams import EPOCH
     from mtt.models import training_input_shape  # torch: only once the config is valid
-    from mtt.streams import EPOCH
 
     batch, clips = cfg.trainer.batch_size, len(index.subset("train"))
     if cfg.stream.mode == EPOCH and batch > clips:

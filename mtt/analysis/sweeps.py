@@ -2,8 +2,8 @@
 MLflow store before jobs fan out and, for a sweep, ends the sweep's parent runs with the grouped
 summary of their children.
 
-Apart from ``mtt.tracking`` because it needs both the store (``mtt.tracking``) and the comparison
-(``mtt.compare``, which reads the store through ``mtt.tracking``): here, neither imports the other
+Apart from ``mtt.tracking.runs`` because it needs both the store (``mtt.tracking.runs``) and the comparison
+(``mtt.compare``, which reads the store through ``mtt.tracking.runs``): here, neither imports the other
 back.
 """
 
@@ -21,10 +21,10 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from mtt.compare import sweep_summary
+from mtt.analysis.compare import sweep_summary
 from mtt.config import exit_if_invalid
-from mtt.fs import atomic_write_bytes
-from mtt.tracking import (
+from mtt.core.fs import atomic_write_bytes
+from mtt.tracking.runs import (
     SWEEP_FILE,
     end_with_summary,
     prepare_store,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from mtt.fs import durable_replace, file_digest, locked
+from mtt.core.fs import durable_replace, file_digest, locked
 
 CHUNK = 1 << 20  # bytes per read and per hash update
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")

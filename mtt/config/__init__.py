@@ -1,7 +1,7 @@
 """Typed configuration schema for every run, registered in Hydra's ConfigStore.
 
 The YAML files under ``conf/`` only change values of these dataclasses and of the registry
-entries' (mtt.components: a backbone, pool, head, dataset or steps policy declares its own), so a
+entries' (mtt.core.components: a backbone, pool, head, dataset or steps policy declares its own), so a
 misspelt key or a value of the wrong type fails while the config is composed, before any data or
 model work; a value of the right type outside what its key allows (``trainer.batch_size=0``), the
 rule in its field's metadata, fails ``validate``, which every entry point calls first
@@ -30,12 +30,14 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
-from mtt.components import (  # noqa: F401  (Rule and its constructors: re-exported)
+from mtt.core.components import (  # noqa: F401  (Rule and its constructors: re-exported)
+    DATASETS,
     REGISTRIES,
     BackboneConfig,
     DataConfig,
     HeadConfig,
     PoolConfig,
+    RegistryError,
     Rule,
     StepsConfig,
     defaults_of,
@@ -54,9 +56,9 @@ from mtt.components import (  # noqa: F401  (Rule and its constructors: re-expor
     show,
     value_error,
 )
-from mtt.paths import CONF_DIR, REPO_ROOT  # noqa: F401  (re-exported: the entry points' config_path)
+from mtt.core.paths import CONF_DIR, REPO_ROOT  # noqa: F401  (re-exported: the entry points' config_path)
 
-# stream.mode: pescador's StochasticMux modes that never end, and mtt's epoch passes (mtt.streams).
+# stream.mode: pescador's StochasticMux modes that never end, and mtt's epoch passes (mtt.features.streams).
 STREAM_MODES = ("with_replacement", "single_active", "epoch")
 
 
@@ -69,7 +71,7 @@ class PathsConfig:
 @dataclass
 class FeaturesConfig:
     """The front end (by default VGGish's log-mel, Google's vggish_params) and where its patches
-    are stored. ``name`` picks the front end (mtt.features.FRONT_ENDS); the feature store is keyed
+    are stored. ``name`` picks the front end (mtt.features.frontend.FRONT_ENDS); the feature store is keyed
     by every value here but ``store`` and ``workers``."""
 
     # vggish: log(mel + log_offset), HTK mel, no centring (Google's reference) | mel_db: torchaudio's
@@ -110,13 +112,13 @@ class StreamConfig:
     patches_per_clip: Optional[int] = setting(None, or_null(integer(1)))
     num_workers: int = setting(0, integer(0))  # DataLoader workers (each streams a disjoint shard of clips)
     # The mux's sampling distribution over clips: uniform | length (proportional to a clip's
-    # patches, so every patch is about equally likely); mtt.streams.mux_weights
+    # patches, so every patch is about equally likely); mtt.features.streams.mux_weights
     weights: str = setting("uniform", one_of("uniform", "length"))
 
 
 @dataclass
 class EvalConfig:
-    # How patch probabilities become a clip's: mean | max (mtt.evaluate.AGGREGATES)
+    # How patch probabilities become a clip's: mean | max (mtt.training.evaluate.AGGREGATES)
     aggregate: str = setting("mean", one_of("mean", "max"))
     # None = all patches (clip-level); 1 = report's
     patches_per_clip: Optional[int] = setting(None, or_null(integer(1)))
@@ -130,7 +132,7 @@ class EvalConfig:
     chunk_samples: Optional[int] = setting(None, or_null(integer(1)))
 
 
-# The optimisers trainer.optimizer and a phase may name (mtt.schedule builds them).
+# The optimisers trainer.optimizer and a phase may name (mtt.training.schedule builds them).
 OPTIMIZERS = ("adam", "sgd")
 
 
@@ -154,9 +156,9 @@ def _phase_ok(p) -> bool:
     )
 
 
-# The metrics every epoch logs that can pick the best checkpoint (mtt.train.monitor_score).
+# The metrics every epoch logs that can pick the best checkpoint (mtt.training.train.monitor_score).
 # val_loss is the BCE of the clip-level probabilities; val_chunk_loss the mean BCE of every
-# evaluated chunk against its clip's tags (Won et al.'s validation loss, mtt.evaluate).
+# evaluated chunk against its clip's tags (Won et al.'s validation loss, mtt.training.evaluate).
 MONITORS = ("val_roc_auc", "val_pr_auc", "val_loss", "val_chunk_loss", "val_accuracy", "train_loss", "train_accuracy")
 
 
@@ -172,7 +174,7 @@ class TrainerConfig:
     nesterov: bool = False  # sgd only
     seed: int = setting(0, integer(0, 2**32 - 1))  # numpy's seed range
     device: str = setting("auto", pattern(r"auto|cpu|cuda(:[0-9]+)?", "auto, cpu, cuda or cuda:N"))
-    # auto (bf16 autocast on CUDA) | fp32 | bf16 (mtt.train.autocast_dtype)
+    # auto (bf16 autocast on CUDA) | fp32 | bf16 (mtt.training.train.autocast_dtype)
     precision: str = setting("auto", one_of("auto", "fp32", "bf16"))
     channels_last: bool = True  # NHWC convolutions (tensor cores on CUDA)
     deterministic: bool = False
@@ -200,7 +202,7 @@ class TrainerConfig:
 
 @dataclass
 class ProbeConfig:
-    """The linear-probe reference (``python -m mtt.probe``, see mtt/probe.py)."""
+    """The linear-probe reference (``python -m mtt.probe``, see mtt/training/probe.py)."""
 
     # Inverse L2 strengths tried (scikit-learn's C); the best on the validation split is kept.
     C: list = setting(rule=number_list(), factory=lambda: [0.001, 0.01, 0.1, 1.0, 10.0])
@@ -238,14 +240,14 @@ class TrackingConfig:
 
 def _group(base: type) -> Any:
     """A component group's field: untyped until its option (a registry entry's dataclass, or a
-    YAML completed from one: mtt.components) is chosen, holding the keys every entry shares."""
+    YAML completed from one: mtt.core.components) is chosen, holding the keys every entry shares."""
     return field(default_factory=lambda: defaults_of(base))
 
 
 @dataclass
 class Config:
     """Every run's config. The component groups (data, backbone, pool, head, steps) take their
-    schema from the registry entry they name (mtt.components); the rest is typed here."""
+    schema from the registry entry they name (mtt.core.components); the rest is typed here."""
 
     paths: PathsConfig = field(default_factory=PathsConfig)
     data: Any = _group(DataConfig)
@@ -274,8 +276,8 @@ class ConfigError(ValueError):
 
 
 def _front_end_names() -> list[str]:
-    """The front ends ``features.name`` may name (mtt.features.FRONT_ENDS, which imports torch)."""
-    return list(importlib.import_module("mtt.features").FRONT_ENDS)
+    """The front ends ``features.name`` may name (mtt.features.frontend.FRONT_ENDS, which imports torch)."""
+    return list(importlib.import_module("mtt.features.frontend").FRONT_ENDS)
 
 
 def all_rules() -> dict[str, Rule]:
@@ -321,7 +323,7 @@ RULES: Mapping[str, Rule] = _Rules()
 def schema_keys() -> dict[str, Any]:
     """Every dotted key of the schema (``trainer``, ``trainer.epochs``, ``data.synth.seed``) ->
     the dataclass it holds, or None for a value (a number, a string, a list). A component group's
-    keys are those of every registered entry's dataclass (mtt.components.Registry.keys)."""
+    keys are those of every registered entry's dataclass (mtt.core.components.Registry.keys)."""
     keys: dict[str, Any] = {}
     hints = typing.get_type_hints(Config)
     for f in dataclasses.fields(Config):
@@ -360,7 +362,7 @@ def unknown_key_error(key: str, value: str, groups: Sequence[str] = (), defaults
 def config_groups() -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(mtt's top-level config groups: conf/'s folders, the registries whose entries are options
     and ``experiment``; those of them in conf/config.yaml's defaults list, changed without ``+``)."""
-    from mtt.presets import GROUP
+    from mtt.config.presets import GROUP
 
     folders = {p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "hydra"}
     groups = sorted(folders | {g for g, r in REGISTRIES.items() if r.options} | {GROUP})
@@ -481,7 +483,7 @@ def exit_if_invalid(cfg, more_errors: Sequence[str] = (), data: bool = True) -> 
     values): a bad value ends the process with ``error: <what>`` on stderr and exit status 2 (a
     usage error), before any data, model or MLflow work.
 
-    ``data``: also check ``data.root`` on disk (``mtt.data.datasets.root_errors``: a dataset that
+    ``data``: also check ``data.root`` on disk (``root_errors``: a dataset that
     would be written into someone else's folder, or read from a missing one); False for the
     command that creates it (``mtt.data.download``, which checks its target itself).
     """
@@ -490,12 +492,22 @@ def exit_if_invalid(cfg, more_errors: Sequence[str] = (), data: bool = True) -> 
     # by Hydra's job name (its module's), and the one that creates data.root must not be told
     # that it does not exist yet.
     if data and OmegaConf.select(cfg, "hydra.job.name", default=None) not in CREATES_DATA_ROOT:
-        from mtt.data.datasets import root_errors  # here: the datasets import their readers
-
         errors += root_errors(cfg.data)
     if errors:
         print(f"error: {'; '.join(errors)}", file=sys.stderr, flush=True)
         raise SystemExit(2)
+
+
+def root_errors(data_cfg) -> list[str]:
+    """The ``check`` that dataset ``data.name`` registers (mtt.data.datasets.DatasetSpec: one line
+    per problem with ``data.root``); [] when it registers none or cannot be found (which
+    ``config_errors`` reports)."""
+    try:
+        spec = DATASETS.of(data_cfg)
+    except RegistryError:
+        return []
+    check = getattr(spec, "check", None)
+    return check(data_cfg) if check is not None else []
 
 
 def launch_id() -> str:
@@ -629,6 +641,6 @@ def register_configs() -> None:
     OmegaConf.register_new_resolver("mtt.launch_id", launch_id, use_cache=True, replace=True)
     ConfigStore.instance().store(name="base_config", node=Config)
     load_builtins()
-    from mtt.presets import register_presets  # the `experiment` group (experiments/)
+    from mtt.config.presets import register_presets  # the `experiment` group (experiments/)
 
     register_presets()

@@ -1,6 +1,6 @@
 """Evaluation: clip-level probabilities of a split, its metrics, and the test split's records.
 
-Shared by the training loop (``mtt.train``) and the linear probe (``mtt.probe``), so that every
+Shared by the training loop (``mtt.training.train``) and the linear probe (``mtt.probe``), so that every
 run is scored, and its test split recorded, the same way.
 """
 
@@ -15,14 +15,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mtt import distributed
+from mtt.core import distributed
 from mtt.data.index import ClipIndex
-from mtt.metrics import per_tag_table, tagging_metrics
+from mtt.features.store import PatchStore
+from mtt.features.streams import ChunkGrid, eval_batches
+from mtt.metrics.stats import run_intervals
+from mtt.metrics.tagging import per_tag_table, tagging_metrics
 from mtt.models import Tagger
-from mtt.records import PREDICTIONS, digest_test_set, per_tag_csv, save_predictions
-from mtt.stats import run_intervals
-from mtt.store import PatchStore
-from mtt.streams import ChunkGrid, eval_batches
+from mtt.tracking.records import PREDICTIONS, digest_test_set, per_tag_csv, save_predictions
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def chunk_grid(cfg, store: PatchStore, from_backbone: bool) -> ChunkGrid:
     ``store``'s patches can be cut between rows when they touch or overlap; the frozen backbone's
     cache (``from_backbone``) holds whole rows only. Lengths come from the feature store's
     decoded seconds; ``eval.chunk_samples`` (default: the front end's fewest samples for a patch)."""
-    from mtt.features import build_front_end  # here: torchaudio is imported only when needed
+    from mtt.features.frontend import build_front_end  # here: torchaudio is imported only when needed
 
     f = cfg.features
     hop_samples = int(round(f.sample_rate * f.hop_seconds))  # as both front ends round it

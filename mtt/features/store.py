@@ -16,7 +16,7 @@ Every file is written to a temporary name and renamed into place, and ``manifest
 exists once ``patches.npy`` and ``clips.npy`` are complete, so a crash (Ctrl-C, kill -9, power)
 at any point leaves either a finished store or shards that a re-run picks up: nothing truncated
 is ever read as valid. The same layout holds VGGish log-mel patches (``mtt.preprocess``) and
-cached backbone outputs (``mtt.backbone_cache``).
+cached backbone outputs (``mtt.training.backbone_cache``).
 
 Content checksums: opening a store checks the manifest's own digest, every file's size (a
 truncated ``patches.npy`` is named as such) and the SHA-256 of ``clips.npy`` and
@@ -24,7 +24,7 @@ truncated ``patches.npy`` is named as such) and the SHA-256 of ``clips.npy`` and
 this ``PatchStore`` reads them (``read``, ``get``, ``verify``), so every row a number is
 computed from was checked, once per process, and a pass over a 19 GB cache is never paid before
 a 3-second epoch (docs/records-and-resume.md has the measured cost). Any mismatch raises
-``mtt.fs.CorruptFileError``: one line naming the file and the command that rebuilds the store.
+``mtt.core.fs.CorruptFileError``: one line naming the file and the command that rebuilds the store.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import numpy as np
 from tqdm import tqdm
 
 # Re-exported: store builders import the writers from here.
-from mtt.fs import (  # noqa: F401
+from mtt.core.fs import (  # noqa: F401
     CorruptFileError,
     atomic_replace,
     atomic_write_bytes,
@@ -197,7 +197,7 @@ class PatchStore:
         return self.verify(rows, self.patches[rows])
 
     def verify(self, rows: slice | np.ndarray, data: np.ndarray) -> np.ndarray:
-        """Check ``data`` (``patches[rows]``, read by the caller: ``mtt.streams.RowReader``) row by
+        """Check ``data`` (``patches[rows]``, read by the caller: ``mtt.features.streams.RowReader``) row by
         row against ``checksums.npy``, skipping rows already checked; returns ``data``.
 
         ``CorruptFileError`` naming ``patches.npy``, the first bad row and how to rebuild."""

@@ -1,7 +1,7 @@
 """The tagger as an MLflow pyfunc model: audio in, one probability per tag and clip out.
 
-Every finished run logs ``model/`` (``save_tagger`` + ``mtt.train``), a pyfunc model saved "from
-code": its MLmodel names ``mtt/pyfunc_code.py`` (copied into the folder) as the model, so nothing
+Every finished run logs ``model/`` (``save_tagger`` + ``mtt.training.train``), a pyfunc model saved "from
+code": its MLmodel names ``mtt/serving/pyfunc_code.py`` (copied into the folder) as the model, so nothing
 is pickled. The folder holds
 
     MLmodel, python_env.yaml, conda.yaml, requirements.txt   MLflow's own (YAML / text)
@@ -12,19 +12,19 @@ is pickled. The folder holds
 
 Input (``input_schema``): a DataFrame with, per row (clip), one of
 - ``audio``: the bytes of an encoded file (mp3, wav, flac, ogg through libsndfile; m4a/AAC and
-  the rest through ffmpeg, ``mtt.audio.stream_audio``); base64 in JSON requests;
+  the rest through ffmpeg, ``mtt.data.audio.stream_audio``); base64 in JSON requests;
 - ``samples``: mono samples at ``features.sample_rate`` (16 kHz for VGGish), an array of doubles
   in the signature (JSON numbers are float64, which MLflow will not narrow), computed in float32.
 Output: a DataFrame with one float64 column per tag (the run's tag order), one row per clip.
 
-A clip's probabilities are computed as the run's evaluation computes them (``mtt.train``):
+A clip's probabilities are computed as the run's evaluation computes them (``mtt.training.train``):
 every VGGish patch, rounded to float16 as the feature store keeps it (and, when the run read a
 frozen backbone's cache, the backbone output rounded to float16 as the cache keeps it), the
 output activation, then ``eval.aggregate`` (mean or max) over the clip's patches. So a test
 clip's row equals the run's ``test_predictions.npz`` row (CPU, fp32; ``eval.patches_per_clip``
 subsets are not reproduced: the model uses every patch).
 
-Besides ``mtt.tracking`` this is the module that imports mlflow: it defines the model format
+Besides ``mtt.tracking.runs`` this is the module that imports mlflow: it defines the model format
 (and registers versions, ``register``).
 """
 
@@ -60,7 +60,7 @@ MODEL_PATH = "model"  # the artifact path in every run
 CODE_FILE = Path(__file__).with_name("pyfunc_code.py")
 FORMAT = 1  # of tagger.json
 # Packages the model needs at load time, pinned to what this environment runs (librosa brings
-# audioread, mtt.audio's ffmpeg path); mtt itself must be importable too (it is in this repository's venv; `mlflow models serve --env-manager local`).
+# audioread, mtt.data.audio's ffmpeg path); mtt itself must be importable too (it is in this repository's venv; `mlflow models serve --env-manager local`).
 REQUIREMENTS = ("mlflow", "torch", "torchaudio", "numpy", "pandas", "omegaconf", "safetensors", "soundfile", "librosa")
 
 
@@ -92,15 +92,15 @@ class ClipTagger:
     @torch.no_grad()
     def tag_blocks(self, blocks: Iterable[np.ndarray]) -> np.ndarray:
         """``probabilities`` of a clip that arrives in blocks of mono samples at ``sample_rate``
-        (``mtt.audio.stream_audio``): patches are computed window by window
+        (``mtt.data.audio.stream_audio``): patches are computed window by window
         (``PatchFrontEnd.stream``) and aggregated as they come, so memory stays that of one
         window whatever the clip's length; the result is the whole clip's (float rounding aside).
 
         ``AudioDecodeError`` for samples that are NaN or infinite, a clip shorter than one patch,
         and probabilities that come out non-finite (samples far outside [-1, 1]).
         """
-        from mtt.audio import AudioDecodeError
-        from mtt.features import build_front_end
+        from mtt.data.audio import AudioDecodeError
+        from mtt.features.frontend import build_front_end
 
         front = build_front_end(_features(self.cfg))  # the run's own (features.name: vggish, mel_db)
         n_samples = n_patches = 0
@@ -141,8 +141,8 @@ class ClipTagger:
 
     def tag_file(self, path: str | Path) -> np.ndarray:
         """``probabilities`` of an audio file, decoded block by block (libsndfile, else ffmpeg:
-        ``mtt.audio.stream_audio``); ``AudioDecodeError`` naming the file."""
-        from mtt.audio import AudioDecodeError, stream_audio
+        ``mtt.data.audio.stream_audio``); ``AudioDecodeError`` naming the file."""
+        from mtt.data.audio import AudioDecodeError, stream_audio
 
         try:
             return self.tag_blocks(stream_audio(path, self.sample_rate))
@@ -153,7 +153,7 @@ class ClipTagger:
     def tag_bytes(self, data: bytes) -> np.ndarray:
         """``probabilities`` of an encoded file's bytes (decoded from a temporary file: ffmpeg
         reads paths); errors without the temporary file's name."""
-        from mtt.audio import AudioDecodeError
+        from mtt.data.audio import AudioDecodeError
 
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "clip"
@@ -166,7 +166,7 @@ class ClipTagger:
 
 def _features(cfg):
     from mtt.config import FeaturesConfig
-    from mtt.preprocess import frontend_params
+    from mtt.features.preprocess import frontend_params
 
     return FeaturesConfig(**frontend_params(cfg.features))
 
@@ -184,7 +184,7 @@ def build_tagger(meta: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> 
     cfg = OmegaConf.merge(OmegaConf.structured(Config), dict(meta["config"]))
     tags = [str(t) for t in meta["tags"]]
     cached = meta.get("cached_backbone")
-    if cached is None:  # a checkpoint's best.json: what mtt.train.prepare decides by default
+    if cached is None:  # a checkpoint's best.json: what mtt.training.train.prepare decides by default
         cached = bool(cfg.backbone.freeze and cfg.backbone.finetune_last == 0 and cfg.backbone.cache)
     model = build_model(cfg, len(tags))
     model.load_state_dict(dict(state))
@@ -200,7 +200,7 @@ def load_tagger(model_uri: str, tracking_uri: str | None = None) -> ClipTagger:
     # tracking URI), whatever URI is passed down: set it for this call only.
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
-    from mtt.tracking import resolve_uri
+    from mtt.tracking.runs import resolve_uri
 
     with _use_tracking_uri(resolve_uri(tracking_uri)), _quiet_copies():
         model = mlflow.pyfunc.load_model(str(model_uri))
@@ -286,7 +286,7 @@ def predict(tagger: ClipTagger, frame) -> pd.DataFrame:
 
     import pandas as pd
 
-    from mtt.audio import AudioDecodeError
+    from mtt.data.audio import AudioDecodeError
 
     if len(frame.columns) == 0 or not ({"audio", "samples"} & set(frame.columns)):
         raise InvalidInput(
@@ -320,7 +320,7 @@ def save_tagger(
     out: str | Path, weights: str | Path, meta: Mapping[str, Any], cached_backbone: bool, cache_reads: str
 ) -> Path:
     """Save the pyfunc model folder ``out`` (must not exist) from a best checkpoint's weights file
-    and metadata (``mtt.checkpoint.save_best``: config, tags); returns ``out``. ``cache_reads``:
+    and metadata (``mtt.tracking.checkpoint.save_best``: config, tags); returns ``out``. ``cache_reads``:
     what the run's backbone cache held of each map (``mtt.models.pooling.reads_of`` its pool)."""
     out = Path(out)
     with tempfile.TemporaryDirectory() as tmp:
@@ -379,11 +379,11 @@ def _example_frame(sample_rate: int):
 
 
 def log_tagger(tracker, checkpoint: str | Path, cached_backbone: bool, cache_reads: str) -> None:
-    """Log the model of a run's best checkpoint folder (``mtt.checkpoint``) as ``model/``, and the
+    """Log the model of a run's best checkpoint folder (``mtt.tracking.checkpoint``) as ``model/``, and the
     ``mlflow.log-model.history`` tag through which MLflow's runs table lists it (Models column)."""
     from datetime import datetime, timezone
 
-    from mtt.checkpoint import BEST_META, BEST_WEIGHTS
+    from mtt.tracking.checkpoint import BEST_META, BEST_WEIGHTS
 
     checkpoint = Path(checkpoint)
     with tempfile.TemporaryDirectory() as tmp:
@@ -414,7 +414,7 @@ def register(
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from mtt.tracking import resolve_uri
+    from mtt.tracking.runs import resolve_uri
 
     uri = resolve_uri(tracking_uri)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)

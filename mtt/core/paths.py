@@ -5,5 +5,5 @@ from __future__ import annotations
 
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent  # this file is mtt/paths.py
+REPO_ROOT = Path(__file__).resolve().parents[2]  # this file is mtt/core/paths.py
 CONF_DIR = REPO_ROOT / "conf"  # Hydra's config groups

@@ -410,7 +410,7 @@ DATASETS: Registry = Registry(
     unknown="{key}={name!r}: no such dataset{where}; known: {names}",
     name_rule=False,
 )
-STEPS: Registry = Registry("steps", StepsConfig, builtin=("mtt.streams",), key="policy")
+STEPS: Registry = Registry("steps", StepsConfig, builtin=("mtt.features.streams",), key="policy")
 
 REGISTRIES: Mapping[str, Registry] = {r.group: r for r in (DATASETS, BACKBONES, POOLS, HEADS, STEPS)}
 

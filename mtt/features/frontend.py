@@ -15,8 +15,8 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import torch
 
-from mtt.audio import resample
 from mtt.config import FeaturesConfig
+from mtt.data.audio import resample
 
 
 def _periodic_hann(n: int) -> torch.Tensor:
