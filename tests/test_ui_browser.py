@@ -189,7 +189,7 @@ def test_the_demo_in_the_ui(tmp_path):
     """The README's picture: the store of a real `make demo` (3 heads x 3 seeds and 3 seeds of the
     linear probe under two sweep parent runs, on the embedded data), sorted by METRIC, with the
     Dataset and Source columns filled. ``MTT_DEMO_STORE=<path of its mlflow.db>`` checks a store
-    that `make demo` already made instead of making one (about 6 minutes on 2 cores)."""
+    that `make demo` already made instead of making one (about 4 minutes on a quiet 2-core machine, docs/comparing.md)."""
     if shutil.which("chromium") is None:
         pytest.fail(f"chromium is not installed: {INSTALL_HINT}")
     store = os.environ.get("MTT_DEMO_STORE")
