@@ -123,12 +123,13 @@ def upward_imports(graph: dict[str, set[str]], layers: tuple[str, ...] = LAYERS,
     """'a -> b' for every import of a module ``b`` in a later layer than ``a``'s (a command may
     import anything; the package itself nothing)."""
     order = {root: -1, **{layer: i for i, layer in enumerate(layers)}, COMMANDS: len(layers)}
-    found = []
-    for module, deps in sorted(graph.items()):
-        for dep in sorted(deps):
-            if order[layer_of(dep, layers, root)] > order[layer_of(module, layers, root)]:
-                found.append(f"{module} ({layer_of(module, layers, root)}) -> {dep} ({layer_of(dep, layers, root)})")
-    return found
+    layer = {module: layer_of(module, layers, root) for module in graph}  # every dep is in graph
+    return [
+        f"{module} ({layer[module]}) -> {dep} ({layer[dep]})"
+        for module, deps in sorted(graph.items())
+        for dep in sorted(deps)
+        if order[layer[dep]] > order[layer[module]]
+    ]
 
 
 def test_no_layer_imports_a_later_one():
