@@ -5,14 +5,16 @@ order with the status last, a store that is away, sync's outcomes."""
 from __future__ import annotations
 
 import json
+import multiprocessing
 import shutil
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from mtt.tracking import sync
 from mtt.tracking.journal import JOURNAL, Journal, JournalError
-from mtt.tracking.runs import MlflowTracker, Shipper, ship_to
+from mtt.tracking.runs import MlflowTracker, Shipper, ship, ship_to
 from tests.helpers.http_server import closed_port_url
 
 
@@ -144,6 +146,59 @@ def test_a_kill_between_groups_resumes_from_the_last_ack(tmp_path):
     assert 3 <= journal.acked() < 8 and MlflowClient(uri).get_run(run_id).info.status == "RUNNING"
     ship_to(uri, journal)
     assert snapshot(uri, run_id)["points"] == {"val_loss": [(0, 1.0, 1000), (1, 0.5, 1001)]}
+
+
+def _ship_the_sweeps_datasets(uri: str, folder: str, run_id: str, rounds: int, start, result) -> None:
+    """One job of a sweep (its own process), for each round: journal the dataset inputs every
+    job logs in that round, wait for the others, then ship at the same moment."""
+    journal = journal_for(Path(folder), uri, run_id)
+    client = MlflowClient(uri)
+    client.get_run(run_id)  # connected before the start, as a job is by the time it logs
+    for r in range(rounds):
+        journal.append(
+            "inputs",
+            datasets=[
+                {"name": "mtat", "digest": f"{r}-{i}", "source_type": "local", "source": "{}", "context": context}
+                for i, context in enumerate(("train", "validation", "test"))
+            ],
+        )
+        start.wait()
+        try:
+            ship(client, journal)
+            result.put("shipped")
+        except Exception as exc:  # noqa: BLE001 - reported to the test
+            result.put(str(exc).splitlines()[0])
+            return
+
+
+def test_jobs_shipping_the_same_dataset_at_once_all_ship_it(tmp_path):
+    """MLflow looks a dataset up, then inserts it: of four jobs that log it at once, three lose
+    that race (a unique-row error) and must send it again, not stop shipping and leave their
+    run RUNNING (as two jobs of a submitit sweep did)."""
+    uri = f"sqlite:///{tmp_path}/m.db"
+    jobs, rounds = 4, 4  # without the retry, rounds after the first lose the race here
+    runs = [new_run(uri) for _ in range(jobs)]
+    spawn = multiprocessing.get_context("spawn")  # no sqlite connection crosses a fork
+    start, result = spawn.Barrier(jobs), spawn.Queue()
+    workers = [
+        spawn.Process(target=_ship_the_sweeps_datasets, args=(uri, str(tmp_path / r), r, rounds, start, result))
+        for r in runs
+    ]
+    for w in workers:
+        w.start()
+    outcomes = []
+    while len(outcomes) < jobs * rounds:
+        outcomes.append(result.get(timeout=120))
+        if outcomes[-1] != "shipped":
+            break
+    start.abort()  # a job that failed stops; let the others out of the barrier
+    for w in workers:
+        w.join()
+    assert outcomes == ["shipped"] * jobs * rounds
+    client = MlflowClient(uri)
+    for run_id in runs:
+        contexts = [i.tags[0].value for i in client.get_run(run_id).inputs.dataset_inputs]
+        assert sorted(contexts) == sorted(["train", "validation", "test"] * rounds)
 
 
 def test_artifact_is_the_file_as_it_was_when_logged(tmp_path):

@@ -306,6 +306,9 @@ _RETRY_FIRST_S, _RETRY_MAX_S, _RETRY_MAX_ENDING_S = 1.0, 30.0, 5.0
 # How long a stopped run (SIGTERM, Ctrl-C) waits for the store at most: schedulers kill for good
 # soon after their SIGTERM (Slurm's KillWait 30 s, docker stop 10 s); the journal keeps the rest.
 STOPPED_FLUSH_S = 5.0
+# How often an ``inputs`` entry is sent when it loses a race with another job (``lost_race``):
+# one retry finds the other job's row; more only if several jobs insert new datasets at once.
+_RACE_TRIES = 3
 # Tags that say why a run ended; a resumed run drops them (it runs again).
 ENDING_TAGS = ("error", "killed_by")
 
@@ -370,6 +373,17 @@ def rejected(exc: BaseException) -> bool:
     return isinstance(exc, MlflowException) and exc.get_http_status_code() in (400, 401, 403, 404)
 
 
+def lost_race(exc: BaseException) -> bool:
+    """A store's unique-row error: MLflow looks a dataset up in the experiment, then inserts it,
+    in two steps, so two jobs of a sweep logging the same dataset at once both insert and the
+    later one fails (``UNIQUE constraint failed``: SQLite; ``duplicate key value``: PostgreSQL;
+    ``Duplicate entry``: MySQL). The same request again finds the row the other job wrote."""
+    text = str(exc)
+    return isinstance(exc, MlflowException) and any(
+        cause in text for cause in ("UNIQUE constraint failed", "duplicate key value", "Duplicate entry")
+    )
+
+
 def _batches(entries: list[dict]) -> Iterator[list[dict]]:
     """Consecutive params/tags/metrics entries merged into groups one ``log_batch`` can carry
     (an oversized entry alone: ``_send`` splits it); artifacts, inputs, untags and status one by
@@ -409,17 +423,20 @@ def _send(client: MlflowClient, run_id: str, folder: Path, group: list[dict]) ->
         client.log_artifacts(run_id, str(folder / e["dir"]), e["artifact_path"])
         return
     if e["kind"] == "inputs":  # the store keeps one input per dataset and run: shipping again adds none
-        client.log_inputs(
-            run_id,
-            [
-                DatasetInput(
-                    Dataset(d["name"], d["digest"], d["source_type"], d["source"], None, d.get("profile")),
-                    [InputTag("mlflow.data.context", d["context"])],
-                )
-                for d in e["datasets"]
-            ],
-        )
-        return
+        inputs = [
+            DatasetInput(
+                Dataset(d["name"], d["digest"], d["source_type"], d["source"], None, d.get("profile")),
+                [InputTag("mlflow.data.context", d["context"])],
+            )
+            for d in e["datasets"]
+        ]
+        for attempt in range(_RACE_TRIES):
+            try:
+                client.log_inputs(run_id, inputs)
+                return
+            except MlflowException as exc:
+                if not lost_race(exc) or attempt == _RACE_TRIES - 1:
+                    raise
     if e["kind"] == "untags":
         for key in e["keys"]:
             try:
