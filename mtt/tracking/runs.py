@@ -114,7 +114,8 @@ def prepare_store(uri: str | None, experiment: str) -> str:
     four processes starting together on a sqlite file that does not exist yet, the concurrent
     schema creation fails in three of them and can leave the file unusable, and a racing
     experiment creation files runs under ``Default``. Once both exist, concurrent writers are
-    safe (mlflow sets a 20 s sqlite busy timeout).
+    safe (mlflow sets a 20 s sqlite busy timeout), but for the one row jobs share: a dataset
+    input, which ``_send`` sends again when a job loses its insert (``lost_race``).
     """
     check_reachable(resolve_uri(uri))
     client = MlflowClient(tracking_uri=resolve_uri(uri))
